@@ -1,0 +1,84 @@
+//! order-service: the orders of the store, kept in PostgreSQL.
+//!
+//! [`Application::build`] binds the listener and prepares the database pool;
+//! [`Application::run_until_stopped`] serves until the shutdown token fires. Tests
+//! build it with port 0 and drive it over a real socket.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use shared::{
+    actuator::Actuator,
+    config::{DatabaseSettings, HttpSettings, Layers},
+    kafka::KafkaSettings,
+    telemetry::LogSettings,
+};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The canonical service name, as registered.
+pub const SERVICE_NAME: &str = "order-service";
+
+/// Everything order-service reads at start-up; env prefix `ORDER_`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+}
+
+impl Settings {
+    /// Defaults, then `ORDER_CONFIG`'s file, then `DATABASE_URL` / `KAFKA_BROKERS`,
+    /// then `ORDER_*` variables.
+    pub fn load() -> Result<Self, shared::config::ConfigError> {
+        Layers::new("ORDER_")
+            .fallback_env("DATABASE_URL", "database.url")
+            .fallback_env("KAFKA_BROKERS", "kafka.brokers")
+            .load()
+    }
+}
+
+/// A bound, ready-to-run order-service.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = shared::db::connect_lazy(&settings.database).context("database.url is not a valid PostgreSQL URL")?;
+        let listener = settings.http.bind().await?;
+        let router = router(pool);
+        Ok(Self { listener, router })
+    }
+
+    /// The address really bound (port 0 resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
+        shared::http::serve(self.listener, self.router, shutdown).await?;
+        Ok(())
+    }
+}
+
+/// The HTTP routes of order-service.
+pub fn router(pool: PgPool) -> Router {
+    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .check("db", move || shared::db::check(pool.clone()));
+    shared::http::with_problem_fallbacks(Router::new().merge(actuator.router()))
+}

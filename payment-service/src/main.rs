@@ -1,0 +1,9 @@
+//! Binary: load settings, start tracing, run until SIGINT or SIGTERM.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = payment_service::Settings::load()?;
+    shared::telemetry::init(&settings.log);
+    let app = payment_service::Application::build(settings).await?;
+    app.run_until_stopped(shared::shutdown::on_signal()).await
+}

@@ -1,0 +1,216 @@
+//! The actuator routes every process serves, in Spring Boot's shape:
+//! `/actuator/health` (UP, or 503 DOWN when a dependency the process needs is down,
+//! with each dependency's state), `/actuator/info`, and `/actuator/prometheus`.
+//!
+//! Metrics go through the `metrics` facade into one Prometheus recorder per process,
+//! installed on first use, so every crate can record with `metrics::counter!` and the
+//! exposition shows them all.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+
+/// The result of one dependency check: `Err` carries a short, secret-free reason.
+pub type CheckResult = Result<(), String>;
+type CheckFuture = Pin<Box<dyn Future<Output = CheckResult> + Send>>;
+type Check = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
+
+/// How long one dependency may take to answer before it counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the actuator reports for one process.
+#[derive(Clone)]
+pub struct Actuator {
+    info: Value,
+    checks: BTreeMap<String, Check>,
+}
+
+impl std::fmt::Debug for Actuator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actuator")
+            .field("info", &self.info)
+            .field("checks", &self.checks.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Actuator {
+    /// An actuator for the process `name` at `version`.
+    pub fn new(name: &str, version: &str) -> Self {
+        Self {
+            info: json!({ "app": { "name": name, "version": version } }),
+            checks: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a key to `/actuator/info`.
+    pub fn info(mut self, key: &str, value: Value) -> Self {
+        if let Some(map) = self.info.as_object_mut() {
+            map.insert(key.to_owned(), value);
+        }
+        self
+    }
+
+    /// Adds a dependency the process needs; when it fails, health is DOWN (503).
+    pub fn check<F, Fut>(mut self, component: &str, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = CheckResult> + Send + 'static,
+    {
+        self.checks
+            .insert(component.to_owned(), Arc::new(move || Box::pin(check())));
+        self
+    }
+
+    /// The `/actuator/*` routes.
+    pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
+        let state = Arc::new(self);
+        Router::new()
+            .route("/actuator/health", get(health))
+            .route("/actuator/info", get(info))
+            .route("/actuator/prometheus", get(prometheus))
+            .with_state(state)
+    }
+
+    /// Runs every check concurrently, each bounded by a timeout.
+    pub async fn health(&self) -> (StatusCode, Value) {
+        let runs = self.checks.iter().map(|(name, check)| {
+            let fut = check();
+            async move {
+                let result = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
+                };
+                (name.clone(), result)
+            }
+        });
+        let results = futures::future::join_all(runs).await;
+        let mut components = serde_json::Map::new();
+        let mut up = true;
+        for (name, result) in results {
+            let value = match result {
+                Ok(()) => json!({ "status": "UP" }),
+                Err(reason) => {
+                    up = false;
+                    json!({ "status": "DOWN", "details": { "error": reason } })
+                }
+            };
+            components.insert(name, value);
+        }
+        let status = if up { "UP" } else { "DOWN" };
+        let mut body = json!({ "status": status });
+        if !components.is_empty() {
+            body["components"] = Value::Object(components);
+        }
+        let code = if up {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, body)
+    }
+}
+
+async fn health(State(actuator): State<Arc<Actuator>>) -> Response {
+    let (code, mut body) = actuator.health().await;
+    if code == StatusCode::OK {
+        return Json(body).into_response();
+    }
+    // Every 5xx of the contract is problem+json; health keeps Spring's `"status":
+    // "DOWN"` (the contract names it) and adds the problem fields beside it.
+    body["type"] = json!("/problems/dependency-down");
+    body["title"] = json!("Service Unavailable");
+    body["detail"] = json!("A dependency this process needs is down; see components.");
+    let mut response = (code, Json(body)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(crate::problem::CONTENT_TYPE),
+    );
+    response
+}
+
+async fn info(State(actuator): State<Arc<Actuator>>) -> Json<Value> {
+    Json(actuator.info.clone())
+}
+
+async fn prometheus() -> Response {
+    let handle = prometheus_handle();
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// The process's Prometheus recorder, installed on first use. If another recorder
+/// was installed first, metrics still render from a private recorder's handle so the
+/// endpoint keeps answering.
+pub fn prometheus_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new();
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_is_up_without_checks() {
+        let (code, body) = Actuator::new("t", "0").health().await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["status"], "UP");
+    }
+
+    #[tokio::test]
+    async fn a_failing_dependency_makes_health_down_with_its_reason() {
+        let actuator = Actuator::new("t", "0")
+            .check("db", || async { Ok(()) })
+            .check("kafka", || async { Err("broker unreachable".to_owned()) });
+        let (code, body) = actuator.health().await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "DOWN");
+        assert_eq!(body["components"]["db"]["status"], "UP");
+        assert_eq!(body["components"]["kafka"]["status"], "DOWN");
+        assert_eq!(
+            body["components"]["kafka"]["details"]["error"],
+            "broker unreachable"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_dependency_counts_as_down() {
+        let actuator = Actuator::new("t", "0").check("slow", || async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let (code, body) = actuator.health().await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body["components"]["slow"]["details"]["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("no answer")
+        );
+    }
+}

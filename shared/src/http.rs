@@ -1,0 +1,192 @@
+//! HTTP pieces every service's router uses: a JSON body extractor whose rejections are
+//! our problem+json (naming the field at fault), problem+json answers for unknown
+//! routes and methods, and `serve`, which runs a router until the shutdown token fires.
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{FromRequest, Request},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::problem::{FieldError, Problem};
+
+/// A JSON request body. Unlike `axum::Json`, every rejection is a [`Problem`]:
+/// 415 without a JSON content type, 400 for malformed JSON, 422 naming the field
+/// whose value has the wrong type or is missing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Send the body as JSON with `Content-Type: application/json`.",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            Problem::new(rejection.status(), rejection.body_text())
+        })?;
+        parse_json(&bytes).map(Json)
+    }
+}
+
+/// Deserializes a JSON document, turning serde's error into a problem that names the
+/// field (`items[0].quantity`) where one is at fault.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let inner = err.inner();
+        let message = strip_position(&inner.to_string());
+        if inner.is_syntax() || inner.is_eof() {
+            return Problem::bad_request(format!("The body is not valid JSON: {message}."));
+        }
+        let mut field = err.path().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        if let Some(name) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            field = if field == "." {
+                name.to_owned()
+            } else {
+                format!("{field}.{name}")
+            };
+        }
+        if field == "." {
+            field = "$".into();
+        }
+        Problem::validation(vec![FieldError::new(field, message)])
+    })?;
+    // Trailing bytes after the document make it malformed too.
+    de.end().map_err(|e| {
+        Problem::bad_request(format!(
+            "The body is not valid JSON: {}.",
+            strip_position(&e.to_string())
+        ))
+    })?;
+    Ok(value)
+}
+
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// The fallback of every router: an unknown path is a problem+json 404.
+pub async fn not_found(uri: axum::http::Uri) -> Problem {
+    Problem::not_found(format!("No resource at {}.", uri.path()))
+}
+
+/// Rewrites axum's plain-text 405 into problem+json, keeping its `Allow` header.
+pub async fn problem_for_bare_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(req).await;
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && response.headers().get(header::CONTENT_TYPE).is_none()
+    {
+        let allow = response.headers().get(header::ALLOW).cloned();
+        let mut problem = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This method is not allowed on this resource.",
+        )
+        .into_response();
+        if let Some(allow) = allow {
+            problem.headers_mut().insert(header::ALLOW, allow);
+        }
+        return problem;
+    }
+    response
+}
+
+/// Adds the contract's error behaviour to a finished router.
+pub fn with_problem_fallbacks(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(problem_for_bare_errors))
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Order {
+        items: Vec<Item>,
+        currency: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Item {
+        sku: String,
+        quantity: u32,
+    }
+
+    #[test]
+    fn wrong_type_names_the_nested_field() {
+        let p = parse_json::<Order>(
+            br#"{"items":[{"sku":"A","quantity":"two"}],"currency":"EUR"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(p.status, 422);
+        assert_eq!(p.errors[0].field, "items[0].quantity");
+        assert!(!p.errors[0].message.contains("line"), "{:?}", p.errors);
+    }
+
+    #[test]
+    fn missing_field_names_the_field_itself() {
+        let p = parse_json::<Order>(br#"{"items":[]}"#).unwrap_err();
+        assert_eq!(p.errors[0].field, "currency");
+        let p = parse_json::<Order>(br#"{"items":[{"quantity":1}],"currency":"EUR"}"#)
+            .unwrap_err();
+        assert_eq!(p.errors[0].field, "items[0].sku");
+    }
+
+    #[test]
+    fn malformed_json_is_400() {
+        let p = parse_json::<Order>(br#"{"items": ["#).unwrap_err();
+        assert_eq!(p.status, 400);
+        let p = parse_json::<Order>(br#"{"items":[],"currency":"EUR"} x"#).unwrap_err();
+        assert_eq!(p.status, 400);
+    }
+}

@@ -1,0 +1,16 @@
+//! Foundations every process of the store shares, and nothing service-specific:
+//! layered configuration, tracing, the problem+json error of the public contract,
+//! the actuator routes, the shutdown signal, and the translation of typed Kafka
+//! settings into librdkafka's string keys.
+
+pub mod actuator;
+pub mod config;
+#[cfg(feature = "postgres")]
+pub mod db;
+pub mod http;
+pub mod kafka;
+pub mod problem;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use problem::{FieldError, Problem};
