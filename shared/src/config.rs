@@ -12,6 +12,18 @@
 
 use std::path::PathBuf;
 
+/// The variables `cargo xtask up` writes to `target/stack.env`. They describe the
+/// stack, not one process, so they are never read as a process's prefixed settings
+/// (`GATEWAY_URL` is not the gateway's `url`); a process opts into one explicitly
+/// with [`Layers::fallback_env`].
+pub const STACK_ENV_VARS: &[&str] = &[
+    "GATEWAY_URL",
+    "REGISTRY_URL",
+    "REGISTRY_TOKEN",
+    "KAFKA_BROKERS",
+    "DATABASE_URL",
+];
+
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml, Yaml},
@@ -90,9 +102,15 @@ impl Layers {
             );
         }
 
+        let mut ignored = vec!["CONFIG"];
+        ignored.extend(
+            STACK_ENV_VARS
+                .iter()
+                .filter_map(|var| var.strip_prefix(self.prefix.as_str())),
+        );
         figment = figment.merge(
             Env::prefixed(&self.prefix)
-                .ignore(&["CONFIG"])
+                .ignore(&ignored)
                 .split("__")
                 .lowercase(true),
         );
@@ -170,6 +188,18 @@ mod tests {
                 .load()
                 .map_err(|e| e.to_string())?;
             assert_eq!(s.database.url, "postgres://own/db");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn stack_wide_variables_are_not_prefixed_settings() {
+        figment::Jail::expect_with(|jail| {
+            // deny_unknown_fields would refuse `url` if GATEWAY_URL were read as a setting.
+            jail.set_env("GATEWAY_URL", "http://127.0.0.1:8080");
+            jail.set_env("GATEWAY_PORT", "9");
+            let s: Settings = Layers::new("GATEWAY_").load().map_err(|e| e.to_string())?;
+            assert_eq!(s.port, 9);
             Ok(())
         });
     }

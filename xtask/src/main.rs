@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask <command>`: argument parsing only; the work is in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "The store's local stack and test runner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start PostgreSQL, the broker, the topics and every service; Ctrl-C stops all.
+    Up {
+        /// Keep the database's and the broker's data under target/stack/durable.
+        #[arg(long)]
+        durable: bool,
+        /// The gateway's port (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        gateway_port: u16,
+        /// The registry's port (0: any free port).
+        #[arg(long, default_value_t = 8761)]
+        registry_port: u16,
+        /// Write the env file here instead of target/stack.env (tests use this).
+        #[arg(long, hide = true)]
+        env_file: Option<std::path::PathBuf>,
+    },
+    /// fmt, clippy, then every test against a real PostgreSQL and broker.
+    Test {
+        /// Passed to the test runner (cargo nextest run / cargo test).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Up {
+            durable,
+            gateway_port,
+            registry_port,
+            env_file,
+        } => xtask::stack::up(&xtask::stack::UpOptions {
+            durable,
+            gateway_port,
+            registry_port,
+            env_file,
+        }),
+        Cmd::Test { args } => xtask::testrun::test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The Kafka-compatible broker for the local stack and the tests.
+//!
+//! With `KAFKA_BROKERS` set, those brokers are used as they are. Otherwise xtask runs
+//! `tansu`, a pinned version installed with `cargo install --locked` on first use into
+//! a tools folder outside the checkout, so every later clone on the machine reuses it.
+//! Storage is `memory://` (nothing survives the process), or with `--durable` a SQLite
+//! file under `target/` (tansu's `libsql` engine).
+//!
+//! Why not tansu's PostgreSQL engine for `--durable`: the crate does not ship the
+//! schema that engine needs (it lives only in tansu's source repository), and the
+//! machines here cannot fetch it at run time. SQLite is built into tansu and needs no
+//! schema, so a durable stack depends on nothing outside the crate.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::procs::{Interrupt, Supervised};
+
+/// The pinned tansu release.
+pub const TANSU_VERSION: &str = "0.6.0";
+/// `memory://` needs `dynostore`; `sqlite://` (for `--durable`) needs `libsql`.
+pub const TANSU_FEATURES: &str = "dynostore,libsql";
+
+/// Where the broker keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    Memory,
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+}
+
+/// Brokers to use: either given by `KAFKA_BROKERS` or a tansu xtask runs.
+#[derive(Debug)]
+pub struct Broker {
+    brokers: String,
+    server: Option<Supervised>,
+}
+
+impl Broker {
+    /// Uses `KAFKA_BROKERS` when set, else starts tansu with `storage`, logging to
+    /// `log`.
+    pub fn provide(storage: Storage, log: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+            if !brokers.is_empty() {
+                return Ok(Self {
+                    brokers,
+                    server: None,
+                });
+            }
+        }
+        Self::start(storage, log, interrupt)
+    }
+
+    /// Starts a tansu broker on a free loopback port.
+    pub fn start(storage: Storage, log: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
+        let tansu = tansu_binary(interrupt)?;
+        let port = crate::free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let storage_url = match &storage {
+            Storage::Memory => "memory://tansu/".to_owned(),
+            Storage::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                format!("sqlite://{}", path.display())
+            }
+        };
+        if let Some(dir) = log.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let log_file = fs::File::create(log)?;
+        let mut command = Command::new(&tansu);
+        command
+            .arg("broker")
+            .args(["--cluster-id", "storefront"])
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", &storage_url])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let mut server = Supervised::spawn("tansu", &mut command)?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            interrupt.check()?;
+            if let Some(status) = server.exited() {
+                bail!("tansu exited ({status}) during start-up; see {}", log.display());
+            }
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on {addr} within 30s; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            brokers: addr,
+            server: Some(server),
+        })
+    }
+
+    /// The bootstrap list, `host:port[,...]`.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The broker process xtask started, if it started one.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Supervised::pid)
+    }
+}
+
+/// The folder for tools xtask installs: `STOREFRONT_TOOLS_DIR`, else the user's cache
+/// folder. It is outside the checkout so clean clones reuse what is there.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STOREFRONT_TOOLS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("storefront").join("tools")
+}
+
+/// The tansu binary, installed first if missing. Concurrent callers (parallel tests,
+/// two terminals) wait on a lock file instead of installing twice.
+pub fn tansu_binary(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    let root = tools_dir().join(format!("tansu-{TANSU_VERSION}"));
+    let binary = root.join("bin").join("tansu");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let lock_file = fs::File::create(root.with_extension("lock"))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("cannot lock the tools folder")?;
+    if binary.exists() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: installing tansu {TANSU_VERSION} (the Kafka-compatible broker) into {}; \
+         this first install takes about ten minutes, later runs reuse it",
+        root.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut install = Command::new(cargo);
+    install
+        .args(["install", "--locked", "--quiet", "--no-default-features"])
+        .args(["--features", TANSU_FEATURES])
+        .arg(format!("tansu@{TANSU_VERSION}"))
+        .arg("--root")
+        .arg(&root)
+        // A stack started from inside a cargo build must not inherit its target dir.
+        .env_remove("CARGO_TARGET_DIR");
+    crate::procs::run("cargo install tansu", &mut install, interrupt)?;
+    if !binary.exists() {
+        bail!("cargo install finished but {} is missing", binary.display());
+    }
+    Ok(binary)
+}

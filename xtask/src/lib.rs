@@ -1,0 +1,52 @@
+//! The project's own tooling: `cargo xtask up` (the local stack) and `cargo xtask test`
+//! (the test runner CI calls). Also a library, so tests reuse the same PostgreSQL and
+//! broker provisioning the commands use.
+
+pub mod broker;
+pub mod postgres;
+pub mod procs;
+pub mod stack;
+pub mod testrun;
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, distr::Alphanumeric};
+
+/// The workspace root (the folder holding the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target folder: `CARGO_TARGET_DIR` when set, else `target/` at the root.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// A loopback port that was free a moment ago. Another process could take it before
+/// we bind, which is why every caller fails with a clear message when binding fails.
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `len` random letters and digits, for passwords and tokens.
+pub fn random_token(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// The `cargo` that runs us, so nested builds use the same toolchain.
+pub fn cargo() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command.current_dir(workspace_root());
+    command
+}

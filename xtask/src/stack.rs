@@ -1,0 +1,260 @@
+//! `cargo xtask up`: the whole local stack in the foreground.
+//!
+//! Order of start: PostgreSQL, the broker, the topics (`kafka-setup`), then the
+//! registry, the three business services and the gateway. Each step waits until its
+//! part answers. Any failure, Ctrl-C, SIGTERM or SIGHUP stops everything already
+//! started, in reverse order: every process is a [`Supervised`] child owned by this
+//! function, so returning by any path drops (stops) it.
+//!
+//! While the stack runs, `target/stack.env` says how to reach it; it is removed on
+//! the way out so a stale file never points at a dead stack.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    broker::{Broker, Storage},
+    postgres::Postgres,
+    procs::{Interrupt, Supervised},
+};
+
+/// What `up` was asked for.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Keep PostgreSQL's and the broker's data under `target/stack/durable`.
+    pub durable: bool,
+    /// 0 picks a free port.
+    pub gateway_port: u16,
+    /// 0 picks a free port.
+    pub registry_port: u16,
+    /// Where to write the env file; `None` is `target/stack.env`.
+    pub env_file: Option<PathBuf>,
+}
+
+/// A service of the stack and the environment prefix of its settings.
+#[derive(Debug, Clone, Copy)]
+struct Service {
+    name: &'static str,
+    env_prefix: &'static str,
+}
+
+/// In start order: the registry first (everyone registers with it), the gateway last
+/// (it routes to the others).
+const SERVICES: [Service; 5] = [
+    Service {
+        name: "registry",
+        env_prefix: "REGISTRY_",
+    },
+    Service {
+        name: "order-service",
+        env_prefix: "ORDER_",
+    },
+    Service {
+        name: "payment-service",
+        env_prefix: "PAYMENT_",
+    },
+    Service {
+        name: "notification-service",
+        env_prefix: "NOTIFICATION_",
+    },
+    Service {
+        name: "gateway",
+        env_prefix: "GATEWAY_",
+    },
+];
+
+/// The file other terminals source to reach the running stack.
+pub fn stack_env_path() -> PathBuf {
+    crate::target_dir().join("stack.env")
+}
+
+/// Runs the stack until interrupted. Returns an error (and has stopped everything)
+/// when any part fails to start or dies while running.
+pub fn up(options: &UpOptions) -> anyhow::Result<()> {
+    let interrupt = Interrupt::install()?;
+    let stack_dir = crate::target_dir().join("stack");
+    let logs = stack_dir.join("logs");
+    fs::create_dir_all(&logs)?;
+    let gateway_port = pick_port(options.gateway_port, "--gateway-port")?;
+    let registry_port = pick_port(options.registry_port, "--registry-port")?;
+
+    say("building the services");
+    let mut build = crate::cargo();
+    build.args(["build", "--quiet", "--bins"]);
+    for service in SERVICES {
+        build.args(["--package", service.name]);
+    }
+    build.args(["--package", "kafka-setup"]);
+    crate::procs::run("cargo build", &mut build, &interrupt)?;
+
+    say("starting PostgreSQL");
+    let postgres_dir = if options.durable {
+        stack_dir.join("durable").join("postgres")
+    } else {
+        stack_dir.join(format!("postgres-{}", std::process::id()))
+    };
+    let postgres = Postgres::provide(&postgres_dir, options.durable, &interrupt)?;
+
+    say("starting the broker");
+    let storage = if options.durable {
+        Storage::Sqlite(stack_dir.join("durable").join("tansu.db"))
+    } else {
+        Storage::Memory
+    };
+    let broker = Broker::provide(storage, &logs.join("tansu.log"), &interrupt)?;
+
+    say("creating the topics");
+    let bin = crate::target_dir().join("debug");
+    let mut topics = Command::new(bin.join("kafka-setup"));
+    topics.env("KAFKA_BROKERS", broker.brokers()).stdout(Stdio::null());
+    crate::procs::run("kafka-setup", &mut topics, &interrupt)?;
+
+    let registry_url = format!("http://127.0.0.1:{registry_port}");
+    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let registry_token = crate::random_token(32);
+    let mut running: Vec<(Service, u16, Supervised)> = Vec::new();
+    for service in SERVICES {
+        let port = match service.name {
+            "registry" => registry_port,
+            "gateway" => gateway_port,
+            _ => crate::free_port()?,
+        };
+        say(&format!("starting {}", service.name));
+        let log_path = logs.join(format!("{}.log", service.name));
+        let log = fs::File::create(&log_path)?;
+        let mut command = Command::new(bin.join(service.name));
+        command
+            .env(format!("{}HTTP__PORT", service.env_prefix), port.to_string())
+            .env("DATABASE_URL", postgres.url())
+            .env("KAFKA_BROKERS", broker.brokers())
+            .env("REGISTRY_URL", &registry_url)
+            .env("REGISTRY_TOKEN", &registry_token)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = Supervised::spawn(service.name, &mut command)?;
+        wait_healthy(&mut child, port, &log_path, &interrupt)?;
+        running.push((service, port, child));
+    }
+
+    let env_file = options.env_file.clone().unwrap_or_else(stack_env_path);
+    fs::write(
+        &env_file,
+        format!(
+            "# Written by `cargo xtask up` while the stack runs; removed when it stops.\n\
+             export GATEWAY_URL={gateway_url}\n\
+             export REGISTRY_URL={registry_url}\n\
+             export REGISTRY_TOKEN={registry_token}\n\
+             export KAFKA_BROKERS={}\n\
+             export DATABASE_URL={}\n",
+            broker.brokers(),
+            postgres.url()
+        ),
+    )?;
+    let _remove_env_file = RemoveOnDrop(env_file.clone());
+
+    println!();
+    println!("  gateway   {gateway_url}");
+    println!("  registry  {registry_url}");
+    for (service, port, _) in &running {
+        println!("  {:<22} http://127.0.0.1:{port}", service.name);
+    }
+    println!("  kafka     {}", broker.brokers());
+    println!(
+        "  postgres  {} (credentials in DATABASE_URL)",
+        postgres.url().rsplit('@').next().unwrap_or_default()
+    );
+    println!("  logs      {}", logs.display());
+    println!("  env       {} (source it from another terminal)", env_file.display());
+    println!();
+    println!("ready: every service answers; Ctrl-C stops the stack");
+
+    let outcome = loop {
+        if interrupt.requested() {
+            say("stopping");
+            break Ok(());
+        }
+        if let Some((service, status)) = running
+            .iter_mut()
+            .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
+        {
+            break Err(anyhow::anyhow!(
+                "{service} exited ({status}); see {}",
+                logs.join(format!("{service}.log")).display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Stop in reverse start order: the gateway first, the database last.
+    while let Some((_, _, mut child)) = running.pop() {
+        child.stop();
+    }
+    drop(broker);
+    drop(postgres);
+    outcome
+}
+
+/// `requested`, or a free port when 0; fails early when the port is taken, naming the
+/// flag that changes it.
+fn pick_port(requested: u16, flag: &str) -> anyhow::Result<u16> {
+    if requested == 0 {
+        return Ok(crate::free_port()?);
+    }
+    std::net::TcpListener::bind(("127.0.0.1", requested))
+        .with_context(|| format!("port {requested} is in use: stop what holds it or pass {flag}"))?;
+    Ok(requested)
+}
+
+/// Polls `/actuator/health` until it answers 200, the child exits, or a minute passes.
+fn wait_healthy(
+    child: &mut Supervised,
+    port: u16,
+    log: &Path,
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{port}/actuator/health");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        interrupt.check()?;
+        if let Some(status) = child.exited() {
+            bail!(
+                "{} exited ({status}) during start-up; see {}",
+                child.name(),
+                log.display()
+            );
+        }
+        if agent.get(&url).call().is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} was not healthy within 60s at {url}; see {}",
+                child.name(),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn say(message: &str) {
+    eprintln!("xtask: {message}");
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,84 @@
+//! `cargo xtask test`: the one command CI runs.
+//!
+//! Formatting and lints first (cheap, and a failure there needs no database), then
+//! PostgreSQL and a broker provisioned exactly as `cargo xtask up` does, then every
+//! test of the workspace with `DATABASE_URL` and `KAFKA_BROKERS` pointing at them,
+//! through cargo-nextest when it is installed, else `cargo test`. Everything started is
+//! stopped when the tests end, fail, or the command is interrupted.
+
+use std::{fs, process::Command};
+
+use crate::{
+    broker::{Broker, Storage},
+    postgres::Postgres,
+    procs::{self, Interrupt},
+};
+
+/// Runs the checks and the tests; `extra` goes to the test runner (a filter, say).
+pub fn test(extra: &[String]) -> anyhow::Result<()> {
+    let interrupt = Interrupt::install()?;
+
+    step("cargo fmt --check");
+    let mut fmt = crate::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    procs::run("cargo fmt --check", &mut fmt, &interrupt)?;
+
+    step("cargo clippy --all-targets -- -D warnings");
+    let mut clippy = crate::cargo();
+    clippy.args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    procs::run("cargo clippy", &mut clippy, &interrupt)?;
+
+    // Build the tests before provisioning, so a compile error costs no database.
+    let nextest = has_nextest();
+    step("building the tests");
+    let mut build = crate::cargo();
+    if nextest {
+        build.args(["nextest", "list", "--workspace", "--message-format", "oneline"]);
+        build.stdout(std::process::Stdio::null());
+    } else {
+        build.args(["test", "--workspace", "--no-run", "--quiet"]);
+    }
+    procs::run("building the tests", &mut build, &interrupt)?;
+
+    let dir = crate::target_dir().join("xtask-test");
+    fs::create_dir_all(&dir)?;
+    step("starting PostgreSQL");
+    let pid = std::process::id();
+    let postgres = Postgres::provide(&dir.join(format!("postgres-{pid}")), false, &interrupt)?;
+    step("starting the broker");
+    let broker = Broker::provide(
+        Storage::Memory,
+        &dir.join(format!("tansu-{pid}.log")),
+        &interrupt,
+    )?;
+
+    step("running the tests");
+    let mut tests = crate::cargo();
+    if nextest {
+        tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        tests.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    tests
+        .args(extra)
+        .env("DATABASE_URL", postgres.url())
+        .env("KAFKA_BROKERS", broker.brokers());
+    let result = procs::run("the tests", &mut tests, &interrupt);
+    drop(broker);
+    drop(postgres);
+    result
+}
+
+fn has_nextest() -> bool {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn step(message: &str) {
+    eprintln!("xtask: {message}");
+}

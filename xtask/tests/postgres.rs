@@ -1,0 +1,94 @@
+//! The throwaway PostgreSQL cluster that `cargo xtask up` and `cargo xtask test` start
+//! when no `DATABASE_URL` is given.
+
+use std::path::Path;
+
+use xtask::{postgres::Cluster, procs::Interrupt};
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_throwaway_cluster_accepts_sqlx_and_a_migration_and_leaves_nothing() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let root = base.path().join("pg");
+    let interrupt = Interrupt::install().expect("signal handlers");
+    let cluster = tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || Cluster::start(&root, false, &interrupt)
+    })
+    .await
+    .expect("join")
+    .expect("cluster starts");
+    let url = cluster.url(xtask::postgres::DATABASE);
+
+    let pool = sqlx::PgPool::connect(&url).await.expect("sqlx connects");
+    sqlx::migrate!("tests/migrations")
+        .run(&pool)
+        .await
+        .expect("migration applies");
+    sqlx::query("INSERT INTO probe (label) VALUES ('a')")
+        .execute(&pool)
+        .await
+        .expect("insert");
+    let duplicate = sqlx::query("INSERT INTO probe (label) VALUES ('a')")
+        .execute(&pool)
+        .await
+        .expect_err("the migration's constraint holds");
+    assert_eq!(
+        duplicate
+            .as_database_error()
+            .and_then(|e| e.constraint())
+            .unwrap_or_default(),
+        "probe_label_unique"
+    );
+    let wrong_password = url.replacen("postgres:", "postgres:wrong", 1);
+    use sqlx::Connection;
+    assert!(
+        sqlx::PgConnection::connect(&wrong_password).await.is_err(),
+        "the cluster checks passwords"
+    );
+    pool.close().await;
+
+    let server_pid = cluster.pid();
+    let data_root = cluster.root().to_path_buf();
+    assert!(process_alive(server_pid));
+    drop(cluster);
+    assert!(!process_alive(server_pid), "postgres stopped on drop");
+    assert!(!Path::new(&data_root).exists(), "its files were removed");
+}
+
+#[tokio::test]
+async fn a_kept_cluster_restarts_with_its_data() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let root = base.path().join("durable");
+    let start = |root: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            let interrupt = Interrupt::install().expect("signal handlers");
+            Cluster::start(&root, true, &interrupt)
+        })
+    };
+    let first = start(root.clone()).await.expect("join").expect("first start");
+    let pool = sqlx::PgPool::connect(&first.url(xtask::postgres::DATABASE))
+        .await
+        .expect("connect");
+    sqlx::raw_sql("CREATE TABLE kept (v INT); INSERT INTO kept VALUES (42)")
+        .execute(&pool)
+        .await
+        .expect("write");
+    pool.close().await;
+    drop(first);
+
+    let second = start(root.clone()).await.expect("join").expect("restart");
+    let pool = sqlx::PgPool::connect(&second.url(xtask::postgres::DATABASE))
+        .await
+        .expect("reconnect");
+    let v: i32 = sqlx::query_scalar("SELECT v FROM kept")
+        .fetch_one(&pool)
+        .await
+        .expect("data survived");
+    assert_eq!(v, 42);
+}
