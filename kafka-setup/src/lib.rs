@@ -66,7 +66,11 @@ impl TopicFile {
     }
 
     /// Production overrides: a replication factor and `min.insync.replicas` for every topic.
-    pub fn with_replication(mut self, replication_factor: Option<i32>, min_isr: Option<i32>) -> Self {
+    pub fn with_replication(
+        mut self,
+        replication_factor: Option<i32>,
+        min_isr: Option<i32>,
+    ) -> Self {
         for t in &mut self.topics {
             if let Some(rf) = replication_factor {
                 t.replication_factor = rf;
@@ -83,9 +87,19 @@ impl TopicFile {
 /// How an existing topic differs from its definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drift {
-    Partitions { want: i32, have: i32 },
-    ReplicationFactor { want: i32, have: i32 },
-    Config { key: String, want: String, have: Option<String> },
+    Partitions {
+        want: i32,
+        have: i32,
+    },
+    ReplicationFactor {
+        want: i32,
+        have: i32,
+    },
+    Config {
+        key: String,
+        want: String,
+        have: Option<String>,
+    },
 }
 
 impl fmt::Display for Drift {
@@ -175,7 +189,11 @@ pub enum Mode {
 
 /// Compares `file` with the cluster at `settings.brokers`; in [`Mode::Apply`] creates
 /// what is missing. Every broker request is bounded by `settings.request_timeout()`.
-pub async fn apply(settings: &KafkaSettings, file: &TopicFile, mode: Mode) -> Result<Report, SetupError> {
+pub async fn apply(
+    settings: &KafkaSettings,
+    file: &TopicFile,
+    mode: Mode,
+) -> Result<Report, SetupError> {
     let timeout = settings.request_timeout();
     let admin: AdminClient<DefaultClientContext> = settings
         .admin_config()
@@ -185,23 +203,25 @@ pub async fn apply(settings: &KafkaSettings, file: &TopicFile, mode: Mode) -> Re
 
     let existing = {
         let admin = admin.clone();
-        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, (i32, i32)>, KafkaError> {
-            let metadata = admin.inner().fetch_metadata(None, timeout)?;
-            Ok(metadata
-                .topics()
-                .iter()
-                .filter(|t| t.error().is_none())
-                .map(|t| {
-                    let partitions = t.partitions().len() as i32;
-                    let replicas = t
-                        .partitions()
-                        .first()
-                        .map(|p| p.replicas().len() as i32)
-                        .unwrap_or(0);
-                    (t.name().to_owned(), (partitions, replicas))
-                })
-                .collect())
-        })
+        tokio::task::spawn_blocking(
+            move || -> Result<BTreeMap<String, (i32, i32)>, KafkaError> {
+                let metadata = admin.inner().fetch_metadata(None, timeout)?;
+                Ok(metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none())
+                    .map(|t| {
+                        let partitions = t.partitions().len() as i32;
+                        let replicas = t
+                            .partitions()
+                            .first()
+                            .map(|p| p.replicas().len() as i32)
+                            .unwrap_or(0);
+                        (t.name().to_owned(), (partitions, replicas))
+                    })
+                    .collect())
+            },
+        )
         .await
         .map_err(|e| SetupError::Admin(e.to_string()))?
         .map_err(|e| SetupError::Unreachable {
@@ -306,7 +326,8 @@ async fn describe(
         .map_err(|e| SetupError::Admin(format!("describing {topic}: {e}")))?;
     let mut configs = BTreeMap::new();
     for result in results {
-        let resource = result.map_err(|code| SetupError::Admin(format!("describing {topic}: {code}")))?;
+        let resource =
+            result.map_err(|code| SetupError::Admin(format!("describing {topic}: {code}")))?;
         for entry in resource.entries {
             if let Some(value) = entry.value {
                 configs.insert(entry.name, value);
@@ -335,7 +356,9 @@ mod tests {
 
     #[test]
     fn production_overrides_apply_to_every_topic() {
-        let file = TopicFile::builtin().expect("parses").with_replication(Some(3), Some(2));
+        let file = TopicFile::builtin()
+            .expect("parses")
+            .with_replication(Some(3), Some(2));
         for t in &file.topics {
             assert_eq!(t.replication_factor, 3);
             assert_eq!(t.config["min.insync.replicas"], "2");
@@ -344,8 +367,9 @@ mod tests {
 
     #[test]
     fn nonsense_definitions_are_refused() {
-        let err = TopicFile::parse("[[topic]]\nname = \"x\"\npartitions = 0\nreplication_factor = 1\n")
-            .unwrap_err();
+        let err =
+            TopicFile::parse("[[topic]]\nname = \"x\"\npartitions = 0\nreplication_factor = 1\n")
+                .unwrap_err();
         assert!(err.to_string().contains("`x`"), "{err}");
     }
 }

@@ -52,7 +52,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_lazy(&settings.database).context("database.url is not a valid PostgreSQL URL")?;
+        let pool = shared::db::connect_lazy(&settings.database)
+            .context("database.url is not a valid PostgreSQL URL")?;
         let listener = settings.http.bind().await?;
         let router = router(pool);
         Ok(Self { listener, router })

@@ -172,7 +172,10 @@ mod tests {
                 .load()
                 .map_err(|e| e.to_string())?;
             assert_eq!(s.port, 9000, "file overrides default");
-            assert_eq!(s.database.url, "postgres://stack/db", "stack-wide env applies");
+            assert_eq!(
+                s.database.url, "postgres://stack/db",
+                "stack-wide env applies"
+            );
             assert_eq!(s.database.max_connections, 7, "prefixed env overrides file");
             Ok(())
         });
@@ -208,7 +211,10 @@ mod tests {
     fn a_bad_value_names_its_key_and_source() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SVC_PORT", "eighty");
-            let err = Layers::new("SVC_").load::<Settings>().unwrap_err().to_string();
+            let err = Layers::new("SVC_")
+                .load::<Settings>()
+                .unwrap_err()
+                .to_string();
             assert!(err.to_lowercase().contains("key \"port\""), "{err}");
             assert!(err.contains("SVC_"), "{err}");
             Ok(())
@@ -220,7 +226,10 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("svc.yaml", "prot: 1\n")?;
             jail.set_env("SVC_CONFIG", "svc.yaml");
-            let err = Layers::new("SVC_").load::<Settings>().unwrap_err().to_string();
+            let err = Layers::new("SVC_")
+                .load::<Settings>()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("prot"), "{err}");
             Ok(())
         });

@@ -45,9 +45,9 @@ where
                 "Send the body as JSON with `Content-Type: application/json`.",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            Problem::new(rejection.status(), rejection.body_text())
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| Problem::new(rejection.status(), rejection.body_text()))?;
         parse_json(&bytes).map(Json)
     }
 }
@@ -164,10 +164,9 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_nested_field() {
-        let p = parse_json::<Order>(
-            br#"{"items":[{"sku":"A","quantity":"two"}],"currency":"EUR"}"#,
-        )
-        .unwrap_err();
+        let p =
+            parse_json::<Order>(br#"{"items":[{"sku":"A","quantity":"two"}],"currency":"EUR"}"#)
+                .unwrap_err();
         assert_eq!(p.status, 422);
         assert_eq!(p.errors[0].field, "items[0].quantity");
         assert!(!p.errors[0].message.contains("line"), "{:?}", p.errors);
@@ -177,8 +176,7 @@ mod tests {
     fn missing_field_names_the_field_itself() {
         let p = parse_json::<Order>(br#"{"items":[]}"#).unwrap_err();
         assert_eq!(p.errors[0].field, "currency");
-        let p = parse_json::<Order>(br#"{"items":[{"quantity":1}],"currency":"EUR"}"#)
-            .unwrap_err();
+        let p = parse_json::<Order>(br#"{"items":[{"quantity":1}],"currency":"EUR"}"#).unwrap_err();
         assert_eq!(p.errors[0].field, "items[0].sku");
     }
 

@@ -46,13 +46,13 @@ impl Broker {
     /// Uses `KAFKA_BROKERS` when set, else starts tansu with `storage`, logging to
     /// `log`.
     pub fn provide(storage: Storage, log: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
-        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
-            if !brokers.is_empty() {
-                return Ok(Self {
-                    brokers,
-                    server: None,
-                });
-            }
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS")
+            && !brokers.is_empty()
+        {
+            return Ok(Self {
+                brokers,
+                server: None,
+            });
         }
         Self::start(storage, log, interrupt)
     }
@@ -92,13 +92,19 @@ impl Broker {
         loop {
             interrupt.check()?;
             if let Some(status) = server.exited() {
-                bail!("tansu exited ({status}) during start-up; see {}", log.display());
+                bail!(
+                    "tansu exited ({status}) during start-up; see {}",
+                    log.display()
+                );
             }
             if std::net::TcpStream::connect(&addr).is_ok() {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("tansu did not listen on {addr} within 30s; see {}", log.display());
+                bail!(
+                    "tansu did not listen on {addr} within 30s; see {}",
+                    log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

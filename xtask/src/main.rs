@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "The store's local stack and test runner")]
+#[command(
+    name = "cargo xtask",
+    about = "The store's local stack and test runner"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -35,10 +35,10 @@ impl Postgres {
     /// Uses `DATABASE_URL` when set, else starts a cluster in `dir` (kept afterwards
     /// when `keep`).
     pub fn provide(dir: &Path, keep: bool, interrupt: &Interrupt) -> anyhow::Result<Self> {
-        if let Ok(url) = std::env::var("DATABASE_URL") {
-            if !url.is_empty() {
-                return Ok(Self { url, cluster: None });
-            }
+        if let Ok(url) = std::env::var("DATABASE_URL")
+            && !url.is_empty()
+        {
+            return Ok(Self { url, cluster: None });
         }
         let cluster = Cluster::start(dir, keep, interrupt)?;
         Ok(Self {
@@ -93,7 +93,11 @@ impl Cluster {
             initdb
                 .arg("--pgdata")
                 .arg(&data)
-                .args(["--username=postgres", "--auth=scram-sha-256", "--encoding=UTF8"])
+                .args([
+                    "--username=postgres",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                ])
                 .args(["--locale=C", "--no-sync"])
                 .arg(format!("--pwfile={}", password_file.display()))
                 .stdout(Stdio::null())
@@ -175,7 +179,15 @@ impl Cluster {
                 );
             }
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "1", "-q"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-t",
+                    "1",
+                    "-q",
+                ])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -192,7 +204,15 @@ impl Cluster {
     fn create_database(&self, bin: &Path, name: &str) -> anyhow::Result<()> {
         let output = Command::new(bin.join("psql"))
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc"])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tAc",
+            ])
             .arg(format!(
                 "SELECT 1 FROM pg_database WHERE datname = '{name}'"
             ))
@@ -203,7 +223,14 @@ impl Cluster {
             return Ok(());
         }
         let status = Command::new(bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .arg(name)
             .env("PGPASSWORD", &self.password)
             .status()
@@ -289,9 +316,11 @@ impl ClusterOwner {
 }
 
 fn others_can_traverse(path: &Path) -> bool {
-    path.ancestors()
-        .skip(1)
-        .all(|dir| fs::metadata(dir).map(|m| m.mode() & 0o001 != 0).unwrap_or(false))
+    path.ancestors().skip(1).all(|dir| {
+        fs::metadata(dir)
+            .map(|m| m.mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
 }
 
 /// The folder with `initdb`, `postgres` and `pg_isready`: Debian keeps them under
@@ -329,7 +358,8 @@ fn find_bindir() -> Option<PathBuf> {
         return Some(bin);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
+    std::env::split_paths(&path)
+        .find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
 }
 
 /// `apt-get install` without prompts and without starting the packaged service: the

@@ -112,7 +112,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     say("creating the topics");
     let bin = crate::target_dir().join("debug");
     let mut topics = Command::new(bin.join("kafka-setup"));
-    topics.env("KAFKA_BROKERS", broker.brokers()).stdout(Stdio::null());
+    topics
+        .env("KAFKA_BROKERS", broker.brokers())
+        .stdout(Stdio::null());
     crate::procs::run("kafka-setup", &mut topics, &interrupt)?;
 
     let registry_url = format!("http://127.0.0.1:{registry_port}");
@@ -130,7 +132,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         let log = fs::File::create(&log_path)?;
         let mut command = Command::new(bin.join(service.name));
         command
-            .env(format!("{}HTTP__PORT", service.env_prefix), port.to_string())
+            .env(
+                format!("{}HTTP__PORT", service.env_prefix),
+                port.to_string(),
+            )
             .env("DATABASE_URL", postgres.url())
             .env("KAFKA_BROKERS", broker.brokers())
             .env("REGISTRY_URL", &registry_url)
@@ -171,7 +176,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         postgres.url().rsplit('@').next().unwrap_or_default()
     );
     println!("  logs      {}", logs.display());
-    println!("  env       {} (source it from another terminal)", env_file.display());
+    println!(
+        "  env       {} (source it from another terminal)",
+        env_file.display()
+    );
     println!();
     println!("ready: every service answers; Ctrl-C stops the stack");
 
@@ -206,8 +214,9 @@ fn pick_port(requested: u16, flag: &str) -> anyhow::Result<u16> {
     if requested == 0 {
         return Ok(crate::free_port()?);
     }
-    std::net::TcpListener::bind(("127.0.0.1", requested))
-        .with_context(|| format!("port {requested} is in use: stop what holds it or pass {flag}"))?;
+    std::net::TcpListener::bind(("127.0.0.1", requested)).with_context(|| {
+        format!("port {requested} is in use: stop what holds it or pass {flag}")
+    })?;
     Ok(requested)
 }
 

@@ -25,7 +25,15 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
 
     step("cargo clippy --all-targets -- -D warnings");
     let mut clippy = crate::cargo();
-    clippy.args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--quiet",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     procs::run("cargo clippy", &mut clippy, &interrupt)?;
 
     // Build the tests before provisioning, so a compile error costs no database.
@@ -33,7 +41,13 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     step("building the tests");
     let mut build = crate::cargo();
     if nextest {
-        build.args(["nextest", "list", "--workspace", "--message-format", "oneline"]);
+        build.args([
+            "nextest",
+            "list",
+            "--workspace",
+            "--message-format",
+            "oneline",
+        ]);
         build.stdout(std::process::Stdio::null());
     } else {
         build.args(["test", "--workspace", "--no-run", "--quiet"]);

@@ -7,7 +7,14 @@ use xtask::{postgres::Cluster, procs::Interrupt};
 
 fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
@@ -71,7 +78,10 @@ async fn a_kept_cluster_restarts_with_its_data() {
             Cluster::start(&root, true, &interrupt)
         })
     };
-    let first = start(root.clone()).await.expect("join").expect("first start");
+    let first = start(root.clone())
+        .await
+        .expect("join")
+        .expect("first start");
     let pool = sqlx::PgPool::connect(&first.url(xtask::postgres::DATABASE))
         .await
         .expect("connect");

@@ -1,0 +1,259 @@
+//! `cargo xtask up` leaves nothing behind: after Ctrl-C, SIGTERM or a failed start, no
+//! process it started is still running.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// A process as (pid, start time in clock ticks), so a reused pid is not mistaken
+/// for the same process.
+type ProcessId = (u32, u64);
+
+/// (ppid, start time, state) of every process in /proc.
+fn process_table() -> BTreeMap<u32, (u32, u64, char)> {
+    let mut table = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The command name may hold spaces and parentheses; fields follow the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid), Some(start)) = (
+            fields.first().and_then(|s| s.chars().next()),
+            fields.get(1).and_then(|s| s.parse().ok()),
+            fields.get(19).and_then(|s| s.parse().ok()),
+        ) else {
+            continue;
+        };
+        table.insert(pid, (ppid, start, state));
+    }
+    table
+}
+
+fn descendants(root: u32) -> BTreeSet<ProcessId> {
+    let table = process_table();
+    let mut found = BTreeSet::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (&pid, &(ppid, start, _)) in &table {
+            if ppid == parent && found.insert((pid, start)) {
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+}
+
+fn still_running(processes: &BTreeSet<ProcessId>) -> Vec<ProcessId> {
+    let table = process_table();
+    processes
+        .iter()
+        .filter(|(pid, start)| {
+            table
+                .get(pid)
+                .is_some_and(|&(_, s, state)| s == *start && state != 'Z')
+        })
+        .copied()
+        .collect()
+}
+
+fn xtask_up(env_file: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    command
+        .args([
+            "up",
+            "--gateway-port",
+            "0",
+            "--registry-port",
+            "0",
+            "--env-file",
+        ])
+        .arg(env_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Lines of the child's stdout and stderr, as they come.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    rx
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!(
+        "no line containing {needle:?} within {within:?}; output:\n{}",
+        seen.join("\n")
+    );
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "xtask did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the stack, checks it is up and reachable as `stack.env` says, sends
+/// `signal`, and checks that every process it had started is gone.
+fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env_file = dir.path().join("stack.env");
+    let mut command = xtask_up(&env_file);
+    if own_infrastructure {
+        command
+            .env_remove("DATABASE_URL")
+            .env_remove("KAFKA_BROKERS");
+    }
+    let mut child = command.spawn().expect("xtask starts");
+    let output = lines(&mut child);
+    wait_for_line(&output, "ready", Duration::from_secs(600));
+
+    let env = std::fs::read_to_string(&env_file).expect("stack.env written before ready");
+    for key in [
+        "GATEWAY_URL",
+        "REGISTRY_URL",
+        "REGISTRY_TOKEN",
+        "KAFKA_BROKERS",
+        "DATABASE_URL",
+    ] {
+        assert!(
+            env.contains(&format!("export {key}=")),
+            "{key} missing:\n{env}"
+        );
+    }
+    let gateway = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export GATEWAY_URL="))
+        .expect("gateway url");
+    let health = ureq::get(&format!("{gateway}/actuator/health"))
+        .call()
+        .expect("the gateway answers while the stack runs");
+    assert_eq!(health.status(), 200);
+
+    let started = descendants(child.id());
+    // registry, three services, gateway; plus PostgreSQL and tansu when they are ours.
+    let expected = if own_infrastructure { 7 } else { 5 };
+    assert!(
+        started.len() >= expected,
+        "expected at least {expected} processes under xtask, found {started:?}"
+    );
+
+    kill(Pid::from_raw(child.id() as i32), signal).expect("signal xtask");
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "an interrupted stack exits cleanly: {status}"
+    );
+    let left = still_running(&started);
+    assert!(left.is_empty(), "still running after {signal}: {left:?}");
+    assert!(!env_file.exists(), "stack.env removed with the stack");
+}
+
+#[test]
+fn ctrl_c_stops_everything_including_its_own_database_and_broker() {
+    interrupted_stack_leaves_nothing(Signal::SIGINT, true);
+}
+
+#[test]
+fn sigterm_stops_every_service() {
+    interrupted_stack_leaves_nothing(Signal::SIGTERM, false);
+}
+
+#[test]
+fn a_part_that_fails_to_start_stops_what_was_started() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nothing listens on a port we just freed: the topics step cannot reach a broker.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut child = xtask_up(&dir.path().join("stack.env"))
+        .env_remove("DATABASE_URL")
+        .env("KAFKA_BROKERS", dead.to_string())
+        .spawn()
+        .expect("xtask starts");
+    let xtask_pid = child.id();
+    let output = lines(&mut child);
+    // PostgreSQL is started before the topics are created; catch it while it runs.
+    wait_for_line(&output, "creating the topics", Duration::from_secs(600));
+    let started = descendants(xtask_pid);
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    assert!(!status.success(), "a failed start is a failure");
+    let said: Vec<String> = output.try_iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains(&dead.to_string())),
+        "the error names the unreachable broker: {said:?}"
+    );
+    assert!(
+        started.iter().any(|(pid, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        }),
+        "PostgreSQL was running when the topics step began: {started:?}"
+    );
+    let left = still_running(&started);
+    assert!(
+        left.is_empty(),
+        "still running after a failed start: {left:?}"
+    );
+    let leftover_cluster = xtask::target_dir()
+        .join("stack")
+        .join(format!("postgres-{xtask_pid}"));
+    assert!(
+        !leftover_cluster.exists(),
+        "the throwaway cluster's files were removed"
+    );
+}
