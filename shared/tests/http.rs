@@ -1,0 +1,107 @@
+//! The contract's error behaviour on a router built the way every service builds one.
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode, header},
+    routing::post,
+};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use shared::{Problem, http::Json};
+use tower::ServiceExt;
+
+#[derive(Debug, Deserialize)]
+struct Deposit {
+    amount: i64,
+}
+
+fn app() -> Router {
+    let routes = Router::new().route(
+        "/deposits",
+        post(|Json(d): Json<Deposit>| async move { d.amount.to_string() }),
+    );
+    shared::http::with_problem_fallbacks(routes)
+}
+
+async fn call(request: Request<Body>) -> (StatusCode, Option<String>, Option<String>, Problem) {
+    let response = app().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let allow = response
+        .headers()
+        .get(header::ALLOW)
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let problem = serde_json::from_slice(&bytes).expect("a problem body");
+    (status, content_type, allow, problem)
+}
+
+fn post_json(body: &'static str) -> Request<Body> {
+    Request::post("/deposits")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn unknown_path_is_a_problem_404() {
+    let (status, content_type, _, problem) = call(
+        Request::get("/nowhere")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(problem.status, 404);
+    assert!(problem.detail.contains("/nowhere"));
+}
+
+#[tokio::test]
+async fn wrong_method_is_a_problem_405_with_allow() {
+    let (status, content_type, allow, problem) = call(
+        Request::get("/deposits")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(allow.as_deref(), Some("POST"));
+    assert_eq!(problem.status, 405);
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_415() {
+    let request = Request::post("/deposits")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("amount=5"))
+        .expect("request");
+    let (status, _, _, problem) = call(request).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(problem.detail.contains("application/json"));
+}
+
+#[tokio::test]
+async fn a_wrong_type_names_the_field_with_422() {
+    let (status, content_type, _, problem) = call(post_json(r#"{"amount": "lots"}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(problem.errors[0].field, "amount");
+}
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let (status, _, _, problem) = call(post_json(r#"{"amount": 5"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem.detail.contains("not valid JSON"));
+}
