@@ -81,6 +81,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let stack_dir = crate::target_dir().join("stack");
     let logs = stack_dir.join("logs");
     fs::create_dir_all(&logs)?;
+    remove_abandoned_clusters(&stack_dir);
     let gateway_port = pick_port(options.gateway_port, "--gateway-port")?;
     let registry_port = pick_port(options.registry_port, "--registry-port")?;
 
@@ -206,6 +207,25 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     drop(broker);
     drop(postgres);
     outcome
+}
+
+/// Removes throwaway clusters whose `up` is gone: a `kill -9`ed xtask stops its
+/// children (parent-death signal) but cannot delete their files.
+fn remove_abandoned_clusters(stack_dir: &Path) {
+    for entry in fs::read_dir(stack_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("postgres-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// `requested`, or a free port when 0; fails early when the port is taken, naming the

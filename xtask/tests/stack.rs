@@ -2,7 +2,7 @@
 //! process it started is still running.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
@@ -19,8 +19,16 @@ use nix::{
 /// for the same process.
 type ProcessId = (u32, u64);
 
-/// (ppid, start time, state) of every process in /proc.
-fn process_table() -> BTreeMap<u32, (u32, u64, char)> {
+/// A process's parent, start time, state and command name, from /proc.
+#[derive(Debug, Clone)]
+struct ProcessInfo {
+    ppid: u32,
+    start: u64,
+    state: char,
+    name: String,
+}
+
+fn process_table() -> BTreeMap<u32, ProcessInfo> {
     let mut table = BTreeMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -30,9 +38,10 @@ fn process_table() -> BTreeMap<u32, (u32, u64, char)> {
             continue;
         };
         // The command name may hold spaces and parentheses; fields follow the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        let Some((head, rest)) = stat.rsplit_once(')') else {
             continue;
         };
+        let name = head.split_once('(').map(|(_, n)| n).unwrap_or_default();
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let (Some(state), Some(ppid), Some(start)) = (
             fields.first().and_then(|s| s.chars().next()),
@@ -41,18 +50,28 @@ fn process_table() -> BTreeMap<u32, (u32, u64, char)> {
         ) else {
             continue;
         };
-        table.insert(pid, (ppid, start, state));
+        table.insert(
+            pid,
+            ProcessInfo {
+                ppid,
+                start,
+                state,
+                name: name.to_owned(),
+            },
+        );
     }
     table
 }
 
-fn descendants(root: u32) -> BTreeSet<ProcessId> {
+/// Every process below `root`, with its command name.
+fn descendants(root: u32) -> BTreeMap<ProcessId, String> {
     let table = process_table();
-    let mut found = BTreeSet::new();
+    let mut found = BTreeMap::new();
     let mut frontier = vec![root];
     while let Some(parent) = frontier.pop() {
-        for (&pid, &(ppid, start, _)) in &table {
-            if ppid == parent && found.insert((pid, start)) {
+        for (&pid, info) in &table {
+            if info.ppid == parent && !found.contains_key(&(pid, info.start)) {
+                found.insert((pid, info.start), info.name.clone());
                 frontier.push(pid);
             }
         }
@@ -60,16 +79,16 @@ fn descendants(root: u32) -> BTreeSet<ProcessId> {
     found
 }
 
-fn still_running(processes: &BTreeSet<ProcessId>) -> Vec<ProcessId> {
+fn still_running(processes: &BTreeMap<ProcessId, String>) -> Vec<(ProcessId, String)> {
     let table = process_table();
     processes
         .iter()
-        .filter(|(pid, start)| {
+        .filter(|((pid, start), _)| {
             table
                 .get(pid)
-                .is_some_and(|&(_, s, state)| s == *start && state != 'Z')
+                .is_some_and(|info| info.start == *start && info.state != 'Z')
         })
-        .copied()
+        .map(|(id, name)| (*id, name.clone()))
         .collect()
 }
 
@@ -185,12 +204,24 @@ fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
     assert_eq!(health.status(), 200);
 
     let started = descendants(child.id());
-    // registry, three services, gateway; plus PostgreSQL and tansu when they are ours.
-    let expected = if own_infrastructure { 7 } else { 5 };
-    assert!(
-        started.len() >= expected,
-        "expected at least {expected} processes under xtask, found {started:?}"
-    );
+    let mut expected = vec![
+        "registry",
+        "order-service",
+        "payment-service",
+        "notification-service",
+        "gateway",
+    ];
+    if own_infrastructure {
+        expected.extend(["postgres", "tansu"]);
+    }
+    for name in expected {
+        // /proc truncates command names to 15 bytes.
+        let short = &name[..name.len().min(15)];
+        assert!(
+            started.values().any(|n| n == short),
+            "{name} is not running under xtask: {started:?}"
+        );
+    }
 
     kill(Pid::from_raw(child.id() as i32), signal).expect("signal xtask");
     let status = wait_exit(&mut child, Duration::from_secs(60));
@@ -211,6 +242,35 @@ fn ctrl_c_stops_everything_including_its_own_database_and_broker() {
 #[test]
 fn sigterm_stops_every_service() {
     interrupted_stack_leaves_nothing(Signal::SIGTERM, false);
+}
+
+#[test]
+fn even_kill_9_of_xtask_takes_every_child_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = xtask_up(&dir.path().join("stack.env"))
+        .env_remove("DATABASE_URL")
+        .env_remove("KAFKA_BROKERS")
+        .spawn()
+        .expect("xtask starts");
+    let output = lines(&mut child);
+    wait_for_line(&output, "ready", Duration::from_secs(600));
+    let started = descendants(child.id());
+    assert!(
+        started.values().any(|name| name == "postgres"),
+        "{started:?}"
+    );
+
+    // SIGKILL cannot be handled: only the children's parent-death signal can act.
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("kill xtask");
+    wait_exit(&mut child, Duration::from_secs(10));
+    // PostgreSQL's backends notice their postmaster's death on their own; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut left = still_running(&started);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = still_running(&started);
+    }
+    assert!(left.is_empty(), "still running after kill -9: {left:?}");
 }
 
 #[test]
@@ -238,10 +298,7 @@ fn a_part_that_fails_to_start_stops_what_was_started() {
         "the error names the unreachable broker: {said:?}"
     );
     assert!(
-        started.iter().any(|(pid, _)| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "postgres")
-        }),
+        started.values().any(|name| name == "postgres"),
         "PostgreSQL was running when the topics step began: {started:?}"
     );
     let left = still_running(&started);
