@@ -166,19 +166,19 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let _remove_env_file = RemoveOnDrop(env_file.clone());
 
     println!();
-    println!("  gateway   {gateway_url}");
-    println!("  registry  {registry_url}");
     for (service, port, _) in &running {
-        println!("  {:<22} http://127.0.0.1:{port}", service.name);
+        println!("  {:<21} http://127.0.0.1:{port}", service.name);
     }
-    println!("  kafka     {}", broker.brokers());
+    println!("  {:<21} {}", "kafka", broker.brokers());
     println!(
-        "  postgres  {} (credentials in DATABASE_URL)",
+        "  {:<21} {} (credentials in DATABASE_URL)",
+        "postgres",
         postgres.url().rsplit('@').next().unwrap_or_default()
     );
-    println!("  logs      {}", logs.display());
+    println!("  {:<21} {}", "logs", logs.display());
     println!(
-        "  env       {} (source it from another terminal)",
+        "  {:<21} {} (source it from another terminal)",
+        "env",
         env_file.display()
     );
     println!();
