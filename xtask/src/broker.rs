@@ -62,13 +62,18 @@ impl Broker {
         let tansu = tansu_binary(interrupt)?;
         let port = crate::free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
+        // tansu resolves a sqlite:// URL against its working directory, so it runs in
+        // the database's folder and is given the file name alone.
+        let mut workdir = std::env::temp_dir();
         let storage_url = match &storage {
             Storage::Memory => "memory://tansu/".to_owned(),
             Storage::Sqlite(path) => {
-                if let Some(dir) = path.parent() {
-                    fs::create_dir_all(dir)?;
-                }
-                format!("sqlite://{}", path.display())
+                let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+                    bail!("{} is not a file path", path.display());
+                };
+                fs::create_dir_all(dir)?;
+                workdir = dir.to_path_buf();
+                format!("sqlite://{}", file.to_string_lossy())
             }
         };
         if let Some(dir) = log.parent() {
@@ -77,6 +82,7 @@ impl Broker {
         let log_file = fs::File::create(log)?;
         let mut command = Command::new(&tansu);
         command
+            .current_dir(&workdir)
             .arg("broker")
             .args(["--cluster-id", "storefront"])
             .args(["--listener-url", &url])
