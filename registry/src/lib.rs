@@ -1,9 +1,22 @@
-//! registry: the service registry (Eureka's job): leases, heartbeats, a push watch and the Eureka REST API.
+//! registry: the service registry (Eureka's job), without Eureka's minutes-long delays.
+//!
+//! Instances hold leases in a [`leases::LeaseTable`]; an instance disappears the
+//! moment its lease ends and every watcher hears of it within the reaper's tick. The
+//! table is served three ways: the native JSON API with blocking queries and a push
+//! stream ([`api`]), the Eureka REST API that Spring, Python and JavaScript Eureka
+//! clients use unchanged ([`eureka`]), and a dashboard page ([`dashboard`]).
 //!
 //! [`Application::build`] binds the listener; [`Application::run_until_stopped`]
-//! serves until the shutdown token fires. Tests build it with port 0.
+//! serves and runs the reaper until the shutdown token fires.
 
-use std::net::SocketAddr;
+pub mod api;
+pub mod auth;
+pub mod dashboard;
+pub mod eureka;
+pub mod leases;
+pub mod model;
+
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -15,18 +28,25 @@ use shared::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::{
+    auth::AuthSettings,
+    leases::{LeaseSettings, LeaseTable, now_ms},
+};
+
 /// The canonical service name.
 pub const SERVICE_NAME: &str = "registry";
 
-/// The port the contract gives registry by default.
+/// The port the contract gives the registry by default.
 pub const DEFAULT_PORT: u16 = 8761;
 
-/// Everything registry reads at start-up; env prefix `REGISTRY_`.
+/// Everything the registry reads at start-up; env prefix `REGISTRY_`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub leases: LeaseSettings,
+    pub auth: AuthSettings,
 }
 
 impl Default for Settings {
@@ -34,14 +54,19 @@ impl Default for Settings {
         Self {
             http: HttpSettings::local(DEFAULT_PORT),
             log: LogSettings::default(),
+            leases: LeaseSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
 
 impl Settings {
-    /// Defaults, then `REGISTRY_CONFIG`'s file, then `REGISTRY_*` variables.
+    /// Defaults, then `REGISTRY_CONFIG`'s file, then `REGISTRY_TOKEN` (the stack's
+    /// write token) into `auth.token`, then `REGISTRY_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
-        Layers::new("REGISTRY_").load()
+        Layers::new("REGISTRY_")
+            .fallback_env("REGISTRY_TOKEN", "auth.token")
+            .load()
     }
 }
 
@@ -50,14 +75,23 @@ impl Settings {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    table: Arc<LeaseTable>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if settings.auth.token.as_deref().is_none_or(str::is_empty) {
+            tracing::warn!(
+                "no registry token configured: anyone who can reach the registry can change it"
+            );
+        }
         let listener = settings.http.bind().await?;
+        let table = Arc::new(LeaseTable::new(settings.leases.clone()));
+        let router = router(table.clone(), settings.auth);
         Ok(Self {
             listener,
-            router: router(),
+            router,
+            table,
         })
     }
 
@@ -72,15 +106,76 @@ impl Application {
         self.local_addr().port()
     }
 
+    /// The table, for tests that look inside.
+    pub fn table(&self) -> Arc<LeaseTable> {
+        self.table.clone()
+    }
+
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::http::serve(self.listener, self.router, shutdown).await?;
+        let reaper = tokio::spawn(reap(self.table.clone(), shutdown.clone()));
+        shared::http::serve(self.listener, self.router, shutdown.clone()).await?;
+        shutdown.cancel();
+        let _ = reaper.await;
         Ok(())
     }
 }
 
-/// The HTTP routes of registry.
-pub fn router() -> Router {
+/// Removes expired leases every `reaper_interval_ms`, and refreshes the per-service
+/// gauges once a second.
+async fn reap(table: Arc<LeaseTable>, shutdown: CancellationToken) {
+    let period = Duration::from_millis(table.settings().reaper_interval_ms.max(10));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gauges_at = 0;
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = now_ms();
+        table.expire(now);
+        if now >= gauges_at {
+            gauges_at = now + 1000;
+            update_gauges(&table, now, &mut known);
+        }
+    }
+}
+
+fn update_gauges(table: &LeaseTable, now: u64, known: &mut BTreeSet<String>) {
+    let snapshot = table.snapshot();
+    let mut seen = BTreeSet::new();
+    for service in snapshot.services.keys() {
+        let count = snapshot.instances(service, now).count();
+        metrics::gauge!("registry_instances", "service" => service.to_string()).set(count as f64);
+        seen.insert(service.to_string());
+    }
+    for gone in known.difference(&seen) {
+        metrics::gauge!("registry_instances", "service" => gone.clone()).set(0.0);
+    }
+    *known = seen;
+    metrics::gauge!("registry_self_preservation_active").set(if snapshot.preservation.is_some() {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// Every route of the registry, with write authentication in front of the APIs.
+pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
+    let protected = Router::new()
+        .merge(api::router(table.clone()))
+        .merge(eureka::router(table.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(auth),
+            auth::require_token,
+        ));
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-    shared::http::with_problem_fallbacks(Router::new().merge(actuator.router()))
+    shared::http::with_problem_fallbacks(
+        Router::new()
+            .merge(protected)
+            .merge(dashboard::router(table))
+            .merge(actuator.router()),
+    )
 }

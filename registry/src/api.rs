@@ -1,0 +1,521 @@
+//! The native JSON API under `/api/v1` (documented in `docs/registry.md`).
+//!
+//! Besides register, heartbeat, deregister, status and override, it offers two ways
+//! to follow changes: a blocking query (`?index=N&wait=30s` on a list returns as soon
+//! as the table's index passes N, Consul style) and a server-sent-event stream
+//! (`/api/v1/watch`) that pushes every change the moment the table publishes it.
+
+use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::{get, post, put},
+};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::{FieldError, Problem};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+
+use crate::{
+    leases::{Change, Instance, LeaseError, LeaseTable, Snapshot, now_ms},
+    model::{EurekaDetails, Registration, ServiceName, Status},
+};
+
+/// Longest a blocking query may wait.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Leases beyond a day are a mistake, not a preference: refused rather than clamped.
+pub const ABSURD_LEASE_SECONDS: u32 = 86_400;
+
+pub fn router(table: Arc<LeaseTable>) -> Router {
+    Router::new()
+        .route("/api/v1/services", get(list_services))
+        .route("/api/v1/state", get(state))
+        .route("/api/v1/watch", get(watch))
+        .route(
+            "/api/v1/services/{service}/instances",
+            post(register).get(list_instances),
+        )
+        .route(
+            "/api/v1/services/{service}/instances/{id}",
+            get(get_instance).delete(deregister),
+        )
+        .route(
+            "/api/v1/services/{service}/instances/{id}/heartbeat",
+            put(heartbeat),
+        )
+        .route(
+            "/api/v1/services/{service}/instances/{id}/status",
+            put(set_status),
+        )
+        .route(
+            "/api/v1/services/{service}/instances/{id}/override",
+            put(set_override).delete(clear_override),
+        )
+        .with_state(table)
+}
+
+/// An instance as the native API shows it.
+pub fn instance_json(instance: &Instance, now: u64) -> Value {
+    let r = &instance.registration;
+    json!({
+        "service": r.service.as_str(),
+        "instanceId": r.instance_id,
+        "host": r.host,
+        "port": r.port,
+        "address": r.address(),
+        "status": instance.status(),
+        "reportedStatus": r.status,
+        "overrideStatus": instance.override_status,
+        "healthUrl": r.health_url,
+        "metadata": r.metadata,
+        "leaseSeconds": r.lease_seconds,
+        "registeredAt": instance.registered_at,
+        "lastRenewalAt": instance.clock.last_renewal(),
+        "leaseExpiresAt": instance.expires_at(),
+        "leaseRemainingMs": instance.expires_at().saturating_sub(now),
+    })
+}
+
+/// A change as watchers receive it.
+pub fn change_json(change: &Change, now: u64) -> Value {
+    json!({
+        "index": change.index,
+        "at": change.at,
+        "action": change.action,
+        "cause": change.cause,
+        "instance": instance_json(&change.instance, now),
+    })
+}
+
+/// The self-preservation and renewal figures the dashboard and `/api/v1/state` show.
+pub fn state_json(table: &LeaseTable, snapshot: &Snapshot, now: u64) -> Value {
+    let preservation = snapshot.preservation.as_ref().map(|p| {
+        json!({
+            "since": p.since,
+            "until": p.until,
+            "expiredInWindow": p.expired_in_window,
+            "instances": p.instances,
+            "threshold": p.threshold,
+            "windowSeconds": p.window_seconds,
+            "reason": p.reason(),
+        })
+    });
+    json!({
+        "index": snapshot.index,
+        "instances": snapshot.all(now).count(),
+        "renewalsLastMinute": table.renewals_last_minute(now),
+        "selfPreservation": preservation,
+        "lastSelfPreservationEnd": snapshot.last_preservation_end.map(|(at, why)| json!({"at": at, "why": why})),
+        "watchers": table.watchers(),
+    })
+}
+
+pub fn service_name(raw: &str) -> Result<ServiceName, Problem> {
+    ServiceName::parse(raw)
+        .map_err(|message| Problem::validation(vec![FieldError::new("service", message)]))
+}
+
+impl From<LeaseError> for Problem {
+    fn from(error: LeaseError) -> Self {
+        Problem::not_found(error.to_string())
+    }
+}
+
+fn with_index(index: u64, body: Value) -> Response {
+    let mut response = Json(body).into_response();
+    if let Ok(value) = HeaderValue::from_str(&index.to_string()) {
+        response.headers_mut().insert("x-registry-index", value);
+    }
+    response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RegisterBody {
+    instance_id: Option<String>,
+    host: String,
+    port: u32,
+    health_url: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    lease_seconds: Option<u32>,
+    status: Option<String>,
+}
+
+async fn register(
+    State(table): State<Arc<LeaseTable>>,
+    Path(service): Path<String>,
+    shared::http::Json(body): shared::http::Json<RegisterBody>,
+) -> Result<Response, Problem> {
+    let service = service_name(&service)?;
+    let mut errors = Vec::new();
+    // Out of range becomes 0, which validation reports as the port's error.
+    let port = u16::try_from(body.port).unwrap_or(0);
+    let status = match body.status.as_deref() {
+        None => Status::Up,
+        Some(raw) => raw.parse().unwrap_or_else(|message| {
+            errors.push(FieldError::new("status", message));
+            Status::Up
+        }),
+    };
+    let lease_seconds = lease_field(&table, body.lease_seconds, "leaseSeconds", &mut errors);
+    let registration = Registration {
+        instance_id: body
+            .instance_id
+            .unwrap_or_else(|| format!("{}:{}:{}", body.host, service, body.port)),
+        service,
+        host: body.host,
+        port,
+        status,
+        lease_seconds,
+        health_url: body.health_url,
+        metadata: body.metadata,
+        eureka: EurekaDetails::default(),
+    };
+    if let Err(more) = registration.validate() {
+        errors.extend(more);
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let now = now_ms();
+    let instance = table.register(registration, now);
+    let location = format!(
+        "/api/v1/services/{}/instances/{}",
+        instance.registration.service, instance.registration.instance_id
+    );
+    let mut response = (StatusCode::CREATED, Json(instance_json(&instance, now))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// The lease a request asks for: absent means the default, absurd values are refused
+/// naming `field`, anything else is clamped to the configured bounds.
+pub fn lease_field(
+    table: &LeaseTable,
+    requested: Option<u32>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> u32 {
+    match requested {
+        Some(0) => {
+            errors.push(FieldError::new(field, "must be at least 1 second"));
+            table.clamp_lease(None)
+        }
+        Some(s) if s > ABSURD_LEASE_SECONDS => {
+            errors.push(FieldError::new(
+                field,
+                format!("must be at most {ABSURD_LEASE_SECONDS} seconds (one day)"),
+            ));
+            table.clamp_lease(None)
+        }
+        other => table.clamp_lease(other),
+    }
+}
+
+async fn heartbeat(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Json<Value>, Problem> {
+    let service = service_name(&service)?;
+    let now = now_ms();
+    let instance = table.renew(&service, &id, now)?;
+    Ok(Json(json!({
+        "leaseExpiresAt": instance.expires_at(),
+        "leaseSeconds": instance.registration.lease_seconds,
+        "status": instance.status(),
+    })))
+}
+
+async fn deregister(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<StatusCode, Problem> {
+    let service = service_name(&service)?;
+    table.deregister(&service, &id, now_ms())?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusBody {
+    status: String,
+}
+
+fn settable(raw: &str) -> Result<Status, Problem> {
+    match raw.parse::<Status>() {
+        Ok(Status::Unknown) | Err(_) => Err(Problem::validation(vec![FieldError::new(
+            "status",
+            format!("must be {}", Status::SETTABLE),
+        )])),
+        Ok(status) => Ok(status),
+    }
+}
+
+async fn set_status(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+    shared::http::Json(body): shared::http::Json<StatusBody>,
+) -> Result<Json<Value>, Problem> {
+    let service = service_name(&service)?;
+    let status = settable(&body.status)?;
+    let now = now_ms();
+    let instance = table.set_status(&service, &id, status, now)?;
+    Ok(Json(instance_json(&instance, now)))
+}
+
+async fn set_override(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+    shared::http::Json(body): shared::http::Json<StatusBody>,
+) -> Result<Json<Value>, Problem> {
+    let service = service_name(&service)?;
+    let status = settable(&body.status)?;
+    let now = now_ms();
+    let instance = table.set_override(&service, &id, Some(status), now)?;
+    Ok(Json(instance_json(&instance, now)))
+}
+
+async fn clear_override(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Json<Value>, Problem> {
+    let service = service_name(&service)?;
+    let now = now_ms();
+    let instance = table.set_override(&service, &id, None, now)?;
+    Ok(Json(instance_json(&instance, now)))
+}
+
+async fn get_instance(
+    State(table): State<Arc<LeaseTable>>,
+    Path((service, id)): Path<(String, String)>,
+) -> Result<Json<Value>, Problem> {
+    let service = service_name(&service)?;
+    let now = now_ms();
+    let snapshot = table.snapshot();
+    let instance = snapshot.instance(&service, &id, now).ok_or_else(|| {
+        Problem::not_found(format!("no instance {id} of {service} is registered"))
+    })?;
+    Ok(Json(instance_json(instance, now)))
+}
+
+async fn list_services(
+    State(table): State<Arc<LeaseTable>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, Problem> {
+    let wait = Blocking::parse(&params)?;
+    let snapshot = wait.until_changed(&table).await;
+    let now = now_ms();
+    let services: Vec<Value> = snapshot
+        .services
+        .keys()
+        .filter_map(|name| {
+            let instances: Vec<&Arc<Instance>> = snapshot.instances(name, now).collect();
+            (!instances.is_empty()).then(|| {
+                json!({
+                    "name": name.as_str(),
+                    "instances": instances.len(),
+                    "up": instances.iter().filter(|i| i.status() == Status::Up).count(),
+                })
+            })
+        })
+        .collect();
+    Ok(with_index(
+        snapshot.index,
+        json!({ "index": snapshot.index, "services": services }),
+    ))
+}
+
+async fn list_instances(
+    State(table): State<Arc<LeaseTable>>,
+    Path(service): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, Problem> {
+    let service = service_name(&service)?;
+    let wait = Blocking::parse(&params)?;
+    let mut statuses = Vec::new();
+    let mut metadata = Vec::new();
+    for (key, value) in &params {
+        if key == "status" {
+            for raw in value.split(',') {
+                statuses.push(raw.parse::<Status>().map_err(|message| {
+                    Problem::validation(vec![FieldError::new("status", message)])
+                })?);
+            }
+        } else if let Some(meta_key) = key.strip_prefix("meta.") {
+            metadata.push((meta_key.to_owned(), value.clone()));
+        } else if key != "index" && key != "wait" {
+            return Err(Problem::bad_request(format!(
+                "Unknown query parameter `{key}`: use status, meta.<key>, index or wait."
+            )));
+        }
+    }
+    let snapshot = wait.until_changed(&table).await;
+    let now = now_ms();
+    let instances: Vec<Value> = snapshot
+        .instances(&service, now)
+        .filter(|i| statuses.is_empty() || statuses.contains(&i.status()))
+        .filter(|i| {
+            metadata
+                .iter()
+                .all(|(k, v)| i.registration.metadata.get(k) == Some(v))
+        })
+        .map(|i| instance_json(i, now))
+        .collect();
+    Ok(with_index(
+        snapshot.index,
+        json!({ "index": snapshot.index, "service": service.as_str(), "instances": instances }),
+    ))
+}
+
+async fn state(State(table): State<Arc<LeaseTable>>) -> Json<Value> {
+    let snapshot = table.snapshot();
+    Json(state_json(&table, &snapshot, now_ms()))
+}
+
+/// A blocking query's `index` and `wait`.
+#[derive(Debug, Clone, Copy)]
+struct Blocking {
+    index: Option<u64>,
+    wait: Duration,
+}
+
+impl Blocking {
+    fn parse(params: &[(String, String)]) -> Result<Self, Problem> {
+        let mut blocking = Blocking {
+            index: None,
+            wait: Duration::from_secs(30),
+        };
+        for (key, value) in params {
+            match key.as_str() {
+                "index" => {
+                    blocking.index = Some(value.parse().map_err(|_| {
+                        Problem::validation(vec![FieldError::new(
+                            "index",
+                            "must be a whole number",
+                        )])
+                    })?);
+                }
+                "wait" => blocking.wait = parse_wait(value)?,
+                _ => {}
+            }
+        }
+        Ok(blocking)
+    }
+
+    /// The current snapshot, once its index has passed the requested one (or the
+    /// wait ran out, or no index was given).
+    async fn until_changed(self, table: &LeaseTable) -> Arc<Snapshot> {
+        let Some(seen) = self.index else {
+            return table.snapshot();
+        };
+        let mut index = table.watch_index();
+        let _ = tokio::time::timeout(self.wait, index.wait_for(|&i| i > seen)).await;
+        table.snapshot()
+    }
+}
+
+/// `30s`, `500ms`, `2m`, or plain seconds; at most five minutes.
+fn parse_wait(raw: &str) -> Result<Duration, Problem> {
+    let invalid = || {
+        Problem::validation(vec![FieldError::new(
+            "wait",
+            "must be a duration such as 30s, 500ms or 2m, at most 5m",
+        )])
+    };
+    let (number, unit) = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| raw.split_at(i))
+        .unwrap_or((raw, "s"));
+    let n: u64 = number.parse().map_err(|_| invalid())?;
+    let wait = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(invalid()),
+    };
+    if wait > MAX_WAIT {
+        return Err(invalid());
+    }
+    Ok(wait)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchParams {
+    service: Option<String>,
+}
+
+/// Server-sent events: first a `snapshot` of every matching instance, then a `change`
+/// per change. A watcher that falls behind gets a fresh `snapshot` instead of the
+/// changes it missed.
+async fn watch(
+    State(table): State<Arc<LeaseTable>>,
+    Query(params): Query<WatchParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
+    let filter = params.service.as_deref().map(service_name).transpose()?;
+    // Subscribe before reading the snapshot, so no change falls between the two.
+    let changes = BroadcastStream::new(table.subscribe());
+    let first = snapshot_event(&table, filter.as_ref());
+    let since = first.1;
+    metrics::gauge!("registry_watchers").increment(1.0);
+    let guard = WatcherGuard;
+    let table_for_resync = table.clone();
+    let stream =
+        futures::stream::once(async move { Ok(first.0) }).chain(changes.filter_map(move |item| {
+            let _keep = &guard;
+            let event = match item {
+                Ok(change) => {
+                    let wanted = filter
+                        .as_ref()
+                        .is_none_or(|f| *f == change.instance.registration.service);
+                    (wanted && change.index > since).then(|| {
+                        Event::default()
+                            .event("change")
+                            .id(change.index.to_string())
+                            .json_data(change_json(&change, now_ms()))
+                            .unwrap_or_default()
+                    })
+                }
+                Err(BroadcastStreamRecvError::Lagged(_)) => {
+                    Some(snapshot_event(&table_for_resync, filter.as_ref()).0)
+                }
+            };
+            futures::future::ready(event.map(Ok))
+        }));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn snapshot_event(table: &LeaseTable, filter: Option<&ServiceName>) -> (Event, u64) {
+    let snapshot = table.snapshot();
+    let now = now_ms();
+    let instances: Vec<Value> = snapshot
+        .all(now)
+        .filter(|i| filter.is_none_or(|f| *f == i.registration.service))
+        .map(|i| instance_json(i, now))
+        .collect();
+    let event = Event::default()
+        .event("snapshot")
+        .id(snapshot.index.to_string())
+        .json_data(json!({ "index": snapshot.index, "instances": instances }))
+        .unwrap_or_default();
+    (event, snapshot.index)
+}
+
+/// Counts open watch streams in the `registry_watchers` gauge.
+struct WatcherGuard;
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("registry_watchers").decrement(1.0);
+    }
+}
