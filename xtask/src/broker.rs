@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::procs::{Interrupt, Supervised};
 
@@ -131,40 +131,11 @@ impl Broker {
     }
 }
 
-/// The folder for tools xtask installs: `STOREFRONT_TOOLS_DIR`, else the user's cache
-/// folder. It is outside the checkout so clean clones reuse what is there.
-pub fn tools_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("STOREFRONT_TOOLS_DIR") {
-        return PathBuf::from(dir);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    cache.join("storefront").join("tools")
-}
-
 /// The tansu binary, installed first if missing. Concurrent callers (parallel tests,
 /// two terminals) wait on a lock file instead of installing twice.
 pub fn tansu_binary(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
-    let root = tools_dir().join(format!("tansu-{TANSU_VERSION}"));
+    let root = crate::tools::tools_dir().join(format!("tansu-{TANSU_VERSION}"));
     let binary = root.join("bin").join("tansu");
-    if binary.exists() {
-        return Ok(binary);
-    }
-    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let lock_file = fs::File::create(root.with_extension("lock"))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .context("cannot lock the tools folder")?;
-    if binary.exists() {
-        return Ok(binary);
-    }
-    eprintln!(
-        "xtask: installing tansu {TANSU_VERSION} (the Kafka-compatible broker) into {}; \
-         this first install takes about ten minutes, later runs reuse it",
-        root.display()
-    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut install = Command::new(cargo);
     install
@@ -175,9 +146,16 @@ pub fn tansu_binary(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
         .arg(&root)
         // A stack started from inside a cargo build must not inherit its target dir.
         .env_remove("CARGO_TARGET_DIR");
-    crate::procs::run("cargo install tansu", &mut install, interrupt)?;
-    if !binary.exists() {
-        bail!("cargo install finished but {} is missing", binary.display());
-    }
+    crate::tools::install_once(
+        &root,
+        &binary,
+        &format!(
+            "installing tansu {TANSU_VERSION} (the Kafka-compatible broker) into {}; this \
+             first install takes about ten minutes, later runs reuse it",
+            root.display()
+        ),
+        &mut install,
+        interrupt,
+    )?;
     Ok(binary)
 }

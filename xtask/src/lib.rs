@@ -7,6 +7,7 @@ pub mod postgres;
 pub mod procs;
 pub mod stack;
 pub mod testrun;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 

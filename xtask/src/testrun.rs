@@ -66,6 +66,9 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         &interrupt,
     )?;
 
+    step("installing the real Eureka client the registry tests use");
+    let python_path = crate::tools::python_eureka_client(&interrupt)?;
+
     step("running the tests");
     let mut tests = crate::cargo();
     if nextest {
@@ -76,7 +79,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     tests
         .args(extra)
         .env("DATABASE_URL", postgres.url())
-        .env("KAFKA_BROKERS", broker.brokers());
+        .env("KAFKA_BROKERS", broker.brokers())
+        .env("STOREFRONT_PYTHONPATH", &python_path);
     let result = procs::run("the tests", &mut tests, &interrupt);
     drop(broker);
     drop(postgres);

@@ -1,0 +1,698 @@
+//! The registry started in-process on port 0 and driven over HTTP: leases, the watch,
+//! self-preservation, write authentication, bad input, the dashboard, and a real
+//! Eureka client written by someone else.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use registry::{Application, Settings, auth::AuthSettings};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use shared::config::HttpSettings;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Registry {
+    base: String,
+    client: Client,
+    _stop: DropCancel,
+}
+
+struct DropCancel(CancellationToken);
+
+impl Drop for DropCancel {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn spawn_with(mut settings: Settings) -> Registry {
+    settings.http = HttpSettings::local(0);
+    let app = Application::build(settings).await.expect("builds");
+    let base = format!("http://{}", app.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    Registry {
+        base,
+        client: Client::new(),
+        _stop: DropCancel(stop),
+    }
+}
+
+async fn spawn() -> Registry {
+    spawn_with(Settings {
+        auth: AuthSettings {
+            token: Some(TOKEN.into()),
+            protect_reads: false,
+        },
+        ..Settings::default()
+    })
+    .await
+}
+
+impl Registry {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn register(&self, service: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/api/v1/services/{service}/instances")))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("register")
+    }
+
+    async fn heartbeat(&self, service: &str, id: &str) -> StatusCode {
+        self.client
+            .put(self.url(&format!(
+                "/api/v1/services/{service}/instances/{id}/heartbeat"
+            )))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("heartbeat")
+            .status()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// An open `/api/v1/watch` stream.
+    async fn watch(&self, query: &str) -> Watch {
+        let response = self
+            .client
+            .get(self.url(&format!("/api/v1/watch{query}")))
+            .send()
+            .await
+            .expect("watch");
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/event-stream",
+            "a server-sent-event stream"
+        );
+        Watch {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+}
+
+struct Watch {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl Watch {
+    /// The next event's name and data, waiting at most `within`.
+    async fn next(&mut self, within: Duration) -> (String, Value) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if event.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return (
+                    event,
+                    serde_json::from_str(&data).expect("event data is JSON"),
+                );
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.body.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream stays open")
+                .expect("no stream error");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+fn instance(host: &str, port: u16, lease: u32) -> Value {
+    json!({ "host": host, "port": port, "leaseSeconds": lease })
+}
+
+#[tokio::test]
+async fn a_lease_ends_on_time_and_watchers_hear_of_it_within_a_second() {
+    let registry = spawn().await;
+    let mut watch = registry.watch("?service=orders").await;
+    assert_eq!(watch.next(Duration::from_secs(5)).await.0, "snapshot");
+
+    let registered = Instant::now();
+    let response = registry
+        .register(
+            "orders",
+            json!({ "instanceId": "o-1", "host": "127.0.0.1", "port": 8081, "leaseSeconds": 1 }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let (event, added) = watch.next(Duration::from_secs(5)).await;
+    assert_eq!(
+        (event.as_str(), added["action"].as_str()),
+        ("change", Some("ADDED"))
+    );
+
+    let (_, removed) = watch.next(Duration::from_secs(5)).await;
+    let elapsed = registered.elapsed();
+    assert_eq!(removed["action"], "DELETED");
+    assert_eq!(removed["cause"], "expired");
+    assert!(
+        elapsed >= Duration::from_millis(1000),
+        "not removed before its lease ended: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(2000),
+        "removed within a second of its end: {elapsed:?}"
+    );
+    let listed = registry.get("/api/v1/services/orders/instances").await;
+    assert_eq!(listed["instances"], json!([]));
+}
+
+#[tokio::test]
+async fn an_unknown_heartbeat_is_404_and_registering_again_fixes_it() {
+    let registry = spawn().await;
+    assert_eq!(
+        registry.heartbeat("orders", "o-9").await,
+        StatusCode::NOT_FOUND
+    );
+    let response = registry
+        .register(
+            "ORDERS",
+            json!({ "instanceId": "o-9", "host": "127.0.0.1", "port": 8081 }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        response.headers()["location"],
+        "/api/v1/services/orders/instances/o-9",
+        "names are case-insensitive"
+    );
+    assert_eq!(registry.heartbeat("Orders", "o-9").await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn watchers_wake_on_register_status_change_and_override() {
+    let registry = spawn().await;
+    let mut watch = registry.watch("").await;
+    let (_, snapshot) = watch.next(Duration::from_secs(5)).await;
+    let index = snapshot["index"].as_u64().expect("index");
+
+    // A blocking query started before the change returns because of it.
+    let blocking = {
+        let url = registry.url(&format!(
+            "/api/v1/services/orders/instances?index={index}&wait=10s"
+        ));
+        let client = registry.client.clone();
+        tokio::spawn(async move { client.get(url).send().await?.json::<Value>().await })
+    };
+    registry
+        .register(
+            "orders",
+            json!({ "instanceId": "o-1", "host": "127.0.0.1", "port": 8081 }),
+        )
+        .await;
+    let (_, added) = watch.next(Duration::from_secs(2)).await;
+    assert_eq!(added["action"], "ADDED");
+    let woke = blocking.await.expect("join").expect("answer");
+    assert!(woke["index"].as_u64() > Some(index));
+    assert_eq!(woke["instances"][0]["instanceId"], "o-1");
+
+    registry
+        .client
+        .put(registry.url("/api/v1/services/orders/instances/o-1/status"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "status": "DRAINING" }))
+        .send()
+        .await
+        .expect("status");
+    let (_, drained) = watch.next(Duration::from_secs(2)).await;
+    assert_eq!(drained["cause"], "status");
+    assert_eq!(drained["instance"]["status"], "DRAINING");
+
+    registry
+        .client
+        .put(registry.url("/api/v1/services/orders/instances/o-1/override"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "status": "OUT_OF_SERVICE" }))
+        .send()
+        .await
+        .expect("override");
+    let (_, overridden) = watch.next(Duration::from_secs(2)).await;
+    assert_eq!(overridden["cause"], "override");
+    assert_eq!(overridden["instance"]["status"], "OUT_OF_SERVICE");
+
+    let filtered = registry
+        .get("/api/v1/services/orders/instances?status=UP")
+        .await;
+    assert_eq!(filtered["instances"], json!([]), "only UP instances listed");
+}
+
+#[tokio::test]
+async fn an_operator_override_survives_eureka_heartbeats_until_removed() {
+    let registry = spawn().await;
+    let client = &registry.client;
+    let eureka = |path: &str| registry.url(&format!("/eureka{path}"));
+    let status = client
+        .post(eureka("/apps/BILLING"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "instance": {
+            "instanceId": "b-1", "hostName": "127.0.0.1", "app": "BILLING", "ipAddr": "127.0.0.1",
+            "status": "UP", "port": { "$": 9100, "@enabled": "true" },
+            "leaseInfo": { "durationInSecs": 30 },
+            "dataCenterInfo": { "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn" }
+        }}))
+        .send()
+        .await
+        .expect("register")
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let put = client
+        .put(eureka("/apps/billing/b-1/status?value=OUT_OF_SERVICE"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("override");
+    assert_eq!(put.status(), StatusCode::OK);
+    // The instance keeps saying it is UP with each renewal; the override wins.
+    for _ in 0..3 {
+        let renew = client
+            .put(eureka("/apps/BILLING/b-1?status=UP&lastDirtyTimestamp=1"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("renew");
+        assert_eq!(renew.status(), StatusCode::OK);
+    }
+    let shown = registry.get("/eureka/apps/BILLING/b-1").await;
+    assert_eq!(shown["instance"]["status"], "OUT_OF_SERVICE");
+    assert_eq!(shown["instance"]["overriddenStatus"], "OUT_OF_SERVICE");
+
+    let delete = client
+        .delete(eureka("/apps/BILLING/b-1/status"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("remove override");
+    assert_eq!(delete.status(), StatusCode::OK);
+    let shown = registry.get("/eureka/apps/BILLING/b-1").await;
+    assert_eq!(shown["instance"]["status"], "UP");
+    let unknown = client
+        .put(eureka("/apps/BILLING/nope"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("renew unknown");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn self_preservation_starts_on_mass_expiry_is_explained_and_ends_when_renewals_resume() {
+    let registry = spawn().await;
+    for id in 0..4 {
+        let r = registry
+            .register(
+                "orders",
+                json!({ "instanceId": format!("o-{id}"), "host": "127.0.0.1", "port": 8081 + id, "leaseSeconds": 1 }),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    // All four leases end together: the registry suspects itself and keeps them.
+    let state = wait_state(&registry, |s| !s["selfPreservation"].is_null()).await;
+    let p = &state["selfPreservation"];
+    // Four leases of one second end within milliseconds of each other; preservation
+    // starts as soon as the threshold (3: at least min_expiries) have ended.
+    assert_eq!(p["threshold"], 3);
+    assert!(p["expiredInWindow"].as_u64() >= Some(3), "{p}");
+    assert_eq!(p["instances"], 4);
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("of 4 leases expired"),
+        "{p}"
+    );
+    assert!(p["until"].as_u64() > p["since"].as_u64(), "bounded in time");
+    let listed = registry.get("/api/v1/services/orders/instances").await;
+    assert_eq!(
+        listed["instances"].as_array().map(Vec::len),
+        Some(4),
+        "kept"
+    );
+    let page = registry
+        .client
+        .get(registry.url("/"))
+        .send()
+        .await
+        .expect("page");
+    assert!(
+        page.text()
+            .await
+            .unwrap_or_default()
+            .contains("Self-preservation is ON")
+    );
+
+    // The clients reach the registry again.
+    for id in 0..4 {
+        assert_eq!(
+            registry.heartbeat("orders", &format!("o-{id}")).await,
+            StatusCode::OK
+        );
+    }
+    let state = wait_state(&registry, |s| s["selfPreservation"].is_null()).await;
+    assert_eq!(state["lastSelfPreservationEnd"]["why"], "renewals resumed");
+    assert_eq!(state["instances"], 4);
+}
+
+/// Follows `/api/v1/state` with blocking queries until `done` holds.
+async fn wait_state(registry: &Registry, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut index = 0;
+    loop {
+        let state = registry.get("/api/v1/state").await;
+        if done(&state) {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "state never matched: {state}");
+        index = state["index"].as_u64().unwrap_or(index);
+        let _ = registry
+            .get(&format!("/api/v1/services?index={index}&wait=2s"))
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn writes_need_the_token_reads_do_not() {
+    let registry = spawn().await;
+    let client = &registry.client;
+    let url = registry.url("/api/v1/services/orders/instances");
+    let anonymous = client
+        .post(&url)
+        .json(&instance("127.0.0.1", 8081, 10))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        anonymous.headers()["www-authenticate"]
+            .to_str()
+            .unwrap_or_default()
+            .contains("Bearer")
+    );
+    assert_eq!(
+        anonymous.headers()["content-type"],
+        "application/problem+json"
+    );
+    let wrong = client
+        .post(&url)
+        .bearer_auth("not-the-token")
+        .json(&instance("127.0.0.1", 8081, 10))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let eureka_wrong = client
+        .delete(registry.url("/eureka/apps/ORDERS/x"))
+        .basic_auth("eureka", Some("nope"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(eureka_wrong.status(), StatusCode::UNAUTHORIZED);
+
+    let basic = client
+        .post(&url)
+        .basic_auth("any-user", Some(TOKEN))
+        .json(&instance("127.0.0.1", 8081, 10))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        basic.status(),
+        StatusCode::CREATED,
+        "Basic with the token as password"
+    );
+    let read = client.get(&url).send().await.expect("get");
+    assert_eq!(read.status(), StatusCode::OK, "reads are open");
+    assert_eq!(
+        registry.get("/api/v1/services/orders/instances").await["instances"][0]["port"],
+        8081
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_problem_naming_the_field() {
+    let registry = spawn().await;
+    let post = |body: &'static str, content_type: &'static str, path: &'static str| {
+        registry
+            .client
+            .post(registry.url(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let native = "/api/v1/services/orders/instances";
+    let cases: Vec<(&str, &str, &str, u16, &str)> = vec![
+        (
+            native,
+            "application/json",
+            r#"{"host": "127.0.0.1", "port": "#,
+            400,
+            "",
+        ),
+        (native, "application/json", r#"{"port": 80}"#, 422, "host"),
+        (
+            native,
+            "application/json",
+            r#"{"host": "not a host", "port": 80}"#,
+            422,
+            "host",
+        ),
+        (
+            native,
+            "application/json",
+            r#"{"host": "127.0.0.1", "port": 70000}"#,
+            422,
+            "port",
+        ),
+        (
+            native,
+            "application/json",
+            r#"{"host": "127.0.0.1", "port": 80, "leaseSeconds": 999999}"#,
+            422,
+            "leaseSeconds",
+        ),
+        (
+            native,
+            "application/json",
+            r#"{"host": "127.0.0.1", "port": 80, "status": "ASLEEP"}"#,
+            422,
+            "status",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/xml",
+            "<instance><hostName>h</instance>",
+            400,
+            "",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/xml",
+            "<instance><app>ORDERS</app></instance>",
+            422,
+            "instance.hostName",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/json",
+            r#"{"instance": {"hostName": "h", "app": "OTHER"}}"#,
+            422,
+            "instance.app",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/json",
+            r#"{"instance": {"hostName": "h", "port": {"$": "http"}}}"#,
+            422,
+            "instance.port",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/json",
+            r#"{"instance": {"hostName": "h", "port": 80, "leaseInfo": {"durationInSecs": 0}}}"#,
+            422,
+            "instance.leaseInfo.durationInSecs",
+        ),
+        (
+            "/eureka/apps/ORDERS",
+            "application/json",
+            r#"{"hostName": "h"}"#,
+            422,
+            "instance",
+        ),
+        ("/eureka/apps/ORDERS", "text/plain", "hostName=h", 415, ""),
+    ];
+    for (path, content_type, body, status, field) in cases {
+        let response = post(body, content_type, path).await.expect("send");
+        assert_eq!(response.status().as_u16(), status, "{path} {body}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{body}"
+        );
+        let problem: Value = response.json().await.expect("problem");
+        if !field.is_empty() {
+            let fields: Vec<&str> = problem["errors"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|e| e["field"].as_str()).collect())
+                .unwrap_or_default();
+            assert!(fields.contains(&field), "{body}: {problem}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn eureka_discovery_negotiates_xml_by_default_and_json_on_request() {
+    let registry = spawn().await;
+    registry
+        .register("orders", json!({ "instanceId": "o-1", "host": "127.0.0.1", "port": 8081, "metadata": {"zone": "a"} }))
+        .await;
+    let xml = registry
+        .client
+        .get(registry.url("/eureka/apps"))
+        .send()
+        .await
+        .expect("apps");
+    assert_eq!(xml.headers()["content-type"], "application/xml");
+    let text = xml.text().await.expect("body");
+    assert!(text.contains("<application><name>ORDERS</name>"), "{text}");
+    assert!(
+        text.contains("<port enabled=\"true\">8081</port>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<apps__hashcode>UP_1_</apps__hashcode>"),
+        "{text}"
+    );
+
+    let json = registry.get("/eureka/apps").await;
+    let app = &json["applications"]["application"][0];
+    assert_eq!(app["name"], "ORDERS");
+    assert_eq!(
+        app["instance"][0]["port"],
+        json!({"$": 8081, "@enabled": "true"})
+    );
+    assert_eq!(app["instance"][0]["metadata"]["zone"], "a");
+    assert_eq!(
+        app["instance"][0]["dataCenterInfo"]["@class"],
+        "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo"
+    );
+    assert_eq!(
+        registry.get("/eureka/vips/orders").await["applications"]["application"][0]["name"],
+        "ORDERS"
+    );
+    assert_eq!(
+        registry.get("/eureka/instances/o-1").await["instance"]["app"],
+        "ORDERS"
+    );
+    let delta = registry.get("/eureka/apps/delta").await;
+    assert_eq!(
+        delta["applications"]["application"][0]["instance"][0]["actionType"],
+        "ADDED"
+    );
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_live_table_with_no_outside_assets() {
+    let registry = spawn().await;
+    registry
+        .register("orders", json!({ "instanceId": "o-dash", "host": "127.0.0.1", "port": 8088, "metadata": {"zone": "eu-1"} }))
+        .await;
+    let page = registry
+        .client
+        .get(registry.url("/"))
+        .send()
+        .await
+        .expect("page");
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.expect("html");
+    for expected in [
+        "o-dash",
+        "127.0.0.1:8088",
+        "zone=eu-1",
+        "s-UP",
+        "lease left",
+        "Self-preservation is off",
+    ] {
+        assert!(html.contains(expected), "{expected} missing");
+    }
+    assert!(html.contains("/api/v1/watch"), "follows the watch");
+    for outside in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!html.contains(outside), "loads {outside}");
+    }
+}
+
+#[tokio::test]
+async fn a_real_eureka_client_registers_renews_discovers_over_xml_and_cancels() {
+    let python_path = std::env::var("STOREFRONT_PYTHONPATH").expect(
+        "STOREFRONT_PYTHONPATH names py-eureka-client's folder; run the tests with `cargo xtask test`",
+    );
+    let registry = spawn().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py_eureka_round_trip.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .arg(&registry.base)
+            .arg(TOKEN)
+            .env("PYTHONPATH", python_path)
+            .output(),
+    )
+    .await
+    .expect("the client finishes")
+    .expect("python3 runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{said}");
+    for step in [
+        "REGISTERED",
+        "DISCOVERED py-1 127.0.0.1 9999",
+        "RENEWED",
+        "DELTA",
+        "CANCELLED",
+    ] {
+        assert!(said.contains(step), "{step} missing from:\n{said}");
+    }
+    let after = registry.get("/api/v1/services/py-service/instances").await;
+    assert_eq!(after["instances"], json!([]), "cancelled on stop");
+}

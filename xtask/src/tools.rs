@@ -1,0 +1,86 @@
+//! Tools xtask installs on first use, into a folder outside the checkout so every
+//! later clone on the machine reuses them: the tansu broker (crates.io) and the
+//! real Eureka client the registry's tests talk to (PyPI). Each install holds a lock
+//! file, so parallel tests or two terminals never install the same tool twice.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+use crate::procs::{self, Interrupt};
+
+/// The pinned py-eureka-client, a Eureka client written by someone else.
+pub const PY_EUREKA_CLIENT: &str = "py-eureka-client==0.13.3";
+
+/// `STOREFRONT_TOOLS_DIR`, else the user's cache folder.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STOREFRONT_TOOLS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("storefront").join("tools")
+}
+
+/// Runs `install` once to create `marker` inside `root`, under `root`'s lock file.
+/// Returns at once when `marker` already exists.
+pub fn install_once(
+    root: &Path,
+    marker: &Path,
+    announce: &str,
+    install: &mut Command,
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    if marker.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let lock_file = fs::File::create(root.with_extension("lock"))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("cannot lock the tools folder")?;
+    if marker.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: {announce}");
+    procs::run(announce, install, interrupt)?;
+    if !marker.exists() {
+        bail!("the install finished but {} is missing", marker.display());
+    }
+    Ok(())
+}
+
+/// A folder holding py-eureka-client and its dependencies, for `PYTHONPATH`.
+pub fn python_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    let root = tools_dir().join(PY_EUREKA_CLIENT.replace("==", "-"));
+    let site = root.join("site");
+    let mut install = Command::new("python3");
+    install
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&site)
+        .arg(PY_EUREKA_CLIENT);
+    install_once(
+        &root,
+        &site.join("py_eureka_client"),
+        &format!(
+            "installing {PY_EUREKA_CLIENT} (PyPI) into {}",
+            root.display()
+        ),
+        &mut install,
+        interrupt,
+    )?;
+    Ok(site)
+}
