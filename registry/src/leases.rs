@@ -82,7 +82,7 @@ impl Default for SelfPreservationSettings {
         Self {
             enabled: true,
             window_seconds: 15,
-            expiry_fraction: 0.5,
+            expiry_fraction: 0.25,
             min_expiries: 3,
             max_duration_seconds: 120,
         }
@@ -535,7 +535,10 @@ impl LeaseTable {
             {
                 state.recent_expiries.pop_front();
             }
-            let total: usize = snapshot.services.values().map(|m| m.len()).sum();
+            // The population the window saw: what is registered now plus what the
+            // window already evicted, so early evictions do not shrink the base.
+            let total: usize = snapshot.services.values().map(|m| m.len()).sum::<usize>()
+                + state.recent_expiries.len();
             let threshold = settings
                 .min_expiries
                 .max((settings.expiry_fraction * total as f64).ceil() as usize);
