@@ -855,14 +855,14 @@ mod tests {
         for id in 0..10 {
             t.register(registration("orders", &id.to_string(), 10), 0);
         }
-        // Six of ten stop renewing at once: more than half, so preservation starts.
+        // Six of ten stop renewing at once: well past a quarter, so preservation starts.
         for id in 6..10 {
             t.renew(&orders, &id.to_string(), 5_000).unwrap();
         }
         assert_eq!(t.expire(10_000), 0, "nothing evicted");
         let s = t.snapshot();
         let p = s.preservation.clone().expect("self-preservation active");
-        assert_eq!((p.expired_in_window, p.instances, p.threshold), (6, 10, 5));
+        assert_eq!((p.expired_in_window, p.instances, p.threshold), (6, 10, 3));
         assert!(p.reason().contains("6 of 10 leases"));
         assert!(s.instance(&orders, "0", 10_500).is_some(), "kept visible");
         // The registry's link came back: the kept instances renew.
