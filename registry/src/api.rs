@@ -419,7 +419,10 @@ impl Blocking {
             return table.snapshot();
         };
         let mut index = table.watch_index();
-        let _ = tokio::time::timeout(self.wait, index.wait_for(|&i| i > seen)).await;
+        tokio::select! {
+            _ = tokio::time::timeout(self.wait, index.wait_for(|&i| i > seen)) => {}
+            () = table.closed() => {}
+        }
         table.snapshot()
     }
 }

@@ -326,6 +326,9 @@ pub struct LeaseTable {
     index: watch::Sender<u64>,
     events: broadcast::Sender<Arc<Change>>,
     renewals: RenewalWindow,
+    /// Cancelled when the registry shuts down, so long polls and streams end instead
+    /// of holding the graceful shutdown open.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl LeaseTable {
@@ -339,7 +342,18 @@ impl LeaseTable {
             index,
             events,
             renewals: RenewalWindow::new(),
+            closing: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends every blocking query and watch stream.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// Resolves once [`LeaseTable::close`] was called.
+    pub async fn closed(&self) {
+        self.closing.cancelled().await;
     }
 
     pub fn settings(&self) -> &LeaseSettings {

@@ -114,6 +114,12 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
         let reaper = tokio::spawn(reap(self.table.clone(), shutdown.clone()));
+        let table = self.table.clone();
+        let closer = shutdown.clone();
+        tokio::spawn(async move {
+            closer.cancelled().await;
+            table.close();
+        });
         shared::http::serve(self.listener, self.router, shutdown.clone()).await?;
         shutdown.cancel();
         let _ = reaper.await;

@@ -10,6 +10,7 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod problem;
+pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
 

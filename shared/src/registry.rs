@@ -1,0 +1,527 @@
+//! The registry client every service uses.
+//!
+//! - [`RegistryClient`] speaks the registry's native API and fails over across several
+//!   registry URLs, sticking to the last one that answered.
+//! - [`Membership`] keeps one instance registered: it registers the address the
+//!   process really bound, heartbeats well inside the lease, registers again when a
+//!   heartbeat answers 404 (the registry restarted and forgot it), and on shutdown
+//!   marks itself `DRAINING`, waits for the drain period, and deregisters.
+//! - [`Discovery`] is a local cache of other services' instances, fed by the
+//!   registry's blocking queries so a change arrives within one round trip; while no
+//!   registry answers it keeps serving the last instances it knew.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The `registry` section of a service's settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// Register and heartbeat at all (tests of a lone service turn it off).
+    pub enabled: bool,
+    /// Registry base URLs, comma-separated, tried in order (`REGISTRY_URL`).
+    pub urls: String,
+    /// The registry's write token (`REGISTRY_TOKEN`); never logged.
+    pub token: Option<String>,
+    /// The lease to ask for.
+    pub lease_seconds: u32,
+    /// Host to register; by default the bound address, or 127.0.0.1 when bound to
+    /// every interface.
+    pub advertised_host: Option<String>,
+    /// How long to stay `DRAINING` before deregistering, so routers stop first.
+    pub drain_ms: u64,
+    /// Extra metadata to register (zone, version...).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("enabled", &self.enabled)
+            .field("urls", &self.urls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("lease_seconds", &self.lease_seconds)
+            .field("advertised_host", &self.advertised_host)
+            .field("drain_ms", &self.drain_ms)
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            urls: "http://127.0.0.1:8761".into(),
+            token: None,
+            lease_seconds: 10,
+            advertised_host: None,
+            drain_ms: 500,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no registry answered ({0})")]
+    Unreachable(String),
+    #[error("the registry does not know this instance")]
+    Unknown,
+    #[error("the registry refused the request: {status} {detail}")]
+    Refused { status: u16, detail: String },
+}
+
+/// An instance as discovery returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceInstance {
+    pub service: String,
+    pub instance_id: String,
+    pub host: String,
+    pub port: u16,
+    pub address: String,
+    pub status: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ServiceInstance {
+    pub fn is_up(&self) -> bool {
+        self.status == "UP"
+    }
+}
+
+/// What one instance registers.
+#[derive(Debug, Clone)]
+pub struct InstanceRegistration {
+    pub service: String,
+    pub instance_id: String,
+    pub host: String,
+    pub port: u16,
+    pub health_url: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl InstanceRegistration {
+    /// The registration of `service` listening on `bound`, per `settings`.
+    pub fn for_bound(
+        service: &str,
+        bound: std::net::SocketAddr,
+        settings: &RegistrySettings,
+    ) -> Self {
+        let host = settings.advertised_host.clone().unwrap_or_else(|| {
+            if bound.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                bound.ip().to_string()
+            }
+        });
+        let port = bound.port();
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Self {
+            service: service.to_owned(),
+            instance_id: format!("{service}-{host}-{port}"),
+            health_url: format!("http://{address}/actuator/health"),
+            host,
+            port,
+            metadata: settings.metadata.clone(),
+        }
+    }
+}
+
+/// The registry's native API, with failover across URLs.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    token: Option<String>,
+    /// The index of the URL that answered last; tried first next time.
+    preferred: Arc<AtomicUsize>,
+}
+
+impl RegistryClient {
+    pub fn new(settings: &RegistrySettings) -> Self {
+        let urls: Vec<String> = settings
+            .urls
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            urls: Arc::new(urls),
+            token: settings.token.clone().filter(|t| !t.is_empty()),
+            preferred: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Sends to the preferred registry, then each other one, until one answers with
+    /// anything but a connection failure or a 5xx.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let count = self.urls.len();
+        if count == 0 {
+            return Err(RegistryError::Unreachable(
+                "no registry URL configured".into(),
+            ));
+        }
+        let start = self.preferred.load(Ordering::Relaxed) % count;
+        let mut last_error = String::new();
+        for offset in 0..count {
+            let index = (start + offset) % count;
+            let url = format!("{}{path}", self.urls[index]);
+            let mut request = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            match request.send().await {
+                Ok(response) if !response.status().is_server_error() => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Ok(response) => last_error = format!("{}: {}", self.urls[index], response.status()),
+                Err(e) => last_error = format!("{}: {}", self.urls[index], connection_error(&e)),
+            }
+        }
+        Err(RegistryError::Unreachable(last_error))
+    }
+
+    pub async fn register(
+        &self,
+        registration: &InstanceRegistration,
+        lease_seconds: u32,
+    ) -> Result<(), RegistryError> {
+        let body = json!({
+            "instanceId": registration.instance_id,
+            "host": registration.host,
+            "port": registration.port,
+            "healthUrl": registration.health_url,
+            "metadata": registration.metadata,
+            "leaseSeconds": lease_seconds,
+        });
+        let path = format!("/api/v1/services/{}/instances", registration.service);
+        let response = self
+            .send(
+                reqwest::Method::POST,
+                &path,
+                Some(&body),
+                Duration::from_secs(5),
+            )
+            .await?;
+        expect_success(response).await
+    }
+
+    pub async fn heartbeat(&self, service: &str, instance_id: &str) -> Result<(), RegistryError> {
+        let path = format!("/api/v1/services/{service}/instances/{instance_id}/heartbeat");
+        let response = self
+            .send(reqwest::Method::PUT, &path, None, Duration::from_secs(5))
+            .await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(RegistryError::Unknown);
+        }
+        expect_success(response).await
+    }
+
+    pub async fn set_status(
+        &self,
+        service: &str,
+        instance_id: &str,
+        status: &str,
+    ) -> Result<(), RegistryError> {
+        let path = format!("/api/v1/services/{service}/instances/{instance_id}/status");
+        let response = self
+            .send(
+                reqwest::Method::PUT,
+                &path,
+                Some(&json!({ "status": status })),
+                Duration::from_secs(5),
+            )
+            .await?;
+        expect_success(response).await
+    }
+
+    pub async fn deregister(&self, service: &str, instance_id: &str) -> Result<(), RegistryError> {
+        let path = format!("/api/v1/services/{service}/instances/{instance_id}");
+        let response = self
+            .send(reqwest::Method::DELETE, &path, None, Duration::from_secs(5))
+            .await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        expect_success(response).await
+    }
+
+    /// `service`'s instances; with `after`, waits (up to `wait`) until the registry's
+    /// index passes it. Returns the new index too.
+    pub async fn instances(
+        &self,
+        service: &str,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<(u64, Vec<ServiceInstance>), RegistryError> {
+        let path = match after {
+            Some(index) => format!(
+                "/api/v1/services/{service}/instances?index={index}&wait={}ms",
+                wait.as_millis()
+            ),
+            None => format!("/api/v1/services/{service}/instances"),
+        };
+        let response = self
+            .send(
+                reqwest::Method::GET,
+                &path,
+                None,
+                wait + Duration::from_secs(5),
+            )
+            .await?;
+        if !response.status().is_success() {
+            return Err(refused(response).await);
+        }
+        #[derive(Deserialize)]
+        struct Listing {
+            index: u64,
+            instances: Vec<ServiceInstance>,
+        }
+        let listing: Listing = response
+            .json()
+            .await
+            .map_err(|e| RegistryError::Unreachable(format!("unreadable answer: {e}")))?;
+        Ok((listing.index, listing.instances))
+    }
+}
+
+fn connection_error(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection refused"
+    } else {
+        "request failed"
+    }
+}
+
+async fn expect_success(response: reqwest::Response) -> Result<(), RegistryError> {
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(refused(response).await)
+    }
+}
+
+async fn refused(response: reqwest::Response) -> RegistryError {
+    let status = response.status().as_u16();
+    let detail = response
+        .json::<Value>()
+        .await
+        .ok()
+        .and_then(|v| v["detail"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    RegistryError::Refused { status, detail }
+}
+
+/// One instance kept registered until shutdown.
+#[derive(Debug)]
+pub struct Membership {
+    task: tokio::task::JoinHandle<()>,
+    registered: watch::Receiver<bool>,
+}
+
+impl Membership {
+    /// Starts keeping `registration` registered. When `shutdown` fires it drains and
+    /// deregisters; [`Membership::left`] waits for that.
+    pub fn start(
+        client: RegistryClient,
+        registration: InstanceRegistration,
+        settings: &RegistrySettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (registered_tx, registered) = watch::channel(false);
+        let lease = settings.lease_seconds.max(1);
+        // Three heartbeats per lease: one lost heartbeat never costs the lease.
+        let interval = Duration::from_millis(u64::from(lease) * 1000 / 3);
+        let drain = Duration::from_millis(settings.drain_ms);
+        let task = tokio::spawn(async move {
+            let service = registration.service.clone();
+            let id = registration.instance_id.clone();
+            let mut backoff = Duration::from_millis(200);
+            let mut is_registered = false;
+            loop {
+                if !is_registered {
+                    match client.register(&registration, lease).await {
+                        Ok(()) => {
+                            tracing::info!(%service, instance = %id, "registered");
+                            is_registered = true;
+                            backoff = Duration::from_millis(200);
+                            let _ = registered_tx.send(true);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%service, error = %e, retry_in = ?backoff, "cannot register");
+                        }
+                    }
+                }
+                let pause = if is_registered { interval } else { backoff };
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                if !is_registered {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                match client.heartbeat(&service, &id).await {
+                    Ok(()) => {}
+                    Err(RegistryError::Unknown) => {
+                        tracing::warn!(%service, instance = %id, "the registry forgot this instance; registering again");
+                        is_registered = false;
+                        let _ = registered_tx.send(false);
+                    }
+                    Err(e) => tracing::warn!(%service, error = %e, "heartbeat failed"),
+                }
+            }
+            if is_registered {
+                if let Err(e) = client.set_status(&service, &id, "DRAINING").await {
+                    tracing::warn!(error = %e, "cannot mark this instance DRAINING");
+                }
+                tokio::time::sleep(drain).await;
+                match client.deregister(&service, &id).await {
+                    Ok(()) => tracing::info!(%service, instance = %id, "deregistered"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot deregister; the lease will expire")
+                    }
+                }
+                let _ = registered_tx.send(false);
+            }
+        });
+        Self { task, registered }
+    }
+
+    /// Waits until the registry has accepted the registration.
+    pub async fn registered(&mut self) {
+        let _ = self.registered.wait_for(|r| *r).await;
+    }
+
+    /// Waits until the membership has drained and deregistered after shutdown.
+    pub async fn left(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// A watch-fed cache of services' instances.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    cache: Arc<ArcSwap<HashMap<String, Arc<Vec<ServiceInstance>>>>>,
+    changes: watch::Receiver<u64>,
+    failures: watch::Receiver<u64>,
+}
+
+impl Discovery {
+    /// Follows `services` (canonical names) until `shutdown`.
+    pub fn start(client: RegistryClient, services: &[&str], shutdown: CancellationToken) -> Self {
+        let cache: Arc<ArcSwap<HashMap<String, Arc<Vec<ServiceInstance>>>>> =
+            Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let (changes_tx, changes) = watch::channel(0_u64);
+        let changes_tx = Arc::new(changes_tx);
+        let (failures_tx, failures) = watch::channel(0_u64);
+        let failures_tx = Arc::new(failures_tx);
+        for service in services {
+            let service = service.to_ascii_lowercase();
+            let client = client.clone();
+            let cache = cache.clone();
+            let shutdown = shutdown.clone();
+            let changes_tx = changes_tx.clone();
+            let failures_tx = failures_tx.clone();
+            tokio::spawn(async move {
+                let mut index = None;
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    let poll = client.instances(&service, index, Duration::from_secs(30));
+                    let result = tokio::select! {
+                        r = poll => r,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match result {
+                        Ok((next, instances)) => {
+                            backoff = Duration::from_millis(100);
+                            index = Some(next);
+                            let instances = Arc::new(instances);
+                            let unchanged = cache.load().get(&service) == Some(&instances);
+                            if !unchanged {
+                                cache.rcu(|current| {
+                                    let mut next = (**current).clone();
+                                    next.insert(service.clone(), instances.clone());
+                                    next
+                                });
+                                changes_tx.send_modify(|n| *n += 1);
+                            }
+                        }
+                        Err(e) => {
+                            // Keep serving the last known instances; try again soon.
+                            tracing::warn!(%service, error = %e, "discovery poll failed; keeping the last known instances");
+                            failures_tx.send_modify(|n| *n += 1);
+                            index = None;
+                            tokio::select! {
+                                () = tokio::time::sleep(backoff) => {}
+                                () = shutdown.cancelled() => return,
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            });
+        }
+        Self {
+            cache,
+            changes,
+            failures,
+        }
+    }
+
+    /// The last known instances of `service`, whatever their status.
+    pub fn instances(&self, service: &str) -> Arc<Vec<ServiceInstance>> {
+        self.cache
+            .load()
+            .get(&service.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Wakes on every change of any followed service.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Counts polls that found no registry answering (for health and tests).
+    pub fn failures(&self) -> watch::Receiver<u64> {
+        self.failures.clone()
+    }
+}
