@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use shared::{
     actuator::Actuator,
     config::{HttpSettings, Layers},
+    registry::RegistrySettings,
     telemetry::LogSettings,
 };
 use tokio::net::TcpListener;
@@ -27,6 +28,7 @@ pub const DEFAULT_PORT: u16 = 8080;
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub registry: RegistrySettings,
 }
 
 impl Default for Settings {
@@ -34,14 +36,16 @@ impl Default for Settings {
         Self {
             http: HttpSettings::local(DEFAULT_PORT),
             log: LogSettings::default(),
+            registry: RegistrySettings::default(),
         }
     }
 }
 
 impl Settings {
-    /// Defaults, then `GATEWAY_CONFIG`'s file, then `GATEWAY_*` variables.
+    /// Defaults, then `GATEWAY_CONFIG`'s file, then `REGISTRY_URL` / `REGISTRY_TOKEN`,
+    /// then `GATEWAY_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
-        Layers::new("GATEWAY_").load()
+        Layers::new("GATEWAY_").registry_client().load()
     }
 }
 
@@ -50,6 +54,7 @@ impl Settings {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    registry: RegistrySettings,
 }
 
 impl Application {
@@ -58,6 +63,7 @@ impl Application {
         Ok(Self {
             listener,
             router: router(),
+            registry: settings.registry,
         })
     }
 
@@ -74,7 +80,14 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::http::serve(self.listener, self.router, shutdown).await?;
+        shared::registry::serve_registered(
+            SERVICE_NAME,
+            self.listener,
+            self.router,
+            &self.registry,
+            shutdown,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use shared::{
     actuator::Actuator,
     config::{DatabaseSettings, HttpSettings, Layers},
     kafka::KafkaSettings,
+    registry::RegistrySettings,
     telemetry::LogSettings,
 };
 use sqlx::PgPool;
@@ -30,15 +31,17 @@ pub struct Settings {
     pub log: LogSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
+    pub registry: RegistrySettings,
 }
 
 impl Settings {
     /// Defaults, then `NOTIFICATION_CONFIG`'s file, then `DATABASE_URL` / `KAFKA_BROKERS`,
-    /// then `NOTIFICATION_*` variables.
+    /// `REGISTRY_URL` / `REGISTRY_TOKEN`, then `NOTIFICATION_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("NOTIFICATION_")
             .fallback_env("DATABASE_URL", "database.url")
             .fallback_env("KAFKA_BROKERS", "kafka.brokers")
+            .registry_client()
             .load()
     }
 }
@@ -48,6 +51,7 @@ impl Settings {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    registry: RegistrySettings,
 }
 
 impl Application {
@@ -56,7 +60,11 @@ impl Application {
             .context("database.url is not a valid PostgreSQL URL")?;
         let listener = settings.http.bind().await?;
         let router = router(pool);
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            registry: settings.registry,
+        })
     }
 
     /// The address really bound (port 0 resolved).
@@ -72,7 +80,14 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::http::serve(self.listener, self.router, shutdown).await?;
+        shared::registry::serve_registered(
+            SERVICE_NAME,
+            self.listener,
+            self.router,
+            &self.registry,
+            shutdown,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -1,7 +1,10 @@
 //! order-service started in-process on port 0, as every service test starts it.
 
 use order_service::{Application, Settings};
-use shared::config::{DatabaseSettings, HttpSettings};
+use shared::{
+    config::{DatabaseSettings, HttpSettings},
+    registry::RegistrySettings,
+};
 use tokio_util::sync::CancellationToken;
 
 async fn spawn(database_url: String) -> (String, CancellationToken) {
@@ -10,6 +13,11 @@ async fn spawn(database_url: String) -> (String, CancellationToken) {
         database: DatabaseSettings {
             url: database_url,
             max_connections: 2,
+        },
+        // Alone in this test: no registry to join.
+        registry: RegistrySettings {
+            enabled: false,
+            ..RegistrySettings::default()
         },
         ..Settings::default()
     };

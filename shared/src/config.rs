@@ -65,6 +65,13 @@ impl Layers {
         self
     }
 
+    /// The stack-wide registry variables, `REGISTRY_URL` and `REGISTRY_TOKEN`, into the
+    /// `registry` section every registering service has.
+    pub fn registry_client(self) -> Self {
+        self.fallback_env("REGISTRY_URL", "registry.urls")
+            .fallback_env("REGISTRY_TOKEN", "registry.token")
+    }
+
     /// The environment variable that names the optional configuration file.
     pub fn file_var(&self) -> String {
         format!("{}CONFIG", self.prefix)

@@ -525,3 +525,36 @@ impl Discovery {
         self.failures.clone()
     }
 }
+
+/// Serves `router` on `listener` while keeping `service` registered (when
+/// `settings.enabled`). On shutdown the instance first turns `DRAINING` and leaves the
+/// registry, so routers stop sending it requests, and only then does the server stop
+/// accepting and finish what is in flight.
+pub async fn serve_registered(
+    service: &str,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    settings: &RegistrySettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let bound = listener.local_addr()?;
+    let membership = settings.enabled.then(|| {
+        let registration = InstanceRegistration::for_bound(service, bound, settings);
+        Membership::start(
+            RegistryClient::new(settings),
+            registration,
+            settings,
+            shutdown.clone(),
+        )
+    });
+    let server_stop = CancellationToken::new();
+    let stopper = server_stop.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        if let Some(membership) = membership {
+            membership.left().await;
+        }
+        stopper.cancel();
+    });
+    crate::http::serve(listener, router, server_stop).await
+}

@@ -149,6 +149,14 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         running.push((service, port, child));
     }
 
+    say("waiting for every service to register");
+    let registering: Vec<&str> = SERVICES
+        .iter()
+        .map(|s| s.name)
+        .filter(|name| *name != "registry")
+        .collect();
+    wait_registered(&registry_url, &registering, &mut running, &interrupt)?;
+
     let env_file = options.env_file.clone().unwrap_or_else(stack_env_path);
     fs::write(
         &env_file,
@@ -182,7 +190,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         env_file.display()
     );
     println!();
-    println!("ready: every service answers; Ctrl-C stops the stack");
+    println!("ready: every service answers and is registered; Ctrl-C stops the stack");
 
     let outcome = loop {
         if interrupt.requested() {
@@ -273,6 +281,59 @@ fn wait_healthy(
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Follows the registry's service list (blocking queries) until every one of
+/// `services` has an instance, a child exits, or a minute passes.
+fn wait_registered(
+    registry_url: &str,
+    services: &[&str],
+    running: &mut [(Service, u16, Supervised)],
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut index = 0_u64;
+    loop {
+        interrupt.check()?;
+        if let Some((service, status)) = running
+            .iter_mut()
+            .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
+        {
+            bail!("{service} exited ({status}) before registering");
+        }
+        let url = format!("{registry_url}/api/v1/services?index={index}&wait=1s");
+        let listing: Option<serde_json::Value> = agent
+            .get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok());
+        if let Some(listing) = listing {
+            index = listing["index"].as_u64().unwrap_or(index);
+            let registered: Vec<&str> = listing["services"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+                .unwrap_or_default();
+            let missing: Vec<&&str> = services
+                .iter()
+                .filter(|s| !registered.contains(s))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not registered within 60s: {missing:?}");
+            }
+        } else if Instant::now() > deadline {
+            bail!("the registry at {registry_url} did not answer within 60s");
+        } else {
+            // Not answering is immediate (connection refused): do not spin on it.
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
