@@ -425,6 +425,7 @@ impl LeaseTable {
                     Action::Added,
                 ),
             };
+            metrics::counter!("registry_registrations_total").increment(1);
             let instance = Arc::new(instance);
             (instance.clone(), vec![(instance, action, "registered")])
         })
@@ -456,9 +457,13 @@ impl LeaseTable {
         id: &str,
         now: u64,
     ) -> Result<Arc<Instance>, LeaseError> {
-        self.update(service, id, now, |current| {
+        let result = self.update(service, id, now, |current| {
             Some((current.clone(), Action::Deleted, "deregistered"))
-        })
+        });
+        if result.is_ok() {
+            metrics::counter!("registry_deregistrations_total").increment(1);
+        }
+        result
     }
 
     /// Sets the status the instance reports about itself (e.g. `DRAINING`).

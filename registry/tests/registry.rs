@@ -704,3 +704,86 @@ async fn a_real_eureka_client_registers_renews_discovers_over_xml_and_cancels() 
     let after = registry.get("/api/v1/services/py-service/instances").await;
     assert_eq!(after["instances"], json!([]), "cancelled on stop");
 }
+
+#[tokio::test]
+async fn an_xml_registration_is_read_like_the_eureka_server_reads_it() {
+    let registry = spawn().await;
+    let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<instance>
+  <instanceId>inv-1</instanceId><hostName>inventory.internal</hostName><app>INVENTORY</app>
+  <ipAddr>10.1.2.3</ipAddr><status>STARTING</status>
+  <port enabled="true">7001</port><securePort enabled="false">7002</securePort>
+  <dataCenterInfo class="com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo"><name>MyOwn</name></dataCenterInfo>
+  <leaseInfo><renewalIntervalInSecs>5</renewalIntervalInSecs><durationInSecs>20</durationInSecs></leaseInfo>
+  <metadata><management.port>7001</management.port><zone>b</zone></metadata>
+  <vipAddress>inventory</vipAddress><healthCheckUrl>http://inventory.internal:7001/health</healthCheckUrl>
+</instance>"#;
+    let response = registry
+        .client
+        .post(registry.url("/eureka/apps/INVENTORY"))
+        .basic_auth("eureka", Some(TOKEN))
+        .header("content-type", "application/xml")
+        .body(xml)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let shown = registry.get("/eureka/apps/inventory").await;
+    let instance = &shown["application"]["instance"][0];
+    assert_eq!(shown["application"]["name"], "INVENTORY");
+    assert_eq!(instance["hostName"], "inventory.internal");
+    assert_eq!(instance["ipAddr"], "10.1.2.3");
+    assert_eq!(instance["status"], "STARTING");
+    assert_eq!(instance["port"], json!({"$": 7001, "@enabled": "true"}));
+    assert_eq!(instance["leaseInfo"]["durationInSecs"], 20);
+    assert_eq!(instance["leaseInfo"]["renewalIntervalInSecs"], 5);
+    assert_eq!(instance["metadata"]["management.port"], "7001");
+    assert_eq!(
+        instance["healthCheckUrl"],
+        "http://inventory.internal:7001/health"
+    );
+    let native = registry
+        .get("/api/v1/services/inventory/instances/inv-1")
+        .await;
+    assert_eq!(native["address"], "inventory.internal:7001");
+    assert_eq!(native["leaseSeconds"], 20);
+}
+
+#[tokio::test]
+async fn prometheus_shows_registrations_renewals_and_instances_per_service() {
+    let registry = spawn().await;
+    registry
+        .register(
+            "orders",
+            json!({ "instanceId": "o-m", "host": "127.0.0.1", "port": 8081 }),
+        )
+        .await;
+    assert_eq!(registry.heartbeat("orders", "o-m").await, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = registry
+            .client
+            .get(registry.url("/actuator/prometheus"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        let ready = [
+            "registry_registrations_total",
+            "registry_renewals_total",
+            "registry_instances{service=\"orders\"} 1",
+        ]
+        .iter()
+        .all(|m| text.contains(m));
+        if ready {
+            break;
+        }
+        // Gauges refresh once a second with the reaper; follow the registry's index.
+        assert!(Instant::now() < deadline, "metrics missing:\n{text}");
+        let _ = registry
+            .get("/api/v1/services?index=1000000&wait=200ms")
+            .await;
+    }
+}

@@ -51,6 +51,8 @@ impl std::fmt::Debug for Actuator {
 impl Actuator {
     /// An actuator for the process `name` at `version`.
     pub fn new(name: &str, version: &str) -> Self {
+        // Install the recorder now: anything recorded before it exists is lost.
+        prometheus_handle();
         Self {
             info: json!({ "app": { "name": name, "version": version } }),
             checks: BTreeMap::new(),
@@ -160,8 +162,9 @@ async fn prometheus() -> Response {
         .into_response()
 }
 
-/// The process's Prometheus recorder, installed on first use. If another recorder
-/// was installed first, metrics still render from a private recorder's handle so the
+/// The process's Prometheus recorder, installed on first use (every [`Actuator::new`]
+/// makes sure of it, before the process records anything). If another recorder was
+/// installed first, metrics still render from a private recorder's handle so the
 /// endpoint keeps answering.
 pub fn prometheus_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
