@@ -654,31 +654,11 @@ pub fn xml_to_tree(body: &[u8]) -> Result<Value, String> {
             .map_err(|e| e.to_string())?
         {
             Event::Start(start) => {
-                let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-                let mut fields = Map::new();
-                for attribute in start.attributes() {
-                    let attribute = attribute.map_err(|e| e.to_string())?;
-                    let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
-                    let value = attribute
-                        .unescape_value()
-                        .map_err(|e| e.to_string())?
-                        .into_owned();
-                    fields.insert(format!("@{key}"), Value::String(value));
-                }
+                let (name, fields) = element(&start)?;
                 stack.push((name, fields, String::new()));
             }
             Event::Empty(start) => {
-                let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-                let mut fields = Map::new();
-                for attribute in start.attributes() {
-                    let attribute = attribute.map_err(|e| e.to_string())?;
-                    let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
-                    let value = attribute
-                        .unescape_value()
-                        .map_err(|e| e.to_string())?
-                        .into_owned();
-                    fields.insert(format!("@{key}"), Value::String(value));
-                }
+                let (name, fields) = element(&start)?;
                 let value = if fields.is_empty() {
                     Value::String(String::new())
                 } else {
@@ -728,6 +708,24 @@ pub fn xml_to_tree(body: &[u8]) -> Result<Value, String> {
         Some((_, root, _)) if stack.is_empty() => Ok(Value::Object(root)),
         _ => Err("the document ends inside an element".into()),
     }
+}
+
+/// An element's name, and its attributes as `@name` fields.
+fn element(
+    start: &quick_xml::events::BytesStart<'_>,
+) -> Result<(String, Map<String, Value>), String> {
+    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
+    let mut fields = Map::new();
+    for attribute in start.attributes() {
+        let attribute = attribute.map_err(|e| e.to_string())?;
+        let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
+        let value = attribute
+            .unescape_value()
+            .map_err(|e| e.to_string())?
+            .into_owned();
+        fields.insert(format!("@{key}"), Value::String(value));
+    }
+    Ok((name, fields))
 }
 
 fn insert_child(fields: &mut Map<String, Value>, name: String, value: Value) {
