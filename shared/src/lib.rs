@@ -4,6 +4,7 @@
 //! settings into librdkafka's string keys.
 
 pub mod actuator;
+pub mod auth;
 pub mod config;
 #[cfg(feature = "postgres")]
 pub mod db;

@@ -1,0 +1,484 @@
+//! JWT issuing and verification, shared by the gateway (which issues and checks) and
+//! every service (which checks the token the gateway relays, again).
+//!
+//! Tokens are signed with Ed25519 (`EdDSA`): asymmetric, so a service that can verify
+//! cannot mint, and small and fast. [`TokenSigner`] signs and publishes its public key
+//! as a JWKS. [`JwtVerifier`] trusts a configured list of issuers, each pinned to its
+//! audiences and algorithms, with keys either given (the gateway's own) or fetched
+//! from the issuer's JWKS URL:
+//! - the algorithm comes from the issuer's pin, never from the token: `none`, and an
+//!   HMAC token "signed" with a public key, are refused before any key is touched;
+//! - an unknown `kid` refetches the JWKS (key rotation), at most once per
+//!   `refetch_interval` per issuer, so garbage tokens cannot hammer the issuer;
+//! - a failed fetch keeps the last good keys;
+//! - `exp` is required and `nbf` honoured, with a small clock skew.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::{HeaderValue, header, request::Parts},
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind, jwk::JwkSet,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::problem::Problem;
+
+/// What a token says about its bearer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub iss: String,
+    pub aud: Audience,
+    pub iat: u64,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+}
+
+impl Claims {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has_role("admin")
+    }
+}
+
+/// `aud` is a string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Signs tokens with one Ed25519 key.
+pub struct TokenSigner {
+    kid: String,
+    key: EncodingKey,
+    public_x: String,
+    pub issuer: String,
+    pub audience: String,
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner")
+            .field("kid", &self.kid)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fixed DER prefix of a PKCS#8 v1 Ed25519 private key; the 32-byte seed follows.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+impl TokenSigner {
+    /// A signer for the 32-byte Ed25519 `seed`.
+    pub fn from_seed(seed: [u8; 32], issuer: &str, audience: &str, ttl: Duration) -> Self {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let public = signing.verifying_key().to_bytes();
+        let mut der = PKCS8_ED25519_PREFIX.to_vec();
+        der.extend_from_slice(&seed);
+        let public_x = URL_SAFE_NO_PAD.encode(public);
+        // The key id is derived from the public key, so it changes exactly when the key does.
+        let kid = public_x.chars().take(16).collect();
+        Self {
+            kid,
+            key: EncodingKey::from_ed_der(&der),
+            public_x,
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            ttl,
+        }
+    }
+
+    /// A signer for a base64url seed, as kept in configuration.
+    pub fn from_seed_base64(
+        seed: &str,
+        issuer: &str,
+        audience: &str,
+        ttl: Duration,
+    ) -> Result<Self, String> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(seed.trim().trim_end_matches('='))
+            .map_err(|_| "the signing key must be 32 bytes in base64url".to_owned())?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "the signing key must be 32 bytes in base64url".to_owned())?;
+        Ok(Self::from_seed(seed, issuer, audience, ttl))
+    }
+
+    /// A fresh random seed in base64url, for a local stack or a key rotation.
+    pub fn generate_seed() -> String {
+        let seed: [u8; 32] = rand::random();
+        URL_SAFE_NO_PAD.encode(seed)
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// A token for `sub` with `roles`, valid from now for the signer's ttl.
+    pub fn sign(&self, sub: &str, roles: &[String]) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            roles: roles.to_vec(),
+            iss: self.issuer.clone(),
+            aud: Audience::One(self.audience.clone()),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+            nbf: None,
+        };
+        self.sign_claims(&claims)
+    }
+
+    /// Signs any claims (tests use this to make expired or future tokens).
+    pub fn sign_claims(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key)
+    }
+
+    /// This signer's public key as one JWK.
+    pub fn jwk(&self) -> Value {
+        json!({
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": self.public_x,
+            "kid": self.kid,
+            "use": "sig",
+            "alg": "EdDSA",
+        })
+    }
+
+    /// `{"keys": [...]}` for `/.well-known/jwks.json`.
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": [self.jwk()] })
+    }
+}
+
+/// One trusted issuer, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSettings {
+    /// The exact `iss` its tokens carry.
+    pub issuer: String,
+    /// Where its keys are published; absent for issuers whose keys are given in code.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms, e.g. `["EdDSA"]` or `["RS256"]`; HMAC is never accepted.
+    pub algorithms: Vec<String>,
+}
+
+/// The `auth` section shared by the gateway and the services.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifierSettings {
+    pub issuers: Vec<IssuerSettings>,
+    /// Allowed clock difference for `exp` and `nbf`.
+    pub leeway_seconds: u64,
+    /// The least time between two JWKS fetches of one issuer.
+    pub refetch_interval_ms: u64,
+}
+
+impl Default for VerifierSettings {
+    fn default() -> Self {
+        Self {
+            issuers: Vec::new(),
+            leeway_seconds: 30,
+            refetch_interval_ms: 10_000,
+        }
+    }
+}
+
+/// Why a token was refused. The message is safe to show the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("tokens from this issuer are not accepted")]
+    UntrustedIssuer,
+    #[error("the token's algorithm is not accepted for its issuer")]
+    Algorithm,
+    #[error("the token was signed with an unknown key")]
+    UnknownKey,
+    #[error("the token's signature is invalid")]
+    Signature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token is not meant for this audience")]
+    Audience,
+    #[error("the token lacks a required claim")]
+    MissingClaim,
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let mut response = Problem::unauthorized(self.to_string()).into_response();
+        let challenge = match self {
+            AuthError::Missing => "Bearer".to_owned(),
+            _ => format!("Bearer error=\"invalid_token\", error_description=\"{self}\""),
+        };
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
+    }
+}
+
+struct Issuer {
+    settings: IssuerSettings,
+    algorithms: Vec<Algorithm>,
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+/// Verifies bearer tokens against the configured issuers.
+pub struct JwtVerifier {
+    issuers: HashMap<String, Issuer>,
+    leeway: u64,
+    refetch_interval: Duration,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// A verifier for `settings`; issuers with a JWKS URL fetch their keys on first use.
+    pub fn new(settings: &VerifierSettings) -> Result<Self, String> {
+        let mut issuers = HashMap::new();
+        for issuer in &settings.issuers {
+            let mut algorithms = Vec::new();
+            for name in &issuer.algorithms {
+                let algorithm: Algorithm = name
+                    .parse()
+                    .map_err(|_| format!("issuer {}: unknown algorithm {name}", issuer.issuer))?;
+                if matches!(
+                    algorithm,
+                    Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+                ) {
+                    return Err(format!(
+                        "issuer {}: HMAC algorithms are not accepted, only asymmetric ones",
+                        issuer.issuer
+                    ));
+                }
+                algorithms.push(algorithm);
+            }
+            if algorithms.is_empty() || issuer.audiences.is_empty() {
+                return Err(format!(
+                    "issuer {}: name at least one algorithm and one audience",
+                    issuer.issuer
+                ));
+            }
+            issuers.insert(
+                issuer.issuer.clone(),
+                Issuer {
+                    settings: issuer.clone(),
+                    algorithms,
+                    keys: ArcSwap::from_pointee(HashMap::new()),
+                    last_fetch: Mutex::new(None),
+                },
+            );
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        Ok(Self {
+            issuers,
+            leeway: settings.leeway_seconds,
+            refetch_interval: Duration::from_millis(settings.refetch_interval_ms),
+            http,
+        })
+    }
+
+    /// Trusts `signer`'s own key directly (the gateway verifying what it issued).
+    pub fn trust_signer(&mut self, signer: &TokenSigner) {
+        let key = DecodingKey::from_ed_components(&signer.public_x);
+        let issuer = self
+            .issuers
+            .entry(signer.issuer.clone())
+            .or_insert_with(|| Issuer {
+                settings: IssuerSettings {
+                    issuer: signer.issuer.clone(),
+                    jwks_url: None,
+                    audiences: vec![signer.audience.clone()],
+                    algorithms: vec!["EdDSA".into()],
+                },
+                algorithms: vec![Algorithm::EdDSA],
+                keys: ArcSwap::from_pointee(HashMap::new()),
+                last_fetch: Mutex::new(None),
+            });
+        if let Ok(key) = key {
+            let mut keys = (**issuer.keys.load()).clone();
+            keys.insert(signer.kid.clone(), key);
+            issuer.keys.store(Arc::new(keys));
+        }
+    }
+
+    /// Verifies `token` and returns its claims.
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        // The header and the unverified `iss` only choose which pinned issuer and key
+        // to check against; nothing from them is trusted before the signature is.
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            _ => AuthError::Malformed,
+        })?;
+        let unverified: UnverifiedIssuer = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|_| AuthError::Malformed)?;
+        let issuer = self
+            .issuers
+            .get(&unverified.iss)
+            .ok_or(AuthError::UntrustedIssuer)?;
+        if !issuer.algorithms.contains(&header.alg) {
+            return Err(AuthError::Algorithm);
+        }
+        let kid = header.kid.unwrap_or_default();
+        let key = match issuer.keys.load().get(&kid).cloned() {
+            Some(key) => key,
+            None => {
+                self.refetch(issuer).await;
+                issuer
+                    .keys
+                    .load()
+                    .get(&kid)
+                    .cloned()
+                    .ok_or(AuthError::UnknownKey)?
+            }
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = issuer.algorithms.clone();
+        validation.leeway = self.leeway;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&issuer.settings.issuer]);
+        validation.set_audience(&issuer.settings.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAudience => AuthError::Audience,
+                ErrorKind::InvalidIssuer => AuthError::UntrustedIssuer,
+                ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+                ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim,
+                ErrorKind::InvalidSignature => AuthError::Signature,
+                _ => AuthError::Malformed,
+            })
+    }
+
+    /// Fetches the issuer's JWKS unless it was fetched within the refetch interval;
+    /// on failure the keys it had stay in force.
+    async fn refetch(&self, issuer: &Issuer) {
+        let Some(url) = issuer.settings.jwks_url.as_deref() else {
+            return;
+        };
+        {
+            let mut last = issuer.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < self.refetch_interval) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        metrics::counter!("jwks_fetches_total", "issuer" => issuer.settings.issuer.clone())
+            .increment(1);
+        let fetched = async {
+            let set: JwkSet = self
+                .http
+                .get(url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok::<_, reqwest::Error>(set)
+        }
+        .await;
+        match fetched {
+            Ok(set) => {
+                let keys: HashMap<String, DecodingKey> = set
+                    .keys
+                    .iter()
+                    .filter_map(|jwk| {
+                        let kid = jwk.common.key_id.clone()?;
+                        DecodingKey::from_jwk(jwk).ok().map(|key| (kid, key))
+                    })
+                    .collect();
+                issuer.keys.store(Arc::new(keys));
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %issuer.settings.issuer, error = %e, "JWKS fetch failed; keeping the last good keys");
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UnverifiedIssuer {
+    #[serde(default)]
+    iss: String,
+}
+
+/// The caller, from a verified bearer token. Rejects with 401 problem+json and a
+/// `WWW-Authenticate: Bearer` challenge.
+#[derive(Debug, Clone)]
+pub struct AuthUser(pub Claims);
+
+impl<S> FromRequestParts<S> for AuthUser
+where
+    S: Send + Sync,
+    Arc<JwtVerifier>: FromRef<S>,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let verifier = Arc::<JwtVerifier>::from_ref(state);
+        let token = bearer(parts).ok_or(AuthError::Missing)?;
+        verifier.verify(token).await.map(AuthUser)
+    }
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}

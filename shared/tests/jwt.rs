@@ -1,0 +1,373 @@
+//! Token verification: every way a token can be wrong, key rotation at a real JWKS
+//! URL, bounded refetching, and keeping the last good keys when the issuer is down.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+use shared::auth::{
+    Audience, AuthError, Claims, IssuerSettings, JwtVerifier, TokenSigner, VerifierSettings,
+};
+
+const ISSUER: &str = "https://id.example.test";
+const AUDIENCE: &str = "storefront";
+
+fn signer(issuer: &str, audience: &str) -> TokenSigner {
+    TokenSigner::from_seed_base64(
+        &TokenSigner::generate_seed(),
+        issuer,
+        audience,
+        Duration::from_secs(300),
+    )
+    .expect("seed")
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn claims(issuer: &str, audience: &str) -> Claims {
+    Claims {
+        sub: "alice".into(),
+        roles: vec!["customer".into()],
+        iss: issuer.into(),
+        aud: Audience::One(audience.into()),
+        iat: now(),
+        exp: now() + 300,
+        nbf: None,
+    }
+}
+
+/// A JWKS endpoint whose keys can be swapped, that counts fetches and can fail.
+#[derive(Clone)]
+struct Jwks {
+    keys: Arc<ArcSwap<Value>>,
+    fetches: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+    url: String,
+}
+
+async fn jwks_server(initial: Value) -> Jwks {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().expect("addr")
+    );
+    let jwks = Jwks {
+        keys: Arc::new(ArcSwap::from_pointee(initial)),
+        fetches: Arc::new(AtomicUsize::new(0)),
+        down: Arc::new(AtomicBool::new(false)),
+        url,
+    };
+    async fn serve(State(jwks): State<Jwks>) -> Result<Json<Value>, StatusCode> {
+        jwks.fetches.fetch_add(1, Ordering::SeqCst);
+        if jwks.down.load(Ordering::SeqCst) {
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Ok(Json((**jwks.keys.load()).clone()))
+    }
+    let app = Router::new()
+        .route("/.well-known/jwks.json", get(serve))
+        .with_state(jwks.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    jwks
+}
+
+fn verifier(jwks_url: &str, refetch_ms: u64) -> JwtVerifier {
+    JwtVerifier::new(&VerifierSettings {
+        issuers: vec![IssuerSettings {
+            issuer: ISSUER.into(),
+            jwks_url: Some(jwks_url.into()),
+            audiences: vec![AUDIENCE.into()],
+            algorithms: vec!["EdDSA".into()],
+        }],
+        leeway_seconds: 30,
+        refetch_interval_ms: refetch_ms,
+    })
+    .expect("verifier")
+}
+
+/// A token with the given header and claims, "signed" by `sign` over its first parts.
+fn forge(header: Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+    let head = URL_SAFE_NO_PAD.encode(header.to_string());
+    let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signature = URL_SAFE_NO_PAD.encode(sign(format!("{head}.{body}").as_bytes()));
+    format!("{head}.{body}.{signature}")
+}
+
+#[tokio::test]
+async fn a_good_token_from_a_jwks_issuer_is_accepted() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let verifier = verifier(&jwks.url, 10_000);
+    let token = key.sign("alice", &["customer".into()]).expect("sign");
+    let claims = verifier.verify(&token).await.expect("accepted");
+    assert_eq!(claims.sub, "alice");
+    assert!(claims.has_role("customer"));
+    assert!(!claims.is_admin());
+}
+
+#[tokio::test]
+async fn the_gateways_own_tokens_verify_without_any_fetch() {
+    let key = signer("gateway", AUDIENCE);
+    let mut verifier = JwtVerifier::new(&VerifierSettings::default()).expect("verifier");
+    verifier.trust_signer(&key);
+    let token = key.sign("bob", &["admin".into()]).expect("sign");
+    assert!(verifier.verify(&token).await.expect("accepted").is_admin());
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_token_is_refused_with_its_reason() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let verifier = verifier(&jwks.url, 10_000);
+    let good = serde_json::to_value(claims(ISSUER, AUDIENCE)).expect("claims");
+    let kid = key.kid().to_owned();
+
+    // alg=none: no signature at all.
+    let none = forge(
+        json!({"alg": "none", "typ": "JWT", "kid": kid}),
+        &good,
+        |_| Vec::new(),
+    );
+    assert!(matches!(
+        verifier.verify(&none).await,
+        Err(AuthError::Algorithm | AuthError::Malformed)
+    ));
+
+    // HMAC "signed" with the issuer's public key, the classic key-confusion attack.
+    let public = URL_SAFE_NO_PAD
+        .decode(key.jwk()["x"].as_str().expect("x"))
+        .expect("public key");
+    let hmac = jsonwebtoken::encode(
+        &jsonwebtoken::Header {
+            kid: Some(kid.clone()),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+        },
+        &good,
+        &jsonwebtoken::EncodingKey::from_secret(&public),
+    )
+    .expect("hmac token");
+    assert_eq!(verifier.verify(&hmac).await, Err(AuthError::Algorithm));
+
+    let mut expired = claims(ISSUER, AUDIENCE);
+    expired.iat = now() - 600;
+    expired.exp = now() - 120;
+    let token = key.sign_claims(&expired).expect("sign");
+    assert_eq!(verifier.verify(&token).await, Err(AuthError::Expired));
+
+    let mut skewed = claims(ISSUER, AUDIENCE);
+    skewed.exp = now() - 10;
+    let token = key.sign_claims(&skewed).expect("sign");
+    assert!(
+        verifier.verify(&token).await.is_ok(),
+        "a few seconds of clock skew are allowed"
+    );
+
+    let mut future = claims(ISSUER, AUDIENCE);
+    future.nbf = Some(now() + 120);
+    let token = key.sign_claims(&future).expect("sign");
+    assert_eq!(verifier.verify(&token).await, Err(AuthError::NotYetValid));
+
+    let stranger = signer("https://evil.example.test", AUDIENCE);
+    let token = stranger.sign("alice", &[]).expect("sign");
+    assert_eq!(
+        verifier.verify(&token).await,
+        Err(AuthError::UntrustedIssuer)
+    );
+
+    let token = key
+        .sign_claims(&claims(ISSUER, "someone-else"))
+        .expect("sign");
+    assert_eq!(verifier.verify(&token).await, Err(AuthError::Audience));
+
+    // Change the payload (alice becomes admin), keep the signature.
+    let token = key.sign("alice", &["customer".into()]).expect("sign");
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut payload: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64")).expect("json");
+    payload["roles"] = json!(["admin"]);
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(payload.to_string()),
+        parts[2]
+    );
+    assert_eq!(verifier.verify(&tampered).await, Err(AuthError::Signature));
+
+    assert_eq!(
+        verifier.verify("not.a.jwt").await,
+        Err(AuthError::Malformed)
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_kid_refetches_so_a_rotated_key_is_accepted() {
+    let old = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(old.jwks()).await;
+    let verifier = verifier(&jwks.url, 0);
+    assert!(
+        verifier
+            .verify(&old.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+
+    let new = signer(ISSUER, AUDIENCE);
+    let rotated = new.sign("a", &[]).expect("sign");
+    // Not published yet: unknown.
+    assert_eq!(verifier.verify(&rotated).await, Err(AuthError::UnknownKey));
+    // The issuer publishes the new key beside the old one.
+    jwks.keys
+        .store(Arc::new(json!({ "keys": [old.jwk(), new.jwk()] })));
+    assert!(
+        verifier.verify(&rotated).await.is_ok(),
+        "picked up on refetch"
+    );
+    assert!(
+        verifier
+            .verify(&old.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn unknown_kids_cannot_make_the_verifier_hammer_the_issuer() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let verifier = verifier(&jwks.url, 60_000);
+    assert!(
+        verifier
+            .verify(&key.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+    let fetched = jwks.fetches.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        let stranger_key = signer(ISSUER, AUDIENCE);
+        let token = stranger_key.sign("a", &[]).expect("sign");
+        assert_eq!(verifier.verify(&token).await, Err(AuthError::UnknownKey));
+    }
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        fetched,
+        "no refetch within the interval"
+    );
+}
+
+#[tokio::test]
+async fn the_last_good_keys_stay_when_the_issuer_is_down() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let verifier = verifier(&jwks.url, 0);
+    assert!(
+        verifier
+            .verify(&key.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+
+    jwks.down.store(true, Ordering::SeqCst);
+    // An unknown kid triggers a fetch, which fails...
+    let before = jwks.fetches.load(Ordering::SeqCst);
+    let stranger = signer(ISSUER, AUDIENCE);
+    assert_eq!(
+        verifier
+            .verify(&stranger.sign("a", &[]).expect("sign"))
+            .await,
+        Err(AuthError::UnknownKey)
+    );
+    assert!(jwks.fetches.load(Ordering::SeqCst) > before, "it did try");
+    // ...and the keys it had still verify.
+    assert!(
+        verifier
+            .verify(&key.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+}
+
+#[test]
+fn hmac_issuers_are_refused_at_start_up() {
+    let err = JwtVerifier::new(&VerifierSettings {
+        issuers: vec![IssuerSettings {
+            issuer: ISSUER.into(),
+            jwks_url: None,
+            audiences: vec![AUDIENCE.into()],
+            algorithms: vec!["HS256".into()],
+        }],
+        ..VerifierSettings::default()
+    })
+    .unwrap_err();
+    assert!(err.contains("HMAC"), "{err}");
+}
+
+#[tokio::test]
+async fn the_extractor_answers_401_problems_with_a_bearer_challenge() {
+    use axum::{body::Body, http::Request};
+    use shared::auth::AuthUser;
+    use tower::ServiceExt;
+
+    let key = signer("gateway", AUDIENCE);
+    let mut verifier = JwtVerifier::new(&VerifierSettings::default()).expect("verifier");
+    verifier.trust_signer(&key);
+    let app = Router::new()
+        .route(
+            "/me",
+            get(|AuthUser(claims): AuthUser| async move { claims.sub }),
+        )
+        .with_state(Arc::new(verifier));
+
+    let missing = app
+        .clone()
+        .oneshot(Request::get("/me").body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    let bad = app
+        .clone()
+        .oneshot(
+            Request::get("/me")
+                .header("authorization", "Bearer not.a.jwt")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        bad.headers()["www-authenticate"]
+            .to_str()
+            .unwrap_or_default()
+            .contains("invalid_token")
+    );
+
+    let token = key.sign("carol", &[]).expect("sign");
+    let ok = app
+        .oneshot(
+            Request::get("/me")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(ok.status(), StatusCode::OK);
+}
