@@ -3,6 +3,8 @@
 //! [`Application::build`] binds the listener; [`Application::run_until_stopped`]
 //! serves until the shutdown token fires. Tests build it with port 0.
 
+pub mod routes;
+
 use std::net::SocketAddr;
 
 use axum::Router;

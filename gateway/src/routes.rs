@@ -1,0 +1,700 @@
+//! Routes in Spring Cloud Gateway's shape, compiled once into a [`RouteTable`] so the
+//! request path never parses configuration.
+//!
+//! A route has an `id`, a `uri` (`lb://service-name`, resolved from the registry on
+//! every request, or a fixed `http://host:port`), `predicates` that must all match, and
+//! `filters` applied in order after the `default-filters`. Predicates and filters are
+//! written as Spring writes them, either shortcut (`Path=/orders/**`) or in full
+//! (`{name: Path, args: {patterns: /orders/**}}`). Routes match in `order`, then in
+//! file order; the first match wins.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A route file, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RouteFile {
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub default_filters: Vec<Value>,
+}
+
+/// One route, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub id: String,
+    pub uri: String,
+    #[serde(default)]
+    pub predicates: Vec<Value>,
+    #[serde(default)]
+    pub filters: Vec<Value>,
+    #[serde(default)]
+    pub order: i32,
+    /// Roles of which the caller needs one (empty: any authenticated caller).
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Where a route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// A service from the registry, by canonical (lower-case) name.
+    Service(String),
+    /// A fixed `scheme://authority`.
+    Fixed(String),
+}
+
+/// A request-matching condition.
+#[derive(Debug, Clone)]
+pub enum Predicate {
+    Path(Vec<PathPattern>),
+    Method(Vec<Method>),
+    /// Header present, and matching the regex when given.
+    Header(HeaderName, Option<regex::Regex>),
+    /// Host patterns with `*` and `**` wildcards.
+    Host(Vec<String>),
+    /// Query parameter present, and matching the regex when given.
+    Query(String, Option<regex::Regex>),
+}
+
+/// A change to the request or the response.
+#[derive(Debug, Clone)]
+pub enum Filter {
+    StripPrefix(usize),
+    RewritePath(regex::Regex, String),
+    AddRequestHeader(HeaderName, HeaderValue),
+    RemoveRequestHeader(HeaderName),
+    AddResponseHeader(HeaderName, HeaderValue),
+    /// Largest request body accepted, in bytes.
+    RequestSize(u64),
+    SecureHeaders,
+    /// Settings kept for the retry, breaker and limiter stages.
+    Retry(BTreeMap<String, String>),
+    CircuitBreaker(BTreeMap<String, String>),
+    RequestRateLimiter(BTreeMap<String, String>),
+}
+
+/// A compiled route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub id: String,
+    pub uri: String,
+    pub upstream: Upstream,
+    pub predicates: Vec<Predicate>,
+    pub filters: Vec<Filter>,
+    pub order: i32,
+    pub roles: Vec<String>,
+}
+
+/// Why a route file was refused: the route and the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("route `{route}`, {field}: {message}")]
+pub struct RouteError {
+    pub route: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// Every route, compiled and sorted.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Parses a YAML route file.
+    pub fn from_yaml(text: &str) -> Result<Self, RouteError> {
+        let file: RouteFile = serde_yaml_ng::from_str(text).map_err(|e| RouteError {
+            route: "-".into(),
+            field: "file".into(),
+            message: e.to_string(),
+        })?;
+        Self::compile(&file)
+    }
+
+    pub fn compile(file: &RouteFile) -> Result<Self, RouteError> {
+        let defaults: Vec<Filter> = file
+            .default_filters
+            .iter()
+            .enumerate()
+            .map(|(i, f)| parse_filter("default-filters", i, f))
+            .collect::<Result<_, _>>()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut routes = Vec::new();
+        for spec in &file.routes {
+            let err = |field: &str, message: String| RouteError {
+                route: spec.id.clone(),
+                field: field.into(),
+                message,
+            };
+            if spec.id.is_empty() {
+                return Err(err("id", "must not be empty".into()));
+            }
+            if !seen.insert(spec.id.clone()) {
+                return Err(err("id", "is used by another route".into()));
+            }
+            let upstream = parse_uri(&spec.uri).map_err(|m| err("uri", m))?;
+            if spec.predicates.is_empty() {
+                return Err(err(
+                    "predicates",
+                    "needs at least one predicate, e.g. Path=/orders/**".into(),
+                ));
+            }
+            let predicates = spec
+                .predicates
+                .iter()
+                .enumerate()
+                .map(|(i, p)| parse_predicate(&spec.id, i, p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut filters = defaults.clone();
+            for (i, f) in spec.filters.iter().enumerate() {
+                filters.push(parse_filter(&spec.id, i, f)?);
+            }
+            routes.push(Route {
+                id: spec.id.clone(),
+                uri: spec.uri.clone(),
+                upstream,
+                predicates,
+                filters,
+                order: spec.order,
+                roles: spec.roles.clone(),
+            });
+        }
+        // Stable: equal orders keep file order.
+        routes.sort_by_key(|r| r.order);
+        Ok(Self { routes })
+    }
+
+    /// The first route whose predicates all match.
+    pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
+        self.routes.iter().find(|route| {
+            route
+                .predicates
+                .iter()
+                .all(|p| p.matches(method, uri, headers))
+        })
+    }
+}
+
+fn parse_uri(uri: &str) -> Result<Upstream, String> {
+    if let Some(service) = uri.strip_prefix("lb://") {
+        if service.is_empty() || service.contains('/') {
+            return Err("lb:// needs a service name, e.g. lb://order-service".into());
+        }
+        return Ok(Upstream::Service(service.to_ascii_lowercase()));
+    }
+    let parsed: Uri = uri
+        .parse()
+        .map_err(|_| "must be lb://service or http://host:port".to_owned())?;
+    match (parsed.scheme_str(), parsed.authority()) {
+        (Some("http"), Some(authority)) => Ok(Upstream::Fixed(format!("http://{authority}"))),
+        _ => Err("must be lb://service or http://host:port".into()),
+    }
+}
+
+/// A predicate or filter as `(name, args)`, from either of Spring's spellings. Shortcut
+/// arguments are split on commas into `_genkey_0`, `_genkey_1`... as Spring does.
+fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), String> {
+    match value {
+        Value::String(shortcut) => {
+            let (name, args) = shortcut.split_once('=').unwrap_or((shortcut, ""));
+            let args = if args.is_empty() {
+                BTreeMap::new()
+            } else {
+                args.split(',')
+                    .enumerate()
+                    .map(|(i, a)| (format!("_genkey_{i}"), a.trim().to_owned()))
+                    .collect()
+            };
+            Ok((name.trim().to_owned(), args))
+        }
+        Value::Object(map) => {
+            let name = map
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or("needs a `name`")?
+                .to_owned();
+            let args = match map.get("args") {
+                None => BTreeMap::new(),
+                Some(Value::Object(args)) => args
+                    .iter()
+                    .map(|(k, v)| {
+                        let text = match v {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        (k.clone(), text)
+                    })
+                    .collect(),
+                Some(_) => return Err("`args` must be a map".into()),
+            };
+            Ok((name, args))
+        }
+        _ => Err("must be `Name=args` or {name, args}".into()),
+    }
+}
+
+/// The positional values of shortcut args, or the named ones in order.
+fn values(args: &BTreeMap<String, String>) -> Vec<String> {
+    let mut positional: Vec<(usize, &String)> = args
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("_genkey_")?.parse().ok().map(|i| (i, v)))
+        .collect();
+    if positional.is_empty() {
+        return args.values().cloned().collect();
+    }
+    positional.sort();
+    positional.into_iter().map(|(_, v)| v.clone()).collect()
+}
+
+fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate, RouteError> {
+    let field = format!("predicates[{index}]");
+    let err = |message: String| RouteError {
+        route: route.into(),
+        field: field.clone(),
+        message,
+    };
+    let (name, args) = name_and_args(value).map_err(err)?;
+    let vals = values(&args);
+    let first = |what: &str| {
+        vals.first()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .ok_or_else(|| err(format!("{name} needs {what}")))
+    };
+    let regex = |pattern: Option<&String>| -> Result<Option<regex::Regex>, RouteError> {
+        pattern
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| err(format!("invalid regex {p}: {e}")))
+            })
+            .transpose()
+    };
+    match name.as_str() {
+        "Path" => {
+            first("a pattern such as /orders/**")?;
+            let patterns = vals
+                .iter()
+                .map(|p| PathPattern::parse(p).map_err(err))
+                .collect::<Result<_, _>>()?;
+            Ok(Predicate::Path(patterns))
+        }
+        "Method" => {
+            first("a method such as GET")?;
+            let methods = vals
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| err(format!("{m} is not an HTTP method")))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Predicate::Method(methods))
+        }
+        "Header" => {
+            let header = HeaderName::from_bytes(first("a header name")?.as_bytes())
+                .map_err(|_| err("invalid header name".into()))?;
+            Ok(Predicate::Header(header, regex(vals.get(1))?))
+        }
+        "Host" => {
+            first("a host pattern such as **.example.org")?;
+            Ok(Predicate::Host(
+                vals.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            ))
+        }
+        "Query" => Ok(Predicate::Query(
+            first("a parameter name")?,
+            regex(vals.get(1))?,
+        )),
+        other => Err(err(format!(
+            "unknown predicate {other}; use Path, Method, Header, Host or Query"
+        ))),
+    }
+}
+
+fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, RouteError> {
+    let field = if route == "default-filters" {
+        format!("default-filters[{index}]")
+    } else {
+        format!("filters[{index}]")
+    };
+    let route = if route == "default-filters" {
+        "-"
+    } else {
+        route
+    };
+    let err = |message: String| RouteError {
+        route: route.into(),
+        field: field.clone(),
+        message,
+    };
+    let (name, args) = name_and_args(value).map_err(err)?;
+    let vals = values(&args);
+    let header_pair = |vals: &[String]| -> Result<(HeaderName, HeaderValue), RouteError> {
+        let (Some(name), Some(value)) = (vals.first(), vals.get(1)) else {
+            return Err(err("needs a header name and a value".into()));
+        };
+        Ok((
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| err("invalid header name".into()))?,
+            HeaderValue::from_str(value).map_err(|_| err("invalid header value".into()))?,
+        ))
+    };
+    match name.as_str() {
+        "StripPrefix" => {
+            let parts = vals
+                .first()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| err("StripPrefix needs a number of path segments".into()))?;
+            Ok(Filter::StripPrefix(parts))
+        }
+        "RewritePath" => {
+            let (Some(pattern), Some(replacement)) = (vals.first(), vals.get(1)) else {
+                return Err(err("RewritePath needs a regex and a replacement".into()));
+            };
+            let regex =
+                regex::Regex::new(pattern).map_err(|e| err(format!("invalid regex: {e}")))?;
+            // Spring writes named groups as ${name}; so does the regex crate.
+            Ok(Filter::RewritePath(regex, replacement.replace("$\\", "$")))
+        }
+        "AddRequestHeader" => {
+            let (n, v) = header_pair(&vals)?;
+            Ok(Filter::AddRequestHeader(n, v))
+        }
+        "AddResponseHeader" => {
+            let (n, v) = header_pair(&vals)?;
+            Ok(Filter::AddResponseHeader(n, v))
+        }
+        "RemoveRequestHeader" => {
+            let name = vals
+                .first()
+                .ok_or_else(|| err("needs a header name".into()))?;
+            Ok(Filter::RemoveRequestHeader(
+                HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| err("invalid header name".into()))?,
+            ))
+        }
+        "RequestSize" => {
+            let raw = args
+                .get("maxSize")
+                .cloned()
+                .or_else(|| vals.first().cloned())
+                .ok_or_else(|| err("RequestSize needs maxSize, e.g. 1MB".into()))?;
+            Ok(Filter::RequestSize(parse_size(&raw).map_err(err)?))
+        }
+        "SecureHeaders" => Ok(Filter::SecureHeaders),
+        "Retry" => Ok(Filter::Retry(args)),
+        "CircuitBreaker" => Ok(Filter::CircuitBreaker(args)),
+        "RequestRateLimiter" => Ok(Filter::RequestRateLimiter(args)),
+        other => Err(err(format!("unknown filter {other}"))),
+    }
+}
+
+/// `5000`, `512KB`, `1MB` (Spring's DataSize units, powers of 1024).
+fn parse_size(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim().to_ascii_uppercase();
+    let (number, multiplier) = if let Some(n) = raw.strip_suffix("KB") {
+        (n, 1024)
+    } else if let Some(n) = raw.strip_suffix("MB") {
+        (n, 1024 * 1024)
+    } else if let Some(n) = raw.strip_suffix('B') {
+        (n, 1)
+    } else {
+        (raw.as_str(), 1)
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .map(|n| n * multiplier)
+        .map_err(|_| format!("{raw} is not a size such as 1MB"))
+}
+
+impl Predicate {
+    pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        match self {
+            Predicate::Path(patterns) => patterns.iter().any(|p| p.matches(uri.path())),
+            Predicate::Method(methods) => methods.contains(method),
+            Predicate::Header(name, regex) => headers.get_all(name).iter().any(|v| {
+                regex
+                    .as_ref()
+                    .is_none_or(|r| v.to_str().is_ok_and(|v| r.is_match(v)))
+            }),
+            Predicate::Host(patterns) => {
+                let host = headers
+                    .get(axum::http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| uri.host())
+                    .unwrap_or_default();
+                let host = host
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
+                patterns.iter().any(|p| host_matches(p, &host))
+            }
+            Predicate::Query(name, regex) => uri
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == name).then_some(v)
+                })
+                .any(|v| regex.as_ref().is_none_or(|r| r.is_match(v))),
+        }
+    }
+}
+
+/// `*` matches one label, `**` any number (at least one) of leading labels.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    if let Some(suffix) = pattern.strip_prefix("**.") {
+        return host.ends_with(&format!(".{suffix}"));
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let h: Vec<&str> = host.split('.').collect();
+    p.len() == h.len() && p.iter().zip(&h).all(|(p, h)| *p == "*" || p == h)
+}
+
+/// A Spring path pattern: literal segments, `*` for one segment, `**` for any number
+/// of segments (including none), `{name}` for one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    raw: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    One,
+    Any,
+}
+
+impl PathPattern {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if !raw.starts_with('/') {
+            return Err(format!("path pattern {raw} must start with /"));
+        }
+        let segments: Vec<Segment> = raw
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| match s {
+                "**" => Segment::Any,
+                "*" => Segment::One,
+                s if s.starts_with('{') && s.ends_with('}') => Segment::One,
+                s => Segment::Literal(s.to_owned()),
+            })
+            .collect();
+        if segments[..segments.len().saturating_sub(1)].contains(&Segment::Any) {
+            return Err(format!("{raw}: ** is only supported at the end"));
+        }
+        Ok(Self {
+            raw: raw.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let mut i = 0;
+        for segment in &self.segments {
+            match segment {
+                Segment::Any => return true,
+                Segment::One => {
+                    if i >= parts.len() {
+                        return false;
+                    }
+                }
+                Segment::Literal(l) => {
+                    if parts.get(i) != Some(&l.as_str()) {
+                        return false;
+                    }
+                }
+            }
+            i += 1;
+        }
+        i == parts.len()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> RouteTable {
+        RouteTable::from_yaml(yaml).unwrap()
+    }
+
+    fn find<'a>(
+        t: &'a RouteTable,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        t.find(
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            &uri.parse().unwrap(),
+            &map,
+        )
+        .map(|r| r.id.as_str())
+    }
+
+    #[test]
+    fn double_star_matches_the_prefix_itself_and_anything_below() {
+        let p = PathPattern::parse("/orders/**").unwrap();
+        for yes in ["/orders", "/orders/", "/orders/1", "/orders/1/items"] {
+            assert!(p.matches(yes), "{yes}");
+        }
+        for no in ["/order", "/ordersx", "/payments/orders"] {
+            assert!(!p.matches(no), "{no}");
+        }
+        let one = PathPattern::parse("/orders/{id}").unwrap();
+        assert!(one.matches("/orders/7") && !one.matches("/orders") && !one.matches("/orders/7/x"));
+    }
+
+    #[test]
+    fn every_predicate_in_both_spellings() {
+        let t = table(
+            r#"
+routes:
+  - id: admin-stats
+    uri: lb://order-service
+    order: -1
+    predicates:
+      - Path=/orders/stats
+      - Method=GET
+      - name: Header
+        args: { header: X-Tenant, regexp: "acme|globex" }
+  - id: host
+    uri: http://127.0.0.1:9000
+    predicates: [ "Host=**.shop.test", "Query=debug,tr.e" ]
+  - id: orders
+    uri: lb://ORDER-SERVICE
+    predicates: [ "Path=/orders/**" ]
+"#,
+        );
+        assert_eq!(
+            find(&t, "GET", "/orders/stats", &[("x-tenant", "acme")]),
+            Some("admin-stats")
+        );
+        assert_eq!(
+            find(&t, "GET", "/orders/stats", &[("x-tenant", "other")]),
+            Some("orders")
+        );
+        assert_eq!(
+            find(&t, "POST", "/orders/stats", &[("x-tenant", "acme")]),
+            Some("orders")
+        );
+        assert_eq!(
+            find(&t, "GET", "/x?debug=true", &[("host", "eu.shop.test:8080")]),
+            Some("host")
+        );
+        assert_eq!(
+            find(&t, "GET", "/x?debug=no", &[("host", "eu.shop.test")]),
+            None
+        );
+        assert_eq!(
+            find(&t, "GET", "/x?debug=true", &[("host", "shop.test")]),
+            None
+        );
+        assert_eq!(
+            t.routes
+                .iter()
+                .find(|r| r.id == "orders")
+                .map(|r| r.upstream.clone()),
+            Some(Upstream::Service("order-service".into()))
+        );
+    }
+
+    #[test]
+    fn bad_routes_name_the_route_and_the_field() {
+        let cases = [
+            (
+                "routes: [{id: a, uri: 'ftp://x', predicates: [Path=/a]}]",
+                "a",
+                "uri",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: []}]",
+                "a",
+                "predicates",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Colour=red]}]",
+                "a",
+                "predicates[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [StripPrefix=two]}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Header=X-A,(']}]",
+                "a",
+                "predicates[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a]}, {id: a, uri: 'lb://y', predicates: [Path=/b]}]",
+                "a",
+                "id",
+            ),
+            (
+                "default-filters: [Nope]\nroutes: []",
+                "-",
+                "default-filters[0]",
+            ),
+        ];
+        for (yaml, route, field) in cases {
+            let e = RouteTable::from_yaml(yaml).unwrap_err();
+            assert_eq!(
+                (e.route.as_str(), e.field.as_str()),
+                (route, field),
+                "{yaml}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn filters_parse_with_their_arguments() {
+        let t = table(
+            r#"
+default-filters: [SecureHeaders]
+routes:
+  - id: a
+    uri: lb://x
+    predicates: [Path=/a/**]
+    filters:
+      - StripPrefix=1
+      - RewritePath=/a/(?<rest>.*), /v1/${rest}
+      - AddRequestHeader=X-From, gateway
+      - RemoveRequestHeader=Cookie
+      - AddResponseHeader=X-Route, a
+      - name: RequestSize
+        args: { maxSize: 2KB }
+"#,
+        );
+        let f = &t.routes[0].filters;
+        assert!(matches!(f[0], Filter::SecureHeaders), "defaults come first");
+        assert!(matches!(f[1], Filter::StripPrefix(1)));
+        assert!(matches!(&f[2], Filter::RewritePath(_, r) if r == "/v1/${rest}"));
+        assert!(matches!(f[6], Filter::RequestSize(2048)));
+    }
+}
