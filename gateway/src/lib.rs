@@ -1,36 +1,78 @@
-//! gateway: the API gateway (Spring Cloud Gateway's job): JWT authentication and routes to live instances.
+//! gateway: the API gateway (Spring Cloud Gateway's job).
 //!
-//! [`Application::build`] binds the listener; [`Application::run_until_stopped`]
-//! serves until the shutdown token fires. Tests build it with port 0.
+//! It issues tokens for its own users and verifies every request's bearer token (its
+//! own and external issuers') before routing it, by Spring-style routes
+//! ([`routes`]), to a live instance from the registry ([`proxy`]). Its own endpoints:
+//! `POST /auth/token`, `GET /.well-known/jwks.json`, the actuator, and
+//! `GET /actuator/gateway/routes` (admins).
+//!
+//! [`Application::build`] binds and prepares everything; [`Application::run_until_stopped`]
+//! serves until the shutdown token fires.
 
+pub mod auth;
+pub mod proxy;
 pub mod routes;
 
-use std::net::SocketAddr;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
-use axum::Router;
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use shared::{
+    Problem,
     actuator::Actuator,
+    auth::{AuthError, JwtVerifier},
     config::{HttpSettings, Layers},
-    registry::RegistrySettings,
+    registry::{Discovery, RegistryClient, RegistrySettings},
     telemetry::LogSettings,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::{
+    auth::{GatewayAuthSettings, IdentityProvider},
+    proxy::UpstreamSettings,
+    routes::{RouteTable, Upstream},
+};
+
 /// The canonical service name.
 pub const SERVICE_NAME: &str = "gateway";
 
-/// The port the contract gives gateway by default.
+/// The port the contract gives the gateway by default.
 pub const DEFAULT_PORT: u16 = 8080;
 
-/// Everything gateway reads at start-up; env prefix `GATEWAY_`.
+/// The routes compiled into the binary.
+pub const BUILTIN_ROUTES: &str = include_str!("../config/routes.yaml");
+
+/// Everything the gateway reads at start-up; env prefix `GATEWAY_`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub registry: RegistrySettings,
+    /// A YAML route file instead of the built-in routes.
+    pub routes_file: Option<PathBuf>,
+    pub auth: GatewayAuthSettings,
+    pub upstream: UpstreamSettings,
 }
 
 impl Default for Settings {
@@ -39,6 +81,9 @@ impl Default for Settings {
             http: HttpSettings::local(DEFAULT_PORT),
             log: LogSettings::default(),
             registry: RegistrySettings::default(),
+            routes_file: None,
+            auth: GatewayAuthSettings::default(),
+            upstream: UpstreamSettings::default(),
         }
     }
 }
@@ -49,6 +94,42 @@ impl Settings {
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("GATEWAY_").registry_client().load()
     }
+
+    /// The route table these settings name.
+    pub fn route_table(&self) -> anyhow::Result<RouteTable> {
+        let text = match &self.routes_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read routes_file {}", path.display()))?,
+            None => BUILTIN_ROUTES.to_owned(),
+        };
+        RouteTable::from_yaml(&text).map_err(|e| anyhow::anyhow!("invalid routes: {e}"))
+    }
+}
+
+/// What the request path shares.
+pub struct Gateway {
+    pub routes: ArcSwap<RouteTable>,
+    pub discovery: Option<Discovery>,
+    pub verifier: Arc<JwtVerifier>,
+    pub client: Client<HttpConnector, axum::body::Body>,
+    pub upstream: UpstreamSettings,
+    /// Round-robin positions by route id.
+    counters: HashMap<String, AtomicUsize>,
+    spare_counter: AtomicUsize,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.routes.load().routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    fn counter(&self, route: &str) -> &AtomicUsize {
+        self.counters.get(route).unwrap_or(&self.spare_counter)
+    }
 }
 
 /// A bound, ready-to-run gateway.
@@ -57,15 +138,65 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    background: CancellationToken,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let table = settings.route_table()?;
+        let idp = IdentityProvider::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
+        let mut verifier = JwtVerifier::new(&settings.auth.external)
+            .map_err(|e| anyhow::anyhow!("auth.external: {e}"))?;
+        if let Some(signer) = &idp.signer {
+            verifier.trust_signer(signer);
+        }
+        let background = CancellationToken::new();
+        let services: Vec<String> = table
+            .routes
+            .iter()
+            .filter_map(|r| match &r.upstream {
+                Upstream::Service(s) => Some(s.clone()),
+                Upstream::Fixed(_) => None,
+            })
+            .collect();
+        let discovery = settings.registry.enabled.then(|| {
+            let names: Vec<&str> = services.iter().map(String::as_str).collect();
+            Discovery::start(
+                RegistryClient::new(&settings.registry),
+                &names,
+                background.clone(),
+            )
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(
+            settings.upstream.connect_timeout_ms,
+        )));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_millis(
+                settings.upstream.pool_idle_timeout_ms,
+            ))
+            .build(connector);
+        let counters = table
+            .routes
+            .iter()
+            .map(|r| (r.id.clone(), AtomicUsize::new(0)))
+            .collect();
+        let gateway = Arc::new(Gateway {
+            routes: ArcSwap::from_pointee(table),
+            discovery,
+            verifier: Arc::new(verifier),
+            client,
+            upstream: settings.upstream.clone(),
+            counters,
+            spare_counter: AtomicUsize::new(0),
+        });
         let listener = settings.http.bind().await?;
         Ok(Self {
             listener,
-            router: router(),
+            router: router(gateway, Arc::new(idp)),
             registry: settings.registry,
+            background,
         })
     }
 
@@ -82,20 +213,123 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::registry::serve_registered(
+        let result = shared::registry::serve_registered(
             SERVICE_NAME,
             self.listener,
             self.router,
             &self.registry,
             shutdown,
         )
-        .await?;
+        .await;
+        self.background.cancel();
+        result?;
         Ok(())
     }
 }
 
-/// The HTTP routes of gateway.
-pub fn router() -> Router {
-    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-    shared::http::with_problem_fallbacks(Router::new().merge(actuator.router()))
+/// The gateway's own endpoints, then everything else through the proxy.
+fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
+    let identity = Router::new()
+        .route("/auth/token", post(auth::token))
+        .route("/.well-known/jwks.json", get(auth::jwks))
+        .with_state(idp);
+    let admin = Router::new()
+        .route("/actuator/gateway/routes", get(routes_report))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            require_admin,
+        ))
+        .with_state(gateway.clone());
+    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .router::<()>()
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            require_token_except_health,
+        ));
+    let proxied = Router::new().fallback(proxy::forward).with_state(gateway);
+    Router::new()
+        .merge(identity)
+        .merge(admin)
+        .merge(actuator)
+        .merge(proxied)
+        .layer(axum::middleware::from_fn(
+            shared::http::problem_for_bare_errors,
+        ))
+}
+
+/// Any valid token, except for `/actuator/health`, which load balancers call bare.
+async fn require_token_except_health(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == "/actuator/health" {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Some(token) = shared::auth::bearer(&parts) else {
+        return AuthError::Missing.into_response();
+    };
+    if let Err(e) = gateway.verifier.verify(token).await {
+        return e.into_response();
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// A valid token with the `admin` role.
+async fn require_admin(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(token) = shared::auth::bearer(&parts) else {
+        return AuthError::Missing.into_response();
+    };
+    match gateway.verifier.verify(token).await {
+        Err(e) => e.into_response(),
+        Ok(claims) if !claims.is_admin() => {
+            Problem::forbidden("This endpoint needs the admin role.").into_response()
+        }
+        Ok(_) => next.run(Request::from_parts(parts, body)).await,
+    }
+}
+
+/// `GET /actuator/gateway/routes`: each route with the instances it resolves to now.
+async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
+    let table = gateway.routes.load();
+    let routes: Vec<Value> = table
+        .routes
+        .iter()
+        .map(|route| {
+            let instances: Vec<Value> = match (&route.upstream, &gateway.discovery) {
+                (Upstream::Service(service), Some(discovery)) => discovery
+                    .instances(service)
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "instanceId": i.instance_id,
+                            "address": i.address,
+                            "status": i.status,
+                            "receivesTraffic": i.is_up(),
+                        })
+                    })
+                    .collect(),
+                (Upstream::Fixed(base), _) => {
+                    vec![json!({ "address": base, "receivesTraffic": true })]
+                }
+                (Upstream::Service(_), None) => Vec::new(),
+            };
+            json!({
+                "id": route.id,
+                "uri": route.uri,
+                "order": route.order,
+                "predicates": route.predicates.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
+                "filters": route.filters.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
+                "roles": route.roles,
+                "instances": instances,
+            })
+        })
+        .collect();
+    Json(json!({ "routes": routes }))
 }

@@ -119,6 +119,8 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     crate::procs::run("kafka-setup", &mut topics, &interrupt)?;
 
     let registry_url = format!("http://127.0.0.1:{registry_port}");
+    let gateway_config = stack_dir.join("gateway.yaml");
+    write_gateway_config(&gateway_config)?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}");
     let registry_token = crate::random_token(32);
     let mut running: Vec<(Service, u16, Supervised)> = Vec::new();
@@ -132,6 +134,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         let log_path = logs.join(format!("{}.log", service.name));
         let log = fs::File::create(&log_path)?;
         let mut command = Command::new(bin.join(service.name));
+        if service.name == "gateway" {
+            command.env("GATEWAY_CONFIG", &gateway_config);
+        }
         command
             .env(
                 format!("{}HTTP__PORT", service.env_prefix),
@@ -157,6 +162,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         .collect();
     wait_registered(&registry_url, &registering, &mut running, &interrupt)?;
 
+    say("checking that a request through the gateway reaches every service");
+    wait_through_gateway(&gateway_url, &mut running, &interrupt)?;
+
     let env_file = options.env_file.clone().unwrap_or_else(stack_env_path);
     fs::write(
         &env_file,
@@ -179,6 +187,15 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     }
     println!("  {:<21} {}", "kafka", broker.brokers());
     println!(
+        "  {:<21} {} (POST {gateway_url}/auth/token)",
+        "dev users",
+        DEV_USERS
+            .iter()
+            .map(|(user, _)| format!("{user}/{user}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
         "  {:<21} {} (credentials in DATABASE_URL)",
         "postgres",
         postgres.url().rsplit('@').next().unwrap_or_default()
@@ -190,7 +207,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         env_file.display()
     );
     println!();
-    println!("ready: every service answers and is registered; Ctrl-C stops the stack");
+    println!("ready: a request through the gateway reached every service; Ctrl-C stops the stack");
 
     let outcome = loop {
         if interrupt.requested() {
@@ -234,6 +251,42 @@ fn remove_abandoned_clusters(stack_dir: &Path) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// The local stack's users: user name (also the password) and roles. They exist only
+/// in the config written here, never in the gateway's defaults.
+const DEV_USERS: [(&str, &str); 3] = [
+    ("alice", "customer"),
+    ("bob", "customer"),
+    ("admin", "admin"),
+];
+
+/// The gateway's local-stack config: a fresh signing key and the dev users with
+/// argon2 hashes, readable by this user only.
+fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use base64::Engine;
+    let seed: [u8; 32] = rand::random();
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(seed);
+    let mut users = String::new();
+    for (name, role) in DEV_USERS {
+        let salt_bytes: [u8; 16] = rand::random();
+        let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let hash = argon2::Argon2::default()
+            .hash_password(name.as_bytes(), &salt)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        users.push_str(&format!(
+            "    - username: {name}\n      password_hash: \"{hash}\"\n      roles: [{role}]\n"
+        ));
+    }
+    let text = format!(
+        "# Written by `cargo xtask up` for the local stack only: a generated key and dev users.\n\
+         auth:\n  signing_key: \"{key}\"\n  users:\n{users}"
+    );
+    fs::write(path, text)?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 /// `requested`, or a free port when 0; fails early when the port is taken, naming the
@@ -335,6 +388,60 @@ fn wait_registered(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Logs in as the dev admin and calls each service's route through the gateway until
+/// every one is answered by its service: 502, 503 and 504 are the gateway saying it
+/// could not get there (yet); anything else came from the service.
+fn wait_through_gateway(
+    gateway_url: &str,
+    running: &mut [(Service, u16, Supervised)],
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let login: serde_json::Value = agent
+        .post(&format!("{gateway_url}/auth/token"))
+        .send_json(serde_json::json!({"username": "admin", "password": "admin"}))
+        .context("cannot reach the gateway's /auth/token")?
+        .body_mut()
+        .read_json()
+        .context("the gateway's /auth/token did not answer JSON")?;
+    let token = login["access_token"]
+        .as_str()
+        .context("the gateway did not issue a token to the dev admin")?
+        .to_owned();
+    for path in ["/orders", "/payments", "/notifications"] {
+        loop {
+            interrupt.check()?;
+            if let Some((service, status)) = running
+                .iter_mut()
+                .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
+            {
+                bail!("{service} exited ({status})");
+            }
+            let status = agent
+                .get(&format!("{gateway_url}{path}"))
+                .header("authorization", &format!("Bearer {token}"))
+                .call()
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            if status != 0 && !matches!(status, 502..=504) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{path} did not reach its service through the gateway within 60s (last status {status})"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
 }
 
 fn say(message: &str) {

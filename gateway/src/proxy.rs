@@ -1,0 +1,350 @@
+//! The request path, in the order it runs:
+//!
+//! 1. **route**: the first route whose predicates match (404 when none does);
+//! 2. **authenticate**: a valid bearer token (401), and one of the route's roles (403),
+//!    so a rejected request never reaches a service;
+//! 3. **limit**: the route's `RequestSize` (413);
+//! 4. **pick**: an `UP` instance of the route's service from the discovery cache,
+//!    round robin (503 when there is none);
+//! 5. **rewrite**: identity headers a client could forge are dropped, the route's
+//!    request filters run, `X-Forwarded-*`, `X-Request-Id` and `traceparent` are set;
+//! 6. **forward** with the route's timeouts (502 when the instance cannot be reached,
+//!    504 when it does not answer in time), streaming both bodies;
+//! 7. **respond**: hop-by-hop and upstream CORS headers dropped, response filters run.
+//!
+//! Every failure is a problem+json that names the service.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use shared::{Problem, auth::AuthError};
+
+use crate::{
+    Gateway,
+    routes::{Filter, Route, Upstream},
+};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Identity headers only the gateway may set; a client's copies are dropped.
+const FORGEABLE: [&str; 4] = [
+    "x-user-id",
+    "x-user-roles",
+    "x-authenticated-user",
+    "x-forwarded-user",
+];
+
+/// The fallback handler: everything that is not the gateway's own endpoint.
+pub async fn forward(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let routes = gateway.routes.load_full();
+    let route = routes.find(request.method(), request.uri(), request.headers());
+    let route_id = route.map_or("-", |r| r.id.as_str()).to_owned();
+    let (mut response, instance) = match route {
+        None => (
+            Problem::not_found(format!("No route matches {}.", request.uri().path()))
+                .into_response(),
+            None,
+        ),
+        Some(route) => match handle(&gateway, route, client, &request_id, request).await {
+            Ok((response, instance)) => (response, Some(instance)),
+            Err(response) => (*response, None),
+        },
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!("gateway_requests_total", "route" => route_id.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("gateway_request_duration_seconds", "route" => route_id.clone())
+        .record(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "access",
+        request_id,
+        route = route_id,
+        instance = instance.as_deref().unwrap_or("-"),
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+type Failure = Box<Response>;
+
+async fn handle(
+    gateway: &Gateway,
+    route: &Route,
+    client: SocketAddr,
+    request_id: &str,
+    request: Request,
+) -> Result<(Response, String), Failure> {
+    let (mut parts, body) = request.into_parts();
+
+    // Authenticate before anything touches an upstream.
+    let token = shared::auth::bearer(&parts)
+        .ok_or(AuthError::Missing)
+        .map_err(|e| Box::new(e.into_response()))?;
+    let claims = gateway
+        .verifier
+        .verify(token)
+        .await
+        .map_err(|e| Box::new(e.into_response()))?;
+    if !route.roles.is_empty() && !route.roles.iter().any(|r| claims.has_role(r)) {
+        return Err(Box::new(
+            Problem::forbidden(format!(
+                "This route needs one of the roles: {}.",
+                route.roles.join(", ")
+            ))
+            .into_response(),
+        ));
+    }
+
+    for filter in &route.filters {
+        if let Filter::RequestSize(max) = filter {
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|len| len > *max) {
+                return Err(Box::new(
+                    Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("The body may be at most {max} bytes on this route."),
+                    )
+                    .into_response(),
+                ));
+            }
+        }
+    }
+
+    let (service, base) = match &route.upstream {
+        Upstream::Fixed(base) => (route.id.clone(), base.clone()),
+        Upstream::Service(service) => {
+            let instance = gateway.pick(route, service).ok_or_else(|| {
+                Box::new(
+                    Problem::unavailable(service)
+                        .with_detail(format!(
+                            "No instance of {service} is available right now; retry later."
+                        ))
+                        .into_response(),
+                )
+            })?;
+            (service.clone(), format!("http://{instance}"))
+        }
+    };
+
+    let path = rewrite_path(route, parts.uri.path());
+    let target = match parts.uri.query() {
+        Some(query) => format!("{base}{path}?{query}"),
+        None => format!("{base}{path}"),
+    };
+    parts.uri = target.parse::<Uri>().map_err(|_| {
+        Box::new(Problem::bad_request("The request path cannot be forwarded.").into_response())
+    })?;
+    prepare_headers(&mut parts.headers, route, client, request_id);
+    let upstream_request = axum::http::Request::from_parts(parts, body);
+
+    let timeout = gateway.upstream.response_timeout();
+    let sent = tokio::time::timeout(timeout, gateway.client.request(upstream_request)).await;
+    let instance = base.trim_start_matches("http://").to_owned();
+    let upstream_response = match sent {
+        Err(_) => {
+            return Err(Box::new(
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{service} did not answer within {}ms.", timeout.as_millis()),
+                )
+                .into_response(),
+            ));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%service, %instance, error = %e, "upstream failed");
+            return Err(Box::new(
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{service} could not be reached or broke the connection."),
+                )
+                .into_response(),
+            ));
+        }
+        Ok(Ok(response)) => response,
+    };
+
+    let (mut parts, body) = upstream_response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    // The gateway owns CORS; an upstream's own headers would be doubled or conflict.
+    let cors: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
+        parts.headers.remove(name);
+    }
+    for filter in &route.filters {
+        match filter {
+            Filter::AddResponseHeader(name, value) => {
+                parts.headers.append(name.clone(), value.clone());
+            }
+            Filter::SecureHeaders => secure_headers(&mut parts.headers),
+            _ => {}
+        }
+    }
+    Ok((Response::from_parts(parts, Body::new(body)), instance))
+}
+
+/// The upstream path after `StripPrefix` and `RewritePath`.
+fn rewrite_path(route: &Route, path: &str) -> String {
+    let mut path = path.to_owned();
+    for filter in &route.filters {
+        match filter {
+            Filter::StripPrefix(n) => {
+                let rest: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).skip(*n).collect();
+                path = format!("/{}", rest.join("/"));
+            }
+            Filter::RewritePath(regex, replacement) => {
+                path = regex.replace(&path, replacement.as_str()).into_owned();
+            }
+            _ => {}
+        }
+    }
+    path
+}
+
+fn prepare_headers(headers: &mut HeaderMap, route: &Route, client: SocketAddr, request_id: &str) {
+    for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
+        headers.remove(*name);
+    }
+    let original_host = headers.remove(header::HOST);
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(chain) => format!("{chain}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        headers.insert("x-forwarded-host", host);
+    }
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", value);
+    }
+    if !headers.contains_key("traceparent") {
+        // Start a trace when the caller did not: W3C trace context, sampled.
+        let trace: u128 = rand::random();
+        let span: u64 = rand::random();
+        if let Ok(value) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")) {
+            headers.insert("traceparent", value);
+        }
+    }
+    for filter in &route.filters {
+        match filter {
+            Filter::AddRequestHeader(name, value) => {
+                headers.append(name.clone(), value.clone());
+            }
+            Filter::RemoveRequestHeader(name) => {
+                headers.remove(name);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Spring Cloud Gateway's `SecureHeaders` defaults, where the response has none.
+fn secure_headers(headers: &mut HeaderMap) {
+    let defaults = [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        ("x-xss-protection", "0"),
+        ("strict-transport-security", "max-age=631138519"),
+        ("x-download-options", "noopen"),
+        ("x-permitted-cross-domain-policies", "none"),
+    ];
+    for (name, value) in defaults {
+        if !headers.contains_key(name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+}
+
+impl Gateway {
+    /// The next `UP` instance of `service` for `route`, round robin.
+    pub fn pick(&self, route: &Route, service: &str) -> Option<String> {
+        let discovery = self.discovery.as_ref()?;
+        let instances = discovery.instances(service);
+        let up: Vec<&shared::registry::ServiceInstance> =
+            instances.iter().filter(|i| i.is_up()).collect();
+        if up.is_empty() {
+            return None;
+        }
+        let turn = self.counter(&route.id).fetch_add(1, Ordering::Relaxed);
+        Some(up[turn % up.len()].address.clone())
+    }
+}
+
+/// Timeouts of the upstream side.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    pub connect_timeout_ms: u64,
+    /// From sending the request to the response's headers.
+    pub response_timeout_ms: u64,
+    /// Pooled connections idle longer are closed; below typical server keep-alive
+    /// (Node's 5 s) so the gateway never reuses a connection the server is closing.
+    pub pool_idle_timeout_ms: u64,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1000,
+            response_timeout_ms: 10_000,
+            pool_idle_timeout_ms: 4000,
+        }
+    }
+}
+
+impl UpstreamSettings {
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+}
