@@ -1,0 +1,662 @@
+//! The gateway with real upstream servers on port 0 and the real registry.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    http::HeaderMap,
+    routing::any,
+};
+use gateway::{
+    Application, Settings,
+    auth::{GatewayAuthSettings, UserSettings, hash_password},
+    proxy::UpstreamSettings,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shared::{
+    auth::TokenSigner,
+    config::HttpSettings,
+    registry::{InstanceRegistration, RegistryClient, RegistrySettings},
+};
+use tokio_util::sync::CancellationToken;
+
+const REGISTRY_TOKEN: &str = "gateway-test-registry-token";
+
+/// An upstream that answers every request with what it received.
+#[derive(Clone)]
+struct Upstream {
+    name: String,
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    last_headers: Arc<Mutex<HashMap<String, String>>>,
+}
+
+async fn upstream(name: &str) -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = Upstream {
+        name: name.to_owned(),
+        addr: listener.local_addr().expect("addr"),
+        hits: Arc::new(AtomicUsize::new(0)),
+        last_headers: Arc::new(Mutex::new(HashMap::new())),
+    };
+    async fn echo(
+        State(up): State<Upstream>,
+        headers: HeaderMap,
+        request: Request,
+    ) -> axum::response::Response {
+        up.hits.fetch_add(1, Ordering::SeqCst);
+        let seen: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        *up.last_headers.lock().expect("lock") = seen;
+        if request.uri().path().contains("slow") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let body = Json(json!({
+            "upstream": up.name,
+            "path": request.uri().path(),
+            "query": request.uri().query(),
+        }));
+        (
+            [("access-control-allow-origin", "*"), ("x-upstream", "yes")],
+            body,
+        )
+            .into_response()
+    }
+    use axum::response::IntoResponse;
+    let app = Router::new().fallback(any(echo)).with_state(up.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    up
+}
+
+struct Stack {
+    gateway: String,
+    registry: SocketAddr,
+    client: reqwest::Client,
+    _stop: Vec<CancellationToken>,
+}
+
+async fn registry() -> (SocketAddr, CancellationToken) {
+    let settings = registry::Settings {
+        http: HttpSettings::local(0),
+        auth: registry::auth::AuthSettings {
+            token: Some(REGISTRY_TOKEN.into()),
+            protect_reads: false,
+        },
+        ..registry::Settings::default()
+    };
+    let app = registry::Application::build(settings)
+        .await
+        .expect("registry");
+    let addr = app.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    (addr, stop)
+}
+
+fn registry_settings(registry: SocketAddr) -> RegistrySettings {
+    RegistrySettings {
+        urls: format!("http://{registry}"),
+        token: Some(REGISTRY_TOKEN.into()),
+        ..RegistrySettings::default()
+    }
+}
+
+const ROUTES: &str = r#"
+default-filters: [SecureHeaders]
+routes:
+  - id: stats
+    uri: lb://order-service
+    roles: [admin]
+    order: -1
+    predicates: ["Path=/orders/stats"]
+  - id: orders
+    uri: lb://order-service
+    predicates: ["Path=/orders,/orders/**"]
+    filters:
+      - AddRequestHeader=X-Gateway, storefront
+      - RemoveRequestHeader=Cookie
+      - AddResponseHeader=X-Route, orders
+  - id: legacy
+    uri: lb://order-service
+    predicates: ["Path=/legacy/**", "Method=GET"]
+    filters: ["RewritePath=/legacy/(?<rest>.*), /v2/${rest}"]
+  - id: api
+    uri: lb://order-service
+    predicates: ["Path=/api/**", "Header=X-Version, 2", "Query=debug"]
+    filters: [StripPrefix=1]
+  - id: uploads
+    uri: lb://order-service
+    predicates: ["Path=/uploads/**", "Host=**.shop.test"]
+    filters: [{name: RequestSize, args: {maxSize: 1KB}}]
+  - id: payments
+    uri: lb://payment-service
+    predicates: ["Path=/payments/**"]
+"#;
+
+async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
+    let (registry, stop_registry) = registry().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, routes).expect("routes");
+    let settings = Settings {
+        http: HttpSettings::local(0),
+        registry: RegistrySettings {
+            enabled: true,
+            ..registry_settings(registry)
+        },
+        routes_file: Some(routes_file),
+        auth: GatewayAuthSettings {
+            signing_key: Some(TokenSigner::generate_seed()),
+            users: vec![
+                UserSettings {
+                    username: "alice".into(),
+                    password_hash: hash_password("alice-pw").expect("hash"),
+                    roles: vec!["customer".into()],
+                    id: Some("user-alice".into()),
+                },
+                UserSettings {
+                    username: "admin".into(),
+                    password_hash: hash_password("admin-pw").expect("hash"),
+                    roles: vec!["admin".into()],
+                    id: None,
+                },
+            ],
+            ..GatewayAuthSettings::default()
+        },
+        upstream: UpstreamSettings {
+            response_timeout_ms,
+            ..UpstreamSettings::default()
+        },
+        ..Settings::default()
+    };
+    let app = Application::build(settings).await.expect("gateway");
+    let gateway = format!("http://{}", app.local_addr());
+    let stop_gateway = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop_gateway.clone()));
+    // The routes file must outlive start-up only; keep the folder for the test anyway.
+    std::mem::forget(dir);
+    Stack {
+        gateway,
+        registry,
+        client: reqwest::Client::new(),
+        _stop: vec![stop_gateway, stop_registry],
+    }
+}
+
+impl Stack {
+    async fn token(&self, user: &str, password: &str) -> String {
+        let response = self
+            .client
+            .post(format!("{}/auth/token", self.gateway))
+            .json(&json!({"username": user, "password": password}))
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["token_type"], "Bearer");
+        assert!(body["expires_in"].as_u64() > Some(0));
+        body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    /// Registers `upstream` as an instance of `service` and waits until the gateway
+    /// routes to it.
+    async fn register(&self, service: &str, up: &Upstream) -> InstanceRegistration {
+        let settings = registry_settings(self.registry);
+        let registration = InstanceRegistration::for_bound(service, up.addr, &settings);
+        RegistryClient::new(&settings)
+            .register(&registration, 60)
+            .await
+            .expect("register");
+        registration
+    }
+
+    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.gateway))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Retries `path` until it stops answering 503 (the discovery cache caught up).
+    async fn get_routed(&self, path: &str, token: &str) -> reqwest::Response {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let response = self.get(path, token).await;
+            if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+                return response;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never routed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_issued_published_and_refused_for_wrong_credentials() {
+    let s = stack(ROUTES, 2000).await;
+    let wrong = s
+        .client
+        .post(format!("{}/auth/token", s.gateway))
+        .json(&json!({"username": "alice", "password": "nope"}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.headers()["content-type"], "application/problem+json");
+    let unknown = s
+        .client
+        .post(format!("{}/auth/token", s.gateway))
+        .json(&json!({"username": "mallory", "password": "x"}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+
+    let token = s.token("alice", "alice-pw").await;
+    let jwks: Value = s
+        .client
+        .get(format!("{}/.well-known/jwks.json", s.gateway))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+    let header: Value =
+        serde_json::from_slice(&base64_url(token.split('.').next().expect("header")))
+            .expect("header json");
+    assert_eq!(
+        header["kid"], jwks["keys"][0]["kid"],
+        "the token names the published key"
+    );
+    let payload: Value =
+        serde_json::from_slice(&base64_url(token.split('.').nth(1).expect("payload")))
+            .expect("json");
+    assert_eq!(payload["sub"], "user-alice");
+    assert_eq!(payload["roles"], json!(["customer"]));
+    for claim in ["iss", "aud", "iat", "exp"] {
+        assert!(payload.get(claim).is_some(), "{claim}");
+    }
+}
+
+fn base64_url(part: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url")
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_never_reach_a_service() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders-1").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/orders", &token).await;
+    let before = up.hits.load(Ordering::SeqCst);
+
+    let missing = s
+        .client
+        .get(format!("{}/orders", s.gateway))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    let garbage = s.get("/orders", "not-a-token").await;
+    assert_eq!(garbage.status(), StatusCode::UNAUTHORIZED);
+    let stats = s.get("/orders/stats", &token).await;
+    assert_eq!(
+        stats.status(),
+        StatusCode::FORBIDDEN,
+        "customers lack the admin role"
+    );
+    let routes = s.get("/actuator/gateway/routes", &token).await;
+    assert_eq!(routes.status(), StatusCode::FORBIDDEN);
+    let prometheus = s
+        .client
+        .get(format!("{}/actuator/prometheus", s.gateway))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(prometheus.status(), StatusCode::UNAUTHORIZED);
+    let health = s
+        .client
+        .get(format!("{}/actuator/health", s.gateway))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(health.status(), StatusCode::OK, "health stays open");
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        before,
+        "nothing reached the service"
+    );
+
+    let admin = s.token("admin", "admin-pw").await;
+    assert_eq!(
+        s.get("/orders/stats", &admin).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn predicates_and_filters_shape_what_the_service_sees() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders-1").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+
+    s.get_routed("/orders", &token).await;
+    let response = s
+        .client
+        .get(format!("{}/orders/42?x=1", s.gateway))
+        .bearer_auth(&token)
+        .header("cookie", "session=secret")
+        .header("x-user-id", "forged-admin")
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-route"], "orders", "AddResponseHeader");
+    assert_eq!(
+        response.headers()["x-content-type-options"],
+        "nosniff",
+        "SecureHeaders"
+    );
+    assert_eq!(response.headers()["x-request-id"], "req-123", "passed on");
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none(),
+        "upstream CORS headers dropped"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        (body["path"].as_str(), body["query"].as_str()),
+        (Some("/orders/42"), Some("x=1"))
+    );
+    let seen = up.last_headers.lock().expect("lock").clone();
+    assert_eq!(
+        seen.get("x-gateway").map(String::as_str),
+        Some("storefront")
+    );
+    assert!(!seen.contains_key("cookie"), "RemoveRequestHeader");
+    assert!(!seen.contains_key("x-user-id"), "forged identity dropped");
+    assert_eq!(
+        seen.get("authorization"),
+        Some(&format!("Bearer {token}")),
+        "token relayed"
+    );
+    assert_eq!(
+        seen.get("x-request-id").map(String::as_str),
+        Some("req-123")
+    );
+    assert!(
+        seen.get("traceparent")
+            .is_some_and(|t| t.starts_with("00-") && t.len() == 55),
+        "a trace is started: {seen:?}"
+    );
+    assert_eq!(
+        seen.get("x-forwarded-for").map(String::as_str),
+        Some("127.0.0.1")
+    );
+
+    let rewritten: Value = s
+        .get("/legacy/items/7", &token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(rewritten["path"], "/v2/items/7", "RewritePath");
+    assert_eq!(
+        s.client
+            .post(format!("{}/legacy/items/7", s.gateway))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("post")
+            .status(),
+        StatusCode::NOT_FOUND,
+        "Method=GET: no route for POST"
+    );
+
+    let api = s
+        .client
+        .get(format!("{}/api/things?debug=1", s.gateway))
+        .bearer_auth(&token)
+        .header("x-version", "2")
+        .send()
+        .await
+        .expect("api");
+    let api: Value = api.json().await.expect("json");
+    assert_eq!(api["path"], "/things", "StripPrefix=1");
+    let wrong_version = s
+        .client
+        .get(format!("{}/api/things?debug=1", s.gateway))
+        .bearer_auth(&token)
+        .header("x-version", "1")
+        .send()
+        .await
+        .expect("api");
+    assert_eq!(
+        wrong_version.status(),
+        StatusCode::NOT_FOUND,
+        "Header predicate"
+    );
+    let no_query = s
+        .client
+        .get(format!("{}/api/things", s.gateway))
+        .bearer_auth(&token)
+        .header("x-version", "2")
+        .send()
+        .await
+        .expect("api");
+    assert_eq!(no_query.status(), StatusCode::NOT_FOUND, "Query predicate");
+
+    let upload = |host: &'static str, size: usize| {
+        s.client
+            .post(format!("{}/uploads/file", s.gateway))
+            .bearer_auth(&token)
+            .header("host", host)
+            .body(vec![b'x'; size])
+            .send()
+    };
+    assert_eq!(
+        upload("eu.shop.test", 100).await.expect("upload").status(),
+        StatusCode::OK
+    );
+    let big = upload("eu.shop.test", 4096).await.expect("upload");
+    assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(big.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        upload("example.org", 100).await.expect("upload").status(),
+        StatusCode::NOT_FOUND,
+        "Host predicate"
+    );
+}
+
+#[tokio::test]
+async fn load_spreads_over_instances_and_a_removed_instance_gets_nothing_more() {
+    let s = stack(ROUTES, 2000).await;
+    let (a, b) = (upstream("orders-a").await, upstream("orders-b").await);
+    let reg_a = s.register("order-service", &a).await;
+    s.register("order-service", &b).await;
+    let token = s.token("alice", "alice-pw").await;
+    // Wait until both are known to the gateway.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.hits.load(Ordering::SeqCst) == 0 || b.hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances get traffic"
+        );
+        s.get_routed("/orders", &token).await;
+    }
+    let (a0, b0) = (a.hits.load(Ordering::SeqCst), b.hits.load(Ordering::SeqCst));
+    for _ in 0..20 {
+        assert_eq!(s.get("/orders", &token).await.status(), StatusCode::OK);
+    }
+    let (da, db) = (
+        a.hits.load(Ordering::SeqCst) - a0,
+        b.hits.load(Ordering::SeqCst) - b0,
+    );
+    assert_eq!(da + db, 20);
+    assert_eq!((da, db), (10, 10), "round robin alternates");
+
+    RegistryClient::new(&registry_settings(s.registry))
+        .deregister("order-service", &reg_a.instance_id)
+        .await
+        .expect("deregister");
+    // Once the gateway has seen the removal, a receives nothing more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let routes: Value = s
+            .get(
+                "/actuator/gateway/routes",
+                &s.token("admin", "admin-pw").await,
+            )
+            .await
+            .json()
+            .await
+            .expect("json");
+        let orders = routes["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+            .cloned()
+            .unwrap_or_default();
+        if orders["instances"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "removal reaches the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = a.hits.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(s.get("/orders", &token).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        after,
+        "no request after removal"
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_are_503_502_and_504_problems_naming_the_service() {
+    let s = stack(ROUTES, 300).await;
+    let token = s.token("alice", "alice-pw").await;
+
+    let none = s.get("/payments/accounts/me", &token).await;
+    assert_eq!(none.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let problem: Value = none.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payment-service")
+    );
+
+    // Registered, but nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let settings = registry_settings(s.registry);
+    RegistryClient::new(&settings)
+        .register(
+            &InstanceRegistration::for_bound("payment-service", dead, &settings),
+            60,
+        )
+        .await
+        .expect("register");
+    let unreachable = s.get_routed("/payments/accounts/me", &token).await;
+    assert_eq!(unreachable.status(), StatusCode::BAD_GATEWAY);
+    let problem: Value = unreachable.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payment-service")
+    );
+
+    let slow = upstream("orders-slow").await;
+    s.register("order-service", &slow).await;
+    let timed_out = s.get_routed("/orders/slow", &token).await;
+    assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
+    let problem: Value = timed_out.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("order-service")
+    );
+}
+
+#[tokio::test]
+async fn the_routes_report_shows_live_instances_to_admins() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders-1").await;
+    s.register("order-service", &up).await;
+    let admin = s.token("admin", "admin-pw").await;
+    s.get_routed("/orders", &admin).await;
+    let report: Value = s
+        .get("/actuator/gateway/routes", &admin)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let orders = report["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+        .cloned()
+        .expect("orders route");
+    assert_eq!(orders["uri"], "lb://order-service");
+    assert_eq!(orders["instances"][0]["address"], up.addr.to_string());
+    assert_eq!(orders["instances"][0]["receivesTraffic"], true);
+}
+
+#[tokio::test]
+async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("routes.yaml");
+    std::fs::write(
+        &file,
+        "routes: [{id: broken, uri: 'ftp://x', predicates: [Path=/x]}]",
+    )
+    .expect("write");
+    let settings = Settings {
+        http: HttpSettings::local(0),
+        routes_file: Some(file),
+        ..Settings::default()
+    };
+    let err = Application::build(settings)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("broken") && err.contains("uri"), "{err}");
+}
