@@ -10,6 +10,7 @@
 //! serves until the shutdown token fires.
 
 pub mod auth;
+pub mod balancer;
 pub mod proxy;
 pub mod routes;
 
@@ -113,6 +114,7 @@ pub struct Gateway {
     pub verifier: Arc<JwtVerifier>,
     pub client: Client<HttpConnector, axum::body::Body>,
     pub upstream: UpstreamSettings,
+    pub balancer: balancer::Balancer,
     /// Round-robin positions by route id.
     counters: HashMap<String, AtomicUsize>,
     spare_counter: AtomicUsize,
@@ -127,7 +129,7 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    fn counter(&self, route: &str) -> &AtomicUsize {
+    pub fn counter(&self, route: &str) -> &AtomicUsize {
         self.counters.get(route).unwrap_or(&self.spare_counter)
     }
 }
@@ -188,6 +190,7 @@ impl Application {
             verifier: Arc::new(verifier),
             client,
             upstream: settings.upstream.clone(),
+            balancer: balancer::Balancer::default(),
             counters,
             spare_counter: AtomicUsize::new(0),
         });

@@ -102,7 +102,7 @@ pub async fn forward(
     response
 }
 
-type Failure = Box<Response>;
+type Rejection = Box<Response>;
 
 async fn handle(
     gateway: &Gateway,
@@ -110,7 +110,7 @@ async fn handle(
     client: SocketAddr,
     request_id: &str,
     request: Request,
-) -> Result<(Response, String), Failure> {
+) -> Result<(Response, String), Rejection> {
     let (mut parts, body) = request.into_parts();
 
     // Authenticate before anything touches an upstream.
@@ -132,78 +132,225 @@ async fn handle(
         ));
     }
 
-    for filter in &route.filters {
-        if let Filter::RequestSize(max) = filter {
-            let declared = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|len| len > *max) {
-                return Err(Box::new(
-                    Problem::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("The body may be at most {max} bytes on this route."),
-                    )
-                    .into_response(),
-                ));
-            }
-        }
+    // The body: refused when over the route's limit, buffered (and so replayable on
+    // another instance) when small or of unknown length under a limit, else streamed.
+    let limit = route.filters.iter().find_map(|f| match f {
+        Filter::RequestSize(max) => Some(*max),
+        _ => None,
+    });
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(len), Some(max)) = (declared, limit)
+        && len > max
+    {
+        return Err(too_large(max));
     }
-
-    let (service, base) = match &route.upstream {
-        Upstream::Fixed(base) => (route.id.clone(), base.clone()),
-        Upstream::Service(service) => {
-            let instance = gateway.pick(route, service).ok_or_else(|| {
-                Box::new(
-                    Problem::unavailable(service)
-                        .with_detail(format!(
-                            "No instance of {service} is available right now; retry later."
-                        ))
-                        .into_response(),
-                )
-            })?;
-            (service.clone(), format!("http://{instance}"))
-        }
+    // Without Content-Length or Transfer-Encoding an HTTP/1.1 request has no body.
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let bufferable = match (declared, limit) {
+        (Some(len), _) => len <= MAX_REPLAY_BYTES,
+        (None, Some(_)) => true,
+        (None, None) => !chunked,
+    };
+    let mut body = if bufferable {
+        let cap = limit.unwrap_or(MAX_REPLAY_BYTES).max(declared.unwrap_or(0)) as usize;
+        let bytes = axum::body::to_bytes(body, cap)
+            .await
+            .map_err(|_| too_large(cap as u64))?;
+        RequestBody::Buffered(bytes)
+    } else {
+        RequestBody::Streamed(Some(body))
     };
 
     let path = rewrite_path(route, parts.uri.path());
-    let target = match parts.uri.query() {
-        Some(query) => format!("{base}{path}?{query}"),
-        None => format!("{base}{path}"),
-    };
-    parts.uri = target.parse::<Uri>().map_err(|_| {
-        Box::new(Problem::bad_request("The request path cannot be forwarded.").into_response())
-    })?;
+    let query = parts.uri.query().map(str::to_owned);
     prepare_headers(&mut parts.headers, route, client, request_id);
-    let upstream_request = axum::http::Request::from_parts(parts, body);
+    let idempotent = route.retry.methods.contains(&parts.method)
+        || parts.headers.contains_key("idempotency-key");
+    let timeout = route
+        .response_timeout
+        .unwrap_or_else(|| gateway.upstream.response_timeout());
+    gateway.balancer.deposit();
 
-    let timeout = gateway.upstream.response_timeout();
-    let sent = tokio::time::timeout(timeout, gateway.client.request(upstream_request)).await;
-    let instance = base.trim_start_matches("http://").to_owned();
-    let upstream_response = match sent {
-        Err(_) => {
-            return Err(Box::new(
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("{service} did not answer within {}ms.", timeout.as_millis()),
-                )
-                .into_response(),
-            ));
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(%service, %instance, error = %e, "upstream failed");
-            return Err(Box::new(
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{service} could not be reached or broke the connection."),
-                )
-                .into_response(),
-            ));
-        }
-        Ok(Ok(response)) => response,
+    let service = match &route.upstream {
+        Upstream::Fixed(_) => route.id.clone(),
+        Upstream::Service(service) => service.clone(),
     };
+    let mut tried: Vec<String> = Vec::new();
+    // The answer of the last failed attempt, given when nothing is left to try.
+    let mut last_failure: Option<Response> = None;
+    loop {
+        let (instance, health) = match &route.upstream {
+            Upstream::Fixed(base) => (
+                base.trim_start_matches("http://").to_owned(),
+                gateway.balancer.health(base),
+            ),
+            Upstream::Service(name) => {
+                let instances = gateway
+                    .discovery
+                    .as_ref()
+                    .map(|d| d.instances(name))
+                    .unwrap_or_default();
+                let turn = gateway.counter(&route.id).fetch_add(1, Ordering::Relaxed);
+                match gateway
+                    .balancer
+                    .pick(&instances, &tried, route.balancing, turn, now_ms())
+                {
+                    Some((instance, health)) => (instance.address.clone(), health),
+                    None if tried.is_empty() => {
+                        return Err(Box::new(
+                            Problem::unavailable(name)
+                                .with_detail(format!(
+                                    "No instance of {name} is available right now; retry later."
+                                ))
+                                .into_response(),
+                        ));
+                    }
+                    None => {
+                        return Err(Box::new(
+                            last_failure.unwrap_or_else(|| exhausted(&service, tried.len())),
+                        ));
+                    }
+                }
+            }
+        };
+        let target = match &query {
+            Some(query) => format!("http://{instance}{path}?{query}"),
+            None => format!("http://{instance}{path}"),
+        };
+        let Ok(uri) = target.parse::<Uri>() else {
+            return Err(Box::new(
+                Problem::bad_request("The request path cannot be forwarded.").into_response(),
+            ));
+        };
+        let Some(attempt_body) = body.take() else {
+            return Err(Box::new(exhausted(&service, tried.len())));
+        };
+        let mut attempt = axum::http::Request::new(attempt_body);
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = uri;
+        *attempt.headers_mut() = parts.headers.clone();
 
+        health.outstanding.fetch_add(1, Ordering::Relaxed);
+        let sent = tokio::time::timeout(timeout, gateway.client.request(attempt)).await;
+        health.outstanding.fetch_sub(1, Ordering::Relaxed);
+
+        // What went wrong, if anything, and whether another instance may be tried.
+        let (failure, retryable) = match sent {
+            Ok(Ok(response)) if route.retry.statuses.contains(&response.status().as_u16()) => {
+                health.failed(now_ms());
+                (AttemptFailure::Status(response), idempotent)
+            }
+            Ok(Ok(response)) => {
+                if response.status().is_server_error() {
+                    health.failed(now_ms());
+                } else {
+                    health.succeeded();
+                }
+                return Ok((finish(response, route), instance));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                health.failed(now_ms());
+                tracing::warn!(%service, %instance, error = %e, "upstream unreachable");
+                // The request never left: safe to send elsewhere, whatever the method.
+                (AttemptFailure::Unreachable, true)
+            }
+            Ok(Err(e)) => {
+                health.failed(now_ms());
+                tracing::warn!(%service, %instance, error = %e, "upstream broke the exchange");
+                (AttemptFailure::Broken, idempotent)
+            }
+            Err(_) => {
+                health.failed(now_ms());
+                (AttemptFailure::Timeout, idempotent)
+            }
+        };
+        tried.push(instance.clone());
+        let answer = match failure {
+            AttemptFailure::Status(response) => finish(response, route),
+            AttemptFailure::Unreachable | AttemptFailure::Broken => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                format!("{service} could not be reached or broke the connection."),
+            )
+            .into_response(),
+            AttemptFailure::Timeout => Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("{service} did not answer within {}ms.", timeout.as_millis()),
+            )
+            .into_response(),
+        };
+        let may_retry = retryable
+            && tried.len() <= route.retry.retries
+            && body.replayable()
+            && gateway.balancer.withdraw();
+        if !may_retry {
+            return Err(Box::new(answer));
+        }
+        metrics::counter!("gateway_retries_total", "route" => route.id.clone()).increment(1);
+        last_failure = Some(answer);
+    }
+}
+
+/// Requests up to this size are buffered so another instance can be tried.
+const MAX_REPLAY_BYTES: u64 = 64 * 1024;
+
+/// A request body that may be sent once (streamed) or again (buffered).
+enum RequestBody {
+    Streamed(Option<Body>),
+    Buffered(axum::body::Bytes),
+}
+
+impl RequestBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Streamed(body) => body.take(),
+            RequestBody::Buffered(bytes) => Some(Body::from(bytes.clone())),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Buffered(_))
+    }
+}
+
+/// Why an attempt failed.
+enum AttemptFailure {
+    Status(hyper::Response<hyper::body::Incoming>),
+    Unreachable,
+    Broken,
+    Timeout,
+}
+
+fn too_large(max: u64) -> Rejection {
+    Box::new(
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The body may be at most {max} bytes on this route."),
+        )
+        .into_response(),
+    )
+}
+
+fn exhausted(service: &str, attempts: usize) -> Response {
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        format!("{service} failed on {attempts} instance(s)."),
+    )
+    .into_response()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The upstream's response as the client gets it.
+fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Route) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
@@ -227,7 +374,7 @@ async fn handle(
             _ => {}
         }
     }
-    Ok((Response::from_parts(parts, Body::new(body)), instance))
+    Response::from_parts(parts, Body::new(body))
 }
 
 /// The upstream path after `StripPrefix` and `RewritePath`.
@@ -303,21 +450,6 @@ fn secure_headers(headers: &mut HeaderMap) {
         if !headers.contains_key(name) {
             headers.insert(name, HeaderValue::from_static(value));
         }
-    }
-}
-
-impl Gateway {
-    /// The next `UP` instance of `service` for `route`, round robin.
-    pub fn pick(&self, route: &Route, service: &str) -> Option<String> {
-        let discovery = self.discovery.as_ref()?;
-        let instances = discovery.instances(service);
-        let up: Vec<&shared::registry::ServiceInstance> =
-            instances.iter().filter(|i| i.is_up()).collect();
-        if up.is_empty() {
-            return None;
-        }
-        let turn = self.counter(&route.id).fetch_add(1, Ordering::Relaxed);
-        Some(up[turn % up.len()].address.clone())
     }
 }
 

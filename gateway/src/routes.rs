@@ -39,6 +39,80 @@ pub struct RouteSpec {
     /// Roles of which the caller needs one (empty: any authenticated caller).
     #[serde(default)]
     pub roles: Vec<String>,
+    /// `round-robin` (default) or `least-outstanding`.
+    #[serde(default)]
+    pub balancer: crate::balancer::Balancing,
+    /// Spring's per-route metadata: `response-timeout` and `connect-timeout` in ms.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
+}
+
+/// When a failed attempt is tried again on another instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Further attempts after the first.
+    pub retries: usize,
+    /// Methods retried after the request may have reached the upstream; others only
+    /// with an `Idempotency-Key`. Connection failures are retried for any method.
+    pub methods: Vec<Method>,
+    /// Upstream statuses that count as a failed attempt.
+    pub statuses: Vec<u16>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            methods: vec![Method::GET, Method::HEAD, Method::OPTIONS],
+            statuses: vec![502, 503, 504],
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Spring's `Retry` filter arguments: `retries`, `methods`, `statuses`.
+    fn from_args(args: &BTreeMap<String, String>) -> Result<Self, String> {
+        let mut policy = Self::default();
+        if let Some(retries) = args.get("retries").or_else(|| args.get("_genkey_0")) {
+            policy.retries = retries
+                .parse()
+                .map_err(|_| format!("retries must be a number, not {retries}"))?;
+        }
+        if let Some(methods) = args.get("methods") {
+            policy.methods = methods
+                .split(',')
+                .map(|m| {
+                    Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                        .map_err(|_| format!("{m} is not an HTTP method"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(statuses) = args.get("statuses") {
+            policy.statuses = statuses
+                .split(',')
+                .map(|s| status_code(s.trim()))
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(policy)
+    }
+}
+
+/// `502` or Spring's `BAD_GATEWAY`.
+fn status_code(raw: &str) -> Result<u16, String> {
+    if let Ok(code) = raw.parse::<u16>() {
+        return Ok(code);
+    }
+    let by_name = [
+        ("INTERNAL_SERVER_ERROR", 500),
+        ("BAD_GATEWAY", 502),
+        ("SERVICE_UNAVAILABLE", 503),
+        ("GATEWAY_TIMEOUT", 504),
+    ];
+    by_name
+        .iter()
+        .find(|(name, _)| *name == raw)
+        .map(|(_, code)| *code)
+        .ok_or_else(|| format!("{raw} is not a status code"))
 }
 
 /// Where a route sends requests.
@@ -90,6 +164,10 @@ pub struct Route {
     pub filters: Vec<Filter>,
     pub order: i32,
     pub roles: Vec<String>,
+    pub retry: RetryPolicy,
+    pub balancing: crate::balancer::Balancing,
+    /// From sending to the response's headers; the gateway's default when `None`.
+    pub response_timeout: Option<std::time::Duration>,
 }
 
 /// Why a route file was refused: the route and the field at fault.
@@ -156,6 +234,24 @@ impl RouteTable {
             for (i, f) in spec.filters.iter().enumerate() {
                 filters.push(parse_filter(&spec.id, i, f)?);
             }
+            let retry = match filters.iter().find_map(|f| match f {
+                Filter::Retry(args) => Some(args),
+                _ => None,
+            }) {
+                Some(args) => RetryPolicy::from_args(args).map_err(|m| err("filters", m))?,
+                None => RetryPolicy::default(),
+            };
+            let response_timeout = match spec.metadata.get("response-timeout") {
+                None => None,
+                Some(value) => Some(std::time::Duration::from_millis(
+                    value
+                        .as_u64()
+                        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+                        .ok_or_else(|| {
+                            err("metadata.response-timeout", "must be milliseconds".into())
+                        })?,
+                )),
+            };
             routes.push(Route {
                 id: spec.id.clone(),
                 uri: spec.uri.clone(),
@@ -164,6 +260,9 @@ impl RouteTable {
                 filters,
                 order: spec.order,
                 roles: spec.roles.clone(),
+                retry,
+                balancing: spec.balancer,
+                response_timeout,
             });
         }
         // Stable: equal orders keep file order.

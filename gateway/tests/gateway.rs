@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU16, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -38,7 +38,10 @@ struct Upstream {
     name: String,
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    posts: Arc<AtomicUsize>,
     last_headers: Arc<Mutex<HashMap<String, String>>>,
+    /// When not 0, every request is answered with this status.
+    failing_with: Arc<AtomicU16>,
 }
 
 async fn upstream(name: &str) -> Upstream {
@@ -49,7 +52,9 @@ async fn upstream(name: &str) -> Upstream {
         name: name.to_owned(),
         addr: listener.local_addr().expect("addr"),
         hits: Arc::new(AtomicUsize::new(0)),
+        posts: Arc::new(AtomicUsize::new(0)),
         last_headers: Arc::new(Mutex::new(HashMap::new())),
+        failing_with: Arc::new(AtomicU16::new(0)),
     };
     async fn echo(
         State(up): State<Upstream>,
@@ -62,6 +67,15 @@ async fn upstream(name: &str) -> Upstream {
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
             .collect();
         *up.last_headers.lock().expect("lock") = seen;
+        if request.method() == axum::http::Method::POST {
+            up.posts.fetch_add(1, Ordering::SeqCst);
+        }
+        let failing = up.failing_with.load(Ordering::SeqCst);
+        if failing != 0 {
+            let status = axum::http::StatusCode::from_u16(failing)
+                .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+            return (status, Json(json!({"upstream": up.name}))).into_response();
+        }
         if request.uri().path().contains("slow") {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
@@ -659,4 +673,164 @@ async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
         .expect_err("refused")
         .to_string();
     assert!(err.contains("broken") && err.contains("uri"), "{err}");
+}
+
+/// Two instances of order-service, both known to the gateway.
+async fn two_instances(s: &Stack, token: &str) -> (Upstream, Upstream) {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    s.register("order-service", &a).await;
+    s.register("order-service", &b).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.hits.load(Ordering::SeqCst) == 0 || b.hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances known"
+        );
+        s.get_routed("/orders", token).await;
+    }
+    (a, b)
+}
+
+async fn post(s: &Stack, token: &str, key: Option<&str>) -> reqwest::Response {
+    let mut request = s
+        .client
+        .post(format!("{}/orders", s.gateway))
+        .bearer_auth(token)
+        .json(&json!({"items": []}));
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.expect("post")
+}
+
+#[tokio::test]
+async fn a_failed_get_is_retried_on_another_instance() {
+    let s = stack(ROUTES, 2000).await;
+    let token = s.token("alice", "alice-pw").await;
+    let (a, b) = two_instances(&s, &token).await;
+    a.failing_with.store(502, Ordering::SeqCst);
+    let (a0, b0) = (a.hits.load(Ordering::SeqCst), b.hits.load(Ordering::SeqCst));
+    for _ in 0..4 {
+        let response = s.get("/orders", &token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["upstream"], "b", "answered by the healthy instance");
+    }
+    assert!(
+        a.hits.load(Ordering::SeqCst) > a0,
+        "the sick instance was tried"
+    );
+    assert_eq!(b.hits.load(Ordering::SeqCst) - b0, 4);
+}
+
+#[tokio::test]
+async fn a_sent_post_is_retried_only_with_an_idempotency_key() {
+    let s = stack(ROUTES, 2000).await;
+    let token = s.token("alice", "alice-pw").await;
+    let (a, b) = two_instances(&s, &token).await;
+    a.failing_with.store(503, Ordering::SeqCst);
+    // Round robin reaches a within two requests; without a key its 503 comes back.
+    let mut refused = 0;
+    for _ in 0..2 {
+        if post(&s, &token, None).await.status() == StatusCode::SERVICE_UNAVAILABLE {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 1,
+        "a's 503 is not retried for a POST without a key"
+    );
+    assert_eq!(
+        a.posts.load(Ordering::SeqCst) + b.posts.load(Ordering::SeqCst),
+        2,
+        "each POST sent once"
+    );
+
+    for i in 0..2 {
+        let response = post(&s, &token, Some(&format!("key-{i}"))).await;
+        assert_eq!(response.status(), StatusCode::OK, "retried on b with a key");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_failure_is_retried_for_any_method() {
+    let s = stack(ROUTES, 2000).await;
+    let token = s.token("alice", "alice-pw").await;
+    let b = upstream("b").await;
+    s.register("order-service", &b).await;
+    s.get_routed("/orders", &token).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let settings = registry_settings(s.registry);
+    RegistryClient::new(&settings)
+        .register(
+            &InstanceRegistration::for_bound("order-service", dead, &settings),
+            60,
+        )
+        .await
+        .expect("register");
+    // Wait until the gateway knows both (the routes report lists two instances).
+    let admin = s.token("admin", "admin-pw").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let report: Value = s
+            .get("/actuator/gateway/routes", &admin)
+            .await
+            .json()
+            .await
+            .expect("json");
+        let count = report["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+            .and_then(|r| r["instances"].as_array().map(Vec::len));
+        if count == Some(2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(post(&s, &token, None).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        b.posts.load(Ordering::SeqCst),
+        4,
+        "every POST reached b exactly once"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_instance_is_ejected_then_returns_on_its_own() {
+    let s = stack(ROUTES, 2000).await;
+    let token = s.token("alice", "alice-pw").await;
+    let (a, b) = two_instances(&s, &token).await;
+    a.failing_with.store(500, Ordering::SeqCst);
+    // 500 is not retried (not in the policy) but counts against a: three strikes.
+    let mut strikes = 0;
+    while strikes < 3 {
+        if s.get("/orders", &token).await.status() == StatusCode::INTERNAL_SERVER_ERROR {
+            strikes += 1;
+        }
+    }
+    let a_after = a.hits.load(Ordering::SeqCst);
+    let b_before = b.hits.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(s.get("/orders", &token).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        a_after,
+        "ejected: no traffic"
+    );
+    assert_eq!(b.hits.load(Ordering::SeqCst) - b_before, 6);
+
+    // a recovers; after its backoff (1 s) it receives traffic again by itself.
+    a.failing_with.store(0, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.hits.load(Ordering::SeqCst) == a_after {
+        assert!(tokio::time::Instant::now() < deadline, "a comes back");
+        assert_eq!(s.get("/orders", &token).await.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
