@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod balancer;
+pub mod limits;
 pub mod proxy;
 pub mod routes;
 
@@ -74,6 +75,9 @@ pub struct Settings {
     pub routes_file: Option<PathBuf>,
     pub auth: GatewayAuthSettings,
     pub upstream: UpstreamSettings,
+    pub cors: limits::CorsSettings,
+    /// Request headers larger than this together are refused with 431.
+    pub max_header_bytes: usize,
 }
 
 impl Default for Settings {
@@ -85,6 +89,8 @@ impl Default for Settings {
             routes_file: None,
             auth: GatewayAuthSettings::default(),
             upstream: UpstreamSettings::default(),
+            cors: limits::CorsSettings::default(),
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -115,6 +121,8 @@ pub struct Gateway {
     pub client: Client<HttpConnector, axum::body::Body>,
     pub upstream: UpstreamSettings,
     pub balancer: balancer::Balancer,
+    pub cors: limits::CorsSettings,
+    pub max_header_bytes: usize,
     /// Round-robin positions by route id.
     counters: HashMap<String, AtomicUsize>,
     spare_counter: AtomicUsize,
@@ -191,6 +199,8 @@ impl Application {
             client,
             upstream: settings.upstream.clone(),
             balancer: balancer::Balancer::default(),
+            cors: settings.cors.clone(),
+            max_header_bytes: settings.max_header_bytes,
             counters,
             spare_counter: AtomicUsize::new(0),
         });

@@ -67,6 +67,15 @@ pub async fn forward(
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if let Err(response) =
+        crate::limits::check_header_size(request.headers(), gateway.max_header_bytes)
+    {
+        return response;
+    }
+    if let Some(response) = gateway.cors.preflight(request.method(), request.headers()) {
+        return response;
+    }
+    let request_headers = request.headers().clone();
     let routes = gateway.routes.load_full();
     let route = routes.find(request.method(), request.uri(), request.headers());
     let route_id = route.map_or("-", |r| r.id.as_str()).to_owned();
@@ -84,6 +93,9 @@ pub async fn forward(
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    gateway
+        .cors
+        .decorate(&request_headers, response.headers_mut());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     metrics::counter!("gateway_requests_total", "route" => route_id.clone(), "status" => status.to_string())
@@ -130,6 +142,23 @@ async fn handle(
             ))
             .into_response(),
         ));
+    }
+
+    let mut rate_limit = None;
+    for filter in &route.filters {
+        if let Filter::RequestRateLimiter(limiter) = filter {
+            let key = match limiter.key {
+                crate::limits::LimitKey::User => format!("user:{}", claims.sub),
+                crate::limits::LimitKey::Ip => format!("ip:{}", client.ip()),
+            };
+            let decision = limiter.check(&key, Instant::now());
+            if !decision.allowed {
+                metrics::counter!("gateway_rate_limited_total", "route" => route.id.clone())
+                    .increment(1);
+                return Err(Box::new(limiter.refusal(&decision)));
+            }
+            rate_limit = Some((limiter.clone(), decision));
+        }
     }
 
     // The body: refused when over the route's limit, buffered (and so replayable on
@@ -250,7 +279,11 @@ async fn handle(
                 } else {
                     health.succeeded();
                 }
-                return Ok((finish(response, route), instance));
+                let mut response = finish(response, route);
+                if let Some((limiter, decision)) = &rate_limit {
+                    limiter.headers(decision, response.headers_mut());
+                }
+                return Ok((response, instance));
             }
             Ok(Err(e)) if e.is_connect() => {
                 health.failed(now_ms());

@@ -151,7 +151,8 @@ pub enum Filter {
     /// Settings kept for the retry, breaker and limiter stages.
     Retry(BTreeMap<String, String>),
     CircuitBreaker(BTreeMap<String, String>),
-    RequestRateLimiter(BTreeMap<String, String>),
+    /// Token buckets per user or client IP, shared by every request of the route.
+    RequestRateLimiter(std::sync::Arc<crate::limits::RateLimiter>),
 }
 
 /// A compiled route.
@@ -490,7 +491,9 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
         "SecureHeaders" => Ok(Filter::SecureHeaders),
         "Retry" => Ok(Filter::Retry(args)),
         "CircuitBreaker" => Ok(Filter::CircuitBreaker(args)),
-        "RequestRateLimiter" => Ok(Filter::RequestRateLimiter(args)),
+        "RequestRateLimiter" => Ok(Filter::RequestRateLimiter(std::sync::Arc::new(
+            crate::limits::RateLimiter::from_args(&args).map_err(err)?,
+        ))),
         other => Err(err(format!("unknown filter {other}"))),
     }
 }

@@ -159,6 +159,12 @@ routes:
   - id: payments
     uri: lb://payment-service
     predicates: ["Path=/payments/**"]
+  - id: limited
+    uri: lb://order-service
+    predicates: ["Path=/limited/**"]
+    filters:
+      - name: RequestRateLimiter
+        args: { redis-rate-limiter.replenishRate: 1, redis-rate-limiter.burstCapacity: 2 }
 "#;
 
 async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
@@ -194,6 +200,10 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
         upstream: UpstreamSettings {
             response_timeout_ms,
             ..UpstreamSettings::default()
+        },
+        cors: gateway::limits::CorsSettings {
+            allowed_origins: vec!["https://shop.example.test".into()],
+            ..gateway::limits::CorsSettings::default()
         },
         ..Settings::default()
     };
@@ -833,4 +843,118 @@ async fn a_failing_instance_is_ejected_then_returns_on_its_own() {
         assert_eq!(s.get("/orders", &token).await.status(), StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_user_over_the_routes_rate_gets_429_with_retry_after() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders").await;
+    s.register("order-service", &up).await;
+    let alice = s.token("alice", "alice-pw").await;
+    let admin = s.token("admin", "admin-pw").await;
+    s.get_routed("/orders", &alice).await;
+
+    let first = s.get("/limited/x", &alice).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["ratelimit-limit"], "2");
+    assert_eq!(first.headers()["ratelimit-remaining"], "1");
+    assert_eq!(s.get("/limited/x", &alice).await.status(), StatusCode::OK);
+    let refused = s.get("/limited/x", &alice).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(
+        s.get("/limited/x", &admin).await.status(),
+        StatusCode::OK,
+        "each user has a bucket of their own"
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let s = stack(ROUTES, 2000).await;
+    let token = s.token("alice", "alice-pw").await;
+    let response = s
+        .client
+        .get(format!("{}/orders", s.gateway))
+        .bearer_auth(&token)
+        .header("x-padding", "p".repeat(20 * 1024))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+}
+
+#[tokio::test]
+async fn the_gateway_owns_cors() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/orders", &token).await;
+    let preflight = |origin: &'static str| {
+        s.client
+            .request(reqwest::Method::OPTIONS, format!("{}/orders", s.gateway))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let allowed = preflight("https://shop.example.test")
+        .await
+        .expect("preflight");
+    assert_eq!(
+        allowed.status(),
+        StatusCode::NO_CONTENT,
+        "answered without a token"
+    );
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://shop.example.test"
+    );
+    assert!(
+        allowed.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap_or_default()
+            .contains("authorization")
+    );
+    let hits = up.hits.load(Ordering::SeqCst);
+    let refused = preflight("https://evil.example.test")
+        .await
+        .expect("preflight");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "preflights never reach a service"
+    );
+
+    let actual = s
+        .client
+        .get(format!("{}/orders", s.gateway))
+        .bearer_auth(&token)
+        .header("origin", "https://shop.example.test")
+        .send()
+        .await
+        .expect("request");
+    let origins: Vec<_> = actual
+        .headers()
+        .get_all("access-control-allow-origin")
+        .iter()
+        .collect();
+    assert_eq!(
+        origins,
+        vec!["https://shop.example.test"],
+        "one header, the gateway's"
+    );
 }

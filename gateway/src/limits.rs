@@ -1,0 +1,317 @@
+//! Request limits the gateway enforces before a service sees anything: token-bucket
+//! rate limiting per route (`RequestRateLimiter`), the size of request headers (431),
+//! and CORS, which the gateway owns so no upstream's CORS headers are doubled.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use shared::Problem;
+
+/// Whose requests share a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKey {
+    /// The token's `sub`.
+    User,
+    /// The client's IP address.
+    Ip,
+}
+
+/// One route's token buckets.
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Tokens added per second.
+    pub replenish_rate: f64,
+    /// Bucket size: the burst allowed after a quiet period.
+    pub burst_capacity: f64,
+    /// Tokens one request costs.
+    pub requested_tokens: f64,
+    pub key: LimitKey,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// What the limiter decided, with the figures for the response headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub remaining: u64,
+    /// Seconds until a request would be allowed (0 when it is).
+    pub retry_after: u64,
+}
+
+impl RateLimiter {
+    /// From `RequestRateLimiter` args, in Spring's spelling
+    /// (`redis-rate-limiter.replenishRate`) or short (`replenishRate`).
+    pub fn from_args(args: &std::collections::BTreeMap<String, String>) -> Result<Self, String> {
+        let get = |name: &str| {
+            args.get(&format!("redis-rate-limiter.{name}"))
+                .or_else(|| args.get(name))
+        };
+        let number = |name: &str, default: Option<f64>| -> Result<f64, String> {
+            match get(name) {
+                Some(raw) => raw
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| *n > 0.0)
+                    .ok_or_else(|| format!("{name} must be a positive number")),
+                None => default.ok_or_else(|| format!("RequestRateLimiter needs {name}")),
+            }
+        };
+        let replenish_rate = number("replenishRate", None)?;
+        let burst_capacity = number("burstCapacity", Some(replenish_rate))?;
+        let requested_tokens = number("requestedTokens", Some(1.0))?;
+        let key = match args
+            .get("keyResolver")
+            .or_else(|| args.get("key-resolver"))
+            .map(String::as_str)
+        {
+            None | Some("user") => LimitKey::User,
+            Some("ip") => LimitKey::Ip,
+            Some(other) => return Err(format!("keyResolver must be user or ip, not {other}")),
+        };
+        if burst_capacity < requested_tokens {
+            return Err("burstCapacity must be at least requestedTokens".into());
+        }
+        Ok(Self {
+            replenish_rate,
+            burst_capacity,
+            requested_tokens,
+            key,
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a request's tokens from `key`'s bucket, if it holds them.
+    pub fn check(&self, key: &str, now: Instant) -> Decision {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 100_000 {
+            // Forget keys idle long enough to have refilled completely.
+            let full_after = Duration::from_secs_f64(self.burst_capacity / self.replenish_rate);
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < full_after);
+        }
+        let (tokens, updated) = buckets
+            .entry(key.to_owned())
+            .or_insert((self.burst_capacity, now));
+        let refill = now.duration_since(*updated).as_secs_f64() * self.replenish_rate;
+        *tokens = (*tokens + refill).min(self.burst_capacity);
+        *updated = now;
+        if *tokens >= self.requested_tokens {
+            *tokens -= self.requested_tokens;
+            Decision {
+                allowed: true,
+                remaining: tokens.floor() as u64,
+                retry_after: 0,
+            }
+        } else {
+            let missing = self.requested_tokens - *tokens;
+            Decision {
+                allowed: false,
+                remaining: 0,
+                retry_after: (missing / self.replenish_rate).ceil().max(1.0) as u64,
+            }
+        }
+    }
+
+    /// The `RateLimit-*` headers (and Spring's `X-RateLimit-*`) for a decision.
+    pub fn headers(&self, decision: &Decision, headers: &mut HeaderMap) {
+        let pairs = [
+            ("ratelimit-limit", self.burst_capacity.floor() as u64),
+            ("ratelimit-remaining", decision.remaining),
+            ("ratelimit-reset", decision.retry_after),
+            ("x-ratelimit-remaining", decision.remaining),
+            (
+                "x-ratelimit-burst-capacity",
+                self.burst_capacity.floor() as u64,
+            ),
+            (
+                "x-ratelimit-replenish-rate",
+                self.replenish_rate.floor() as u64,
+            ),
+        ];
+        for (name, value) in pairs {
+            headers.insert(name, HeaderValue::from(value));
+        }
+    }
+
+    /// The 429 for a refused request.
+    pub fn refusal(&self, decision: &Decision) -> Response {
+        let mut response = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Too many requests: this route allows {} per second (bursts of {}). Retry after {}s.",
+                self.replenish_rate, self.burst_capacity, decision.retry_after
+            ),
+        )
+        .into_response();
+        self.headers(decision, response.headers_mut());
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(decision.retry_after));
+        response
+    }
+}
+
+/// 431 when the request's headers together exceed `max_bytes`.
+pub fn check_header_size(headers: &HeaderMap, max_bytes: usize) -> Result<(), Response> {
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > max_bytes {
+        return Err(Problem::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("The request headers take {size} bytes; at most {max_bytes} are accepted."),
+        )
+        .into_response());
+    }
+    Ok(())
+}
+
+/// The `cors` section: which browser origins may call the API. None by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsSettings {
+    /// Exact origins (`https://shop.example.org`), or `*` for any.
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    pub allowed_headers: Vec<String>,
+    pub max_age_seconds: u64,
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE"]
+                .map(String::from)
+                .to_vec(),
+            allowed_headers: [
+                "authorization",
+                "content-type",
+                "idempotency-key",
+                "x-request-id",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_age_seconds: 600,
+        }
+    }
+}
+
+impl CorsSettings {
+    fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*" || o == origin)
+    }
+
+    /// The answer to a preflight (`OPTIONS` with `Access-Control-Request-Method`), which
+    /// carries no credentials and so is answered before authentication.
+    pub fn preflight(&self, method: &Method, headers: &HeaderMap) -> Option<Response> {
+        if method != Method::OPTIONS || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            return None;
+        }
+        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())?;
+        if !self.allows(origin) {
+            return Some(
+                Problem::forbidden(format!("Origin {origin} may not call this API."))
+                    .into_response(),
+            );
+        }
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let h = response.headers_mut();
+        self.allow_origin(origin, h);
+        if let Ok(v) = HeaderValue::from_str(&self.allowed_methods.join(", ")) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.allowed_headers.join(", ")) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+        }
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(self.max_age_seconds),
+        );
+        Some(response)
+    }
+
+    /// Adds the allow-origin headers to a response for `request_headers`' origin.
+    pub fn decorate(&self, request_headers: &HeaderMap, response: &mut HeaderMap) {
+        if let Some(origin) = request_headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            && self.allows(origin)
+        {
+            self.allow_origin(origin, response);
+        }
+    }
+
+    fn allow_origin(&self, origin: &str, headers: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(origin) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn limiter(rate: &str, burst: &str) -> RateLimiter {
+        let args: BTreeMap<String, String> = [
+            (
+                "redis-rate-limiter.replenishRate".to_owned(),
+                rate.to_owned(),
+            ),
+            (
+                "redis-rate-limiter.burstCapacity".to_owned(),
+                burst.to_owned(),
+            ),
+        ]
+        .into();
+        RateLimiter::from_args(&args).unwrap()
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
+        let l = limiter("2", "3");
+        let t0 = Instant::now();
+        for remaining in [2, 1, 0] {
+            let d = l.check("alice", t0);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, remaining);
+        }
+        let refused = l.check("alice", t0);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, 1);
+        assert!(l.check("bob", t0).allowed, "buckets are per key");
+        assert!(
+            l.check("alice", t0 + Duration::from_millis(500)).allowed,
+            "one token per 0.5 s"
+        );
+        assert!(!l.check("alice", t0 + Duration::from_millis(500)).allowed);
+    }
+
+    #[test]
+    fn bad_limiter_arguments_are_named() {
+        let args: BTreeMap<String, String> = [("replenishRate".to_owned(), "-1".to_owned())].into();
+        assert!(
+            RateLimiter::from_args(&args)
+                .unwrap_err()
+                .contains("replenishRate")
+        );
+        let args: BTreeMap<String, String> = BTreeMap::new();
+        assert!(
+            RateLimiter::from_args(&args)
+                .unwrap_err()
+                .contains("replenishRate")
+        );
+    }
+}
