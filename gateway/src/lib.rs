@@ -15,13 +15,7 @@ pub mod limits;
 pub mod proxy;
 pub mod routes;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, atomic::AtomicUsize},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -123,9 +117,8 @@ pub struct Gateway {
     pub balancer: balancer::Balancer,
     pub cors: limits::CorsSettings,
     pub max_header_bytes: usize,
-    /// Round-robin positions by route id.
-    counters: HashMap<String, AtomicUsize>,
-    spare_counter: AtomicUsize,
+    /// Where the routes come from; `None` for the built-in ones.
+    routes_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -137,8 +130,54 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    pub fn counter(&self, route: &str) -> &AtomicUsize {
-        self.counters.get(route).unwrap_or(&self.spare_counter)
+    /// Re-reads the routes and swaps the table in one step. A file that does not
+    /// compile leaves the table in force and says why.
+    pub fn reload(&self) -> Result<usize, String> {
+        let Some(path) = &self.routes_file else {
+            return Ok(self.routes.load().routes.len());
+        };
+        let outcome = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|text| RouteTable::from_yaml(&text).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(table) => {
+                if let Some(discovery) = &self.discovery {
+                    for service in table.services() {
+                        discovery.follow(&service);
+                    }
+                }
+                let count = table.routes.len();
+                self.routes.store(Arc::new(table));
+                metrics::counter!("gateway_route_reloads_total", "outcome" => "applied")
+                    .increment(1);
+                tracing::info!(routes = count, "routes reloaded");
+                Ok(count)
+            }
+            Err(reason) => {
+                metrics::counter!("gateway_route_reloads_total", "outcome" => "refused")
+                    .increment(1);
+                tracing::warn!(%reason, "new routes refused; the previous routes stay in force");
+                Err(reason)
+            }
+        }
+    }
+}
+
+/// Reloads the routes whenever their file's modification time changes.
+async fn watch_routes(gateway: Arc<Gateway>, path: PathBuf, stop: CancellationToken) {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let now = modified(&path);
+        if now != seen {
+            seen = now;
+            let _ = gateway.reload();
+        }
     }
 }
 
@@ -161,14 +200,7 @@ impl Application {
             verifier.trust_signer(signer);
         }
         let background = CancellationToken::new();
-        let services: Vec<String> = table
-            .routes
-            .iter()
-            .filter_map(|r| match &r.upstream {
-                Upstream::Service(s) => Some(s.clone()),
-                Upstream::Fixed(_) => None,
-            })
-            .collect();
+        let services = table.services();
         let discovery = settings.registry.enabled.then(|| {
             let names: Vec<&str> = services.iter().map(String::as_str).collect();
             Discovery::start(
@@ -187,11 +219,6 @@ impl Application {
                 settings.upstream.pool_idle_timeout_ms,
             ))
             .build(connector);
-        let counters = table
-            .routes
-            .iter()
-            .map(|r| (r.id.clone(), AtomicUsize::new(0)))
-            .collect();
         let gateway = Arc::new(Gateway {
             routes: ArcSwap::from_pointee(table),
             discovery,
@@ -201,9 +228,11 @@ impl Application {
             balancer: balancer::Balancer::default(),
             cors: settings.cors.clone(),
             max_header_bytes: settings.max_header_bytes,
-            counters,
-            spare_counter: AtomicUsize::new(0),
+            routes_file: settings.routes_file.clone(),
         });
+        if let Some(path) = settings.routes_file.clone() {
+            tokio::spawn(watch_routes(gateway.clone(), path, background.clone()));
+        }
         let listener = settings.http.bind().await?;
         Ok(Self {
             listener,
@@ -248,6 +277,7 @@ fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
         .with_state(idp);
     let admin = Router::new()
         .route("/actuator/gateway/routes", get(routes_report))
+        .route("/actuator/gateway/refresh", post(refresh))
         .layer(axum::middleware::from_fn_with_state(
             gateway.clone(),
             require_admin,
@@ -305,6 +335,17 @@ async fn require_admin(
             Problem::forbidden("This endpoint needs the admin role.").into_response()
         }
         Ok(_) => next.run(Request::from_parts(parts, body)).await,
+    }
+}
+
+/// `POST /actuator/gateway/refresh`: reload the routes now.
+async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Problem> {
+    match gateway.reload() {
+        Ok(routes) => Ok(Json(json!({ "routes": routes }))),
+        Err(reason) => Err(Problem::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!("The new routes were refused and the previous ones stay in force: {reason}"),
+        )),
     }
 }
 

@@ -223,7 +223,7 @@ async fn handle(
                     .as_ref()
                     .map(|d| d.instances(name))
                     .unwrap_or_default();
-                let turn = gateway.counter(&route.id).fetch_add(1, Ordering::Relaxed);
+                let turn = route.turn.fetch_add(1, Ordering::Relaxed);
                 match gateway
                     .balancer
                     .pick(&instances, &tried, route.balancing, turn, now_ms())

@@ -169,6 +169,8 @@ pub struct Route {
     pub balancing: crate::balancer::Balancing,
     /// From sending to the response's headers; the gateway's default when `None`.
     pub response_timeout: Option<std::time::Duration>,
+    /// The round-robin position, per route.
+    pub turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why a route file was refused: the route and the field at fault.
@@ -264,11 +266,27 @@ impl RouteTable {
                 retry,
                 balancing: spec.balancer,
                 response_timeout,
+                turn: Default::default(),
             });
         }
         // Stable: equal orders keep file order.
         routes.sort_by_key(|r| r.order);
         Ok(Self { routes })
+    }
+
+    /// The registry services the routes send to.
+    pub fn services(&self) -> Vec<String> {
+        let mut services: Vec<String> = self
+            .routes
+            .iter()
+            .filter_map(|r| match &r.upstream {
+                Upstream::Service(s) => Some(s.clone()),
+                Upstream::Fixed(_) => None,
+            })
+            .collect();
+        services.sort();
+        services.dedup();
+        services
     }
 
     /// The first route whose predicates all match.

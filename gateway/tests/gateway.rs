@@ -98,6 +98,7 @@ async fn upstream(name: &str) -> Upstream {
 
 struct Stack {
     gateway: String,
+    routes_file: std::path::PathBuf,
     registry: SocketAddr,
     client: reqwest::Client,
     _stop: Vec<CancellationToken>,
@@ -178,7 +179,7 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
             enabled: true,
             ..registry_settings(registry)
         },
-        routes_file: Some(routes_file),
+        routes_file: Some(routes_file.clone()),
         auth: GatewayAuthSettings {
             signing_key: Some(TokenSigner::generate_seed()),
             users: vec![
@@ -215,6 +216,7 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
     std::mem::forget(dir);
     Stack {
         gateway,
+        routes_file,
         registry,
         client: reqwest::Client::new(),
         _stop: vec![stop_gateway, stop_registry],
@@ -957,4 +959,92 @@ async fn the_gateway_owns_cors() {
         vec!["https://shop.example.test"],
         "one header, the gateway's"
     );
+}
+
+async fn route_ids(s: &Stack, admin: &str) -> Vec<String> {
+    let report: Value = s
+        .get("/actuator/gateway/routes", admin)
+        .await
+        .json()
+        .await
+        .expect("json");
+    report["routes"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn routes_reload_on_file_change_and_on_refresh_and_a_bad_file_changes_nothing() {
+    let s = stack(ROUTES, 2000).await;
+    let admin = s.token("admin", "admin-pw").await;
+    let alice = s.token("alice", "alice-pw").await;
+    let up = upstream("orders").await;
+    s.register("order-service", &up).await;
+    assert!(!route_ids(&s, &admin).await.contains(&"extra".to_owned()));
+
+    // A new route in the file, pointing at a service the gateway did not follow yet.
+    let extra = format!(
+        "{ROUTES}  - id: extra\n    uri: lb://inventory-service\n    predicates: [\"Path=/inventory/**\"]\n"
+    );
+    std::fs::write(&s.routes_file, &extra).expect("write");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !route_ids(&s, &admin).await.contains(&"extra".to_owned()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the file change is picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let inventory = upstream("inventory").await;
+    s.register("inventory-service", &inventory).await;
+    assert_eq!(
+        s.get_routed("/inventory/items", &alice).await.status(),
+        StatusCode::OK
+    );
+
+    // Refresh is for admins only.
+    let refresh = |token: String| {
+        s.client
+            .post(format!("{}/actuator/gateway/refresh", s.gateway))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(
+        refresh(alice.clone()).await.expect("refresh").status(),
+        StatusCode::FORBIDDEN
+    );
+
+    // A broken file: refused by name, and the routes in force stay.
+    std::fs::write(
+        &s.routes_file,
+        "routes: [{id: oops, uri: 'lb://x', predicates: [Colour=red]}]",
+    )
+    .expect("write");
+    let refused = refresh(admin.clone()).await.expect("refresh");
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = refused.json().await.expect("problem");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("oops") && detail.contains("predicates[0]"),
+        "{detail}"
+    );
+    assert!(
+        route_ids(&s, &admin).await.contains(&"extra".to_owned()),
+        "old routes in force"
+    );
+    assert_eq!(
+        s.get("/inventory/items", &alice).await.status(),
+        StatusCode::OK
+    );
+
+    // Fixed again, applied by refresh.
+    std::fs::write(&s.routes_file, ROUTES).expect("write");
+    let applied = refresh(admin.clone()).await.expect("refresh");
+    assert_eq!(applied.status(), StatusCode::OK);
+    assert!(!route_ids(&s, &admin).await.contains(&"extra".to_owned()));
 }

@@ -442,68 +442,95 @@ pub struct Discovery {
     cache: Arc<ArcSwap<HashMap<String, Arc<Vec<ServiceInstance>>>>>,
     changes: watch::Receiver<u64>,
     failures: watch::Receiver<u64>,
+    follower: Arc<Follower>,
+}
+
+/// What a new poller needs, so services can be followed after start-up.
+#[derive(Debug)]
+struct Follower {
+    client: RegistryClient,
+    shutdown: CancellationToken,
+    followed: std::sync::Mutex<std::collections::HashSet<String>>,
+    changes: Arc<watch::Sender<u64>>,
+    failures: Arc<watch::Sender<u64>>,
 }
 
 impl Discovery {
     /// Follows `services` (canonical names) until `shutdown`.
     pub fn start(client: RegistryClient, services: &[&str], shutdown: CancellationToken) -> Self {
-        let cache: Arc<ArcSwap<HashMap<String, Arc<Vec<ServiceInstance>>>>> =
-            Arc::new(ArcSwap::from_pointee(HashMap::new()));
         let (changes_tx, changes) = watch::channel(0_u64);
-        let changes_tx = Arc::new(changes_tx);
         let (failures_tx, failures) = watch::channel(0_u64);
-        let failures_tx = Arc::new(failures_tx);
-        for service in services {
-            let service = service.to_ascii_lowercase();
-            let client = client.clone();
-            let cache = cache.clone();
-            let shutdown = shutdown.clone();
-            let changes_tx = changes_tx.clone();
-            let failures_tx = failures_tx.clone();
-            tokio::spawn(async move {
-                let mut index = None;
-                let mut backoff = Duration::from_millis(100);
-                loop {
-                    let poll = client.instances(&service, index, Duration::from_secs(30));
-                    let result = tokio::select! {
-                        r = poll => r,
-                        () = shutdown.cancelled() => return,
-                    };
-                    match result {
-                        Ok((next, instances)) => {
-                            backoff = Duration::from_millis(100);
-                            index = Some(next);
-                            let instances = Arc::new(instances);
-                            let unchanged = cache.load().get(&service) == Some(&instances);
-                            if !unchanged {
-                                cache.rcu(|current| {
-                                    let mut next = (**current).clone();
-                                    next.insert(service.clone(), instances.clone());
-                                    next
-                                });
-                                changes_tx.send_modify(|n| *n += 1);
-                            }
-                        }
-                        Err(e) => {
-                            // Keep serving the last known instances; try again soon.
-                            tracing::warn!(%service, error = %e, "discovery poll failed; keeping the last known instances");
-                            failures_tx.send_modify(|n| *n += 1);
-                            index = None;
-                            tokio::select! {
-                                () = tokio::time::sleep(backoff) => {}
-                                () = shutdown.cancelled() => return,
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            });
-        }
-        Self {
-            cache,
+        let discovery = Self {
+            cache: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             changes,
             failures,
+            follower: Arc::new(Follower {
+                client,
+                shutdown,
+                followed: std::sync::Mutex::new(std::collections::HashSet::new()),
+                changes: Arc::new(changes_tx),
+                failures: Arc::new(failures_tx),
+            }),
+        };
+        for service in services {
+            discovery.follow(service);
         }
+        discovery
+    }
+
+    /// Starts following `service` too (a no-op when it already is).
+    pub fn follow(&self, service: &str) {
+        let service = service.to_ascii_lowercase();
+        let follower = self.follower.clone();
+        let fresh = follower
+            .followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.clone());
+        if !fresh {
+            return;
+        }
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            let client = &follower.client;
+            let shutdown = &follower.shutdown;
+            let mut index = None;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let poll = client.instances(&service, index, Duration::from_secs(30));
+                let result = tokio::select! {
+                    r = poll => r,
+                    () = shutdown.cancelled() => return,
+                };
+                match result {
+                    Ok((next, instances)) => {
+                        backoff = Duration::from_millis(100);
+                        index = Some(next);
+                        let instances = Arc::new(instances);
+                        let unchanged = cache.load().get(&service) == Some(&instances);
+                        if !unchanged {
+                            cache.rcu(|current| {
+                                let mut next = (**current).clone();
+                                next.insert(service.clone(), instances.clone());
+                                next
+                            });
+                            follower.changes.send_modify(|n| *n += 1);
+                        }
+                    }
+                    Err(e) => {
+                        // Keep serving the last known instances; try again soon.
+                        tracing::warn!(%service, error = %e, "discovery poll failed; keeping the last known instances");
+                        follower.failures.send_modify(|n| *n += 1);
+                        index = None;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = shutdown.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     /// The last known instances of `service`, whatever their status.
