@@ -352,6 +352,10 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
 /// `GET /actuator/gateway/routes`: each route with the instances it resolves to now.
 async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
     let table = gateway.routes.load();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let routes: Vec<Value> = table
         .routes
         .iter()
@@ -361,11 +365,16 @@ async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
                     .instances(service)
                     .iter()
                     .map(|i| {
+                        let health = gateway.balancer.health(&i.address);
+                        let ejected = health.is_ejected(now);
                         json!({
                             "instanceId": i.instance_id,
                             "address": i.address,
                             "status": i.status,
-                            "receivesTraffic": i.is_up(),
+                            "ejected": ejected,
+                            "ejectedUntil": ejected.then(|| health.ejected_until()),
+                            "inFlight": health.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+                            "receivesTraffic": i.is_up() && !ejected,
                         })
                     })
                     .collect(),

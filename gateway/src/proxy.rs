@@ -79,16 +79,18 @@ pub async fn forward(
     let routes = gateway.routes.load_full();
     let route = routes.find(request.method(), request.uri(), request.headers());
     let route_id = route.map_or("-", |r| r.id.as_str()).to_owned();
-    let (mut response, instance) = match route {
-        None => (
+    let mut trace = Trace::default();
+    let mut response = match route {
+        None => {
+            trace.reason = Some("no route");
             Problem::not_found(format!("No route matches {}.", request.uri().path()))
-                .into_response(),
-            None,
-        ),
-        Some(route) => match handle(&gateway, route, client, &request_id, request).await {
-            Ok((response, instance)) => (response, Some(instance)),
-            Err(response) => (*response, None),
-        },
+                .into_response()
+        }
+        Some(route) => {
+            match handle(&gateway, route, client, &request_id, request, &mut trace).await {
+                Ok(response) | Err(response) => response,
+            }
+        }
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
@@ -106,15 +108,27 @@ pub async fn forward(
         target: "access",
         request_id,
         route = route_id,
-        instance = instance.as_deref().unwrap_or("-"),
+        instance = trace.instance.as_deref().unwrap_or("-"),
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
+        retries = trace.retries,
+        reason = trace.reason.unwrap_or("-"),
         "request"
     );
     response
 }
 
-type Rejection = Box<Response>;
+/// What the access log says about one request beyond its status.
+#[derive(Debug, Default)]
+struct Trace {
+    /// The instance that answered, or the last one tried.
+    instance: Option<String>,
+    retries: usize,
+    /// A short reason when the request failed.
+    reason: Option<&'static str>,
+}
+
+type Rejection = Response;
 
 async fn handle(
     gateway: &Gateway,
@@ -122,26 +136,26 @@ async fn handle(
     client: SocketAddr,
     request_id: &str,
     request: Request,
-) -> Result<(Response, String), Rejection> {
+    trace: &mut Trace,
+) -> Result<Response, Rejection> {
     let (mut parts, body) = request.into_parts();
 
     // Authenticate before anything touches an upstream.
     let token = shared::auth::bearer(&parts)
         .ok_or(AuthError::Missing)
-        .map_err(|e| Box::new(e.into_response()))?;
+        .map_err(|e| reject_auth(trace, e))?;
     let claims = gateway
         .verifier
         .verify(token)
         .await
-        .map_err(|e| Box::new(e.into_response()))?;
+        .map_err(|e| reject_auth(trace, e))?;
     if !route.roles.is_empty() && !route.roles.iter().any(|r| claims.has_role(r)) {
-        return Err(Box::new(
-            Problem::forbidden(format!(
-                "This route needs one of the roles: {}.",
-                route.roles.join(", ")
-            ))
-            .into_response(),
-        ));
+        trace.reason = Some("forbidden");
+        return Err(Problem::forbidden(format!(
+            "This route needs one of the roles: {}.",
+            route.roles.join(", ")
+        ))
+        .into_response());
     }
 
     let mut rate_limit = None;
@@ -155,7 +169,8 @@ async fn handle(
             if !decision.allowed {
                 metrics::counter!("gateway_rate_limited_total", "route" => route.id.clone())
                     .increment(1);
-                return Err(Box::new(limiter.refusal(&decision)));
+                trace.reason = Some("rate limited");
+                return Err(limiter.refusal(&decision));
             }
             rate_limit = Some((limiter.clone(), decision));
         }
@@ -230,18 +245,17 @@ async fn handle(
                 {
                     Some((instance, health)) => (instance.address.clone(), health),
                     None if tried.is_empty() => {
-                        return Err(Box::new(
-                            Problem::unavailable(name)
-                                .with_detail(format!(
-                                    "No instance of {name} is available right now; retry later."
-                                ))
-                                .into_response(),
-                        ));
+                        trace.reason = Some("no instance");
+                        return Err(Problem::unavailable(name)
+                            .with_detail(format!(
+                                "No instance of {name} is available right now; retry later."
+                            ))
+                            .into_response());
                     }
                     None => {
-                        return Err(Box::new(
-                            last_failure.unwrap_or_else(|| exhausted(&service, tried.len())),
-                        ));
+                        return Err(
+                            last_failure.unwrap_or_else(|| exhausted(&service, tried.len()))
+                        );
                     }
                 }
             }
@@ -251,12 +265,12 @@ async fn handle(
             None => format!("http://{instance}{path}"),
         };
         let Ok(uri) = target.parse::<Uri>() else {
-            return Err(Box::new(
+            return Err(
                 Problem::bad_request("The request path cannot be forwarded.").into_response(),
-            ));
+            );
         };
         let Some(attempt_body) = body.take() else {
-            return Err(Box::new(exhausted(&service, tried.len())));
+            return Err(exhausted(&service, tried.len()));
         };
         let mut attempt = axum::http::Request::new(attempt_body);
         *attempt.method_mut() = parts.method.clone();
@@ -283,7 +297,9 @@ async fn handle(
                 if let Some((limiter, decision)) = &rate_limit {
                     limiter.headers(decision, response.headers_mut());
                 }
-                return Ok((response, instance));
+                trace.instance = Some(instance);
+                trace.retries = tried.len();
+                return Ok(response);
             }
             Ok(Err(e)) if e.is_connect() => {
                 health.failed(now_ms());
@@ -302,6 +318,21 @@ async fn handle(
             }
         };
         tried.push(instance.clone());
+        trace.instance = Some(instance.clone());
+        trace.retries = tried.len() - 1;
+        trace.reason = Some(match &failure {
+            AttemptFailure::Status(_) => "upstream error status",
+            AttemptFailure::Unreachable => "upstream unreachable",
+            AttemptFailure::Broken => "upstream broke the exchange",
+            AttemptFailure::Timeout => "upstream timeout",
+        });
+        metrics::counter!(
+            "gateway_upstream_failures_total",
+            "service" => service.clone(),
+            "instance" => instance.clone(),
+            "reason" => trace.reason.unwrap_or("-")
+        )
+        .increment(1);
         let answer = match failure {
             AttemptFailure::Status(response) => finish(response, route),
             AttemptFailure::Unreachable | AttemptFailure::Broken => Problem::new(
@@ -320,7 +351,7 @@ async fn handle(
             && body.replayable()
             && gateway.balancer.withdraw();
         if !may_retry {
-            return Err(Box::new(answer));
+            return Err(answer);
         }
         metrics::counter!("gateway_retries_total", "route" => route.id.clone()).increment(1);
         last_failure = Some(answer);
@@ -358,13 +389,16 @@ enum AttemptFailure {
 }
 
 fn too_large(max: u64) -> Rejection {
-    Box::new(
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The body may be at most {max} bytes on this route."),
-        )
-        .into_response(),
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("The body may be at most {max} bytes on this route."),
     )
+    .into_response()
+}
+
+fn reject_auth(trace: &mut Trace, error: AuthError) -> Rejection {
+    trace.reason = Some("unauthenticated");
+    error.into_response()
 }
 
 fn exhausted(service: &str, attempts: usize) -> Response {

@@ -836,6 +836,26 @@ async fn a_failing_instance_is_ejected_then_returns_on_its_own() {
         "ejected: no traffic"
     );
     assert_eq!(b.hits.load(Ordering::SeqCst) - b_before, 6);
+    let admin = s.token("admin", "admin-pw").await;
+    let report: Value = s
+        .get("/actuator/gateway/routes", &admin)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let ejected: Vec<&Value> = report["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+        .and_then(|r| r["instances"].as_array())
+        .map(|i| i.iter().filter(|i| i["ejected"] == true).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ejected.len(),
+        1,
+        "the report shows the ejected instance: {report}"
+    );
+    assert_eq!(ejected[0]["address"], a.addr.to_string());
+    assert_eq!(ejected[0]["receivesTraffic"], false);
 
     // a recovers; after its backoff (1 s) it receives traffic again by itself.
     a.failing_with.store(0, Ordering::SeqCst);
