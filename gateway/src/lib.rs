@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod balancer;
+pub mod breaker;
 pub mod limits;
 pub mod proxy;
 pub mod routes;

@@ -219,6 +219,34 @@ async fn handle(
         .unwrap_or_else(|| gateway.upstream.response_timeout());
     gateway.balancer.deposit();
 
+    // The breaker judges the upstream only: everything the client got wrong was
+    // refused above.
+    let breaker = route.filters.iter().find_map(|f| match f {
+        Filter::CircuitBreaker(b) => Some(b.clone()),
+        _ => None,
+    });
+    let mut permit = None;
+    if let Some(breaker) = &breaker
+        && let Err(open_for) = breaker.permit(Instant::now())
+    {
+        trace.reason = Some("circuit open");
+        let seconds = open_for.as_secs().max(1);
+        let mut response = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Requests to this route are paused for {seconds}s after repeated upstream failures (circuit breaker {}).",
+                breaker.name
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return Err(response);
+    } else if let Some(breaker) = breaker {
+        permit = Some(crate::breaker::Permit::new(breaker));
+    }
+
     let service = match &route.upstream {
         Upstream::Fixed(_) => route.id.clone(),
         Upstream::Service(service) => service.clone(),
@@ -299,6 +327,13 @@ async fn handle(
                 }
                 trace.instance = Some(instance);
                 trace.retries = tried.len();
+                if let Some(permit) = permit {
+                    if response.status().is_server_error() {
+                        permit.failed();
+                    } else {
+                        permit.succeeded();
+                    }
+                }
                 return Ok(response);
             }
             Ok(Err(e)) if e.is_connect() => {
@@ -351,6 +386,7 @@ async fn handle(
             && body.replayable()
             && gateway.balancer.withdraw();
         if !may_retry {
+            // Dropping the permit records the failure.
             return Err(answer);
         }
         metrics::counter!("gateway_retries_total", "route" => route.id.clone()).increment(1);

@@ -150,7 +150,7 @@ pub enum Filter {
     SecureHeaders,
     /// Settings kept for the retry, breaker and limiter stages.
     Retry(BTreeMap<String, String>),
-    CircuitBreaker(BTreeMap<String, String>),
+    CircuitBreaker(std::sync::Arc<crate::breaker::CircuitBreaker>),
     /// Token buckets per user or client IP, shared by every request of the route.
     RequestRateLimiter(std::sync::Arc<crate::limits::RateLimiter>),
 }
@@ -508,7 +508,9 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
         }
         "SecureHeaders" => Ok(Filter::SecureHeaders),
         "Retry" => Ok(Filter::Retry(args)),
-        "CircuitBreaker" => Ok(Filter::CircuitBreaker(args)),
+        "CircuitBreaker" => Ok(Filter::CircuitBreaker(std::sync::Arc::new(
+            crate::breaker::CircuitBreaker::from_args(&args).map_err(err)?,
+        ))),
         "RequestRateLimiter" => Ok(Filter::RequestRateLimiter(std::sync::Arc::new(
             crate::limits::RateLimiter::from_args(&args).map_err(err)?,
         ))),

@@ -160,6 +160,12 @@ routes:
   - id: payments
     uri: lb://payment-service
     predicates: ["Path=/payments/**"]
+  - id: guarded
+    uri: lb://order-service
+    predicates: ["Path=/guarded/**"]
+    filters:
+      - name: CircuitBreaker
+        args: { name: orders-breaker, slidingWindowSize: 4, minimumNumberOfCalls: 4, failureRateThreshold: 50, waitDurationInOpenState: 300 }
   - id: limited
     uri: lb://order-service
     predicates: ["Path=/limited/**"]
@@ -1067,4 +1073,55 @@ async fn routes_reload_on_file_change_and_on_refresh_and_a_bad_file_changes_noth
     let applied = refresh(admin.clone()).await.expect("refresh");
     assert_eq!(applied.status(), StatusCode::OK);
     assert!(!route_ids(&s, &admin).await.contains(&"extra".to_owned()));
+}
+
+#[tokio::test]
+async fn a_circuit_breaker_opens_on_failures_refuses_fast_and_closes_after_a_good_trial() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/orders", &token).await;
+    up.failing_with.store(500, Ordering::SeqCst);
+    for _ in 0..4 {
+        assert_eq!(
+            s.get("/guarded/x", &token).await.status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    let hits = up.hits.load(Ordering::SeqCst);
+    let open = s.get("/guarded/x", &token).await;
+    assert_eq!(open.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(open.headers().contains_key("retry-after"));
+    let problem: Value = open.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("orders-breaker")
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "refused without touching the service"
+    );
+
+    // The upstream heals; after the wait, one trial goes through and closes the breaker.
+    up.failing_with.store(0, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = s.get("/guarded/x", &token).await.status();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker closes again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(s.get("/guarded/x", &token).await.status(), StatusCode::OK);
+    }
 }
