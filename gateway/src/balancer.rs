@@ -14,11 +14,13 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
+
+use arc_swap::ArcSwap;
 
 use shared::registry::ServiceInstance;
 
@@ -78,7 +80,8 @@ impl InstanceHealth {
 /// Instance health by address, and the retry budget.
 #[derive(Debug)]
 pub struct Balancer {
-    health: Mutex<HashMap<String, Arc<InstanceHealth>>>,
+    /// Read on every request without a lock; copied on the rare insert of a new address.
+    health: ArcSwap<HashMap<String, Arc<InstanceHealth>>>,
     /// Tenths of a retry available.
     budget: AtomicI64,
 }
@@ -86,7 +89,7 @@ pub struct Balancer {
 impl Default for Balancer {
     fn default() -> Self {
         Self {
-            health: Mutex::new(HashMap::new()),
+            health: ArcSwap::from_pointee(HashMap::new()),
             budget: AtomicI64::new(RESERVE),
         }
     }
@@ -98,8 +101,17 @@ const BUDGET_CAP: i64 = 1000;
 
 impl Balancer {
     pub fn health(&self, address: &str) -> Arc<InstanceHealth> {
-        let mut map = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(address.to_owned()).or_default().clone()
+        if let Some(known) = self.health.load().get(address) {
+            return known.clone();
+        }
+        let mut created = None;
+        self.health.rcu(|current| {
+            let mut next = (**current).clone();
+            let entry = next.entry(address.to_owned()).or_default().clone();
+            created = Some(entry);
+            next
+        });
+        created.unwrap_or_default()
     }
 
     /// Picks an `UP` instance not in `tried`, avoiding ejected ones while any other
