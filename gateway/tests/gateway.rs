@@ -257,6 +257,22 @@ impl Stack {
         registration
     }
 
+    async fn get_with(
+        &self,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(format!("{}{path}", self.gateway))
+            .bearer_auth(token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request")
+    }
+
     async fn get(&self, path: &str, token: &str) -> reqwest::Response {
         self.client
             .get(format!("{}{path}", self.gateway))
@@ -402,15 +418,16 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
 
     s.get_routed("/orders", &token).await;
     let response = s
-        .client
-        .get(format!("{}/orders/42?x=1", s.gateway))
-        .bearer_auth(&token)
-        .header("cookie", "session=secret")
-        .header("x-user-id", "forged-admin")
-        .header("x-request-id", "req-123")
-        .send()
-        .await
-        .expect("request");
+        .get_with(
+            "/orders/42?x=1",
+            &token,
+            &[
+                ("cookie", "session=secret"),
+                ("x-user-id", "forged-admin"),
+                ("x-request-id", "req-123"),
+            ],
+        )
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-route"], "orders", "AddResponseHeader");
     assert_eq!(
@@ -476,37 +493,24 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
         "Method=GET: no route for POST"
     );
 
-    let api = s
-        .client
-        .get(format!("{}/api/things?debug=1", s.gateway))
-        .bearer_auth(&token)
-        .header("x-version", "2")
-        .send()
+    let api: Value = s
+        .get_with("/api/things?debug=1", &token, &[("x-version", "2")])
         .await
-        .expect("api");
-    let api: Value = api.json().await.expect("json");
+        .json()
+        .await
+        .expect("json");
     assert_eq!(api["path"], "/things", "StripPrefix=1");
     let wrong_version = s
-        .client
-        .get(format!("{}/api/things?debug=1", s.gateway))
-        .bearer_auth(&token)
-        .header("x-version", "1")
-        .send()
-        .await
-        .expect("api");
+        .get_with("/api/things?debug=1", &token, &[("x-version", "1")])
+        .await;
     assert_eq!(
         wrong_version.status(),
         StatusCode::NOT_FOUND,
         "Header predicate"
     );
     let no_query = s
-        .client
-        .get(format!("{}/api/things", s.gateway))
-        .bearer_auth(&token)
-        .header("x-version", "2")
-        .send()
-        .await
-        .expect("api");
+        .get_with("/api/things", &token, &[("x-version", "2")])
+        .await;
     assert_eq!(no_query.status(), StatusCode::NOT_FOUND, "Query predicate");
 
     let upload = |host: &'static str, size: usize| {

@@ -214,10 +214,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             say("stopping");
             break Ok(());
         }
-        if let Some((service, status)) = running
-            .iter_mut()
-            .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
-        {
+        if let Some((service, status)) = first_exited(&mut running) {
             break Err(anyhow::anyhow!(
                 "{service} exited ({status}); see {}",
                 logs.join(format!("{service}.log")).display()
@@ -289,6 +286,15 @@ fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first service that has exited, with how.
+fn first_exited(
+    running: &mut [(Service, u16, Supervised)],
+) -> Option<(&'static str, std::process::ExitStatus)> {
+    running
+        .iter_mut()
+        .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
+}
+
 /// `requested`, or a free port when 0; fails early when the port is taken, naming the
 /// flag that changes it.
 fn pick_port(requested: u16, flag: &str) -> anyhow::Result<u16> {
@@ -353,10 +359,7 @@ fn wait_registered(
     let mut index = 0_u64;
     loop {
         interrupt.check()?;
-        if let Some((service, status)) = running
-            .iter_mut()
-            .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
-        {
+        if let Some((service, status)) = first_exited(running) {
             bail!("{service} exited ({status}) before registering");
         }
         let url = format!("{registry_url}/api/v1/services?index={index}&wait=1s");
@@ -418,10 +421,7 @@ fn wait_through_gateway(
     for path in ["/orders", "/payments", "/notifications"] {
         loop {
             interrupt.check()?;
-            if let Some((service, status)) = running
-                .iter_mut()
-                .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
-            {
+            if let Some((service, status)) = first_exited(running) {
                 bail!("{service} exited ({status})");
             }
             let status = agent
