@@ -11,6 +11,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use shared::{
     actuator::Actuator,
+    auth::{JwtVerifier, ServiceAuthSettings},
     config::{DatabaseSettings, HttpSettings, Layers},
     kafka::KafkaSettings,
     registry::RegistrySettings,
@@ -32,16 +33,18 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
     pub registry: RegistrySettings,
+    pub auth: ServiceAuthSettings,
 }
 
 impl Settings {
     /// Defaults, then `PAYMENT_CONFIG`'s file, then `DATABASE_URL` / `KAFKA_BROKERS`,
-    /// `REGISTRY_URL` / `REGISTRY_TOKEN`, then `PAYMENT_*` variables.
+    /// `REGISTRY_URL` / `REGISTRY_TOKEN` / `GATEWAY_URL`, then `PAYMENT_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("PAYMENT_")
             .fallback_env("DATABASE_URL", "database.url")
             .fallback_env("KAFKA_BROKERS", "kafka.brokers")
             .registry_client()
+            .gateway_tokens()
             .load()
     }
 }
@@ -59,7 +62,11 @@ impl Application {
         let pool = shared::db::connect_lazy(&settings.database)
             .context("database.url is not a valid PostgreSQL URL")?;
         let listener = settings.http.bind().await?;
-        let router = router(pool);
+        let verifier = settings
+            .auth
+            .verifier()
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let router = router(pool, std::sync::Arc::new(verifier));
         Ok(Self {
             listener,
             router,
@@ -92,9 +99,9 @@ impl Application {
     }
 }
 
-/// The HTTP routes of payment-service.
-pub fn router(pool: PgPool) -> Router {
+/// The HTTP routes of payment-service: the actuator, and the API behind token verification.
+pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .check("db", move || shared::db::check(pool.clone()));
-    shared::http::with_problem_fallbacks(Router::new().merge(actuator.router()))
+    shared::http::service_router(actuator.router(), Router::new(), verifier)
 }

@@ -214,6 +214,58 @@ impl Default for VerifierSettings {
     }
 }
 
+/// The `auth` section of a service behind the gateway: it trusts the gateway's
+/// tokens (fetched from the gateway's JWKS) and any further issuers listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceAuthSettings {
+    /// The gateway's base URL (`GATEWAY_URL`); its JWKS is at
+    /// `/.well-known/jwks.json`. Without it (and without `extra` issuers) the service
+    /// accepts no token at all: secure by default.
+    pub gateway_url: Option<String>,
+    /// `iss` of the gateway's tokens.
+    pub gateway_issuer: String,
+    /// `aud` of the gateway's tokens.
+    pub audience: String,
+    /// Further trusted issuers, and the verifier's timing settings.
+    pub extra: VerifierSettings,
+}
+
+impl Default for ServiceAuthSettings {
+    fn default() -> Self {
+        Self {
+            gateway_url: None,
+            gateway_issuer: "storefront-gateway".into(),
+            audience: "storefront".into(),
+            extra: VerifierSettings::default(),
+        }
+    }
+}
+
+impl ServiceAuthSettings {
+    /// The verifier these settings describe.
+    pub fn verifier(&self) -> Result<JwtVerifier, String> {
+        let mut settings = self.extra.clone();
+        if let Some(url) = self.gateway_url.as_deref().filter(|u| !u.is_empty()) {
+            settings.issuers.push(IssuerSettings {
+                issuer: self.gateway_issuer.clone(),
+                jwks_url: Some(format!(
+                    "{}/.well-known/jwks.json",
+                    url.trim_end_matches('/')
+                )),
+                audiences: vec![self.audience.clone()],
+                algorithms: vec!["EdDSA".into()],
+            });
+        }
+        if settings.issuers.is_empty() {
+            tracing::warn!(
+                "auth: no trusted issuer configured (set GATEWAY_URL); every request will be refused"
+            );
+        }
+        JwtVerifier::new(&settings)
+    }
+}
+
 /// Why a token was refused. The message is safe to show the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -467,9 +519,34 @@ where
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // Already verified by the `authenticate` layer: no second verification.
+        if let Some(claims) = parts.extensions.get::<Claims>() {
+            return Ok(AuthUser(claims.clone()));
+        }
         let verifier = Arc::<JwtVerifier>::from_ref(state);
         let token = bearer(parts).ok_or(AuthError::Missing)?;
         verifier.verify(token).await.map(AuthUser)
+    }
+}
+
+/// A layer for every route of a service's API: requests without a valid bearer token
+/// get 401 problem+json; the claims of the others travel in the request's extensions.
+pub async fn authenticate(
+    axum::extract::State(verifier): axum::extract::State<Arc<JwtVerifier>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let Some(token) = bearer(&parts).map(str::to_owned) else {
+        return AuthError::Missing.into_response();
+    };
+    match verifier.verify(&token).await {
+        Ok(claims) => {
+            parts.extensions.insert(claims);
+            next.run(axum::extract::Request::from_parts(parts, body))
+                .await
+        }
+        Err(e) => e.into_response(),
     }
 }
 

@@ -72,6 +72,12 @@ impl Layers {
             .fallback_env("REGISTRY_TOKEN", "registry.token")
     }
 
+    /// The stack-wide `GATEWAY_URL` into `auth.gateway_url`, whose JWKS a service
+    /// behind the gateway trusts.
+    pub fn gateway_tokens(self) -> Self {
+        self.fallback_env("GATEWAY_URL", "auth.gateway_url")
+    }
+
     /// The environment variable that names the optional configuration file.
     pub fn file_var(&self) -> String {
         format!("{}CONFIG", self.prefix)

@@ -128,6 +128,24 @@ pub fn with_problem_fallbacks(router: Router) -> Router {
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
 }
 
+/// A service's whole router: its `api` routes behind token authentication (unknown
+/// paths there are 404 problems, after authentication), beside the open actuator.
+pub fn service_router(
+    actuator: Router,
+    api: Router,
+    verifier: std::sync::Arc<crate::auth::JwtVerifier>,
+) -> Router {
+    let api = api
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            verifier,
+            crate::auth::authenticate,
+        ));
+    actuator
+        .merge(api)
+        .layer(axum::middleware::from_fn(problem_for_bare_errors))
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight
 /// requests finish.
 pub async fn serve(

@@ -146,6 +146,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             .env("KAFKA_BROKERS", broker.brokers())
             .env("REGISTRY_URL", &registry_url)
             .env("REGISTRY_TOKEN", &registry_token)
+            .env("GATEWAY_URL", &gateway_url)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
