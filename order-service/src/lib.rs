@@ -24,6 +24,12 @@ use tokio_util::sync::CancellationToken;
 /// The canonical service name, as registered.
 pub const SERVICE_NAME: &str = "order-service";
 
+/// The PostgreSQL schema order-service owns.
+pub const SCHEMA: &str = "orders";
+
+/// The migrations of [`SCHEMA`], compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
 /// Everything order-service reads at start-up; env prefix `ORDER_`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,8 +65,13 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_lazy(&settings.database)
+        let pool = shared::db::connect_lazy(&settings.database, SCHEMA)
             .context("database.url is not a valid PostgreSQL URL")?;
+        if settings.database.migrate {
+            shared::db::migrate(&pool, SCHEMA, &MIGRATOR)
+                .await
+                .context("cannot apply order-service's migrations")?;
+        }
         let listener = settings.http.bind().await?;
         let verifier = settings
             .auth

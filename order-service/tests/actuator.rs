@@ -13,6 +13,7 @@ async fn spawn(database_url: String) -> (String, CancellationToken) {
         database: DatabaseSettings {
             url: database_url,
             max_connections: 2,
+            migrate: false,
         },
         // Alone in this test: no registry to join.
         registry: RegistrySettings {

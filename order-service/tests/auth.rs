@@ -11,23 +11,6 @@ use shared::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// A stand-in for the gateway's JWKS endpoint, publishing `signer`'s key.
-async fn jwks(signer: Arc<TokenSigner>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let app = axum::Router::new().route(
-        "/.well-known/jwks.json",
-        axum::routing::get(move || {
-            let signer = signer.clone();
-            async move { axum::Json(signer.jwks()) }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
-}
-
 fn signer() -> TokenSigner {
     TokenSigner::from_seed_base64(
         &TokenSigner::generate_seed(),
@@ -41,12 +24,13 @@ fn signer() -> TokenSigner {
 #[tokio::test]
 async fn a_direct_call_needs_a_token_the_gateway_signed() {
     let gateway_key = Arc::new(signer());
-    let gateway_url = jwks(gateway_key.clone()).await;
+    let gateway_url = shared::testing::gateway_jwks(gateway_key.clone()).await;
     let settings = Settings {
         http: HttpSettings::local(0),
         database: DatabaseSettings {
             url: "postgres://nobody@127.0.0.1:1/none".into(),
             max_connections: 1,
+            migrate: false,
         },
         registry: RegistrySettings {
             enabled: false,

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// The canonical service name, as registered.
 pub const SERVICE_NAME: &str = "payment-service";
 
+/// The PostgreSQL schema payment-service owns (its tables arrive with its features).
+pub const SCHEMA: &str = "payments";
+
 /// Everything payment-service reads at start-up; env prefix `PAYMENT_`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,7 +62,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_lazy(&settings.database)
+        let pool = shared::db::connect_lazy(&settings.database, SCHEMA)
             .context("database.url is not a valid PostgreSQL URL")?;
         let listener = settings.http.bind().await?;
         let verifier = settings

@@ -300,6 +300,8 @@ pub struct DatabaseSettings {
     /// `postgres://user:password@host:port/database`.
     pub url: String,
     pub max_connections: u32,
+    /// Apply the service's migrations at start-up (off when a deploy job runs them).
+    pub migrate: bool,
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -307,6 +309,7 @@ impl std::fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("migrate", &self.migrate)
             .finish()
     }
 }
@@ -316,6 +319,7 @@ impl Default for DatabaseSettings {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/storefront".into(),
             max_connections: 10,
+            migrate: true,
         }
     }
 }
@@ -343,6 +347,7 @@ mod redact_tests {
         let db = DatabaseSettings {
             url: "postgres://app:s3cret@db:5432/x".into(),
             max_connections: 1,
+            migrate: false,
         };
         let shown = format!("{db:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

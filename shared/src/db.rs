@@ -1,16 +1,40 @@
-//! PostgreSQL helpers for the services that own tables: a pool that connects lazily (a
-//! service starts, and reports DOWN, while the database is unreachable) and the
-//! health check the actuator runs against it.
+//! PostgreSQL helpers for the services that own tables.
+//!
+//! Every service owns one PostgreSQL schema (`orders`, `payments`, `notifications`):
+//! its connections use it as their `search_path`, its migrations create their tables
+//! there and keep their own `_sqlx_migrations` history there, so services sharing one
+//! database never see, or collide with, each other's tables or migration versions.
+//!
+//! The pool connects lazily, so a service starts (and reports DOWN) while the database
+//! is unreachable.
 
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::{
+    PgPool,
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 use crate::{actuator::CheckResult, config::DatabaseSettings};
 
-/// A pool for `settings`; no connection is opened until first use.
-pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
+/// A pool for `settings` whose connections work in `schema`; nothing is opened until
+/// first use.
+pub fn connect_lazy(settings: &DatabaseSettings, schema: &str) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(&settings.url)?.options([("search_path", schema)]);
+    Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
-        .connect_lazy(&settings.url)
+        .connect_lazy_with(options))
+}
+
+/// Creates `schema` if needed and applies `migrator` inside it.
+pub async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result<(), sqlx::Error> {
+    // The schema name is a constant of the calling service, never user input.
+    sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(pool)
+        .await?;
+    migrator.run(pool).await?;
+    Ok(())
 }
 
 /// `SELECT 1` on the pool, with a reason that carries no address or credentials.

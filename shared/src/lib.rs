@@ -14,5 +14,7 @@ pub mod problem;
 pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use problem::{FieldError, Problem};
