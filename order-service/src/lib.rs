@@ -4,6 +4,9 @@
 //! [`Application::run_until_stopped`] serves until the shutdown token fires. Tests
 //! build it with port 0 and drive it over a real socket.
 
+pub mod orders;
+pub mod validation;
+
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -112,7 +115,12 @@ impl Application {
 
 /// The HTTP routes of order-service: the actuator, and the API behind token verification.
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
+    let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .check("db", move || shared::db::check(pool.clone()));
-    shared::http::service_router(actuator.router(), Router::new(), verifier)
+        .check("db", move || shared::db::check(checked.clone()));
+    let api = orders::routes(orders::Api {
+        pool,
+        verifier: verifier.clone(),
+    });
+    shared::http::service_router(actuator.router(), api, verifier)
 }

@@ -15,7 +15,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -311,7 +311,10 @@ struct Issuer {
     settings: IssuerSettings,
     algorithms: Vec<Algorithm>,
     keys: ArcSwap<HashMap<String, DecodingKey>>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the JWKS was last fetched. Held across the fetch, so concurrent requests
+    /// with a new key wait for the one fetch and then find the key, instead of being
+    /// refused by the rate limit while it runs.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Verifies bearer tokens against the configured issuers.
@@ -363,7 +366,7 @@ impl JwtVerifier {
                     settings: issuer.clone(),
                     algorithms,
                     keys: ArcSwap::from_pointee(HashMap::new()),
-                    last_fetch: Mutex::new(None),
+                    last_fetch: tokio::sync::Mutex::new(None),
                 },
             );
         }
@@ -394,7 +397,7 @@ impl JwtVerifier {
                 },
                 algorithms: vec![Algorithm::EdDSA],
                 keys: ArcSwap::from_pointee(HashMap::new()),
-                last_fetch: Mutex::new(None),
+                last_fetch: tokio::sync::Mutex::new(None),
             });
         if let Ok(key) = key {
             let mut keys = (**issuer.keys.load()).clone();
@@ -424,7 +427,7 @@ impl JwtVerifier {
         let key = match issuer.keys.load().get(&kid).cloned() {
             Some(key) => key,
             None => {
-                self.refetch(issuer).await;
+                self.refetch(issuer, &kid).await;
                 issuer
                     .keys
                     .load()
@@ -456,17 +459,19 @@ impl JwtVerifier {
 
     /// Fetches the issuer's JWKS unless it was fetched within the refetch interval;
     /// on failure the keys it had stay in force.
-    async fn refetch(&self, issuer: &Issuer) {
+    async fn refetch(&self, issuer: &Issuer, kid: &str) {
         let Some(url) = issuer.settings.jwks_url.as_deref() else {
             return;
         };
-        {
-            let mut last = issuer.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|at| at.elapsed() < self.refetch_interval) {
-                return;
-            }
-            *last = Some(Instant::now());
+        let mut last = issuer.last_fetch.lock().await;
+        if issuer.keys.load().contains_key(kid) {
+            // Fetched while this request waited for the lock.
+            return;
         }
+        if last.is_some_and(|at| at.elapsed() < self.refetch_interval) {
+            return;
+        }
+        *last = Some(Instant::now());
         metrics::counter!("jwks_fetches_total", "issuer" => issuer.settings.issuer.clone())
             .increment(1);
         let fetched = async {

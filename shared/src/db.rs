@@ -24,6 +24,8 @@ pub fn connect_lazy(settings: &DatabaseSettings, schema: &str) -> Result<PgPool,
     let options = PgConnectOptions::from_str(&settings.url)?.options([("search_path", schema)]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
+        // A request waits at most this long for a connection, then gets a 503.
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_lazy_with(options))
 }
 

@@ -101,24 +101,44 @@ pub async fn not_found(uri: axum::http::Uri) -> Problem {
     Problem::not_found(format!("No resource at {}.", uri.path()))
 }
 
-/// Rewrites axum's plain-text 405 into problem+json, keeping its `Allow` header.
+/// Rewrites every error answer that is not already problem+json (axum's own
+/// rejections, such as 405 or a malformed query string, are plain text) into one
+/// with the same status and message, keeping an `Allow` header.
 pub async fn problem_for_bare_errors(req: Request, next: axum::middleware::Next) -> Response {
     let response = next.run(req).await;
-    if response.status() == StatusCode::METHOD_NOT_ALLOWED
-        && response.headers().get(header::CONTENT_TYPE).is_none()
-    {
-        let allow = response.headers().get(header::ALLOW).cloned();
-        let mut problem = Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "This method is not allowed on this resource.",
-        )
-        .into_response();
-        if let Some(allow) = allow {
-            problem.headers_mut().insert(header::ALLOW, allow);
-        }
-        return problem;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .starts_with(crate::problem::CONTENT_TYPE.as_bytes())
+        });
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
     }
-    response
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let detail = match (status, text.is_empty()) {
+        (StatusCode::METHOD_NOT_ALLOWED, _) => {
+            "This method is not allowed on this resource.".to_owned()
+        }
+        (_, true) => status.canonical_reason().unwrap_or("Error").to_owned(),
+        (_, false) => text,
+    };
+    let mut problem = Problem::new(status, detail).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        problem.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    for name in ["www-authenticate", "retry-after"] {
+        if let Some(value) = parts.headers.get(name) {
+            problem.headers_mut().insert(name, value.clone());
+        }
+    }
+    problem
 }
 
 /// Adds the contract's error behaviour to a finished router.

@@ -371,3 +371,29 @@ async fn the_extractor_answers_401_problems_with_a_bearer_challenge() {
         .expect("infallible");
     assert_eq!(ok.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_fetch_and_all_pass() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let verifier = Arc::new(verifier(&jwks.url, 60_000));
+    let token = key.sign("a", &[]).expect("sign");
+    let checks: Vec<_> = (0..8)
+        .map(|_| {
+            let verifier = verifier.clone();
+            let token = token.clone();
+            tokio::spawn(async move { verifier.verify(&token).await })
+        })
+        .collect();
+    for check in checks {
+        assert!(
+            check.await.expect("join").is_ok(),
+            "no request refused while the keys load"
+        );
+    }
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "one fetch for all of them"
+    );
+}

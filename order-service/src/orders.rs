@@ -1,0 +1,373 @@
+//! The orders API: create (idempotent with `Idempotency-Key`), read one, list newest
+//! first with keyset pagination.
+//!
+//! Creating an order writes the order row and its `order-created` event into the
+//! outbox in one transaction, so an accepted order is never without its event and
+//! an event never announces an order that was rolled back.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{FromRef, Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use shared::{
+    FieldError, Problem,
+    auth::{AuthUser, JwtVerifier},
+};
+use sqlx::{PgPool, Row, postgres::PgRow};
+use uuid::Uuid;
+
+use crate::validation::CreateOrder;
+
+/// The topic `order-created` events go to.
+pub const ORDER_TOPIC: &str = "order-topic";
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub pool: PgPool,
+    pub verifier: Arc<JwtVerifier>,
+}
+
+impl FromRef<Api> for Arc<JwtVerifier> {
+    fn from_ref(api: &Api) -> Self {
+        api.verifier.clone()
+    }
+}
+
+pub fn routes(api: Api) -> Router {
+    Router::new()
+        .route("/orders", get(list).post(create))
+        .route("/orders/{id}", get(read))
+        .with_state(api)
+}
+
+/// A database failure: 503 when the database cannot be reached (the client may
+/// retry), else a 500 that is logged and answered without details.
+fn internal(e: sqlx::Error) -> Problem {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            tracing::warn!(error = %e, "the order database is unreachable");
+            Problem::unavailable("The order database")
+        }
+        other => Problem::internal(&other),
+    }
+}
+
+/// The order as the contract shows it.
+fn order_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+    let created: DateTime<Utc> = row.try_get("created_at")?;
+    let updated: DateTime<Utc> = row.try_get("updated_at")?;
+    let mut order = json!({
+        "id": row.try_get::<Uuid, _>("id")?,
+        "userId": row.try_get::<String, _>("user_id")?,
+        "status": row.try_get::<String, _>("status")?,
+        "items": row.try_get::<Value, _>("items")?,
+        "total": row.try_get::<i64, _>("total")?,
+        "currency": row.try_get::<String, _>("currency")?,
+        "createdAt": created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "updatedAt": updated.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(reason) = row.try_get::<Option<String>, _>("rejection_reason")? {
+        order["rejectionReason"] = json!(reason);
+    }
+    Ok(order)
+}
+
+const ORDER_COLUMNS: &str =
+    "id, user_id, status, items, total, currency, rejection_reason, created_at, updated_at";
+
+fn created(order: Value) -> Response {
+    let location = format!("/orders/{}", order["id"].as_str().unwrap_or_default());
+    let mut response = (StatusCode::CREATED, Json(order)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// `POST /orders`.
+async fn create(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    headers: HeaderMap,
+    shared::http::Json(body): shared::http::Json<CreateOrder>,
+) -> Result<Response, Problem> {
+    let order = body.validate().map_err(Problem::validation)?;
+    let key = idempotency_key(&headers)?;
+    let items = serde_json::to_value(&order.items).map_err(|e| Problem::internal(&e))?;
+    // The fingerprint of what was asked, to tell a retry from a different request.
+    let fingerprint = {
+        let canonical = json!({ "items": items, "currency": order.currency }).to_string();
+        hex(&Sha256::digest(canonical.as_bytes()))
+    };
+
+    let mut tx = api.pool.begin().await.map_err(internal)?;
+    if let Some(key) = &key {
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&claims.sub)
+        .bind(key)
+        .bind(&fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(internal)?;
+        if claimed.rows_affected() == 0 {
+            // The first request with this key committed (a concurrent one waited on
+            // the unique key above): answer as it was answered.
+            let row = sqlx::query(
+                "SELECT fingerprint, response FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+            )
+            .bind(&claims.sub)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(internal)?;
+            let stored: String = row.try_get("fingerprint").map_err(internal)?;
+            if stored != fingerprint {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "This Idempotency-Key was already used with a different request; use a new key.",
+                )
+                .with_type("/problems/idempotency-key-reused"));
+            }
+            let response: Option<Value> = row.try_get("response").map_err(internal)?;
+            return match response {
+                Some(order) => Ok(created(order)),
+                None => Err(Problem::conflict(
+                    "A request with this Idempotency-Key is still being processed; retry shortly.",
+                )),
+            };
+        }
+    }
+
+    let id = Uuid::now_v7();
+    let row = sqlx::query(&format!(
+        "INSERT INTO orders (id, user_id, items, total, currency) VALUES ($1, $2, $3, $4, $5) \
+         RETURNING {ORDER_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&claims.sub)
+    .bind(&items)
+    .bind(order.total)
+    .bind(&order.currency)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(internal)?;
+    let stored = order_json(&row).map_err(internal)?;
+
+    let event_id = Uuid::now_v7();
+    let event = json!({
+        "eventId": event_id,
+        "eventType": "order-created",
+        "occurredAt": stored["createdAt"],
+        "orderId": id,
+        "userId": claims.sub,
+        "items": order.items,
+        "total": order.total,
+        "currency": order.currency,
+    });
+    let mut event_headers = json!({ "event-type": "order-created" });
+    if let Some(trace) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        event_headers["traceparent"] = json!(trace);
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, key, event_type, payload, headers) \
+         VALUES ($1, $2, $3, 'order-created', $4, $5)",
+    )
+    .bind(event_id)
+    .bind(ORDER_TOPIC)
+    .bind(id.to_string())
+    .bind(&event)
+    .bind(&event_headers)
+    .execute(&mut *tx)
+    .await
+    .map_err(internal)?;
+
+    if let Some(key) = &key {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status_code = 201, response = $3 WHERE user_id = $1 AND key = $2",
+        )
+        .bind(&claims.sub)
+        .bind(key)
+        .bind(&stored)
+        .execute(&mut *tx)
+        .await
+        .map_err(internal)?;
+    }
+    tx.commit().await.map_err(internal)?;
+    metrics::counter!("orders_created_total").increment(1);
+    Ok(created(stored))
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()))
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(|| {
+            Problem::validation(vec![FieldError::new(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters, e.g. a UUID",
+            )])
+        })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `GET /orders/{id}`: the caller's own order, any order for an admin, else 404.
+async fn read(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let not_found = || Problem::not_found(format!("No order {id} is yours to see."));
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return Err(not_found());
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND ($2 OR user_id = $3)"
+    ))
+    .bind(uuid)
+    .bind(claims.is_admin())
+    .bind(&claims.sub)
+    .fetch_optional(&api.pool)
+    .await
+    .map_err(internal)?
+    .ok_or_else(not_found)?;
+    Ok(Json(order_json(&row).map_err(internal)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /orders?status=&limit=&cursor=`: newest first, the caller's own (all for an
+/// admin). The cursor is opaque: the position after the last order returned.
+async fn list(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, Problem> {
+    let mut errors = Vec::new();
+    let status = params.status.filter(|s| !s.is_empty());
+    if let Some(status) = &status
+        && !["PENDING", "CONFIRMED", "REJECTED"].contains(&status.as_str())
+    {
+        errors.push(FieldError::new(
+            "status",
+            "must be PENDING, CONFIRMED or REJECTED",
+        ));
+    }
+    let limit = match params.limit.as_deref() {
+        None | Some("") => 20,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                errors.push(FieldError::new("limit", "must be 1 to 100"));
+                20
+            }
+        },
+    };
+    let cursor = match params.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(raw) => match decode_cursor(raw) {
+            Some(position) => Some(position),
+            None => {
+                errors.push(FieldError::new(
+                    "cursor",
+                    "is not a cursor this API returned; start again without one",
+                ));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let owner = (!claims.is_admin()).then(|| claims.sub.clone());
+    let rows = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders \
+         WHERE ($1::text IS NULL OR user_id = $1) \
+           AND ($2::text IS NULL OR status = $2) \
+           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4)) \
+         ORDER BY created_at DESC, id DESC LIMIT $5"
+    ))
+    .bind(owner)
+    .bind(status)
+    .bind(cursor.map(|(at, _)| at))
+    .bind(cursor.map(|(_, id)| id))
+    .bind(limit + 1)
+    .fetch_all(&api.pool)
+    .await
+    .map_err(internal)?;
+    let more = rows.len() as i64 > limit;
+    let page = &rows[..rows.len().min(limit as usize)];
+    let items = page
+        .iter()
+        .map(order_json)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    let next = if more {
+        page.last()
+            .map(|row| -> Result<String, sqlx::Error> {
+                Ok(encode_cursor(
+                    row.try_get("created_at")?,
+                    row.try_get("id")?,
+                ))
+            })
+            .transpose()
+            .map_err(internal)?
+    } else {
+        None
+    };
+    Ok(Json(json!({ "items": items, "nextCursor": next })))
+}
+
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{id}", at.timestamp_micros()))
+}
+
+fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(raw).ok()?).ok()?;
+    let (micros, id) = text.split_once(':')?;
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)), Some((at, id)));
+        assert_eq!(decode_cursor("not-a-cursor"), None);
+    }
+}
