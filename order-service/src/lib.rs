@@ -17,6 +17,7 @@ use shared::{
     auth::{JwtVerifier, ServiceAuthSettings},
     config::{DatabaseSettings, HttpSettings, Layers},
     kafka::KafkaSettings,
+    outbox::{Relay, RelaySettings},
     registry::RegistrySettings,
     telemetry::LogSettings,
 };
@@ -29,6 +30,9 @@ pub const SERVICE_NAME: &str = "order-service";
 
 /// The PostgreSQL schema order-service owns.
 pub const SCHEMA: &str = "orders";
+
+/// The channel the outbox trigger notifies (see the migrations).
+pub const OUTBOX_CHANNEL: &str = "orders_outbox";
 
 /// The migrations of [`SCHEMA`], compiled in.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -43,6 +47,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub registry: RegistrySettings,
     pub auth: ServiceAuthSettings,
+    pub outbox: RelaySettings,
 }
 
 impl Settings {
@@ -64,6 +69,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    relay: Option<Relay>,
 }
 
 impl Application {
@@ -80,11 +86,25 @@ impl Application {
             .auth
             .verifier()
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let relay = if settings.outbox.enabled {
+            Some(
+                Relay::new(
+                    pool.clone(),
+                    &settings.kafka,
+                    OUTBOX_CHANNEL,
+                    settings.outbox.clone(),
+                )
+                .context("cannot create the Kafka producer for the outbox")?,
+            )
+        } else {
+            None
+        };
         let router = router(pool, std::sync::Arc::new(verifier));
         Ok(Self {
             listener,
             router,
             registry: settings.registry,
+            relay,
         })
     }
 
@@ -101,14 +121,23 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::registry::serve_registered(
+        let relay = self
+            .relay
+            .map(|relay| tokio::spawn(relay.run(shutdown.clone())));
+        let served = shared::registry::serve_registered(
             SERVICE_NAME,
             self.listener,
             self.router,
             &self.registry,
-            shutdown,
+            shutdown.clone(),
         )
-        .await?;
+        .await;
+        // The relay finishes its round in flight before the process exits.
+        shutdown.cancel();
+        if let Some(relay) = relay {
+            let _ = relay.await;
+        }
+        served?;
         Ok(())
     }
 }

@@ -10,6 +10,8 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod kafka;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 pub mod problem;
 pub mod registry;
 pub mod shutdown;
