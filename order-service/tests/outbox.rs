@@ -11,8 +11,6 @@ use std::{
 use common::spawn;
 use rdkafka::{
     Message,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{Consumer, StreamConsumer},
     message::Headers,
 };
@@ -31,16 +29,13 @@ fn kafka() -> KafkaSettings {
     )
 }
 
-/// order-topic, created if this broker does not have it yet.
+/// The store's topics, created from kafka-setup's own definitions (never ad hoc, or
+/// other tests on this broker would find order-topic configured differently).
 async fn ensure_order_topic() {
-    let admin: AdminClient<DefaultClientContext> = kafka().admin_config().create().expect("admin");
-    let _ = admin
-        .create_topics(
-            [&NewTopic::new("order-topic", 6, TopicReplication::Fixed(1))],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
+    let topics = kafka_setup::TopicFile::builtin().expect("topics.toml");
+    kafka_setup::apply(&kafka(), &topics, kafka_setup::Mode::Apply)
         .await
-        .expect("create topics request");
+        .expect("topics applied");
 }
 
 fn relay(database: &str, settings: RelaySettings) -> Relay {

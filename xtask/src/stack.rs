@@ -113,10 +113,18 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     say("creating the topics");
     let bin = crate::target_dir().join("debug");
     let mut topics = Command::new(bin.join("kafka-setup"));
-    topics
-        .env("KAFKA_BROKERS", broker.brokers())
-        .stdout(Stdio::null());
-    crate::procs::run("kafka-setup", &mut topics, &interrupt)?;
+    topics.env("KAFKA_BROKERS", broker.brokers());
+    let mut setup = Supervised::spawn("kafka-setup", &mut topics)?;
+    match setup.wait_or_interrupt(&interrupt).map(|s| s.code()) {
+        Some(Some(0)) => {}
+        // Existing topics differ from kafka-setup/topics.toml (listed above): the stack
+        // still works, and changing a broker's live topics is its operator's decision.
+        Some(Some(1)) => {
+            say("warning: existing topics differ from kafka-setup/topics.toml (see above)");
+        }
+        Some(status) => bail!("kafka-setup failed ({status:?})"),
+        None => bail!("interrupted while creating the topics"),
+    }
 
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_config = stack_dir.join("gateway.yaml");
