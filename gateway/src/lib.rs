@@ -353,10 +353,7 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
 /// `GET /actuator/gateway/routes`: each route with the instances it resolves to now.
 async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
     let table = gateway.routes.load();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = shared::now_ms();
     let routes: Vec<Value> = table
         .routes
         .iter()

@@ -26,7 +26,7 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
-use shared::{Problem, auth::AuthError};
+use shared::{Problem, auth::AuthError, now_ms};
 
 use crate::{
     Gateway,
@@ -443,13 +443,6 @@ fn exhausted(service: &str, attempts: usize) -> Response {
         format!("{service} failed on {attempts} instance(s)."),
     )
     .into_response()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The upstream's response as the client gets it.

@@ -739,13 +739,7 @@ fn unknown(service: &ServiceName, id: &str) -> LeaseError {
     }
 }
 
-/// Epoch milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use shared::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -20,3 +20,12 @@ pub mod telemetry;
 pub mod testing;
 
 pub use problem::{FieldError, Problem};
+
+/// Epoch milliseconds now: the unit of every lease, timestamp and backoff deadline
+/// the processes exchange.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
