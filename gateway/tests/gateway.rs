@@ -1088,10 +1088,17 @@ async fn a_circuit_breaker_opens_on_failures_refuses_fast_and_closes_after_a_goo
     s.get_routed("/orders", &token).await;
     up.failing_with.store(500, Ordering::SeqCst);
     for _ in 0..4 {
-        assert_eq!(
-            s.get("/guarded/x", &token).await.status(),
-            StatusCode::INTERNAL_SERVER_ERROR
+        let failed = s.get("/guarded/x", &token).await;
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // The upstream's plain JSON error becomes problem+json, keeping the
+        // gateway's own headers.
+        assert_eq!(failed.headers()["content-type"], "application/problem+json");
+        assert!(
+            failed.headers().contains_key("x-request-id"),
+            "{:?}",
+            failed.headers()
         );
+        assert_eq!(failed.headers()["x-content-type-options"], "nosniff");
     }
     let hits = up.hits.load(Ordering::SeqCst);
     let open = s.get("/guarded/x", &token).await;

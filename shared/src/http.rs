@@ -103,7 +103,7 @@ pub async fn not_found(uri: axum::http::Uri) -> Problem {
 
 /// Rewrites every error answer that is not already problem+json (axum's own
 /// rejections, such as 405 or a malformed query string, are plain text) into one
-/// with the same status and message, keeping an `Allow` header.
+/// with the same status and message, keeping every header but those of the body.
 pub async fn problem_for_bare_errors(req: Request, next: axum::middleware::Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
@@ -130,12 +130,15 @@ pub async fn problem_for_bare_errors(req: Request, next: axum::middleware::Next)
         (_, false) => text,
     };
     let mut problem = Problem::new(status, detail).into_response();
-    if let Some(allow) = parts.headers.get(header::ALLOW) {
-        problem.headers_mut().insert(header::ALLOW, allow.clone());
-    }
-    for name in ["www-authenticate", "retry-after"] {
-        if let Some(value) = parts.headers.get(name) {
-            problem.headers_mut().insert(name, value.clone());
+    // Only the body changes: every other header (Allow, WWW-Authenticate, request id,
+    // CORS, rate limits...) stays as it was.
+    for (name, value) in &parts.headers {
+        let describes_body = name == header::CONTENT_TYPE
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_ENCODING;
+        if !describes_body {
+            problem.headers_mut().append(name.clone(), value.clone());
         }
     }
     problem
