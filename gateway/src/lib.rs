@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use shared::{
     Problem,
     actuator::Actuator,
-    auth::{AuthError, JwtVerifier},
+    auth::JwtVerifier,
     config::{HttpSettings, Layers},
     registry::{Discovery, RegistryClient, RegistrySettings},
     telemetry::LogSettings,
@@ -311,10 +311,7 @@ async fn require_token_except_health(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let Some(token) = shared::auth::bearer(&parts) else {
-        return AuthError::Missing.into_response();
-    };
-    if let Err(e) = gateway.verifier.verify(token).await {
+    if let Err(e) = gateway.verifier.verify_request(&parts).await {
         return e.into_response();
     }
     next.run(Request::from_parts(parts, body)).await
@@ -327,10 +324,7 @@ async fn require_admin(
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let Some(token) = shared::auth::bearer(&parts) else {
-        return AuthError::Missing.into_response();
-    };
-    match gateway.verifier.verify(token).await {
+    match gateway.verifier.verify_request(&parts).await {
         Err(e) => e.into_response(),
         Ok(claims) if !claims.is_admin() => {
             Problem::forbidden("This endpoint needs the admin role.").into_response()

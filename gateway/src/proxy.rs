@@ -141,12 +141,9 @@ async fn handle(
     let (mut parts, body) = request.into_parts();
 
     // Authenticate before anything touches an upstream.
-    let token = shared::auth::bearer(&parts)
-        .ok_or(AuthError::Missing)
-        .map_err(|e| reject_auth(trace, e))?;
     let claims = gateway
         .verifier
-        .verify(token)
+        .verify_request(&parts)
         .await
         .map_err(|e| reject_auth(trace, e))?;
     if !route.roles.is_empty() && !route.roles.iter().any(|r| claims.has_role(r)) {

@@ -457,6 +457,12 @@ impl JwtVerifier {
             })
     }
 
+    /// Verifies the bearer token a request carries; `Missing` when it carries none.
+    pub async fn verify_request(&self, parts: &Parts) -> Result<Claims, AuthError> {
+        let token = bearer(parts).ok_or(AuthError::Missing)?;
+        self.verify(token).await
+    }
+
     /// Fetches the issuer's JWKS unless it was fetched within the refetch interval;
     /// on failure the keys it had stay in force.
     async fn refetch(&self, issuer: &Issuer, kid: &str) {
@@ -529,8 +535,7 @@ where
             return Ok(AuthUser(claims.clone()));
         }
         let verifier = Arc::<JwtVerifier>::from_ref(state);
-        let token = bearer(parts).ok_or(AuthError::Missing)?;
-        verifier.verify(token).await.map(AuthUser)
+        verifier.verify_request(parts).await.map(AuthUser)
     }
 }
 
@@ -542,10 +547,7 @@ pub async fn authenticate(
     next: axum::middleware::Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    let Some(token) = bearer(&parts).map(str::to_owned) else {
-        return AuthError::Missing.into_response();
-    };
-    match verifier.verify(&token).await {
+    match verifier.verify_request(&parts).await {
         Ok(claims) => {
             parts.extensions.insert(claims);
             next.run(axum::extract::Request::from_parts(parts, body))
