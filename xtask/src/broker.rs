@@ -3,8 +3,15 @@
 //! With `KAFKA_BROKERS` set, those brokers are used as they are. Otherwise xtask runs
 //! `tansu`, a pinned version installed with `cargo install --locked` on first use into
 //! a tools folder outside the checkout, so every later clone on the machine reuses it.
-//! Storage is `memory://` (nothing survives the process), or with `--durable` a SQLite
-//! file under `target/` (tansu's `libsql` engine).
+//! Storage is tansu's SQLite engine (`libsql`): a throwaway database file in a
+//! scratch folder (on `/dev/shm` where there is one) deleted when the broker stops,
+//! or with `--durable` a file under `target/` that survives restarts.
+//!
+//! Why not `memory://`: in tansu 0.6.0 that engine reports a partition's high
+//! watermark as its number of record batches, and a fetch from an offset inside a
+//! batch returns nothing. A consumer that committed an offset in the middle of a
+//! producer's batch (an ordinary event) would never receive the rest of the partition
+//! after a restart. The SQLite engine gets both right; `xtask`'s broker tests check it.
 //!
 //! Why not tansu's PostgreSQL engine for `--durable`: the crate does not ship the
 //! schema that engine needs (it lives only in tansu's source repository), and the
@@ -24,14 +31,16 @@ use crate::procs::{Interrupt, Supervised};
 
 /// The pinned tansu release.
 pub const TANSU_VERSION: &str = "0.6.0";
-/// `memory://` needs `dynostore`; `sqlite://` (for `--durable`) needs `libsql`.
+/// `sqlite://` needs `libsql`; `dynostore` (for `memory://`) stays so an installed
+/// binary keeps matching this list.
 pub const TANSU_FEATURES: &str = "dynostore,libsql";
 
 /// Where the broker keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Storage {
-    Memory,
-    /// A SQLite database file.
+    /// A SQLite file in a scratch folder removed when the broker stops.
+    Throwaway,
+    /// A SQLite database file that outlives the broker.
     Sqlite(PathBuf),
 }
 
@@ -39,7 +48,9 @@ pub enum Storage {
 #[derive(Debug)]
 pub struct Broker {
     brokers: String,
+    // Dropped in this order: the server stops before its scratch folder goes.
     server: Option<Supervised>,
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Broker {
@@ -52,6 +63,7 @@ impl Broker {
             return Ok(Self {
                 brokers,
                 server: None,
+                _scratch: None,
             });
         }
         Self::start(storage, log, interrupt)
@@ -64,16 +76,26 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         // tansu resolves a sqlite:// URL against its working directory, so it runs in
         // the database's folder and is given the file name alone.
-        let mut workdir = std::env::temp_dir();
-        let storage_url = match &storage {
-            Storage::Memory => "memory://tansu/".to_owned(),
+        let mut scratch = None;
+        let (workdir, storage_url) = match &storage {
+            Storage::Throwaway => {
+                let shm = Path::new("/dev/shm");
+                let mut builder = tempfile::Builder::new();
+                builder.prefix("storefront-tansu-");
+                let dir = builder.tempdir_in(shm).or_else(|_| builder.tempdir())?;
+                let workdir = dir.path().to_path_buf();
+                scratch = Some(dir);
+                (workdir, "sqlite://tansu.db".to_owned())
+            }
             Storage::Sqlite(path) => {
                 let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
                     bail!("{} is not a file path", path.display());
                 };
                 fs::create_dir_all(dir)?;
-                workdir = dir.to_path_buf();
-                format!("sqlite://{}", file.to_string_lossy())
+                (
+                    dir.to_path_buf(),
+                    format!("sqlite://{}", file.to_string_lossy()),
+                )
             }
         };
         if let Some(dir) = log.parent() {
@@ -117,6 +139,7 @@ impl Broker {
         Ok(Self {
             brokers: addr,
             server: Some(server),
+            _scratch: scratch,
         })
     }
 

@@ -106,7 +106,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let storage = if options.durable {
         Storage::Sqlite(stack_dir.join("durable").join("tansu.db"))
     } else {
-        Storage::Memory
+        Storage::Throwaway
     };
     let broker = Broker::provide(storage, &logs.join("tansu.log"), &interrupt)?;
 

@@ -61,7 +61,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let postgres = Postgres::provide(&dir.join(format!("postgres-{pid}")), false, &interrupt)?;
     step("starting the broker");
     let broker = Broker::provide(
-        Storage::Memory,
+        Storage::Throwaway,
         &dir.join(format!("tansu-{pid}.log")),
         &interrupt,
     )?;
