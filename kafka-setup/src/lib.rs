@@ -19,6 +19,14 @@ use shared::kafka::KafkaSettings;
 /// The built-in topic file, compiled in so the binary needs nothing beside it.
 pub const BUILTIN_TOPICS: &str = include_str!("../topics.toml");
 
+/// `name` tagged as [`TopicFile::tagged`] does it.
+pub fn tagged_name(name: &str, tag: &str) -> String {
+    match name.strip_suffix(".DLT") {
+        Some(base) => format!("{base}-{tag}.DLT"),
+        None => format!("{name}-{tag}"),
+    }
+}
+
 /// One topic as it should be.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +71,16 @@ impl TopicFile {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SetupError::Definition(format!("{}: {e}", path.display())))?;
         Self::parse(&text)
+    }
+
+    /// The same topics under names tagged with `tag` (`order-topic` becomes
+    /// `order-topic-<tag>`, its dead letters `order-topic-<tag>.DLT`), configured
+    /// exactly alike. Tests use it to get topics of their own on a shared broker.
+    pub fn tagged(mut self, tag: &str) -> Self {
+        for t in &mut self.topics {
+            t.name = tagged_name(&t.name, tag);
+        }
+        self
     }
 
     /// Production overrides: a replication factor and `min.insync.replicas` for every topic.
@@ -351,6 +369,19 @@ mod tests {
             for key in ["cleanup.policy", "retention.ms", "min.insync.replicas"] {
                 assert!(t.config.contains_key(key), "{} lacks {key}", t.name);
             }
+        }
+    }
+
+    #[test]
+    fn tagged_topics_keep_their_dead_letter_suffix_and_config() {
+        let plain = TopicFile::builtin().expect("parses");
+        let tagged = plain.clone().tagged("t1");
+        let names: Vec<_> = tagged.topics.iter().map(|t| t.name.as_str()).collect();
+        assert!(names.contains(&"order-topic-t1"));
+        assert!(names.contains(&"order-topic-t1.DLT"));
+        for (a, b) in plain.topics.iter().zip(&tagged.topics) {
+            assert_eq!(a.config, b.config);
+            assert_eq!(a.partitions, b.partitions);
         }
     }
 
