@@ -21,7 +21,12 @@ use crate::{actuator::CheckResult, config::DatabaseSettings};
 /// A pool for `settings` whose connections work in `schema`; nothing is opened until
 /// first use.
 pub fn connect_lazy(settings: &DatabaseSettings, schema: &str) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(&settings.url)?.options([("search_path", schema)]);
+    let options = PgConnectOptions::from_str(&settings.url)?.options([
+        ("search_path", schema),
+        // A transaction whose client went quiet (a hung or half-dead process) gives
+        // its locks back after a minute instead of stalling every consumer behind it.
+        ("idle_in_transaction_session_timeout", "60000"),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         // A request waits at most this long for a connection, then gets a 503.
@@ -54,4 +59,17 @@ pub async fn check(pool: PgPool) -> CheckResult {
             };
             format!("PostgreSQL: {reason}")
         })
+}
+
+/// The answer to a failed query: 503 when the database cannot be reached (the client
+/// may retry; logged as a warning), else a 500 that is logged and answered without
+/// details. `what` names the database in the answer, e.g. "The order database".
+pub fn problem(what: &str, e: sqlx::Error) -> crate::Problem {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            tracing::warn!(error = %e, "{what} is unreachable");
+            crate::Problem::unavailable(what)
+        }
+        other => crate::Problem::internal(&other),
+    }
 }

@@ -184,6 +184,24 @@ pub async fn serve(
     .await
 }
 
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()))
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(|| {
+            Problem::validation(vec![crate::FieldError::new(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters, e.g. a UUID",
+            )])
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

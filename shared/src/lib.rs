@@ -7,9 +7,13 @@ pub mod actuator;
 pub mod auth;
 pub mod config;
 #[cfg(feature = "postgres")]
+pub mod consumer;
+#[cfg(feature = "postgres")]
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod kafka;
+pub mod money;
 #[cfg(feature = "postgres")]
 pub mod outbox;
 pub mod problem;

@@ -585,3 +585,31 @@ pub async fn serve_registered(
     });
     crate::http::serve(listener, router, server_stop).await
 }
+
+/// [`serve_registered`], with background `workers` (an outbox relay, an event
+/// consumer) that watch the same `shutdown`. Returns once the server stopped and every
+/// worker finished what it had in flight, so offsets and outbox rows are settled
+/// before the process exits.
+pub async fn serve_registered_with_workers(
+    service: &str,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    settings: &RegistrySettings,
+    shutdown: CancellationToken,
+    workers: Vec<futures::future::BoxFuture<'static, ()>>,
+) -> std::io::Result<()> {
+    // A JoinSet: if this future is dropped, the workers are aborted with it.
+    let mut running = tokio::task::JoinSet::new();
+    for worker in workers {
+        running.spawn(worker);
+    }
+    let served = serve_registered(service, listener, router, settings, shutdown.clone()).await;
+    // If the server failed on its own, the workers stop too.
+    shutdown.cancel();
+    while let Some(done) = running.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a background worker panicked");
+        }
+    }
+    served
+}

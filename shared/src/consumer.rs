@@ -1,0 +1,556 @@
+//! The event consumer every service runs: Kafka in, one PostgreSQL transaction per
+//! batch, offsets committed only after that transaction committed.
+//!
+//! A round takes what the broker has ready (up to `max_batch` messages), parses each,
+//! and applies the parsed events in order inside one transaction. Then it commits the
+//! transaction, sends the events nobody can process to `<topic>.DLT` and waits for
+//! the broker's acknowledgement, and only then stores and commits the offsets. A crash
+//! at any point redelivers the round; handlers are idempotent on `eventId`, so the
+//! redelivery changes nothing that was already applied.
+//!
+//! Failures come in two kinds:
+//! - **transient** (the database is unreachable, a deadlock, a serialization
+//!   failure): the whole round is retried with a doubling backoff, for as long as it
+//!   takes. Nothing is skipped and no offset moves.
+//! - **permanent** (the payload is not an event, or the handler says a retry will not
+//!   fix it, or the database refuses the data itself): the round is rolled back and
+//!   replayed one event per transaction, so exactly the bad events are isolated. Each
+//!   goes to the dead-letter topic with the error in its headers (Spring Kafka's
+//!   `kafka_dlt-*` names, values as text), and the partition moves on.
+//!
+//! Consumer lag comes from librdkafka's statistics and is exported as the gauge
+//! `kafka_consumer_lag{group,topic,partition}`.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+use futures::FutureExt;
+use rdkafka::{
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer},
+    message::{Header, Headers, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    statistics::Statistics,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::KafkaSettings;
+
+/// The `consumer` section of a service that consumes events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerLoopSettings {
+    /// Run the consumer in this process.
+    pub enabled: bool,
+    /// The consumer group; empty means the service's canonical name.
+    pub group: String,
+    /// Most events applied in one transaction.
+    pub max_batch: usize,
+    /// The longest wait between retries of a round that failed transiently.
+    pub max_backoff_ms: u64,
+    /// How often librdkafka reports statistics (consumer lag); 0 turns them off.
+    pub statistics_interval_ms: u64,
+}
+
+impl Default for ConsumerLoopSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            group: String::new(),
+            max_batch: 200,
+            max_backoff_ms: 10_000,
+            statistics_interval_ms: 5_000,
+        }
+    }
+}
+
+/// One message as it came off the topic.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Incoming {
+    /// A header's value as text, if present and UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Retrying later may succeed: the round is retried, nothing is skipped.
+    #[error("{0}")]
+    Transient(String),
+    /// No retry will fix it: the event is dead-lettered.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            Failure::Transient(format!("database: {e}"))
+        } else {
+            Failure::Permanent(format!("database refused the event: {e}"))
+        }
+    }
+}
+
+/// Whether a database error may go away by itself: the connection, the server's
+/// state, or a conflict with a concurrent transaction.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 40001 serialization failure; 40P01 deadlock;
+            // 53: insufficient resources; 55P03 lock not available; 57: operator
+            // intervention (shutdown, cancel); 58: system error.
+            code.starts_with("08")
+                || code == "40001"
+                || code == "40P01"
+                || code.starts_with("53")
+                || code == "55P03"
+                || code.starts_with("57")
+                || code.starts_with("58")
+        }),
+        _ => false,
+    }
+}
+
+/// What a service does with its events.
+pub trait Handler: Send + Sync + 'static {
+    type Event: Send + Sync;
+
+    /// Turns a message into an event, or says why it is not one (dead-lettered).
+    fn parse(&self, message: &Incoming) -> Result<Self::Event, String>;
+
+    /// Applies one event inside the round's transaction; returns an outcome label for
+    /// the metrics (counted once the transaction committed). Must be idempotent on the
+    /// event's id: a redelivered event is applied again.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a Self::Event,
+        message: &'a Incoming,
+    ) -> impl Future<Output = Result<&'static str, Failure>> + Send + 'a;
+}
+
+/// Lag reporting from librdkafka's statistics.
+struct LagContext {
+    group: String,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "kafka_consumer_lag",
+                    "group" => self.group.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        let describe = |list: &TopicPartitionList| {
+            list.elements()
+                .iter()
+                .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match rebalance {
+            rdkafka::consumer::Rebalance::Assign(list) => {
+                tracing::info!(group = %self.group, partitions = %describe(list), "partitions assigned");
+            }
+            rdkafka::consumer::Rebalance::Revoke(list) => {
+                tracing::info!(group = %self.group, partitions = %describe(list), "partitions revoked");
+            }
+            rdkafka::consumer::Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "rebalance failed");
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            tracing::warn!(group = %self.group, error = %e, "offset commit failed; the round may be redelivered");
+        }
+    }
+}
+
+/// One consumer group member, reading one topic.
+pub struct EventConsumer<H: Handler> {
+    consumer: StreamConsumer<LagContext>,
+    producer: FutureProducer,
+    pool: PgPool,
+    handler: Arc<H>,
+    topic: String,
+    group: String,
+    settings: ConsumerLoopSettings,
+    delivery_timeout: Duration,
+}
+
+impl<H: Handler> std::fmt::Debug for EventConsumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventConsumer")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of parsing one message of a round.
+struct Parsed<E> {
+    message: Incoming,
+    event: Result<E, String>,
+}
+
+impl<H: Handler> EventConsumer<H> {
+    /// Subscribes `group` (the settings' group, else `default_group`) to `topic`.
+    pub fn new(
+        kafka: &KafkaSettings,
+        settings: ConsumerLoopSettings,
+        default_group: &str,
+        topic: &str,
+        pool: PgPool,
+        handler: H,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let group = if settings.group.is_empty() {
+            default_group.to_owned()
+        } else {
+            settings.group.clone()
+        };
+        let mut config = kafka.consumer_config(&group);
+        if settings.statistics_interval_ms > 0 {
+            config.set(
+                "statistics.interval.ms",
+                settings.statistics_interval_ms.to_string(),
+            );
+        }
+        let consumer: StreamConsumer<LagContext> = config.create_with_context(LagContext {
+            group: group.clone(),
+        })?;
+        consumer.subscribe(&[topic])?;
+        Ok(Self {
+            consumer,
+            producer: kafka.producer_config().create()?,
+            pool,
+            handler: Arc::new(handler),
+            topic: topic.to_owned(),
+            group,
+            settings,
+            delivery_timeout: Duration::from_millis(kafka.producer.delivery_timeout_ms),
+        })
+    }
+
+    /// Consumes until `shutdown`: the round in flight finishes and its offsets are
+    /// committed before this returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(topic = %self.topic, group = %self.group, "consuming");
+        // Every position committed so far: committed once more, synchronously, at
+        // the end, so the last asynchronous commit cannot be lost with the process.
+        let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        loop {
+            let first = tokio::select! {
+                received = self.consumer.recv() => received,
+                () = shutdown.cancelled() => break,
+            };
+            let first = match first {
+                Ok(m) => incoming(&m),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %self.topic, "cannot receive from the broker");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            let mut round = vec![first];
+            // Whatever else is already here joins the round, without waiting.
+            while round.len() < self.settings.max_batch.max(1) {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => round.push(incoming(&m)),
+                    _ => break,
+                }
+            }
+            match self.process(round, &shutdown).await {
+                Some(done) => {
+                    self.commit(&done, CommitMode::Async);
+                    positions.extend(done);
+                }
+                None => break,
+            }
+        }
+        if !positions.is_empty() {
+            self.commit(&positions, CommitMode::Sync);
+        }
+        tracing::info!(topic = %self.topic, group = %self.group, "consumer stopped");
+    }
+
+    /// Applies and dead-letters one round; returns the positions to commit, or `None`
+    /// if shutdown interrupted a retry (the round stays uncommitted and is redelivered).
+    async fn process(
+        &self,
+        round: Vec<Incoming>,
+        shutdown: &CancellationToken,
+    ) -> Option<BTreeMap<(String, i32), i64>> {
+        let parsed: Vec<Parsed<H::Event>> = round
+            .into_iter()
+            .map(|message| Parsed {
+                event: match message.payload.as_deref() {
+                    None => Err("the message has no payload".to_owned()),
+                    Some(_) => self.handler.parse(&message),
+                },
+                message,
+            })
+            .collect();
+        let max_backoff = Duration::from_millis(self.settings.max_backoff_ms);
+        let mut backoff = Duration::from_millis(100);
+        let (outcomes, dead) = loop {
+            let attempt = match self.apply_together(&parsed).await {
+                Err(Failure::Permanent(e)) => {
+                    tracing::debug!(error = %e, "a round failed; applying its events one by one");
+                    self.apply_one_by_one(&parsed).await
+                }
+                other => other,
+            };
+            match attempt {
+                Ok(done) => break done,
+                Err(e) => {
+                    metrics::counter!("consumer_retries_total", "group" => self.group.clone())
+                        .increment(1);
+                    tracing::warn!(error = %e, retry_in = ?backoff, topic = %self.topic,
+                        "cannot apply events; retrying, nothing is skipped");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return None,
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        };
+        // Dead letters must be on the broker before the offsets move past them.
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = self.dead_letter(&dead).await {
+            tracing::warn!(error = %e, retry_in = ?backoff, "cannot publish dead letters; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        }
+        for outcome in outcomes {
+            metrics::counter!("consumer_events_total",
+                "group" => self.group.clone(), "outcome" => outcome)
+            .increment(1);
+        }
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for p in &parsed {
+            let entry = next
+                .entry((p.message.topic.clone(), p.message.partition))
+                .or_insert(0);
+            *entry = (*entry).max(p.message.offset + 1);
+        }
+        Some(next)
+    }
+
+    /// All events in one transaction. `Ok` holds the outcomes and the unparsable.
+    async fn apply_together(
+        &self,
+        parsed: &[Parsed<H::Event>],
+    ) -> Result<(Vec<&'static str>, Vec<(Incoming, String)>), Failure> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(parsed.len());
+        let mut dead = Vec::new();
+        for p in parsed {
+            match &p.event {
+                Ok(event) => outcomes.push(self.handler.apply(&mut tx, event, &p.message).await?),
+                Err(e) => dead.push((p.message.clone(), e.clone())),
+            }
+        }
+        tx.commit().await?;
+        Ok((outcomes, dead))
+    }
+
+    /// Each event in its own transaction, to isolate the ones that fail permanently.
+    async fn apply_one_by_one(
+        &self,
+        parsed: &[Parsed<H::Event>],
+    ) -> Result<(Vec<&'static str>, Vec<(Incoming, String)>), Failure> {
+        let mut outcomes = Vec::with_capacity(parsed.len());
+        let mut dead = Vec::new();
+        for p in parsed {
+            let event = match &p.event {
+                Ok(event) => event,
+                Err(e) => {
+                    dead.push((p.message.clone(), e.clone()));
+                    continue;
+                }
+            };
+            let mut tx = self.pool.begin().await?;
+            match self.handler.apply(&mut tx, event, &p.message).await {
+                Ok(outcome) => {
+                    tx.commit().await?;
+                    outcomes.push(outcome);
+                }
+                Err(Failure::Permanent(e)) => {
+                    tx.rollback().await?;
+                    dead.push((p.message.clone(), e));
+                }
+                Err(transient) => return Err(transient),
+            }
+        }
+        Ok((outcomes, dead))
+    }
+
+    /// Publishes `dead` to the dead-letter topic and waits for every acknowledgement.
+    async fn dead_letter(&self, dead: &[(Incoming, String)]) -> Result<(), String> {
+        let dlt = crate::events::dead_letter_topic(&self.topic);
+        let sends = dead.iter().map(|(message, error)| {
+            tracing::warn!(topic = %message.topic, partition = message.partition,
+                offset = message.offset, error = %error, "dead-lettering an event");
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let partition = message.partition.to_string();
+            let offset = message.offset.to_string();
+            let failed_at = crate::now_ms().to_string();
+            for (key, value) in [
+                ("kafka_dlt-exception-message", error.as_str()),
+                ("kafka_dlt-original-topic", message.topic.as_str()),
+                ("kafka_dlt-original-partition", partition.as_str()),
+                ("kafka_dlt-original-offset", offset.as_str()),
+                ("kafka_dlt-original-consumer-group", self.group.as_str()),
+                ("kafka_dlt-failed-at", failed_at.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let producer = self.producer.clone();
+            let dlt = dlt.clone();
+            let timeout = self.delivery_timeout;
+            async move {
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&dlt).headers(headers);
+                if let Some(key) = &message.key {
+                    record = record.key(key.as_slice());
+                }
+                if let Some(payload) = &message.payload {
+                    record = record.payload(payload.as_slice());
+                }
+                producer
+                    .send(record, timeout)
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| e.to_string())
+            }
+        });
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+        if !dead.is_empty() {
+            metrics::counter!("consumer_dead_lettered_total",
+                "group" => self.group.clone(), "topic" => self.topic.clone())
+            .increment(dead.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Commits the positions after a round. A commit that fails (a rebalance took
+    /// the partition) only means the round may be redelivered.
+    fn commit(&self, positions: &BTreeMap<(String, i32), i64>, mode: CommitMode) {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in positions {
+            if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+                tracing::warn!(error = %e, "cannot record an offset to commit");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&list, mode) {
+            tracing::warn!(error = %e, "offset commit failed; the round may be redelivered");
+        }
+    }
+}
+
+fn incoming(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Incoming {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_trouble_is_transient_and_bad_data_is_not() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::other(
+            "reset"
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+        assert!(matches!(
+            Failure::from(sqlx::Error::ColumnNotFound("x".into())),
+            Failure::Permanent(_)
+        ));
+    }
+}
