@@ -5,17 +5,21 @@
 //! build it with port 0 and drive it over a real socket.
 
 pub mod orders;
+pub mod results;
 pub mod validation;
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use axum::Router;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use shared::{
     actuator::Actuator,
     auth::{JwtVerifier, ServiceAuthSettings},
     config::{DatabaseSettings, HttpSettings, Layers},
+    consumer::{ConsumerLoopSettings, EventConsumer},
+    events::Topics,
     kafka::KafkaSettings,
     outbox::{Relay, RelaySettings},
     registry::RegistrySettings,
@@ -45,9 +49,11 @@ pub struct Settings {
     pub log: LogSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
+    pub topics: Topics,
     pub registry: RegistrySettings,
     pub auth: ServiceAuthSettings,
     pub outbox: RelaySettings,
+    pub consumer: ConsumerLoopSettings,
 }
 
 impl Settings {
@@ -70,6 +76,7 @@ pub struct Application {
     router: Router,
     registry: RegistrySettings,
     relay: Option<Relay>,
+    consumer: Option<EventConsumer<results::ResultApplier>>,
 }
 
 impl Application {
@@ -86,25 +93,41 @@ impl Application {
             .auth
             .verifier()
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
-        let relay = if settings.outbox.enabled {
-            Some(
+        let relay = settings
+            .outbox
+            .enabled
+            .then(|| {
                 Relay::new(
                     pool.clone(),
                     &settings.kafka,
                     OUTBOX_CHANNEL,
                     settings.outbox.clone(),
                 )
-                .context("cannot create the Kafka producer for the outbox")?,
-            )
-        } else {
-            None
-        };
-        let router = router(pool, std::sync::Arc::new(verifier));
+            })
+            .transpose()
+            .context("cannot create the Kafka producer for the outbox")?;
+        let consumer = settings
+            .consumer
+            .enabled
+            .then(|| {
+                EventConsumer::new(
+                    &settings.kafka,
+                    settings.consumer.clone(),
+                    SERVICE_NAME,
+                    &settings.topics.payment_results,
+                    pool.clone(),
+                    results::ResultApplier,
+                )
+            })
+            .transpose()
+            .context("cannot create the Kafka consumer for payment results")?;
+        let router = router(pool, std::sync::Arc::new(verifier), settings.topics.orders);
         Ok(Self {
             listener,
             router,
             registry: settings.registry,
             relay,
+            consumer,
         })
     }
 
@@ -119,37 +142,39 @@ impl Application {
         self.local_addr().port()
     }
 
+    /// Serves, relays and consumes until `shutdown`; then deregisters, finishes the
+    /// round in flight and commits its offsets.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        let relay = self
-            .relay
-            .map(|relay| tokio::spawn(relay.run(shutdown.clone())));
-        let served = shared::registry::serve_registered(
+        let mut workers = Vec::new();
+        if let Some(relay) = self.relay {
+            workers.push(relay.run(shutdown.clone()).boxed());
+        }
+        if let Some(consumer) = self.consumer {
+            workers.push(consumer.run(shutdown.clone()).boxed());
+        }
+        shared::registry::serve_registered_with_workers(
             SERVICE_NAME,
             self.listener,
             self.router,
             &self.registry,
-            shutdown.clone(),
+            shutdown,
+            workers,
         )
-        .await;
-        // The relay finishes its round in flight before the process exits.
-        shutdown.cancel();
-        if let Some(relay) = relay {
-            let _ = relay.await;
-        }
-        served?;
+        .await?;
         Ok(())
     }
 }
 
 /// The HTTP routes of order-service: the actuator, and the API behind token verification.
-pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
+pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic: String) -> Router {
     let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .check("db", move || shared::db::check(checked.clone()));
     let api = orders::routes(orders::Api {
         pool,
         verifier: verifier.clone(),
+        orders_topic,
     });
     shared::http::service_router(actuator.router(), api, verifier)
 }

@@ -28,14 +28,13 @@ use uuid::Uuid;
 
 use crate::validation::CreateOrder;
 
-/// The topic `order-created` events go to.
-pub const ORDER_TOPIC: &str = "order-topic";
-
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct Api {
     pub pool: PgPool,
     pub verifier: Arc<JwtVerifier>,
+    /// Where `order-created` events go.
+    pub orders_topic: String,
 }
 
 impl FromRef<Api> for Arc<JwtVerifier> {
@@ -51,16 +50,9 @@ pub fn routes(api: Api) -> Router {
         .with_state(api)
 }
 
-/// A database failure: 503 when the database cannot be reached (the client may
-/// retry), else a 500 that is logged and answered without details.
+/// A database failure: 503 when unreachable, else a logged 500.
 fn internal(e: sqlx::Error) -> Problem {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            tracing::warn!(error = %e, "the order database is unreachable");
-            Problem::unavailable("The order database")
-        }
-        other => Problem::internal(&other),
-    }
+    shared::db::problem("The order database", e)
 }
 
 /// The order as the contract shows it.
@@ -103,7 +95,7 @@ async fn create(
     shared::http::Json(body): shared::http::Json<CreateOrder>,
 ) -> Result<Response, Problem> {
     let order = body.validate().map_err(Problem::validation)?;
-    let key = idempotency_key(&headers)?;
+    let key = shared::http::idempotency_key(&headers)?;
     let items = serde_json::to_value(&order.items).map_err(|e| Problem::internal(&e))?;
     // The fingerprint of what was asked, to tell a retry from a different request.
     let fingerprint = {
@@ -187,7 +179,7 @@ async fn create(
          VALUES ($1, $2, $3, 'order-created', $4, $5)",
     )
     .bind(event_id)
-    .bind(ORDER_TOPIC)
+    .bind(&api.orders_topic)
     .bind(id.to_string())
     .bind(&event)
     .bind(&event_headers)
@@ -209,24 +201,6 @@ async fn create(
     tx.commit().await.map_err(internal)?;
     metrics::counter!("orders_created_total").increment(1);
     Ok(created(stored))
-}
-
-/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    value
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()))
-        .map(|k| Some(k.to_owned()))
-        .ok_or_else(|| {
-            Problem::validation(vec![FieldError::new(
-                "Idempotency-Key",
-                "must be 1 to 255 visible ASCII characters, e.g. a UUID",
-            )])
-        })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,7 +1,7 @@
 //! What makes an order request valid, field by field, so a client learns every
 //! mistake at once.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use shared::FieldError;
 
 /// The body of `POST /orders`. There is no owner field: the owner is the token's `sub`,
@@ -23,13 +23,7 @@ pub struct ItemRequest {
 }
 
 /// A validated line, as stored and published.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Item {
-    pub sku: String,
-    pub quantity: i64,
-    pub unit_price: i64,
-}
+pub use shared::events::OrderItem as Item;
 
 /// A validated order request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,21 +38,7 @@ pub const MAX_ITEMS: usize = 100;
 pub const MAX_QUANTITY: i64 = 1000;
 pub const MAX_UNIT_PRICE: i64 = 1_000_000_000;
 
-/// Active ISO 4217 currency codes. Fund codes, precious metals and testing codes are
-/// left out: nobody pays for a book in troy ounces of gold.
-const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB \
-BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR \
-FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS \
-KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN \
-MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG \
-SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU \
-UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL";
-
-/// Whether `code` is an active ISO 4217 currency code (upper case, as the standard
-/// writes it).
-pub fn is_currency(code: &str) -> bool {
-    code.len() == 3 && ISO_4217.split_whitespace().any(|c| c == code)
-}
+pub use shared::money::is_currency;
 
 fn valid_sku(sku: &str) -> bool {
     (1..=64).contains(&sku.len())

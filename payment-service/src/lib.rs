@@ -1,19 +1,27 @@
-//! payment-service: payments and balances; consumes order-created, publishes payment results.
+//! payment-service: accounts and payments; consumes `order-created`, debits exactly
+//! once, publishes `payment-validated` / `payment-declined` through its outbox.
 //!
-//! [`Application::build`] binds the listener and prepares the database pool;
-//! [`Application::run_until_stopped`] serves until the shutdown token fires. Tests
-//! build it with port 0 and drive it over a real socket.
+//! [`Application::build`] applies the migrations, binds the listener and prepares the
+//! relay and the consumer; [`Application::run_until_stopped`] serves until the
+//! shutdown token fires. Tests build it with port 0 and drive it over a real socket.
+
+pub mod api;
+pub mod processing;
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use axum::Router;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use shared::{
     actuator::Actuator,
     auth::{JwtVerifier, ServiceAuthSettings},
     config::{DatabaseSettings, HttpSettings, Layers},
+    consumer::{ConsumerLoopSettings, EventConsumer},
+    events::Topics,
     kafka::KafkaSettings,
+    outbox::{Relay, RelaySettings},
     registry::RegistrySettings,
     telemetry::LogSettings,
 };
@@ -21,11 +29,19 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The canonical service name, as registered.
+use crate::processing::PaymentProcessor;
+
+/// The canonical service name, as registered; also the default consumer group.
 pub const SERVICE_NAME: &str = "payment-service";
 
-/// The PostgreSQL schema payment-service owns (its tables arrive with its features).
+/// The PostgreSQL schema payment-service owns.
 pub const SCHEMA: &str = "payments";
+
+/// The channel the outbox trigger notifies (see the migrations).
+pub const OUTBOX_CHANNEL: &str = "payments_outbox";
+
+/// The migrations of [`SCHEMA`], compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Everything payment-service reads at start-up; env prefix `PAYMENT_`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,8 +51,11 @@ pub struct Settings {
     pub log: LogSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
+    pub topics: Topics,
     pub registry: RegistrySettings,
     pub auth: ServiceAuthSettings,
+    pub outbox: RelaySettings,
+    pub consumer: ConsumerLoopSettings,
 }
 
 impl Settings {
@@ -58,22 +77,61 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    relay: Option<Relay>,
+    consumer: Option<EventConsumer<PaymentProcessor>>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = shared::db::connect_lazy(&settings.database, SCHEMA)
             .context("database.url is not a valid PostgreSQL URL")?;
+        if settings.database.migrate {
+            shared::db::migrate(&pool, SCHEMA, &MIGRATOR)
+                .await
+                .context("cannot apply payment-service's migrations")?;
+        }
         let listener = settings.http.bind().await?;
         let verifier = settings
             .auth
             .verifier()
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let relay = settings
+            .outbox
+            .enabled
+            .then(|| {
+                Relay::new(
+                    pool.clone(),
+                    &settings.kafka,
+                    OUTBOX_CHANNEL,
+                    settings.outbox.clone(),
+                )
+            })
+            .transpose()
+            .context("cannot create the Kafka producer for the outbox")?;
+        let consumer = settings
+            .consumer
+            .enabled
+            .then(|| {
+                EventConsumer::new(
+                    &settings.kafka,
+                    settings.consumer.clone(),
+                    SERVICE_NAME,
+                    &settings.topics.orders,
+                    pool.clone(),
+                    PaymentProcessor {
+                        results_topic: settings.topics.payment_results.clone(),
+                    },
+                )
+            })
+            .transpose()
+            .context("cannot create the Kafka consumer for order events")?;
         let router = router(pool, std::sync::Arc::new(verifier));
         Ok(Self {
             listener,
             router,
             registry: settings.registry,
+            relay,
+            consumer,
         })
     }
 
@@ -88,14 +146,24 @@ impl Application {
         self.local_addr().port()
     }
 
+    /// Serves, relays and consumes until `shutdown`; then deregisters, finishes the
+    /// round in flight and commits its offsets.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::registry::serve_registered(
+        let mut workers = Vec::new();
+        if let Some(relay) = self.relay {
+            workers.push(relay.run(shutdown.clone()).boxed());
+        }
+        if let Some(consumer) = self.consumer {
+            workers.push(consumer.run(shutdown.clone()).boxed());
+        }
+        shared::registry::serve_registered_with_workers(
             SERVICE_NAME,
             self.listener,
             self.router,
             &self.registry,
             shutdown,
+            workers,
         )
         .await?;
         Ok(())
@@ -104,7 +172,12 @@ impl Application {
 
 /// The HTTP routes of payment-service: the actuator, and the API behind token verification.
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
+    let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .check("db", move || shared::db::check(pool.clone()));
-    shared::http::service_router(actuator.router(), Router::new(), verifier)
+        .check("db", move || shared::db::check(checked.clone()));
+    let api = api::routes(api::Api {
+        pool,
+        verifier: verifier.clone(),
+    });
+    shared::http::service_router(actuator.router(), api, verifier)
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use shared::{
     auth::{ServiceAuthSettings, TokenSigner},
     config::{DatabaseSettings, HttpSettings},
+    consumer::ConsumerLoopSettings,
     outbox::RelaySettings,
     registry::RegistrySettings,
 };
@@ -61,6 +62,10 @@ pub async fn spawn() -> Service {
         outbox: RelaySettings {
             enabled: false,
             ..RelaySettings::default()
+        },
+        consumer: ConsumerLoopSettings {
+            enabled: false,
+            ..ConsumerLoopSettings::default()
         },
         ..Settings::default()
     };

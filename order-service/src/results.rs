@@ -1,0 +1,87 @@
+//! Closing the saga: each payment result moves its order from `PENDING` to
+//! `CONFIRMED` or `REJECTED` (with the reason), exactly once.
+//!
+//! One statement per event claims the `eventId` and updates the order only if it is
+//! still `PENDING`: a redelivered result finds its id claimed, and a stale one (the
+//! order is already final) changes nothing. A result for an order this service never
+//! had cannot be fixed by a retry, so it is dead-lettered.
+
+use shared::{
+    consumer::{Failure, Handler, Incoming},
+    events::PaymentResult,
+};
+use sqlx::{PgConnection, Row};
+
+/// The order-service side of the saga.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResultApplier;
+
+impl Handler for ResultApplier {
+    type Event = PaymentResult;
+
+    fn parse(&self, message: &Incoming) -> Result<PaymentResult, String> {
+        PaymentResult::parse(message.payload.as_deref().unwrap_or_default())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        event: &PaymentResult,
+        _message: &Incoming,
+    ) -> Result<&'static str, Failure> {
+        let (status, reason) = if event.validated() {
+            ("CONFIRMED", None)
+        } else {
+            (
+                "REJECTED",
+                Some(event.reason.as_deref().unwrap_or("payment declined")),
+            )
+        };
+        // The main query sees the orders table as it was before the UPDATE: `prior`
+        // is the status the event found.
+        let row = sqlx::query(
+            "WITH claimed AS (INSERT INTO processed_events (event_id) VALUES ($1) \
+                              ON CONFLICT DO NOTHING RETURNING 1), \
+                  moved AS (UPDATE orders SET status = $3, rejection_reason = $4, updated_at = now() \
+                            WHERE id = $2 AND status = 'PENDING' AND user_id = $5 \
+                              AND EXISTS (SELECT 1 FROM claimed) RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM claimed) AS fresh, \
+                    (SELECT status FROM orders WHERE id = $2) AS prior, \
+                    (SELECT user_id FROM orders WHERE id = $2) AS owner, \
+                    EXISTS (SELECT 1 FROM moved) AS moved",
+        )
+        .bind(event.event_id)
+        .bind(event.order_id)
+        .bind(status)
+        .bind(reason)
+        .bind(&event.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !row.try_get::<bool, _>("fresh")? {
+            return Ok("duplicate");
+        }
+        if row.try_get::<bool, _>("moved")? {
+            return Ok(if event.validated() {
+                "confirmed"
+            } else {
+                "rejected"
+            });
+        }
+        let Some(prior) = row.try_get::<Option<String>, _>("prior")? else {
+            return Err(Failure::Permanent(format!(
+                "no order {} exists; the result cannot be applied",
+                event.order_id
+            )));
+        };
+        let owner: String = row.try_get("owner")?;
+        if owner != event.user_id {
+            return Err(Failure::Permanent(format!(
+                "order {} belongs to another user than the result's userId `{}`",
+                event.order_id, event.user_id
+            )));
+        }
+        tracing::info!(order = %event.order_id, status = %prior, event = %event.event_id,
+            "a result for an order already final changes nothing");
+        Ok("stale")
+    }
+}

@@ -1,0 +1,369 @@
+//! The payments API: the caller's account, deposits (the caller's own, or anyone's for
+//! an admin), and payments by order.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{FromRef, Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::{
+    FieldError, Problem,
+    auth::{AuthUser, Claims, JwtVerifier},
+    money::is_currency,
+};
+use sqlx::{PgPool, Row, postgres::PgRow};
+use uuid::Uuid;
+
+/// The largest single deposit: ten billion in major units of a two-decimal currency.
+pub const MAX_DEPOSIT: i64 = 1_000_000_000_000;
+/// The largest balance an account may hold; keeps every sum far from i64's limit.
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub pool: PgPool,
+    pub verifier: Arc<JwtVerifier>,
+}
+
+impl FromRef<Api> for Arc<JwtVerifier> {
+    fn from_ref(api: &Api) -> Self {
+        api.verifier.clone()
+    }
+}
+
+pub fn routes(api: Api) -> Router {
+    Router::new()
+        .route("/payments", get(list_payments))
+        .route("/payments/accounts/me", get(my_account))
+        .route("/payments/accounts/me/deposits", post(deposit_mine))
+        .route("/payments/accounts/{user_id}", get(account_of))
+        .route("/payments/accounts/{user_id}/deposits", post(deposit_for))
+        .with_state(api)
+}
+
+fn internal(e: sqlx::Error) -> Problem {
+    shared::db::problem("The payment database", e)
+}
+
+fn account_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+    Ok(json!({
+        "userId": row.try_get::<String, _>("user_id")?,
+        "balance": row.try_get::<i64, _>("balance")?,
+        "currency": row.try_get::<String, _>("currency")?,
+    }))
+}
+
+async fn account(api: &Api, user: &str) -> Result<Json<Value>, Problem> {
+    let row = sqlx::query("SELECT user_id, balance, currency FROM accounts WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(&api.pool)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            Problem::not_found(format!(
+                "{user} has no account yet; the first deposit opens one."
+            ))
+        })?;
+    Ok(Json(account_json(&row).map_err(internal)?))
+}
+
+/// `GET /payments/accounts/me`.
+async fn my_account(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+) -> Result<Json<Value>, Problem> {
+    account(&api, &claims.sub).await
+}
+
+/// `GET /payments/accounts/{userId}`: admins only.
+async fn account_of(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    Path(user): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    require_admin(&claims)?;
+    account(&api, &user).await
+}
+
+fn require_admin(claims: &Claims) -> Result<(), Problem> {
+    if claims.is_admin() {
+        Ok(())
+    } else {
+        Err(Problem::forbidden(
+            "Only an admin may read or fund another user's account; use /payments/accounts/me.",
+        ))
+    }
+}
+
+/// The body of a deposit. Numbers are read wide so out-of-range values get our message.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    pub amount: i64,
+    pub currency: String,
+}
+
+impl DepositRequest {
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if !(1..=MAX_DEPOSIT).contains(&self.amount) {
+            errors.push(FieldError::new(
+                "amount",
+                format!("must be 1 to {MAX_DEPOSIT} minor units (cents)"),
+            ));
+        }
+        if !is_currency(&self.currency) {
+            let upper = self.currency.to_ascii_uppercase();
+            let message = if is_currency(&upper) {
+                format!("must be upper case: {upper}")
+            } else {
+                "must be an ISO 4217 currency code, e.g. EUR".to_owned()
+            };
+            errors.push(FieldError::new("currency", message));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// `POST /payments/accounts/me/deposits`.
+async fn deposit_mine(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    headers: HeaderMap,
+    shared::http::Json(body): shared::http::Json<DepositRequest>,
+) -> Result<Json<Value>, Problem> {
+    let user = claims.sub.clone();
+    deposit(&api, &claims, &user, &headers, body).await
+}
+
+/// `POST /payments/accounts/{userId}/deposits`: admins only.
+async fn deposit_for(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    shared::http::Json(body): shared::http::Json<DepositRequest>,
+) -> Result<Json<Value>, Problem> {
+    if user != claims.sub {
+        require_admin(&claims)?;
+    }
+    if user.is_empty() || user.len() > 255 {
+        return Err(Problem::validation(vec![FieldError::new(
+            "userId",
+            "must be 1 to 255 characters",
+        )]));
+    }
+    deposit(&api, &claims, &user, &headers, body).await
+}
+
+/// Adds funds, opening the account in the deposit's currency on the first one. With an
+/// `Idempotency-Key`, a retried deposit is counted once.
+async fn deposit(
+    api: &Api,
+    caller: &Claims,
+    user: &str,
+    headers: &HeaderMap,
+    body: DepositRequest,
+) -> Result<Json<Value>, Problem> {
+    body.validate().map_err(Problem::validation)?;
+    let key = shared::http::idempotency_key(headers)?;
+    let mut tx = api.pool.begin().await.map_err(internal)?;
+    sqlx::query(
+        "INSERT INTO accounts (user_id, balance, currency) VALUES ($1, 0, $2) \
+         ON CONFLICT (user_id) DO NOTHING",
+    )
+    .bind(user)
+    .bind(&body.currency)
+    .execute(&mut *tx)
+    .await
+    .map_err(internal)?;
+    let row = sqlx::query("SELECT balance, currency FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(internal)?;
+    let balance: i64 = row.try_get("balance").map_err(internal)?;
+    let currency: String = row.try_get("currency").map_err(internal)?;
+
+    if let Some(key) = &key {
+        let previous = sqlx::query(
+            "SELECT user_id, amount, currency FROM deposits WHERE made_by = $1 AND idempotency_key = $2",
+        )
+        .bind(&caller.sub)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(internal)?;
+        if let Some(previous) = previous {
+            let same = previous.try_get::<String, _>("user_id").map_err(internal)? == user
+                && previous.try_get::<i64, _>("amount").map_err(internal)? == body.amount
+                && previous
+                    .try_get::<String, _>("currency")
+                    .map_err(internal)?
+                    == body.currency;
+            if !same {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "This Idempotency-Key was already used with a different deposit; use a new key.",
+                )
+                .with_type("/problems/idempotency-key-reused"));
+            }
+            // Already counted: answer with the account as it is.
+            tx.commit().await.map_err(internal)?;
+            return account(api, user).await;
+        }
+    }
+
+    if currency != body.currency {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "The account of {user} holds {currency}; deposit {currency}, not {}.",
+                body.currency
+            ),
+        )
+        .with_type("/problems/currency-mismatch")
+        .with_errors(vec![FieldError::new(
+            "currency",
+            format!("must be {currency}, the account's currency"),
+        )]));
+    }
+    if balance > MAX_BALANCE - body.amount {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("A balance may not exceed {MAX_BALANCE} minor units."),
+        )
+        .with_type("/problems/balance-limit"));
+    }
+    sqlx::query(
+        "INSERT INTO deposits (id, user_id, amount, currency, made_by, idempotency_key) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(user)
+    .bind(body.amount)
+    .bind(&body.currency)
+    .bind(&caller.sub)
+    .bind(&key)
+    .execute(&mut *tx)
+    .await
+    .map_err(internal)?;
+    let row = sqlx::query(
+        "UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE user_id = $1 \
+         RETURNING user_id, balance, currency",
+    )
+    .bind(user)
+    .bind(body.amount)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(internal)?;
+    tx.commit().await.map_err(internal)?;
+    metrics::counter!("deposits_total").increment(1);
+    Ok(Json(account_json(&row).map_err(internal)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ListParams {
+    order_id: Option<String>,
+    limit: Option<String>,
+}
+
+fn payment_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+    let created: DateTime<Utc> = row.try_get("created_at")?;
+    let mut payment = json!({
+        "id": row.try_get::<Uuid, _>("id")?,
+        "orderId": row.try_get::<Uuid, _>("order_id")?,
+        "userId": row.try_get::<String, _>("user_id")?,
+        "amount": row.try_get::<i64, _>("amount")?,
+        "currency": row.try_get::<String, _>("currency")?,
+        "status": row.try_get::<String, _>("status")?,
+        "createdAt": created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(reason) = row.try_get::<Option<String>, _>("reason")? {
+        payment["reason"] = json!(reason);
+    }
+    Ok(payment)
+}
+
+/// `GET /payments?orderId=&limit=`: the caller's payments (anyone's for an admin),
+/// newest first; with `orderId`, that order's payment.
+async fn list_payments(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, Problem> {
+    let mut errors = Vec::new();
+    let order = match params.order_id.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(raw) => match Uuid::parse_str(raw) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                errors.push(FieldError::new("orderId", "must be an order id (a UUID)"));
+                None
+            }
+        },
+    };
+    let limit = match params.limit.as_deref() {
+        None | Some("") => 50,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                errors.push(FieldError::new("limit", "must be 1 to 100"));
+                50
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let owner = (!claims.is_admin()).then(|| claims.sub.clone());
+    let rows = sqlx::query(
+        "SELECT id, order_id, user_id, amount, currency, status, reason, created_at FROM payments \
+         WHERE ($1::text IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR order_id = $2) \
+         ORDER BY created_at DESC, id DESC LIMIT $3",
+    )
+    .bind(owner)
+    .bind(order)
+    .bind(limit)
+    .fetch_all(&api.pool)
+    .await
+    .map_err(internal)?;
+    let items = rows
+        .iter()
+        .map(payment_json)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    Ok(Json(json!({ "items": items })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deposits_name_every_bad_field() {
+        let bad = DepositRequest {
+            amount: 0,
+            currency: "eur".into(),
+        };
+        let errors = bad.validate().unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert!(errors[1].message.contains("EUR"));
+        let too_big = DepositRequest {
+            amount: MAX_DEPOSIT + 1,
+            currency: "EUR".into(),
+        };
+        assert_eq!(too_big.validate().unwrap_err()[0].field, "amount");
+    }
+}

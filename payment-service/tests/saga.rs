@@ -1,0 +1,377 @@
+//! The order/payment saga end to end over the real broker and PostgreSQL: confirmed and
+//! declined orders, duplicates, crashes, restarts, concurrency and poison events.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::Saga;
+use rdkafka::{
+    Message,
+    consumer::{Consumer, StreamConsumer},
+    message::Headers,
+};
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+#[tokio::test]
+async fn a_funded_order_is_confirmed_and_debited() {
+    let saga = Saga::start().await;
+    saga.deposit("alice", 5_000, "EUR").await;
+    let id = saga.order("alice", 2_500, "EUR").await;
+    let order = saga.settled("alice", &id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    assert!(order.get("rejectionReason").is_none());
+    assert_eq!(saga.balance("alice").await, 2_500);
+
+    let payments: Value = saga
+        .client
+        .get(format!("{}/payments?orderId={id}", saga.payments_base()))
+        .bearer_auth(saga.token("alice"))
+        .send()
+        .await
+        .expect("payments")
+        .json()
+        .await
+        .expect("json");
+    let items = payments["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{payments}");
+    assert_eq!(items[0]["status"], "VALIDATED");
+    assert_eq!(items[0]["amount"], 2_500);
+    assert_eq!(items[0]["orderId"], id.as_str());
+    // Another customer does not see it.
+    let theirs: Value = saga
+        .client
+        .get(format!("{}/payments?orderId={id}", saga.payments_base()))
+        .bearer_auth(saga.token("bob"))
+        .send()
+        .await
+        .expect("payments")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(theirs["items"], json!([]));
+}
+
+#[tokio::test]
+async fn orders_beyond_the_balance_or_in_another_currency_are_rejected_with_the_reason() {
+    let saga = Saga::start().await;
+    saga.deposit("alice", 1_000, "EUR").await;
+    let too_much = saga.order("alice", 2_500, "EUR").await;
+    let wrong_currency = saga.order("alice", 100, "USD").await;
+    let no_account = saga.order("bob", 100, "EUR").await;
+
+    let order = saga.settled("alice", &too_much).await;
+    assert_eq!(order["status"], "REJECTED");
+    let reason = order["rejectionReason"].as_str().expect("a reason");
+    assert!(reason.starts_with("insufficient funds"), "{reason}");
+
+    let order = saga.settled("alice", &wrong_currency).await;
+    assert_eq!(order["status"], "REJECTED");
+    let reason = order["rejectionReason"].as_str().expect("a reason");
+    assert!(reason.starts_with("currency mismatch"), "{reason}");
+
+    let order = saga.settled("bob", &no_account).await;
+    assert_eq!(order["status"], "REJECTED");
+
+    assert_eq!(saga.balance("alice").await, 1_000, "nothing was debited");
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments WHERE status = 'DECLINED' AND reason IS NOT NULL")
+            .await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn the_same_event_delivered_again_debits_once() {
+    let saga = Saga::start().await;
+    saga.deposit("alice", 10_000, "EUR").await;
+    let id = saga.order("alice", 3_000, "EUR").await;
+    assert_eq!(saga.settled("alice", &id).await["status"], "CONFIRMED");
+
+    // Redeliver the very event twice, then a second order-created for the same order
+    // under a new eventId; all with the order's key, so on its partition, in order.
+    let event: Value = {
+        let mut db = sqlx::PgConnection::connect(&saga.database)
+            .await
+            .expect("connect");
+        sqlx::query_scalar("SELECT payload FROM orders.outbox WHERE key = $1")
+            .bind(&id)
+            .fetch_one(&mut db)
+            .await
+            .expect("the order's event")
+    };
+    let bytes = event.to_string();
+    for _ in 0..2 {
+        saga.produce(
+            &saga.topics.orders,
+            &id,
+            bytes.as_bytes(),
+            "order-created",
+            None,
+        )
+        .await;
+    }
+    let mut again = event.clone();
+    let second = uuid::Uuid::new_v4();
+    again["eventId"] = json!(second);
+    saga.produce(
+        &saga.topics.orders,
+        &id,
+        again.to_string().as_bytes(),
+        "order-created",
+        None,
+    )
+    .await;
+    // The last of the three claimed its id: the two before it were consumed too.
+    saga.count_reaches(
+        &format!("SELECT count(*) FROM payments.processed_events WHERE event_id = '{second}'"),
+        1,
+    )
+    .await;
+
+    assert_eq!(saga.balance("alice").await, 7_000, "debited once");
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments").await,
+        1
+    );
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.outbox").await,
+        1,
+        "one result event"
+    );
+    assert_eq!(saga.get_order("alice", &id).await["status"], "CONFIRMED");
+}
+
+#[tokio::test]
+async fn a_result_written_but_not_published_before_a_crash_is_published_after() {
+    let mut saga = Saga::start().await;
+    // This instance records payments but its relay is off: as if it crashed between
+    // its commit and the publish.
+    saga.payments.take().expect("running").stop().await;
+    saga.payments = Some(saga.start_payments(false).await);
+    saga.deposit("alice", 5_000, "EUR").await;
+    let id = saga.order("alice", 1_000, "EUR").await;
+    saga.count_reaches(
+        "SELECT count(*) FROM payments.outbox WHERE published_at IS NULL",
+        1,
+    )
+    .await;
+    saga.payments.take().expect("running").crash().await;
+    assert_eq!(saga.get_order("alice", &id).await["status"], "PENDING");
+
+    saga.payments = Some(saga.start_payments(true).await);
+    assert_eq!(saga.settled("alice", &id).await["status"], "CONFIRMED");
+    assert_eq!(saga.balance("alice").await, 4_000);
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_crashed_mid_stream_neither_loses_nor_repeats_an_effect() {
+    let mut saga = Saga::start().await;
+    saga.deposit("alice", 1_000_000, "EUR").await;
+    saga.deposit("bob", 1_000_000, "EUR").await;
+    saga.payments.take().expect("running").stop().await;
+    // A stream waiting on the topic: bob's orders first, then alice's.
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(("bob", saga.order("bob", 100 + i, "EUR").await));
+    }
+    for i in 0..30 {
+        ids.push(("alice", saga.order("alice", 200 + i, "EUR").await));
+    }
+    saga.count_reaches(
+        "SELECT count(*) FROM orders.outbox WHERE published_at IS NOT NULL",
+        40,
+    )
+    .await;
+
+    // Hold alice's account so the consumer stops inside a round, one event per round.
+    let mut holder = sqlx::PgConnection::connect(&saga.database)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT 1 FROM payments.accounts WHERE user_id = 'alice' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let payments = saga.start_payments_with(&saga.database, true, 1).await;
+    saga.count_reaches(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE '%FROM accounts%FOR UPDATE%'",
+        1,
+    )
+    .await;
+    let done_before = saga.count("SELECT count(*) FROM payments.payments").await;
+    payments.crash().await;
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("release");
+
+    saga.payments = Some(saga.start_payments(true).await);
+    for (user, id) in &ids {
+        assert_eq!(saga.settled(user, id).await["status"], "CONFIRMED");
+    }
+    let bob: i64 = (0..10).map(|i| 100 + i).sum();
+    let alice: i64 = (0..30).map(|i| 200 + i).sum();
+    assert_eq!(saga.balance("bob").await, 1_000_000 - bob);
+    assert_eq!(saga.balance("alice").await, 1_000_000 - alice);
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments").await,
+        40
+    );
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.outbox").await,
+        40,
+        "one result per order"
+    );
+    assert!(
+        done_before < 40,
+        "the crash came mid-stream ({done_before} done)"
+    );
+}
+
+#[tokio::test]
+async fn fifty_concurrent_orders_validate_exactly_the_affordable_ones() {
+    let saga = Saga::start().await;
+    // A second instance in the same group: two consumers debit one account at once.
+    let _second = saga.start_payments(true).await;
+    saga.deposit("alice", 10_000, "EUR").await;
+    let orders = futures::future::join_all((0..50).map(|_| saga.order("alice", 300, "EUR"))).await;
+    let mut confirmed = 0;
+    for id in &orders {
+        let order = saga.settled("alice", id).await;
+        match order["status"].as_str() {
+            Some("CONFIRMED") => confirmed += 1,
+            Some("REJECTED") => assert!(
+                order["rejectionReason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("insufficient funds")),
+                "{order}"
+            ),
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(confirmed, 33, "10,000 affords exactly 33 orders of 300");
+    assert_eq!(saga.balance("alice").await, 100);
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments WHERE status = 'VALIDATED'")
+            .await,
+        33
+    );
+}
+
+/// Reads `topic` from the start until `n` messages arrived.
+async fn read(topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: StreamConsumer = common::kafka()
+        .consumer_config(&format!("dlt-reader-{}", uuid::Uuid::new_v4()))
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while found.len() < n {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} messages on {topic}", found.len()))
+            .expect("message");
+        found.push(message.detach());
+    }
+    found
+}
+
+fn header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+#[tokio::test]
+async fn poison_events_go_to_the_dead_letter_topic_and_later_events_proceed() {
+    let saga = Saga::start().await;
+    saga.deposit("alice", 5_000, "EUR").await;
+    // A poison on every partition, ahead of the order placed next, wherever it lands:
+    // three not JSON at all, three well-formed but with a total no one can pay.
+    for partition in 0..6 {
+        let payload = if partition < 3 {
+            b"{not json".to_vec()
+        } else {
+            json!({
+                "eventId": uuid::Uuid::new_v4(), "eventType": "order-created",
+                "occurredAt": "2026-01-01T00:00:00Z", "orderId": uuid::Uuid::new_v4(),
+                "userId": "alice", "items": [], "total": -5, "currency": "EUR"
+            })
+            .to_string()
+            .into_bytes()
+        };
+        saga.produce(
+            &saga.topics.orders,
+            &format!("poison-{partition}"),
+            &payload,
+            "order-created",
+            Some(partition),
+        )
+        .await;
+    }
+    let id = saga.order("alice", 1_000, "EUR").await;
+    assert_eq!(saga.settled("alice", &id).await["status"], "CONFIRMED");
+
+    let dead = read(&format!("{}.DLT", saga.topics.orders), 6).await;
+    let keys: HashSet<_> = dead
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(keys.len(), 6, "each poison once: {keys:?}");
+    for message in &dead {
+        let error = header(message, "kafka_dlt-exception-message").expect("the error");
+        assert!(
+            error.contains("not a valid event") || error.contains("total must be positive"),
+            "{error}"
+        );
+        assert_eq!(
+            header(message, "kafka_dlt-original-topic").as_deref(),
+            Some(saga.topics.orders.as_str())
+        );
+        assert!(header(message, "kafka_dlt-original-offset").is_some());
+        assert_eq!(
+            header(message, "event-type").as_deref(),
+            Some("order-created")
+        );
+    }
+    assert_eq!(saga.balance("alice").await, 4_000);
+}
+
+#[tokio::test]
+async fn a_result_for_an_unknown_order_is_dead_lettered_by_order_service() {
+    let saga = Saga::start().await;
+    let stranger = uuid::Uuid::new_v4();
+    let result = json!({
+        "eventId": uuid::Uuid::new_v4(), "eventType": "payment-validated",
+        "occurredAt": "2026-01-01T00:00:00Z", "orderId": stranger,
+        "userId": "alice", "amount": 100, "currency": "EUR"
+    });
+    saga.produce(
+        &saga.topics.payment_results,
+        &stranger.to_string(),
+        result.to_string().as_bytes(),
+        "payment-validated",
+        None,
+    )
+    .await;
+    let dead = read(&format!("{}.DLT", saga.topics.payment_results), 1).await;
+    let error = header(&dead[0], "kafka_dlt-exception-message").expect("the error");
+    assert!(error.contains("no order"), "{error}");
+    assert!(
+        header(&dead[0], "kafka_dlt-original-consumer-group")
+            .is_some_and(|g| g.starts_with("order-service"))
+    );
+}
