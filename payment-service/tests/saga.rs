@@ -375,3 +375,163 @@ async fn a_result_for_an_unknown_order_is_dead_lettered_by_order_service() {
             .is_some_and(|g| g.starts_with("order-service"))
     );
 }
+
+/// The value of the first sample of `name` whose labels contain `labels`.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| {
+            (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                && l.contains(labels)
+        })
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+#[tokio::test]
+async fn events_wait_out_a_database_outage_and_none_is_skipped() {
+    let mut saga = Saga::start().await;
+    let proxy = common::proxy::Proxy::start(common::proxy::upstream_of(&saga.database)).await;
+    saga.payments.take().expect("running").stop().await;
+    saga.payments = Some(
+        saga.start_payments_on(&proxy.url_for(&saga.database), true)
+            .await,
+    );
+    saga.deposit("alice", 10_000, "EUR").await;
+
+    proxy.cut();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(saga.order("alice", 1_000, "EUR").await);
+    }
+    // payment-service is retrying those events against a database it cannot reach.
+    let group = format!("group=\"payment-service-{}\"", saga.tag);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sample(
+        &saga.payment_metrics().await,
+        "consumer_retries_total",
+        &group,
+    )
+    .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no retries seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        assert_eq!(saga.get_order("alice", id).await["status"], "PENDING");
+    }
+
+    proxy.restore();
+    for id in &ids {
+        assert_eq!(saga.settled("alice", id).await["status"], "CONFIRMED");
+    }
+    assert_eq!(saga.balance("alice").await, 5_000);
+    assert_eq!(
+        saga.count("SELECT count(*) FROM payments.payments").await,
+        5
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_stop_commits_the_offsets_of_everything_applied() {
+    let mut saga = Saga::start().await;
+    saga.deposit("alice", 10_000, "EUR").await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(saga.order("alice", 100, "EUR").await);
+    }
+    for id in &ids {
+        assert_eq!(saga.settled("alice", id).await["status"], "CONFIRMED");
+    }
+    saga.payments.take().expect("running").stop().await;
+
+    // The group's committed positions add up to every event on the topic.
+    let consumer: rdkafka::consumer::BaseConsumer = common::kafka()
+        .consumer_config(&format!("payment-service-{}", saga.tag))
+        .create()
+        .expect("consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..6 {
+        partitions.add_partition(&saga.topics.orders, p);
+    }
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    let total: i64 = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 6, "{committed:?}");
+}
+
+#[tokio::test]
+async fn the_services_export_saga_metrics() {
+    let saga = Saga::start().await;
+    saga.deposit("alice", 1_000, "EUR").await;
+    let ok = saga.order("alice", 600, "EUR").await;
+    let too_much = saga.order("alice", 600, "EUR").await;
+    saga.settled("alice", &ok).await;
+    saga.settled("alice", &too_much).await;
+    saga.produce(
+        &saga.topics.orders,
+        "poison",
+        b"nope",
+        "order-created",
+        None,
+    )
+    .await;
+    let group = format!("group=\"payment-service-{}\"", saga.tag);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = saga.payment_metrics().await;
+        if sample(&metrics, "consumer_dead_lettered_total", &group).is_some()
+            && sample(&metrics, "kafka_consumer_lag", &group).is_some()
+        {
+            break metrics;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics incomplete:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        sample(
+            &metrics,
+            "consumer_events_total",
+            &format!("{group},outcome=\"validated\"")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "consumer_events_total",
+            &format!("{group},outcome=\"declined\"")
+        ),
+        Some(1.0)
+    );
+    assert!(metrics.contains("outbox_published_total"), "{metrics}");
+
+    let orders = saga.metrics(&saga.orders.base).await;
+    assert!(orders.contains("orders_created_total"), "{orders}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let orders = saga.metrics(&saga.orders.base).await;
+        if sample(&orders, "orders", "status=\"CONFIRMED\"") == Some(1.0)
+            && sample(&orders, "orders", "status=\"REJECTED\"") == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no orders-by-status gauge:\n{orders}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

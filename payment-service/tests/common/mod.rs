@@ -5,6 +5,8 @@
 //! started again mid-test.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{sync::Arc, time::Duration};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -360,6 +362,22 @@ impl Saga {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// payment-service's Prometheus text.
+    pub async fn payment_metrics(&self) -> String {
+        self.metrics(&self.payments_base()).await
+    }
+
+    pub async fn metrics(&self, base: &str) -> String {
+        self.client
+            .get(format!("{base}/actuator/prometheus"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text")
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
