@@ -1,18 +1,26 @@
-//! notification-service: sends an email per payment outcome and keeps the history.
+//! notification-service: one email per order outcome, sent over SMTP with retry, and
+//! the history of every notification.
 //!
-//! [`Application::build`] binds the listener and prepares the database pool;
-//! [`Application::run_until_stopped`] serves until the shutdown token fires. Tests
-//! build it with port 0 and drive it over a real socket.
+//! [`Application::build`] applies the migrations, binds the listener and prepares the
+//! consumer of payment results and the mailer; [`Application::run_until_stopped`] serves until the
+//! shutdown token fires. Tests build it with port 0 and drive it over a real socket.
+
+pub mod api;
+pub mod mail;
+pub mod queue;
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use axum::Router;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use shared::{
     actuator::Actuator,
     auth::{JwtVerifier, ServiceAuthSettings},
     config::{DatabaseSettings, HttpSettings, Layers},
+    consumer::{ConsumerLoopSettings, EventConsumer},
+    events::Topics,
     kafka::KafkaSettings,
     registry::RegistrySettings,
     telemetry::LogSettings,
@@ -21,11 +29,19 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The canonical service name, as registered.
+use crate::{
+    mail::{MailSettings, Mailer},
+    queue::Queuer,
+};
+
+/// The canonical service name, as registered; also the default consumer group.
 pub const SERVICE_NAME: &str = "notification-service";
 
-/// The PostgreSQL schema notification-service owns (its tables arrive with its features).
+/// The PostgreSQL schema notification-service owns.
 pub const SCHEMA: &str = "notifications";
+
+/// The migrations of [`SCHEMA`], compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Everything notification-service reads at start-up; env prefix `NOTIFICATION_`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,13 +51,17 @@ pub struct Settings {
     pub log: LogSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
+    pub topics: Topics,
     pub registry: RegistrySettings,
     pub auth: ServiceAuthSettings,
+    pub consumer: ConsumerLoopSettings,
+    pub mail: MailSettings,
 }
 
 impl Settings {
-    /// Defaults, then `NOTIFICATION_CONFIG`'s file, then `DATABASE_URL` / `KAFKA_BROKERS`,
-    /// `REGISTRY_URL` / `REGISTRY_TOKEN` / `GATEWAY_URL`, then `NOTIFICATION_*` variables.
+    /// Defaults, then `NOTIFICATION_CONFIG`'s file, then `DATABASE_URL` /
+    /// `KAFKA_BROKERS`, `REGISTRY_URL` / `REGISTRY_TOKEN` / `GATEWAY_URL`, then
+    /// `NOTIFICATION_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("NOTIFICATION_")
             .fallback_env("DATABASE_URL", "database.url")
@@ -58,22 +78,58 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    mailer: Option<Mailer>,
+    consumer: Option<EventConsumer<Queuer>>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = shared::db::connect_lazy(&settings.database, SCHEMA)
             .context("database.url is not a valid PostgreSQL URL")?;
+        if settings.database.migrate {
+            shared::db::migrate(&pool, SCHEMA, &MIGRATOR)
+                .await
+                .context("cannot apply notification-service's migrations")?;
+        }
         let listener = settings.http.bind().await?;
         let verifier = settings
             .auth
             .verifier()
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        settings
+            .mail
+            .validate()
+            .map_err(|e| anyhow::anyhow!("mail: {e}"))?;
+        let mailer = settings
+            .mail
+            .enabled
+            .then(|| Mailer::new(pool.clone(), settings.mail.clone()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("mail: {e}"))?;
+        let consumer = settings
+            .consumer
+            .enabled
+            .then(|| {
+                EventConsumer::new(
+                    &settings.kafka,
+                    settings.consumer.clone(),
+                    SERVICE_NAME,
+                    &settings.topics.payment_results,
+                    pool.clone(),
+                    Queuer {
+                        mail: settings.mail.clone(),
+                    },
+                )
+            })
+            .transpose()
+            .context("cannot create the Kafka consumer for payment results")?;
         let router = router(pool, std::sync::Arc::new(verifier));
         Ok(Self {
             listener,
             router,
             registry: settings.registry,
+            mailer,
+            consumer,
         })
     }
 
@@ -88,14 +144,24 @@ impl Application {
         self.local_addr().port()
     }
 
+    /// Serves, consumes and mails until `shutdown`; then deregisters, finishes the
+    /// rounds in flight and commits its offsets.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        shared::registry::serve_registered(
+        let mut workers = Vec::new();
+        if let Some(mailer) = self.mailer {
+            workers.push(mailer.run(shutdown.clone()).boxed());
+        }
+        if let Some(consumer) = self.consumer {
+            workers.push(consumer.run(shutdown.clone()).boxed());
+        }
+        shared::registry::serve_registered_with_workers(
             SERVICE_NAME,
             self.listener,
             self.router,
             &self.registry,
             shutdown,
+            workers,
         )
         .await?;
         Ok(())
@@ -104,7 +170,12 @@ impl Application {
 
 /// The HTTP routes of notification-service: the actuator, and the API behind token verification.
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
+    let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .check("db", move || shared::db::check(pool.clone()));
-    shared::http::service_router(actuator.router(), Router::new(), verifier)
+        .check("db", move || shared::db::check(checked.clone()));
+    let api = api::routes(api::Api {
+        pool,
+        verifier: verifier.clone(),
+    });
+    shared::http::service_router(actuator.router(), api, verifier)
 }

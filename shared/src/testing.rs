@@ -41,3 +41,77 @@ pub async fn gateway_jwks(signer: Arc<TokenSigner>) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await });
     base
 }
+
+/// A real SMTP server (aiosmtpd, installed by `cargo xtask test`) writing every
+/// message it accepts into a Maildir. Stopped when dropped.
+#[derive(Debug)]
+pub struct SmtpSink {
+    pub port: u16,
+    pub maildir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl SmtpSink {
+    /// Starts the sink on `port` (0: a free one), writing into `maildir`.
+    pub async fn start(port: u16, maildir: &std::path::Path) -> SmtpSink {
+        let port = if port == 0 { free_port() } else { port };
+        // An existing folder is taken as a Maildir as it is: give it the three parts.
+        for part in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(maildir.join(part)).expect("create the Maildir");
+        }
+        let python_path = std::env::var("STOREFRONT_PYTHONPATH").expect(
+            "STOREFRONT_PYTHONPATH names the Python tools' folders; run the tests with `cargo xtask test`",
+        );
+        let child = std::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
+            .env("PYTHONPATH", python_path)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd");
+        let sink = SmtpSink {
+            port,
+            maildir: maildir.to_path_buf(),
+            child,
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "aiosmtpd did not listen on {port}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        sink
+    }
+
+    /// Every message delivered so far, as text.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

@@ -66,8 +66,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         &interrupt,
     )?;
 
-    step("installing the real Eureka client the registry tests use");
-    let python_path = crate::tools::python_eureka_client(&interrupt)?;
+    step("installing the Python tools the tests use (a Eureka client, an SMTP sink)");
+    let python_path = crate::tools::python_path(&interrupt)?;
 
     step("running the tests");
     let mut tests = crate::cargo();

@@ -56,9 +56,32 @@ pub fn install_once(
     Ok(())
 }
 
+/// The pinned aiosmtpd, the SMTP server the local stack and the tests use as a mail
+/// sink (its `Mailbox` handler writes every message into a Maildir).
+pub const AIOSMTPD: &str = "aiosmtpd==1.4.6";
+
 /// A folder holding py-eureka-client and its dependencies, for `PYTHONPATH`.
 pub fn python_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
-    let root = tools_dir().join(PY_EUREKA_CLIENT.replace("==", "-"));
+    python_package(PY_EUREKA_CLIENT, "py_eureka_client", interrupt)
+}
+
+/// A folder holding aiosmtpd and its dependencies, for `PYTHONPATH`.
+pub fn aiosmtpd(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    python_package(AIOSMTPD, "aiosmtpd", interrupt)
+}
+
+/// `PYTHONPATH` for every Python tool the tests use.
+pub fn python_path(interrupt: &Interrupt) -> anyhow::Result<std::ffi::OsString> {
+    Ok(std::env::join_paths([
+        python_eureka_client(interrupt)?,
+        aiosmtpd(interrupt)?,
+    ])?)
+}
+
+/// Installs the pinned PyPI package `spec` (whose import name is `module`) into its own
+/// folder under the tools folder; returns the folder for `PYTHONPATH`.
+fn python_package(spec: &str, module: &str, interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    let root = tools_dir().join(spec.replace("==", "-"));
     let site = root.join("site");
     let mut install = Command::new("python3");
     install
@@ -71,14 +94,11 @@ pub fn python_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
         ])
         .arg("--target")
         .arg(&site)
-        .arg(PY_EUREKA_CLIENT);
+        .arg(spec);
     install_once(
         &root,
-        &site.join("py_eureka_client"),
-        &format!(
-            "installing {PY_EUREKA_CLIENT} (PyPI) into {}",
-            root.display()
-        ),
+        &site.join(module),
+        &format!("installing {spec} (PyPI) into {}", root.display()),
         &mut install,
         interrupt,
     )?;

@@ -1,0 +1,323 @@
+//! notification-service against the real broker, PostgreSQL and a real SMTP server
+//! (aiosmtpd): one mail per outcome however often the event comes, and an SMTP outage
+//! that delays mail without holding up the partition or losing a notification.
+
+use std::{sync::Arc, time::Duration};
+
+use notification_service::{Application, Settings, mail::MailSettings};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use shared::{
+    auth::{ServiceAuthSettings, TokenSigner},
+    config::{DatabaseSettings, HttpSettings},
+    consumer::ConsumerLoopSettings,
+    events::Topics,
+    kafka::KafkaSettings,
+    registry::RegistrySettings,
+    testing::SmtpSink,
+};
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn kafka() -> KafkaSettings {
+    KafkaSettings::for_brokers(
+        std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS names the test broker; run the tests with `cargo xtask test`"),
+    )
+}
+
+struct Harness {
+    base: String,
+    topic: String,
+    database: String,
+    key: Arc<TokenSigner>,
+    client: reqwest::Client,
+    _stop: Stop,
+}
+
+struct Stop(CancellationToken);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl Harness {
+    /// The service, mailing to 127.0.0.1:`smtp_port` with quick retries.
+    async fn start(smtp_port: u16) -> Harness {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let tag = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let file = kafka_setup::TopicFile::builtin()
+            .expect("topics.toml")
+            .tagged(&tag);
+        kafka_setup::apply(&kafka(), &file, kafka_setup::Mode::Apply)
+            .await
+            .expect("topics applied");
+        let topics = Topics {
+            orders: kafka_setup::tagged_name("order-topic", &tag),
+            payment_results: kafka_setup::tagged_name("payment-result-topic", &tag),
+        };
+        let database = shared::testing::fresh_database().await;
+        let key = Arc::new(
+            TokenSigner::from_seed_base64(
+                &TokenSigner::generate_seed(),
+                "storefront-gateway",
+                "storefront",
+                Duration::from_secs(600),
+            )
+            .expect("key"),
+        );
+        let mut mail = MailSettings {
+            smtp_port,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 400,
+            poll_interval_ms: 200,
+            ..MailSettings::default()
+        };
+        mail.directory
+            .insert("alice".into(), "Alice <alice@example.org>".into());
+        let settings = Settings {
+            http: HttpSettings::local(0),
+            database: DatabaseSettings {
+                url: database.clone(),
+                max_connections: 5,
+                migrate: true,
+            },
+            kafka: kafka(),
+            topics: topics.clone(),
+            registry: RegistrySettings {
+                enabled: false,
+                ..RegistrySettings::default()
+            },
+            auth: ServiceAuthSettings {
+                gateway_url: Some(shared::testing::gateway_jwks(key.clone()).await),
+                ..ServiceAuthSettings::default()
+            },
+            consumer: ConsumerLoopSettings {
+                group: format!("notification-service-{tag}"),
+                ..ConsumerLoopSettings::default()
+            },
+            mail,
+            ..Settings::default()
+        };
+        let app = Application::build(settings).await.expect("builds");
+        let base = format!("http://{}", app.local_addr());
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        Harness {
+            base,
+            topic: topics.payment_results,
+            database,
+            key,
+            client: reqwest::Client::new(),
+            _stop: Stop(stop),
+        }
+    }
+
+    async fn publish(&self, event: &Value) {
+        let producer: FutureProducer = kafka().producer_config().create().expect("producer");
+        producer
+            .send(
+                FutureRecord::to(&self.topic)
+                    .key(event["orderId"].as_str().expect("orderId"))
+                    .payload(&event.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produced");
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let mut db = PgConnection::connect(&self.database)
+            .await
+            .expect("connect");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut db)
+            .await
+            .expect("count")
+    }
+
+    async fn until(&self, sql: &str, at_least: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = self.count(sql).await;
+            if n >= at_least {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`{sql}` is {n} after 30 s, expected {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn list(&self, user: &str, roles: &[&str]) -> Value {
+        let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+        self.client
+            .get(format!("{}/notifications", self.base))
+            .bearer_auth(self.key.sign(user, &roles).expect("sign"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+fn result(user: &str, validated: bool, amount: i64) -> Value {
+    let mut event = json!({
+        "eventId": Uuid::new_v4(),
+        "eventType": if validated { "payment-validated" } else { "payment-declined" },
+        "occurredAt": "2026-11-22T10:00:00.000Z",
+        "orderId": Uuid::new_v4(),
+        "userId": user,
+        "amount": amount,
+        "currency": "EUR",
+    });
+    if !validated {
+        event["reason"] = json!("insufficient funds: balance 100, order total 2500");
+    }
+    event
+}
+
+async fn wait_for_mail(sink: &SmtpSink, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let messages = sink.messages();
+        if messages.len() >= n {
+            return messages;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} mails arrived",
+            messages.len()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_outcome_is_mailed_once_however_often_it_arrives() {
+    let maildir = tempfile::tempdir().expect("temp dir");
+    let sink = SmtpSink::start(0, maildir.path()).await;
+    let h = Harness::start(sink.port).await;
+
+    let confirmed = result("alice", true, 2_500);
+    let rejected = result("bob", false, 2_500);
+    // The confirmation three times, and once more under a new eventId.
+    for _ in 0..3 {
+        h.publish(&confirmed).await;
+    }
+    let mut again = confirmed.clone();
+    again["eventId"] = json!(Uuid::new_v4());
+    h.publish(&again).await;
+    h.publish(&rejected).await;
+    h.until("SELECT count(*) FROM notifications.processed_events", 3)
+        .await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
+        2,
+    )
+    .await;
+    assert_eq!(
+        h.count("SELECT count(*) FROM notifications.notifications")
+            .await,
+        2
+    );
+
+    let mails = wait_for_mail(&sink, 2).await;
+    assert_eq!(mails.len(), 2, "one mail per outcome: {mails:#?}");
+    let to_alice = mails
+        .iter()
+        .find(|m| m.contains("alice@example.org"))
+        .expect("alice's mail, at her directory address");
+    assert!(to_alice.contains(&format!(
+        "Order {} confirmed",
+        confirmed["orderId"].as_str().unwrap()
+    )));
+    assert!(to_alice.contains("25.00 EUR"), "{to_alice}");
+    let to_bob = mails
+        .iter()
+        .find(|m| m.contains("bob@storefront.local"))
+        .expect("bob's mail, at the pattern's address");
+    assert!(to_bob.contains("rejected"), "{to_bob}");
+    assert!(to_bob.contains("insufficient funds"), "{to_bob}");
+
+    let alice = h.list("alice", &["customer"]).await;
+    let items = alice["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{alice}");
+    assert_eq!(items[0]["orderId"], confirmed["orderId"]);
+    assert_eq!(items[0]["channel"], "email");
+    assert_eq!(items[0]["status"], "SENT");
+    assert!(items[0]["subject"].as_str().unwrap().contains("confirmed"));
+    assert!(items[0]["createdAt"].is_string());
+    let admin = h.list("root", &["admin"]).await;
+    assert_eq!(admin["items"].as_array().expect("items").len(), 2);
+}
+
+#[tokio::test]
+async fn an_smtp_outage_delays_mail_but_never_the_partition() {
+    let maildir = tempfile::tempdir().expect("temp dir");
+    // Nothing listens on this port yet: the relay is down.
+    let port = shared::testing::free_port();
+    let h = Harness::start(port).await;
+    let events: Vec<Value> = (0..3)
+        .map(|i| result("alice", i % 2 == 0, 100 + i))
+        .collect();
+    for event in &events {
+        h.publish(event).await;
+    }
+    // Every event was consumed and queued while no mail could leave.
+    h.until("SELECT count(*) FROM notifications.processed_events", 3)
+        .await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE attempts >= 1 AND last_error IS NOT NULL",
+        1,
+    )
+    .await;
+    assert_eq!(
+        h.count("SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'")
+            .await,
+        0
+    );
+
+    let sink = SmtpSink::start(port, maildir.path()).await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
+        3,
+    )
+    .await;
+    assert_eq!(wait_for_mail(&sink, 3).await.len(), 3);
+}
+
+#[tokio::test]
+async fn listing_without_a_token_is_refused_and_bad_parameters_are_named() {
+    let h = Harness::start(shared::testing::free_port()).await;
+    let response = reqwest::get(format!("{}/notifications", h.base))
+        .await
+        .expect("get");
+    assert_eq!(response.status(), 401);
+    let response = h
+        .client
+        .get(format!("{}/notifications?limit=0&orderId=x", h.base))
+        .bearer_auth(h.key.sign("alice", &["customer".to_owned()]).expect("sign"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.expect("json");
+    let fields: Vec<_> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["field"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(fields, ["orderId", "limit"]);
+}
