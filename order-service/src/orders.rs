@@ -46,6 +46,7 @@ impl FromRef<Api> for Arc<JwtVerifier> {
 pub fn routes(api: Api) -> Router {
     Router::new()
         .route("/orders", get(list).post(create))
+        .route("/orders/stats", get(stats))
         .route("/orders/{id}", get(read))
         .with_state(api)
 }
@@ -318,6 +319,71 @@ async fn list(
         None
     };
     Ok(Json(json!({ "items": items, "nextCursor": next })))
+}
+
+/// `GET /orders/stats` (admins): counts by status, confirmed revenue per currency, the
+/// rejection rate of settled orders, and a per-minute series for the last hour
+/// (orders created, confirmed and rejected in each minute).
+async fn stats(State(api): State<Api>, AuthUser(claims): AuthUser) -> Result<Json<Value>, Problem> {
+    if !claims.is_admin() {
+        return Err(Problem::forbidden("Order statistics are for admins."));
+    }
+    let counts =
+        sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM orders GROUP BY status")
+            .fetch_all(&api.pool)
+            .await
+            .map_err(internal)?;
+    let count = |status: &str| {
+        counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n)
+    };
+    let (confirmed, rejected) = (count("CONFIRMED"), count("REJECTED"));
+    let revenue = sqlx::query_as::<_, (String, i64)>(
+        "SELECT currency, sum(total)::bigint FROM orders WHERE status = 'CONFIRMED' \
+         GROUP BY currency ORDER BY currency",
+    )
+    .fetch_all(&api.pool)
+    .await
+    .map_err(internal)?;
+    let series = sqlx::query_as::<_, (DateTime<Utc>, i64, i64, i64)>(
+        "WITH minutes AS (SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes', \
+                                                 date_trunc('minute', now()), interval '1 minute') AS m) \
+         SELECT m, \
+           (SELECT count(*) FROM orders WHERE created_at >= m AND created_at < m + interval '1 minute'), \
+           (SELECT count(*) FROM orders WHERE status = 'CONFIRMED' \
+              AND updated_at >= m AND updated_at < m + interval '1 minute'), \
+           (SELECT count(*) FROM orders WHERE status = 'REJECTED' \
+              AND updated_at >= m AND updated_at < m + interval '1 minute') \
+         FROM minutes ORDER BY m",
+    )
+    .fetch_all(&api.pool)
+    .await
+    .map_err(internal)?;
+    let settled = confirmed + rejected;
+    Ok(Json(json!({
+        "counts": {
+            "PENDING": count("PENDING"),
+            "CONFIRMED": confirmed,
+            "REJECTED": rejected,
+            "total": counts.iter().map(|(_, n)| n).sum::<i64>(),
+        },
+        "confirmedRevenue": revenue
+            .iter()
+            .map(|(currency, amount)| json!({"currency": currency, "amount": amount}))
+            .collect::<Vec<_>>(),
+        "rejectionRate": (settled > 0).then(|| rejected as f64 / settled as f64),
+        "lastHour": series
+            .iter()
+            .map(|(minute, created, confirmed, rejected)| json!({
+                "minute": minute.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "created": created,
+                "confirmed": confirmed,
+                "rejected": rejected,
+            }))
+            .collect::<Vec<_>>(),
+    })))
 }
 
 fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
