@@ -126,6 +126,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         None => bail!("interrupted while creating the topics"),
     }
 
+    say("starting the SMTP sink (aiosmtpd)");
+    let mailbox = stack_dir.join("mail");
+    let (smtp_port, _smtp) = start_smtp_sink(&mailbox, &logs, &interrupt)?;
+
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_config = stack_dir.join("gateway.yaml");
     write_gateway_config(&gateway_config)?;
@@ -144,6 +148,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         let mut command = Command::new(bin.join(service.name));
         if service.name == "gateway" {
             command.env("GATEWAY_CONFIG", &gateway_config);
+        }
+        if service.name == "notification-service" {
+            command.env("NOTIFICATION_MAIL__SMTP_PORT", smtp_port.to_string());
         }
         command
             .env(
@@ -183,9 +190,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
              export REGISTRY_URL={registry_url}\n\
              export REGISTRY_TOKEN={registry_token}\n\
              export KAFKA_BROKERS={}\n\
-             export DATABASE_URL={}\n",
+             export DATABASE_URL={}\n\
+             export STOREFRONT_MAILDIR={}\n",
             broker.brokers(),
-            postgres.url()
+            postgres.url(),
+            mailbox.display()
         ),
     )?;
     let _remove_env_file = RemoveOnDrop(env_file.clone());
@@ -208,6 +217,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         "  {:<21} {} (credentials in DATABASE_URL)",
         "postgres",
         postgres.url().rsplit('@').next().unwrap_or_default()
+    );
+    println!(
+        "  {:<21} 127.0.0.1:{smtp_port}, mailbox {} (a Maildir: one file per mail in new/)",
+        "smtp sink",
+        mailbox.display()
     );
     println!("  {:<21} {}", "logs", logs.display());
     println!(
@@ -238,6 +252,47 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     drop(broker);
     drop(postgres);
     outcome
+}
+
+/// Starts aiosmtpd on a free port, writing every mail it accepts into the Maildir
+/// `mailbox`; returns the port and the running sink.
+fn start_smtp_sink(
+    mailbox: &Path,
+    logs: &Path,
+    interrupt: &Interrupt,
+) -> anyhow::Result<(u16, Supervised)> {
+    let site = crate::tools::aiosmtpd(interrupt)?;
+    for part in ["new", "cur", "tmp"] {
+        fs::create_dir_all(mailbox.join(part))?;
+    }
+    let port = crate::free_port()?;
+    let log = fs::File::create(logs.join("smtp.log"))?;
+    let mut command = Command::new("python3");
+    command
+        .args(["-m", "aiosmtpd", "-n", "-l"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(mailbox)
+        .env("PYTHONPATH", site)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut sink = Supervised::spawn("aiosmtpd", &mut command)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        interrupt.check()?;
+        if let Some(status) = sink.exited() {
+            bail!(
+                "aiosmtpd exited ({status}); see {}",
+                logs.join("smtp.log").display()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("aiosmtpd did not listen on {port} within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((port, sink))
 }
 
 /// Removes throwaway clusters whose `up` is gone: a `kill -9`ed xtask stops its

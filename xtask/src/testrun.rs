@@ -68,6 +68,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
 
     step("installing the Python tools the tests use (a Eureka client, an SMTP sink)");
     let python_path = crate::tools::python_path(&interrupt)?;
+    step("installing newman, which runs the Postman collection in the end-to-end test");
+    let newman = crate::tools::newman(&interrupt)?;
 
     step("running the tests");
     let mut tests = crate::cargo();
@@ -80,7 +82,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(extra)
         .env("DATABASE_URL", postgres.url())
         .env("KAFKA_BROKERS", broker.brokers())
-        .env("STOREFRONT_PYTHONPATH", &python_path);
+        .env("STOREFRONT_PYTHONPATH", &python_path)
+        .env("STOREFRONT_NEWMAN", &newman);
     let result = procs::run("the tests", &mut tests, &interrupt);
     drop(broker);
     drop(postgres);

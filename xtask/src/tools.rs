@@ -104,3 +104,41 @@ fn python_package(spec: &str, module: &str, interrupt: &Interrupt) -> anyhow::Re
     )?;
     Ok(site)
 }
+
+/// The pinned newman, Postman's command-line collection runner (npm).
+pub const NEWMAN: &str = "newman@6.2.1";
+
+/// The newman executable, installed first if missing. Needs `npm`: as root on Debian
+/// it is installed with apt when absent; otherwise the error says what to install.
+pub fn newman(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    if Command::new("npm").arg("--version").output().is_err() {
+        let can_install =
+            nix::unistd::geteuid().is_root() && Path::new("/usr/bin/apt-get").exists();
+        if !can_install {
+            bail!("newman needs npm: install Node.js and npm (Debian: sudo apt-get install npm)");
+        }
+        eprintln!("xtask: installing npm (Debian) for newman");
+        crate::postgres::apt_install(&["nodejs", "npm"])?;
+    }
+    let root = tools_dir().join(NEWMAN.replace('@', "-"));
+    let bin = root.join("node_modules").join(".bin").join("newman");
+    let mut install = Command::new("npm");
+    install
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(&root)
+        .arg(NEWMAN);
+    install_once(
+        &root,
+        &bin,
+        &format!("installing {NEWMAN} (npm) into {}", root.display()),
+        &mut install,
+        interrupt,
+    )?;
+    Ok(bin)
+}

@@ -1,0 +1,338 @@
+//! The whole store, end to end: `cargo xtask up` with its own PostgreSQL and broker,
+//! driven only through the gateway with tokens from `/auth/token` — a deposit, an
+//! order confirmed, an order rejected with its reason, the payments, the
+//! notifications, the mail in the SMTP sink — and then the Postman collection under
+//! `docs/postman/`, run by newman against the same stack.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// The stack, stopped (SIGINT, as Ctrl-C) when dropped.
+struct Stack {
+    child: Child,
+    env: Vec<(String, String)>,
+}
+
+impl Stack {
+    fn start(env_file: &Path) -> Stack {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args([
+                "up",
+                "--gateway-port",
+                "0",
+                "--registry-port",
+                "0",
+                "--env-file",
+            ])
+            .arg(env_file)
+            // Its own database and broker: nothing shared with the other tests.
+            .env_remove("DATABASE_URL")
+            .env_remove("KAFKA_BROKERS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("xtask starts");
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no `ready` in time:\n{}", seen.join("\n")));
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the stack ended before `ready`:\n{}", seen.join("\n")));
+            let ready = line.starts_with("ready");
+            seen.push(line);
+            if ready {
+                break;
+            }
+        }
+        let env = std::fs::read_to_string(env_file)
+            .expect("stack.env")
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Stack { child, env }
+    }
+
+    fn var(&self, key: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{key} missing from stack.env"))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    agent: ureq::Agent,
+    gateway: String,
+}
+
+impl Client {
+    fn login(&self, user: &str) -> String {
+        let (status, body) = self.send(
+            "POST",
+            "/auth/token",
+            None,
+            Some(json!({"username": user, "password": user})),
+            &[],
+        );
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().expect("a token").to_owned()
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.gateway);
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut request = self.agent.get(&url);
+                if let Some(token) = token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                request.call()
+            }
+            (_, body) => {
+                let mut request = self.agent.post(&url);
+                if let Some(token) = token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request.send_json(body.unwrap_or(Value::Null))
+            }
+        }
+        .expect("the gateway answers");
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_json().unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Polls the order until it leaves PENDING.
+    fn settled(&self, token: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, order) =
+                self.send("GET", &format!("/orders/{id}"), Some(token), None, &[]);
+            assert_eq!(status, 200, "{order}");
+            if order["status"] != "PENDING" {
+                return order;
+            }
+            assert!(Instant::now() < deadline, "order {id} still PENDING");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls the caller's notifications until one for `order` is SENT.
+    fn notified(&self, token: &str, order: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, list) = self.send("GET", "/notifications", Some(token), None, &[]);
+            assert_eq!(status, 200, "{list}");
+            if let Some(n) = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["orderId"] == order && n["status"] == "SENT")
+            {
+                return n.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no SENT notification for {order}: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn mail_mentioning(maildir: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for entry in std::fs::read_dir(maildir.join("new"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(text) = std::fs::read_to_string(entry.path())
+                && text.contains(needle)
+            {
+                return text;
+            }
+        }
+        assert!(Instant::now() < deadline, "no mail mentions {needle}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_passes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stack = Stack::start(&dir.path().join("stack.env"));
+    let client = Client {
+        agent: ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into(),
+        gateway: stack.var("GATEWAY_URL").to_owned(),
+    };
+    let alice = client.login("alice");
+    let bob = client.login("bob");
+
+    // A deposit, then an order it covers: confirmed.
+    let (status, account) = client.send(
+        "POST",
+        "/payments/accounts/me/deposits",
+        Some(&alice),
+        Some(json!({"amount": 5_000, "currency": "EUR"})),
+        &[],
+    );
+    assert_eq!(status, 200, "{account}");
+    assert_eq!(account["balance"], 5_000);
+    let (status, order) = client.send(
+        "POST",
+        "/orders",
+        Some(&alice),
+        Some(json!({"items": [{"sku": "BOOK-1", "quantity": 2, "unitPrice": 1250}], "currency": "EUR"})),
+        &[("idempotency-key", "e2e-alice-1")],
+    );
+    assert_eq!(status, 201, "{order}");
+    let confirmed_id = order["id"].as_str().expect("id").to_owned();
+    assert_eq!(client.settled(&alice, &confirmed_id)["status"], "CONFIRMED");
+
+    // An order bob cannot afford: rejected, with the reason.
+    let (status, _) = client.send(
+        "POST",
+        "/payments/accounts/me/deposits",
+        Some(&bob),
+        Some(json!({"amount": 1_000, "currency": "EUR"})),
+        &[],
+    );
+    assert_eq!(status, 200);
+    let (status, order) = client.send(
+        "POST",
+        "/orders",
+        Some(&bob),
+        Some(json!({"items": [{"sku": "LAMP-7", "quantity": 1, "unitPrice": 2500}], "currency": "EUR"})),
+        &[],
+    );
+    assert_eq!(status, 201, "{order}");
+    let rejected_id = order["id"].as_str().expect("id").to_owned();
+    let rejected = client.settled(&bob, &rejected_id);
+    assert_eq!(rejected["status"], "REJECTED");
+    assert!(
+        rejected["rejectionReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("insufficient funds")),
+        "{rejected}"
+    );
+
+    // The payments, as each customer sees them.
+    let (status, payments) = client.send(
+        "GET",
+        &format!("/payments?orderId={confirmed_id}"),
+        Some(&alice),
+        None,
+        &[],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(payments["items"][0]["status"], "VALIDATED");
+    assert_eq!(payments["items"][0]["amount"], 2_500);
+    let (_, payments) = client.send(
+        "GET",
+        &format!("/payments?orderId={rejected_id}"),
+        Some(&bob),
+        None,
+        &[],
+    );
+    assert_eq!(payments["items"][0]["status"], "DECLINED");
+    let (_, account) = client.send("GET", "/payments/accounts/me", Some(&alice), None, &[]);
+    assert_eq!(account["balance"], 2_500);
+
+    // The notifications, and the mail the SMTP sink received.
+    let note = client.notified(&alice, &confirmed_id);
+    assert_eq!(note["channel"], "email");
+    client.notified(&bob, &rejected_id);
+    let maildir = Path::new(stack.var("STOREFRONT_MAILDIR"));
+    let mail = mail_mentioning(maildir, &format!("Order {confirmed_id} confirmed"));
+    assert!(mail.contains("alice@storefront.local"), "{mail}");
+    let mail = mail_mentioning(maildir, &format!("Order {rejected_id} rejected"));
+    assert!(mail.contains("insufficient funds"), "{mail}");
+
+    // The Postman collection, as a user would run it, against this stack.
+    let newman = std::env::var("STOREFRONT_NEWMAN")
+        .expect("STOREFRONT_NEWMAN names newman; run the tests with `cargo xtask test`");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(newman)
+        .arg("run")
+        .arg(root.join("docs/postman/storefront.postman_collection.json"))
+        .arg("-e")
+        .arg(root.join("docs/postman/local.postman_environment.json"))
+        .args([
+            "--env-var",
+            &format!("gatewayUrl={}", stack.var("GATEWAY_URL")),
+        ])
+        .args([
+            "--env-var",
+            &format!("registryUrl={}", stack.var("REGISTRY_URL")),
+        ])
+        .args(["--reporters", "cli", "--color", "off"])
+        .output()
+        .expect("newman runs");
+    assert!(
+        output.status.success(),
+        "the Postman collection failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
