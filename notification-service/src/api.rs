@@ -9,8 +9,7 @@ use axum::{
     routing::get,
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use shared::{
     FieldError, Problem,
     auth::{AuthUser, JwtVerifier},
@@ -38,35 +37,69 @@ pub fn routes(api: Api) -> Router {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ListParams {
+pub(crate) struct ListParams {
     order_id: Option<String>,
     limit: Option<String>,
 }
 
-fn notification_json(row: &PgRow) -> Result<Value, sqlx::Error> {
-    let created: DateTime<Utc> = row.try_get("created_at")?;
-    let sent: Option<DateTime<Utc>> = row.try_get("sent_at")?;
-    let mut item = json!({
-        "id": row.try_get::<Uuid, _>("id")?,
-        "orderId": row.try_get::<Uuid, _>("order_id")?,
-        "userId": row.try_get::<String, _>("user_id")?,
-        "channel": row.try_get::<String, _>("channel")?,
-        "status": row.try_get::<String, _>("status")?,
-        "subject": row.try_get::<String, _>("subject")?,
-        "attempts": row.try_get::<i32, _>("attempts")?,
-        "createdAt": created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
-    if let Some(sent) = sent {
-        item["sentAt"] = json!(sent.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-    }
-    Ok(item)
+/// One notification: one per order outcome.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub user_id: String,
+    #[schema(example = "email")]
+    pub channel: String,
+    /// `PENDING` (not sent yet, retrying), `SENT` or `FAILED`.
+    #[schema(example = "SENT")]
+    pub status: String,
+    pub subject: String,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
 }
 
-async fn list(
+/// `GET /notifications`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NotificationList {
+    pub items: Vec<Notification>,
+}
+
+fn notification_json(row: &PgRow) -> Result<Notification, sqlx::Error> {
+    let created: DateTime<Utc> = row.try_get("created_at")?;
+    let sent: Option<DateTime<Utc>> = row.try_get("sent_at")?;
+    let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Ok(Notification {
+        id: row.try_get("id")?,
+        order_id: row.try_get("order_id")?,
+        user_id: row.try_get("user_id")?,
+        channel: row.try_get("channel")?,
+        status: row.try_get("status")?,
+        subject: row.try_get("subject")?,
+        attempts: row.try_get("attempts")?,
+        created_at: stamp(created),
+        sent_at: sent.map(stamp),
+    })
+}
+
+#[utoipa::path(get, path = "/notifications", tag = "notifications",
+    params(
+        ("orderId" = Option<String>, Query, description = "Only this order's notifications"),
+        ("limit" = Option<i64>, Query, description = "1 to 100, default 50"),
+    ),
+    responses(
+        (status = 200, body = NotificationList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad parameter, named", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<NotificationList>, Problem> {
     let mut errors = Vec::new();
     let order = match params.order_id.as_deref().filter(|s| !s.is_empty()) {
         None => None,
@@ -109,5 +142,5 @@ async fn list(
         .map(notification_json)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| shared::db::problem("The notification database", e))?;
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(NotificationList { items }))
 }

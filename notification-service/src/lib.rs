@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod mail;
+pub mod openapi;
 pub mod queue;
 
 use std::net::SocketAddr;
@@ -177,5 +178,11 @@ pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
         pool,
         verifier: verifier.clone(),
     });
-    shared::http::service_router(actuator.router(), api, verifier)
+    shared::http::service_router(
+        actuator
+            .router()
+            .merge(shared::openapi::route(openapi::document())),
+        api,
+        verifier,
+    )
 }

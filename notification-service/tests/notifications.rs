@@ -321,3 +321,19 @@ async fn listing_without_a_token_is_refused_and_bad_parameters_are_named() {
         .collect();
     assert_eq!(fields, ["orderId", "limit"]);
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_docs_api_holds_the_same() {
+    let h = Harness::start(shared::testing::free_port()).await;
+    let response = reqwest::get(format!("{}/openapi.json", h.base))
+        .await
+        .expect("get");
+    assert_eq!(response.status(), 200);
+    let served: Value = response.json().await.expect("json");
+    assert!(served["paths"].get("/notifications").is_some());
+    shared::openapi::check_document(
+        &notification_service::openapi::document(),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/api/notification-service.json"),
+    );
+}

@@ -4,6 +4,7 @@
 //! [`Application::run_until_stopped`] serves until the shutdown token fires. Tests
 //! build it with port 0 and drive it over a real socket.
 
+pub mod openapi;
 pub mod orders;
 pub mod results;
 pub mod validation;
@@ -210,5 +211,11 @@ pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic:
         verifier: verifier.clone(),
         orders_topic,
     });
-    shared::http::service_router(actuator.router(), api, verifier)
+    shared::http::service_router(
+        actuator
+            .router()
+            .merge(shared::openapi::route(openapi::document())),
+        api,
+        verifier,
+    )
 }

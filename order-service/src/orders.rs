@@ -16,7 +16,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use shared::{
@@ -26,7 +26,7 @@ use shared::{
 use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
 
-use crate::validation::CreateOrder;
+use crate::validation::{CreateOrder, Item};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -56,24 +56,56 @@ fn internal(e: sqlx::Error) -> Problem {
     shared::db::problem("The order database", e)
 }
 
-/// The order as the contract shows it.
-fn order_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+/// An order as the contract shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    pub id: Uuid,
+    /// The owner: the `sub` of the token that created it.
+    pub user_id: String,
+    /// `PENDING`, then `CONFIRMED` (payment validated) or `REJECTED`.
+    #[schema(example = "PENDING")]
+    pub status: String,
+    pub items: Vec<Item>,
+    /// Minor units.
+    pub total: i64,
+    pub currency: String,
+    /// Why the payment was declined (`REJECTED` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejection_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A page of orders, newest first.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPage {
+    pub items: Vec<Order>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    pub next_cursor: Option<String>,
+}
+
+fn order_of(row: &PgRow) -> Result<Order, sqlx::Error> {
     let created: DateTime<Utc> = row.try_get("created_at")?;
     let updated: DateTime<Utc> = row.try_get("updated_at")?;
-    let mut order = json!({
-        "id": row.try_get::<Uuid, _>("id")?,
-        "userId": row.try_get::<String, _>("user_id")?,
-        "status": row.try_get::<String, _>("status")?,
-        "items": row.try_get::<Value, _>("items")?,
-        "total": row.try_get::<i64, _>("total")?,
-        "currency": row.try_get::<String, _>("currency")?,
-        "createdAt": created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "updatedAt": updated.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
-    if let Some(reason) = row.try_get::<Option<String>, _>("rejection_reason")? {
-        order["rejectionReason"] = json!(reason);
-    }
-    Ok(order)
+    Ok(Order {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        status: row.try_get("status")?,
+        items: serde_json::from_value(row.try_get::<Value, _>("items")?)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        total: row.try_get("total")?,
+        currency: row.try_get("currency")?,
+        rejection_reason: row.try_get("rejection_reason")?,
+        created_at: created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        updated_at: updated.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+/// The order as the contract shows it, as JSON.
+fn order_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+    serde_json::to_value(order_of(row)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 const ORDER_COLUMNS: &str =
@@ -89,7 +121,18 @@ fn created(order: Value) -> Response {
 }
 
 /// `POST /orders`.
-async fn create(
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body = CreateOrder,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "1 to 255 visible ASCII characters; a retry with the same key gets the first answer")),
+    responses(
+        (status = 201, description = "Created; `Location: /orders/{id}`", body = Order),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or an Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     headers: HeaderMap,
@@ -209,7 +252,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// `GET /orders/{id}`: the caller's own order, any order for an admin, else 404.
-async fn read(
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = String, Path, description = "The order id")),
+    responses(
+        (status = 200, body = Order),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order, or not the caller's", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn read(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Path(id): Path<String>,
@@ -233,7 +283,7 @@ async fn read(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub(crate) struct ListParams {
     status: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
@@ -241,7 +291,18 @@ struct ListParams {
 
 /// `GET /orders?status=&limit=&cursor=`: newest first, the caller's own (all for an
 /// admin). The cursor is opaque: the position after the last order returned.
-async fn list(
+#[utoipa::path(get, path = "/orders", tag = "orders",
+    params(
+        ("status" = Option<String>, Query, description = "PENDING, CONFIRMED or REJECTED"),
+        ("limit" = Option<i64>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "The nextCursor of the previous page"),
+    ),
+    responses(
+        (status = 200, body = OrderPage),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad parameter, named", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Query(params): Query<ListParams>,
@@ -324,7 +385,16 @@ async fn list(
 /// `GET /orders/stats` (admins): counts by status, confirmed revenue per currency, the
 /// rejection rate of settled orders, and a per-minute series for the last hour
 /// (orders created, confirmed and rejected in each minute).
-async fn stats(State(api): State<Api>, AuthUser(claims): AuthUser) -> Result<Json<Value>, Problem> {
+#[utoipa::path(get, path = "/orders/stats", tag = "orders",
+    responses(
+        (status = 200, body = Stats),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn stats(
+    State(api): State<Api>,
+    AuthUser(claims): AuthUser,
+) -> Result<Json<Stats>, Problem> {
     if !claims.is_admin() {
         return Err(Problem::forbidden("Order statistics are for admins."));
     }
@@ -362,28 +432,67 @@ async fn stats(State(api): State<Api>, AuthUser(claims): AuthUser) -> Result<Jso
     .await
     .map_err(internal)?;
     let settled = confirmed + rejected;
-    Ok(Json(json!({
-        "counts": {
-            "PENDING": count("PENDING"),
-            "CONFIRMED": confirmed,
-            "REJECTED": rejected,
-            "total": counts.iter().map(|(_, n)| n).sum::<i64>(),
+    Ok(Json(Stats {
+        counts: StatusCounts {
+            pending: count("PENDING"),
+            confirmed,
+            rejected,
+            total: counts.iter().map(|(_, n)| n).sum(),
         },
-        "confirmedRevenue": revenue
-            .iter()
-            .map(|(currency, amount)| json!({"currency": currency, "amount": amount}))
-            .collect::<Vec<_>>(),
-        "rejectionRate": (settled > 0).then(|| rejected as f64 / settled as f64),
-        "lastHour": series
-            .iter()
-            .map(|(minute, created, confirmed, rejected)| json!({
-                "minute": minute.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                "created": created,
-                "confirmed": confirmed,
-                "rejected": rejected,
-            }))
-            .collect::<Vec<_>>(),
-    })))
+        confirmed_revenue: revenue
+            .into_iter()
+            .map(|(currency, amount)| Revenue { currency, amount })
+            .collect(),
+        rejection_rate: (settled > 0).then(|| rejected as f64 / settled as f64),
+        last_hour: series
+            .into_iter()
+            .map(|(minute, created, confirmed, rejected)| Minute {
+                minute: minute.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                created,
+                confirmed,
+                rejected,
+            })
+            .collect(),
+    }))
+}
+
+/// `GET /orders/stats`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub counts: StatusCounts,
+    /// Per currency, minor units.
+    pub confirmed_revenue: Vec<Revenue>,
+    /// REJECTED / (CONFIRMED + REJECTED); null while nothing is settled.
+    pub rejection_rate: Option<f64>,
+    /// The last 60 minutes, oldest first.
+    pub last_hour: Vec<Minute>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct StatusCounts {
+    #[serde(rename = "PENDING")]
+    pub pending: i64,
+    #[serde(rename = "CONFIRMED")]
+    pub confirmed: i64,
+    #[serde(rename = "REJECTED")]
+    pub rejected: i64,
+    pub total: i64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Revenue {
+    pub currency: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Minute {
+    /// The minute's start, RFC 3339.
+    pub minute: String,
+    pub created: i64,
+    pub confirmed: i64,
+    pub rejected: i64,
 }
 
 fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {

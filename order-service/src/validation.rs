@@ -6,19 +6,28 @@ use shared::FieldError;
 
 /// The body of `POST /orders`. There is no owner field: the owner is the token's `sub`,
 /// and a body that names one is refused (unknown field) rather than ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateOrder {
+    /// 1 to 100 lines.
     pub items: Vec<ItemRequest>,
+    /// An ISO 4217 code, upper case.
+    #[schema(example = "EUR")]
     pub currency: String,
 }
 
 /// One line as sent. Numbers are read wide so out-of-range values get our message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ItemRequest {
+    /// 1 to 64 letters, digits, `-` and `_`.
+    #[schema(example = "BOOK-1")]
     pub sku: String,
+    /// 1 to 1000.
+    #[schema(example = 2)]
     pub quantity: i64,
+    /// 1 to 10^9 minor units.
+    #[schema(example = 1250)]
     pub unit_price: i64,
 }
 

@@ -10,8 +10,7 @@ use axum::{
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use shared::{
     FieldError, Problem,
     auth::{AuthUser, Claims, JwtVerifier},
@@ -51,15 +50,51 @@ fn internal(e: sqlx::Error) -> Problem {
     shared::db::problem("The payment database", e)
 }
 
-fn account_json(row: &PgRow) -> Result<Value, sqlx::Error> {
-    Ok(json!({
-        "userId": row.try_get::<String, _>("user_id")?,
-        "balance": row.try_get::<i64, _>("balance")?,
-        "currency": row.try_get::<String, _>("currency")?,
-    }))
+/// A customer's account: one currency, set by the first deposit.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Account {
+    pub user_id: String,
+    /// Minor units.
+    pub balance: i64,
+    #[schema(example = "EUR")]
+    pub currency: String,
 }
 
-async fn account(api: &Api, user: &str) -> Result<Json<Value>, Problem> {
+/// A payment: one per order.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Payment {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub user_id: String,
+    /// Minor units.
+    pub amount: i64,
+    pub currency: String,
+    /// `VALIDATED` or `DECLINED`.
+    #[schema(example = "VALIDATED")]
+    pub status: String,
+    /// Why it was declined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub created_at: String,
+}
+
+/// `GET /payments`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PaymentList {
+    pub items: Vec<Payment>,
+}
+
+fn account_json(row: &PgRow) -> Result<Account, sqlx::Error> {
+    Ok(Account {
+        user_id: row.try_get("user_id")?,
+        balance: row.try_get("balance")?,
+        currency: row.try_get("currency")?,
+    })
+}
+
+async fn account(api: &Api, user: &str) -> Result<Json<Account>, Problem> {
     let row = sqlx::query("SELECT user_id, balance, currency FROM accounts WHERE user_id = $1")
         .bind(user)
         .fetch_optional(&api.pool)
@@ -74,19 +109,32 @@ async fn account(api: &Api, user: &str) -> Result<Json<Value>, Problem> {
 }
 
 /// `GET /payments/accounts/me`.
-async fn my_account(
+#[utoipa::path(get, path = "/payments/accounts/me", tag = "payments",
+    responses(
+        (status = 200, body = Account),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No account yet: the first deposit opens one", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn my_account(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Account>, Problem> {
     account(&api, &claims.sub).await
 }
 
 /// `GET /payments/accounts/{userId}`: admins only.
-async fn account_of(
+#[utoipa::path(get, path = "/payments/accounts/{userId}", tag = "payments",
+    params(("userId" = String, Path)),
+    responses(
+        (status = 200, body = Account),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn account_of(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Path(user): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Account>, Problem> {
     require_admin(&claims)?;
     account(&api, &user).await
 }
@@ -102,10 +150,14 @@ fn require_admin(claims: &Claims) -> Result<(), Problem> {
 }
 
 /// The body of a deposit. Numbers are read wide so out-of-range values get our message.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DepositRequest {
+    /// 1 to 10^12 minor units.
+    #[schema(example = 5000)]
     pub amount: i64,
+    /// The account's currency (the first deposit sets it).
+    #[schema(example = "EUR")]
     pub currency: String,
 }
 
@@ -136,24 +188,40 @@ impl DepositRequest {
 }
 
 /// `POST /payments/accounts/me/deposits`.
-async fn deposit_mine(
+#[utoipa::path(post, path = "/payments/accounts/me/deposits", tag = "payments",
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retried deposit with the same key counts once")),
+    request_body = DepositRequest,
+    responses(
+        (status = 200, description = "The account after the deposit", body = Account),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, another currency than the account's, the balance limit, or a reused key", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn deposit_mine(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     headers: HeaderMap,
     shared::http::Json(body): shared::http::Json<DepositRequest>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Account>, Problem> {
     let user = claims.sub.clone();
     deposit(&api, &claims, &user, &headers, body).await
 }
 
 /// `POST /payments/accounts/{userId}/deposits`: admins only.
-async fn deposit_for(
+#[utoipa::path(post, path = "/payments/accounts/{userId}/deposits", tag = "payments",
+    params(("userId" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "A retried deposit with the same key counts once")),
+    request_body = DepositRequest,
+    responses(
+        (status = 200, description = "The account after the deposit", body = Account),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, another currency than the account's, the balance limit, or a reused key", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn deposit_for(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Path(user): Path<String>,
     headers: HeaderMap,
     shared::http::Json(body): shared::http::Json<DepositRequest>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Account>, Problem> {
     if user != claims.sub {
         require_admin(&claims)?;
     }
@@ -174,7 +242,7 @@ async fn deposit(
     user: &str,
     headers: &HeaderMap,
     body: DepositRequest,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Account>, Problem> {
     body.validate().map_err(Problem::validation)?;
     let key = shared::http::idempotency_key(headers)?;
     let mut tx = api.pool.begin().await.map_err(internal)?;
@@ -274,35 +342,42 @@ async fn deposit(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ListParams {
+pub(crate) struct ListParams {
     order_id: Option<String>,
     limit: Option<String>,
 }
 
-fn payment_json(row: &PgRow) -> Result<Value, sqlx::Error> {
+fn payment_json(row: &PgRow) -> Result<Payment, sqlx::Error> {
     let created: DateTime<Utc> = row.try_get("created_at")?;
-    let mut payment = json!({
-        "id": row.try_get::<Uuid, _>("id")?,
-        "orderId": row.try_get::<Uuid, _>("order_id")?,
-        "userId": row.try_get::<String, _>("user_id")?,
-        "amount": row.try_get::<i64, _>("amount")?,
-        "currency": row.try_get::<String, _>("currency")?,
-        "status": row.try_get::<String, _>("status")?,
-        "createdAt": created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
-    if let Some(reason) = row.try_get::<Option<String>, _>("reason")? {
-        payment["reason"] = json!(reason);
-    }
-    Ok(payment)
+    Ok(Payment {
+        id: row.try_get("id")?,
+        order_id: row.try_get("order_id")?,
+        user_id: row.try_get("user_id")?,
+        amount: row.try_get("amount")?,
+        currency: row.try_get("currency")?,
+        status: row.try_get("status")?,
+        reason: row.try_get("reason")?,
+        created_at: created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
 }
 
 /// `GET /payments?orderId=&limit=`: the caller's payments (anyone's for an admin),
 /// newest first; with `orderId`, that order's payment.
-async fn list_payments(
+#[utoipa::path(get, path = "/payments", tag = "payments",
+    params(
+        ("orderId" = Option<String>, Query, description = "Only this order's payment"),
+        ("limit" = Option<i64>, Query, description = "1 to 100, default 50"),
+    ),
+    responses(
+        (status = 200, body = PaymentList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad parameter, named", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list_payments(
     State(api): State<Api>,
     AuthUser(claims): AuthUser,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<PaymentList>, Problem> {
     let mut errors = Vec::new();
     let order = match params.order_id.as_deref().filter(|s| !s.is_empty()) {
         None => None,
@@ -344,7 +419,7 @@ async fn list_payments(
         .map(payment_json)
         .collect::<Result<Vec<_>, _>>()
         .map_err(internal)?;
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(PaymentList { items }))
 }
 
 #[cfg(test)]

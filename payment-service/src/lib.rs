@@ -6,6 +6,7 @@
 //! shutdown token fires. Tests build it with port 0 and drive it over a real socket.
 
 pub mod api;
+pub mod openapi;
 pub mod processing;
 
 use std::net::SocketAddr;
@@ -179,5 +180,11 @@ pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
         pool,
         verifier: verifier.clone(),
     });
-    shared::http::service_router(actuator.router(), api, verifier)
+    shared::http::service_router(
+        actuator
+            .router()
+            .merge(shared::openapi::route(openapi::document())),
+        api,
+        verifier,
+    )
 }

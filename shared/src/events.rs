@@ -42,8 +42,8 @@ pub fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}.DLT")
 }
 
-/// One order line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One order line; `unitPrice` in minor units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderItem {
     pub sku: String,
