@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod postgres;
 pub mod procs;
+pub mod simulate;
 pub mod stack;
 pub mod testrun;
 pub mod tools;

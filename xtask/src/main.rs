@@ -31,6 +31,24 @@ enum Cmd {
         #[arg(long, hide = true)]
         env_file: Option<std::path::PathBuf>,
     },
+    /// Simulated customers shopping through the gateway of a running `xtask up` stack.
+    Simulate {
+        /// Customers (the stack seeds sim-001 to sim-200).
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Orders to place in all.
+        #[arg(long, default_value_t = 200)]
+        orders: usize,
+        /// Orders per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// The gateway (default: GATEWAY_URL, or target/stack.env's).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Orders in flight at most.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// fmt, clippy, then every test against a real PostgreSQL and broker.
     Test {
         /// Passed to the test runner (cargo nextest run / cargo test).
@@ -54,6 +72,19 @@ fn main() -> ExitCode {
             env_file,
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
+        Cmd::Simulate {
+            users,
+            orders,
+            rate,
+            gateway,
+            concurrency,
+        } => xtask::simulate::simulate(&xtask::simulate::SimulateOptions {
+            users,
+            orders,
+            rate,
+            gateway,
+            concurrency,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -214,6 +214,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             .join(", ")
     );
     println!(
+        "  {:<21} {} .. {} / {SIM_PASSWORD} (for `cargo xtask simulate`)",
+        "simulation users",
+        sim_user(1),
+        sim_user(SIM_USERS)
+    );
+    println!(
         "  {:<21} {} (credentials in DATABASE_URL)",
         "postgres",
         postgres.url().rsplit('@').next().unwrap_or_default()
@@ -322,6 +328,16 @@ const DEV_USERS: [(&str, &str); 3] = [
     ("admin", "admin"),
 ];
 
+/// How many simulation customers the local stack seeds (`sim-001` ...), all with the
+/// password [`SIM_PASSWORD`], for `cargo xtask simulate`.
+pub const SIM_USERS: usize = 200;
+pub const SIM_PASSWORD: &str = "simulate";
+
+/// The name of simulation customer `i` (from 1).
+pub fn sim_user(i: usize) -> String {
+    format!("sim-{i:03}")
+}
+
 /// The gateway's local-stack config: a fresh signing key and the dev users with
 /// argon2 hashes, readable by this user only.
 fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
@@ -338,6 +354,19 @@ fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         users.push_str(&format!(
             "    - username: {name}\n      password_hash: \"{hash}\"\n      roles: [{role}]\n"
+        ));
+    }
+    // One hash for every simulation customer: they share a password, and hashing it
+    // two hundred times would slow every start.
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hash = argon2::Argon2::default()
+        .hash_password(SIM_PASSWORD.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for i in 1..=SIM_USERS {
+        users.push_str(&format!(
+            "    - username: {}\n      password_hash: \"{hash}\"\n      roles: [customer]\n",
+            sim_user(i)
         ));
     }
     let text = format!(
