@@ -2,7 +2,7 @@
 //! driven only through the gateway with tokens from `/auth/token` — a deposit, an
 //! order confirmed, an order rejected with its reason, the payments, the
 //! notifications, the mail in the SMTP sink — and then the Postman collection under
-//! `docs/postman/`, run by newman against the same stack.
+//! `docs/postman/`, run by newman, and a short `xtask simulate`, against the same stack.
 
 use std::{
     io::{BufRead, BufReader},
@@ -308,6 +308,37 @@ fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_pas
     assert!(mail.contains("alice@storefront.local"), "{mail}");
     let mail = mail_mentioning(maildir, &format!("Order {rejected_id} rejected"));
     assert!(mail.contains("insufficient funds"), "{mail}");
+
+    // The simulator, briefly, against this stack.
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "simulate",
+            "--users",
+            "3",
+            "--orders",
+            "12",
+            "--rate",
+            "30",
+            "--gateway",
+        ])
+        .arg(stack.var("GATEWAY_URL"))
+        .output()
+        .expect("simulate runs");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "simulate failed:\n{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let count = |label: &str| -> usize {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{label}` line:\n{report}"))
+    };
+    assert_eq!(count("confirmed:") + count("rejected:"), 12, "{report}");
+    assert!(report.contains("POST to final status: p50"), "{report}");
 
     // The Postman collection, as a user would run it, against this stack.
     let newman = std::env::var("STOREFRONT_NEWMAN")
