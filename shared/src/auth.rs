@@ -323,6 +323,51 @@ pub struct JwtVerifier {
     leeway: u64,
     refetch_interval: Duration,
     http: reqwest::Client,
+    verified: VerifiedCache,
+}
+
+/// Tokens whose signature and claims were verified, by the SHA-256 of their text, so
+/// a client's every request does not pay for a signature check. An entry lives until
+/// the token expires or for [`VerifiedCache::TTL`], whichever is first, so a key
+/// withdrawn from an issuer's JWKS stops being honoured within that time. Expiry is
+/// checked again on every hit.
+#[derive(Default)]
+struct VerifiedCache {
+    entries: std::sync::Mutex<HashMap<[u8; 32], (Claims, Instant)>>,
+}
+
+impl VerifiedCache {
+    const TTL: Duration = Duration::from_secs(60);
+    const CAPACITY: usize = 4096;
+
+    fn key(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Claims> {
+        let entries = self.entries.lock().ok()?;
+        let (claims, until) = entries.get(key)?;
+        (Instant::now() < *until).then(|| claims.clone())
+    }
+
+    fn put(&self, key: [u8; 32], claims: &Claims, leeway: u64) {
+        let left = claims
+            .exp
+            .saturating_add(leeway)
+            .saturating_sub(crate::now_ms() / 1000);
+        let until = Instant::now() + Duration::from_secs(left).min(Self::TTL);
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= Self::CAPACITY {
+                let now = Instant::now();
+                entries.retain(|_, (_, until)| *until > now);
+                if entries.len() >= Self::CAPACITY {
+                    entries.clear();
+                }
+            }
+            entries.insert(key, (claims.clone(), until));
+        }
+    }
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -379,6 +424,7 @@ impl JwtVerifier {
             leeway: settings.leeway_seconds,
             refetch_interval: Duration::from_millis(settings.refetch_interval_ms),
             http,
+            verified: VerifiedCache::default(),
         })
     }
 
@@ -406,8 +452,19 @@ impl JwtVerifier {
         }
     }
 
-    /// Verifies `token` and returns its claims.
+    /// Verifies `token` and returns its claims; a token verified before (and not yet
+    /// expired) is answered from the cache.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let key = VerifiedCache::key(token);
+        if let Some(claims) = self.verified.get(&key) {
+            return Ok(claims);
+        }
+        let claims = self.verify_uncached(token).await?;
+        self.verified.put(key, &claims, self.leeway);
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
         // The header and the unverified `iss` only choose which pinned issuer and key
         // to check against; nothing from them is trusted before the signature is.
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {

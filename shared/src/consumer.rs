@@ -319,6 +319,9 @@ impl<H: Handler> EventConsumer<H> {
         if !positions.is_empty() {
             self.commit(&positions, CommitMode::Sync);
         }
+        // Leave the group now, so its partitions move to the others at once rather
+        // than when the session times out.
+        self.consumer.unsubscribe();
         tracing::info!(topic = %self.topic, group = %self.group, "consumer stopped");
     }
 

@@ -397,3 +397,42 @@ async fn concurrent_first_requests_share_one_fetch_and_all_pass() {
         "one fetch for all of them"
     );
 }
+
+#[tokio::test]
+async fn a_cached_token_still_expires_and_a_tampered_one_is_not_served_from_the_cache() {
+    let key = TokenSigner::from_seed_base64(
+        &TokenSigner::generate_seed(),
+        "gateway",
+        AUDIENCE,
+        Duration::from_secs(1),
+    )
+    .expect("seed");
+    let mut verifier = JwtVerifier::new(&VerifierSettings {
+        leeway_seconds: 0,
+        ..VerifierSettings::default()
+    })
+    .expect("verifier");
+    verifier.trust_signer(&key);
+    let token = key.sign("alice", &["customer".into()]).expect("sign");
+    // Verified once, then answered from the cache.
+    for _ in 0..2 {
+        assert_eq!(
+            verifier.verify(&token).await.expect("accepted").sub,
+            "alice"
+        );
+    }
+    let (head, _) = token.rsplit_once('.').expect("three parts");
+    let tampered = format!("{head}.{}", URL_SAFE_NO_PAD.encode([7u8; 64]));
+    assert_eq!(
+        verifier.verify(&tampered).await.unwrap_err(),
+        AuthError::Signature
+    );
+    let exp = verifier.verify(&token).await.expect("accepted").exp;
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        verifier.verify(&token).await.unwrap_err(),
+        AuthError::Expired
+    );
+}

@@ -2,6 +2,7 @@
 //! (the test runner CI calls). Also a library, so tests reuse the same PostgreSQL and
 //! broker provisioning the commands use.
 
+pub mod bench;
 pub mod broker;
 pub mod postgres;
 pub mod procs;

@@ -30,6 +30,9 @@ enum Cmd {
         /// Write the env file here instead of target/stack.env (tests use this).
         #[arg(long, hide = true)]
         env_file: Option<std::path::PathBuf>,
+        /// Build and run optimized binaries.
+        #[arg(long)]
+        release: bool,
     },
     /// Simulated customers shopping through the gateway of a running `xtask up` stack.
     Simulate {
@@ -49,6 +52,11 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// A benchmark against its reference: gateway, saga, registry or footprint.
+    Bench {
+        /// gateway, saga, registry or footprint
+        name: String,
+    },
     /// fmt, clippy, then every test against a real PostgreSQL and broker.
     Test {
         /// Passed to the test runner (cargo nextest run / cargo test).
@@ -65,13 +73,16 @@ fn main() -> ExitCode {
             gateway_port,
             registry_port,
             env_file,
+            release,
         } => xtask::stack::up(&xtask::stack::UpOptions {
             durable,
             gateway_port,
             registry_port,
             env_file,
+            release,
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
+        Cmd::Bench { name } => xtask::bench::run(&name),
         Cmd::Simulate {
             users,
             orders,

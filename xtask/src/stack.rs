@@ -35,6 +35,8 @@ pub struct UpOptions {
     pub registry_port: u16,
     /// Where to write the env file; `None` is `target/stack.env`.
     pub env_file: Option<PathBuf>,
+    /// Build and run optimized binaries (benchmarks).
+    pub release: bool,
 }
 
 /// A service of the stack and the environment prefix of its settings.
@@ -88,6 +90,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     say("building the services");
     let mut build = crate::cargo();
     build.args(["build", "--quiet", "--bins"]);
+    if options.release {
+        build.arg("--release");
+    }
     for service in SERVICES {
         build.args(["--package", service.name]);
     }
@@ -111,7 +116,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let broker = Broker::provide(storage, &logs.join("tansu.log"), &interrupt)?;
 
     say("creating the topics");
-    let bin = crate::target_dir().join("debug");
+    let bin = crate::target_dir().join(if options.release { "release" } else { "debug" });
     let mut topics = Command::new(bin.join("kafka-setup"));
     topics.env("KAFKA_BROKERS", broker.brokers());
     let mut setup = Supervised::spawn("kafka-setup", &mut topics)?;
@@ -340,7 +345,7 @@ pub fn sim_user(i: usize) -> String {
 
 /// The gateway's local-stack config: a fresh signing key and the dev users with
 /// argon2 hashes, readable by this user only.
-fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
     use argon2::password_hash::{PasswordHasher, SaltString};
     use base64::Engine;
     let seed: [u8; 32] = rand::random();

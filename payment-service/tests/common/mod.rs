@@ -323,9 +323,10 @@ impl Saga {
             .expect("json")
     }
 
-    /// Waits until order `id` leaves PENDING, and returns it.
+    /// Waits until order `id` leaves PENDING, and returns it. The minute allows for a
+    /// consumer group handing partitions to a new instance under load.
     pub async fn settled(&self, user: &str, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let order = self.get_order(user, id).await;
             if order["status"] != "PENDING" {
@@ -333,7 +334,7 @@ impl Saga {
             }
             if tokio::time::Instant::now() >= deadline {
                 panic!(
-                    "order {id} still PENDING after 30 s; payment-service processed {} events, \
+                    "order {id} still PENDING after 60 s; payment-service processed {} events, \
                      recorded {} payments, has {} results unpublished; order-service applied {}",
                     self.count("SELECT count(*) FROM payments.processed_events")
                         .await,

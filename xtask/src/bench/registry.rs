@@ -1,0 +1,294 @@
+//! Registry at scale: 10,000 instances (100 services x 100) registered and
+//! heartbeating. Reports heartbeats per second at saturation (wrk, 64 connections),
+//! their p99 latency, the p99 time for a change to reach 100 watchers, and memory.
+//! Targets: at least 30,000 heartbeats per second, watch p99 under 50 ms, RSS under
+//! 64 MB.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::{
+    bench::{Report, build_release, debian_tool, memory_mib, scratch, wait_http_ok},
+    procs::{Interrupt, Supervised},
+};
+
+const SERVICES: usize = 100;
+const PER_SERVICE: usize = 100;
+const WATCHERS: usize = 100;
+const CHANGES: usize = 30;
+
+/// The parsed `RESULT` line of `xtask/bench/report.lua`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WrkResult {
+    pub requests: f64,
+    pub seconds: f64,
+    pub errors: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+impl WrkResult {
+    pub fn rate(&self) -> f64 {
+        self.requests / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs wrk with `args` (its Lua scripts from `xtask/bench/`) and reads its result.
+pub fn wrk(args: &[String], env: &[(&str, &str)]) -> anyhow::Result<WrkResult> {
+    let wrk = debian_tool("wrk", "wrk")?;
+    let lua_dir = crate::workspace_root().join("xtask").join("bench");
+    let output = Command::new(wrk)
+        .args(args)
+        .env("BENCH_LUA_DIR", &lua_dir)
+        .envs(env.iter().copied())
+        .current_dir(&lua_dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .with_context(|| {
+            format!(
+                "wrk printed no result:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(WrkResult {
+        requests: field("requests"),
+        seconds: field("duration_us") / 1e6,
+        errors: field("errors"),
+        p50_ms: field("p50_us") / 1000.0,
+        p99_ms: field("p99_us") / 1000.0,
+        p999_ms: field("p999_us") / 1000.0,
+    })
+}
+
+pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
+    let dir = scratch("registry")?;
+    let bin = build_release(&["registry"], interrupt)?;
+    let port = crate::free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let token = crate::random_token(32);
+    let log = fs::File::create(dir.join("registry.log"))?;
+    let registry = Supervised::spawn(
+        "registry",
+        Command::new(bin.join("registry"))
+            .env("REGISTRY_HTTP__PORT", port.to_string())
+            .env("REGISTRY_TOKEN", &token)
+            .env("REGISTRY_LOG__LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )?;
+    wait_http_ok(
+        &format!("{base}/actuator/health"),
+        Duration::from_secs(30),
+        interrupt,
+    )?;
+
+    eprintln!("bench: registering {} instances", SERVICES * PER_SERVICE);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let agent = agent.clone();
+                let (base, token) = (&base, &token);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for s in (w..SERVICES).step_by(4) {
+                        for i in 0..PER_SERVICE {
+                            let status = agent
+                                .post(&format!("{base}/api/v1/services/svc-{s:02}/instances"))
+                                .header("authorization", &format!("Bearer {token}"))
+                                .send_json(json!({
+                                    "instanceId": format!("svc-{s:02}-{i:02}"),
+                                    "host": format!("10.0.{s}.{i}"),
+                                    "port": 8080,
+                                    "leaseSeconds": 120,
+                                }))?
+                                .status();
+                            if status != 201 {
+                                bail!("registering svc-{s:02}-{i:02} answered {status}");
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a register thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    interrupt.check()?;
+
+    eprintln!("bench: heartbeats at saturation (wrk, 2 threads, 64 connections, 15 s)");
+    let beats = wrk(
+        &[
+            "-t2".into(),
+            "-c64".into(),
+            "-d15s".into(),
+            "-s".into(),
+            "registry-heartbeat.lua".into(),
+            base.clone(),
+        ],
+        &[("REGISTRY_TOKEN", &token)],
+    )?;
+
+    eprintln!("bench: {CHANGES} changes seen by {WATCHERS} watchers");
+    let latencies = watch_latencies(&base, &token, &agent)?;
+    let rss = memory_mib(registry.pid(), "VmRSS");
+    let peak = memory_mib(registry.pid(), "VmHWM");
+    drop(registry);
+
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    };
+    let mut report = Report::new(
+        "registry: 10,000 instances heartbeating, 100 watchers",
+        &[
+            "heartbeats/s",
+            "heartbeat p50 (ms)",
+            "heartbeat p99 (ms)",
+            "errors",
+            "watch p50 (ms)",
+            "watch p99 (ms)",
+            "RSS (MiB)",
+            "peak RSS (MiB)",
+        ],
+    );
+    report.row(vec![
+        format!("{:.0}", beats.rate()),
+        format!("{:.2}", beats.p50_ms),
+        format!("{:.2}", beats.p99_ms),
+        format!("{:.0}", beats.errors),
+        format!("{:.2}", pct(50.0)),
+        format!("{:.2}", pct(99.0)),
+        format!("{rss:.1}"),
+        format!("{peak:.1}"),
+    ]);
+    report.target(
+        "at least 30,000 heartbeats per second",
+        beats.rate() >= 30_000.0 && beats.errors == 0.0,
+        format!("{:.0}/s, {} errors", beats.rate(), beats.errors),
+    );
+    report.target(
+        "watch p99 under 50 ms",
+        pct(99.0) < 50.0,
+        format!("{:.2} ms over {} deliveries", pct(99.0), latencies.len()),
+    );
+    report.target(
+        "RSS under 64 MB",
+        peak < 64.0,
+        format!("{rss:.1} MiB now, {peak:.1} MiB at peak"),
+    );
+    report.note(format!(
+        "wrk (Debian) with `xtask/bench/registry-heartbeat.lua` on the same 2 cores as the \
+         registry. Watch: {WATCHERS} SSE streams on `/api/v1/watch?service=watched`; each of \
+         {CHANGES} registrations is timed from just before its POST to its arrival at each watcher."
+    ));
+    Ok(report)
+}
+
+/// Opens the watchers, makes the changes, returns every delivery's latency in ms.
+fn watch_latencies(base: &str, token: &str, agent: &ureq::Agent) -> anyhow::Result<Vec<f64>> {
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; CHANGES]));
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let (lat_tx, lat_rx) = mpsc::channel::<f64>();
+    let stream_agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    for _ in 0..WATCHERS {
+        let url = format!("{base}/api/v1/watch?service=watched");
+        let (ready_tx, lat_tx, sent) = (ready_tx.clone(), lat_tx.clone(), sent.clone());
+        let agent = stream_agent.clone();
+        std::thread::spawn(move || {
+            let Ok(response) = agent.get(&url).call() else {
+                return;
+            };
+            let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+            let mut seen = 0;
+            let mut announced = false;
+            while let Some(Ok(line)) = lines.next() {
+                if !announced && line.starts_with("data:") {
+                    // The snapshot: this watcher is in place.
+                    announced = true;
+                    let _ = ready_tx.send(());
+                    continue;
+                }
+                let Some(k) = (0..CHANGES).find(|k| line.contains(&format!("\"watched-{k:02}\"")))
+                else {
+                    continue;
+                };
+                let at = Instant::now();
+                if let Some(Some(t0)) = sent.lock().ok().map(|s| s[k]) {
+                    let _ = lat_tx.send(at.duration_since(t0).as_secs_f64() * 1000.0);
+                }
+                seen += 1;
+                if seen == CHANGES {
+                    return;
+                }
+            }
+        });
+    }
+    drop(lat_tx);
+    for _ in 0..WATCHERS {
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("a watcher did not get its snapshot")?;
+    }
+    for k in 0..CHANGES {
+        if let Ok(mut s) = sent.lock() {
+            s[k] = Some(Instant::now());
+        }
+        agent
+            .post(&format!("{base}/api/v1/services/watched/instances"))
+            .header("authorization", &format!("Bearer {token}"))
+            .send_json(json!({
+                "instanceId": format!("watched-{k:02}"),
+                "host": "10.9.9.9",
+                "port": 9000 + k,
+                "leaseSeconds": 120,
+            }))?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.len() < WATCHERS * CHANGES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lat_rx.recv_timeout(left) {
+            Ok(ms) => latencies.push(ms),
+            Err(_) => break,
+        }
+    }
+    Ok(latencies)
+}
