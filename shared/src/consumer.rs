@@ -51,6 +51,8 @@ pub struct ConsumerLoopSettings {
     pub max_backoff_ms: u64,
     /// How often librdkafka reports statistics (consumer lag); 0 turns them off.
     pub statistics_interval_ms: u64,
+    /// Applied offsets are committed at most this often (and always at shutdown).
+    pub commit_interval_ms: u64,
 }
 
 impl Default for ConsumerLoopSettings {
@@ -61,6 +63,7 @@ impl Default for ConsumerLoopSettings {
             max_batch: 200,
             max_backoff_ms: 10_000,
             statistics_interval_ms: 5_000,
+            commit_interval_ms: 200,
         }
     }
 }
@@ -285,9 +288,28 @@ impl<H: Handler> EventConsumer<H> {
         // Every position committed so far: committed once more, synchronously, at
         // the end, so the last asynchronous commit cannot be lost with the process.
         let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        // Applied but not yet committed: committed at most every `commit_interval_ms`,
+        // so a busy consumer does not send the broker a commit per round. A crash in
+        // between only redelivers events whose effects are already in (and skipped by)
+        // the database.
+        let mut dirty: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let interval = Duration::from_millis(self.settings.commit_interval_ms);
+        let mut last_commit = tokio::time::Instant::now();
         loop {
+            let commit_due = async {
+                if dirty.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep_until(last_commit + interval).await;
+            };
             let first = tokio::select! {
                 received = self.consumer.recv() => received,
+                () = commit_due => {
+                    self.commit(&dirty, CommitMode::Async);
+                    positions.append(&mut dirty);
+                    last_commit = tokio::time::Instant::now();
+                    continue;
+                }
                 () = shutdown.cancelled() => break,
             };
             let first = match first {
@@ -310,12 +332,17 @@ impl<H: Handler> EventConsumer<H> {
             }
             match self.process(round, &shutdown).await {
                 Some(done) => {
-                    self.commit(&done, CommitMode::Async);
-                    positions.extend(done);
+                    dirty.extend(done);
+                    if last_commit.elapsed() >= interval {
+                        self.commit(&dirty, CommitMode::Async);
+                        positions.append(&mut dirty);
+                        last_commit = tokio::time::Instant::now();
+                    }
                 }
                 None => break,
             }
         }
+        positions.append(&mut dirty);
         if !positions.is_empty() {
             self.commit(&positions, CommitMode::Sync);
         }
