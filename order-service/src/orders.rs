@@ -317,16 +317,7 @@ pub(crate) async fn list(
             "must be PENDING, CONFIRMED or REJECTED",
         ));
     }
-    let limit = match params.limit.as_deref() {
-        None | Some("") => 20,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (1..=100).contains(&n) => n,
-            _ => {
-                errors.push(FieldError::new("limit", "must be 1 to 100"));
-                20
-            }
-        },
-    };
+    let limit = shared::http::limit_param(params.limit.as_deref(), 20, 100, &mut errors);
     let cursor = match params.cursor.as_deref().filter(|c| !c.is_empty()) {
         None => None,
         Some(raw) => match decode_cursor(raw) {

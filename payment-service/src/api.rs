@@ -379,26 +379,13 @@ pub(crate) async fn list_payments(
     Query(params): Query<ListParams>,
 ) -> Result<Json<PaymentList>, Problem> {
     let mut errors = Vec::new();
-    let order = match params.order_id.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(raw) => match Uuid::parse_str(raw) {
-            Ok(id) => Some(id),
-            Err(_) => {
-                errors.push(FieldError::new("orderId", "must be an order id (a UUID)"));
-                None
-            }
-        },
-    };
-    let limit = match params.limit.as_deref() {
-        None | Some("") => 50,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (1..=100).contains(&n) => n,
-            _ => {
-                errors.push(FieldError::new("limit", "must be 1 to 100"));
-                50
-            }
-        },
-    };
+    let order = shared::http::uuid_param(
+        params.order_id.as_deref(),
+        "orderId",
+        "an order id",
+        &mut errors,
+    );
+    let limit = shared::http::limit_param(params.limit.as_deref(), 50, 100, &mut errors);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }

@@ -202,6 +202,51 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>
         })
 }
 
+/// The `limit` query parameter: 1 to `max`, `default` when absent or empty; a bad
+/// value is recorded in `errors` (and `default` returned) so every bad parameter is
+/// reported at once.
+pub fn limit_param(
+    raw: Option<&str>,
+    default: i64,
+    max: i64,
+    errors: &mut Vec<crate::FieldError>,
+) -> i64 {
+    match raw {
+        None | Some("") => default,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => {
+                errors.push(crate::FieldError::new(
+                    "limit",
+                    format!("must be 1 to {max}"),
+                ));
+                default
+            }
+        },
+    }
+}
+
+/// An optional UUID query parameter `field` naming `what` (e.g. "an order id"); a bad
+/// value is recorded in `errors`.
+pub fn uuid_param(
+    raw: Option<&str>,
+    field: &str,
+    what: &str,
+    errors: &mut Vec<crate::FieldError>,
+) -> Option<uuid::Uuid> {
+    let raw = raw.filter(|s| !s.is_empty())?;
+    match uuid::Uuid::parse_str(raw) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            errors.push(crate::FieldError::new(
+                field,
+                format!("must be {what} (a UUID)"),
+            ));
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
