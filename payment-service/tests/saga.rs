@@ -535,3 +535,40 @@ async fn the_services_export_saga_metrics() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn applied_event_ids_are_forgotten_after_the_retention() {
+    let saga = Saga::start().await;
+    let mut db = sqlx::PgConnection::connect(&saga.database)
+        .await
+        .expect("connect");
+    let (old, recent) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO payments.processed_events (event_id, processed_at) \
+         VALUES ($1, now() - interval '8 days'), ($2, now() - interval '6 days')",
+    )
+    .bind(old)
+    .bind(recent)
+    .execute(&mut db)
+    .await
+    .expect("insert");
+    let pool = shared::db::connect_lazy(
+        &shared::config::DatabaseSettings {
+            url: saga.database.clone(),
+            max_connections: 1,
+            migrate: false,
+        },
+        payment_service::SCHEMA,
+    )
+    .expect("pool");
+    // (The running service may forget it first: it also does this at start-up.)
+    shared::consumer::forget_processed(&pool, Duration::from_secs(7 * 24 * 3600))
+        .await
+        .expect("delete");
+    let left: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM payments.processed_events")
+            .fetch_all(&mut db)
+            .await
+            .expect("select");
+    assert!(left.contains(&recent) && !left.contains(&old), "{left:?}");
+}

@@ -53,6 +53,10 @@ pub struct ConsumerLoopSettings {
     pub statistics_interval_ms: u64,
     /// Applied offsets are committed at most this often (and always at shutdown).
     pub commit_interval_ms: u64,
+    /// How long an applied `eventId` is remembered (its row in `processed_events`);
+    /// 0 keeps them forever. The default matches the topics' seven-day retention: an
+    /// event older than that can no longer be redelivered from the topic.
+    pub dedup_retention_hours: u64,
 }
 
 impl Default for ConsumerLoopSettings {
@@ -64,6 +68,7 @@ impl Default for ConsumerLoopSettings {
             max_backoff_ms: 10_000,
             statistics_interval_ms: 5_000,
             commit_interval_ms: 200,
+            dedup_retention_hours: 168,
         }
     }
 }
@@ -282,8 +287,27 @@ impl<H: Handler> EventConsumer<H> {
     }
 
     /// Consumes until `shutdown`: the round in flight finishes and its offsets are
-    /// committed before this returns.
+    /// committed before this returns. Hourly, it forgets applied `eventId`s older than
+    /// `dedup_retention_hours`.
     pub async fn run(self, shutdown: CancellationToken) {
+        if self.settings.dedup_retention_hours > 0 {
+            let (pool, stop) = (self.pool.clone(), shutdown.clone());
+            let keep = Duration::from_secs(self.settings.dedup_retention_hours * 3600);
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        () = stop.cancelled() => return,
+                    }
+                    match forget_processed(&pool, keep).await {
+                        Ok(n) if n > 0 => tracing::info!(forgotten = n, "old eventIds forgotten"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot forget old eventIds"),
+                    }
+                }
+            });
+        }
         tracing::info!(topic = %self.topic, group = %self.group, "consuming");
         // Every position committed so far: committed once more, synchronously, at
         // the end, so the last asynchronous commit cannot be lost with the process.
@@ -540,6 +564,17 @@ impl<H: Handler> EventConsumer<H> {
             tracing::warn!(error = %e, "offset commit failed; the round may be redelivered");
         }
     }
+}
+
+/// Deletes the `processed_events` rows older than `keep`; returns how many.
+pub async fn forget_processed(pool: &PgPool, keep: Duration) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected())
 }
 
 fn incoming(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
