@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use shared::{
     FieldError, Problem,
     auth::{AuthUser, JwtVerifier},
+    events::{EVENT_TYPE_HEADER, ORDER_CREATED, OrderCreated, TRACEPARENT_HEADER},
 };
 use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
@@ -204,19 +205,23 @@ pub(crate) async fn create(
     let stored = order_json(&row).map_err(internal)?;
 
     let event_id = Uuid::now_v7();
-    let event = json!({
-        "eventId": event_id,
-        "eventType": "order-created",
-        "occurredAt": stored["createdAt"],
-        "orderId": id,
-        "userId": claims.sub,
-        "items": order.items,
-        "total": order.total,
-        "currency": order.currency,
-    });
-    let mut event_headers = json!({ "event-type": "order-created" });
-    if let Some(trace) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        event_headers["traceparent"] = json!(trace);
+    let event = serde_json::to_value(OrderCreated {
+        event_id,
+        event_type: ORDER_CREATED.to_owned(),
+        occurred_at: stored["createdAt"].as_str().unwrap_or_default().to_owned(),
+        order_id: id,
+        user_id: claims.sub.clone(),
+        items: order.items.clone(),
+        total: order.total,
+        currency: order.currency.clone(),
+    })
+    .map_err(|e| Problem::internal(&e))?;
+    let mut event_headers = json!({ EVENT_TYPE_HEADER: ORDER_CREATED });
+    if let Some(trace) = headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        event_headers[TRACEPARENT_HEADER] = json!(trace);
     }
     sqlx::query(
         "INSERT INTO outbox (event_id, topic, key, event_type, payload, headers) \
