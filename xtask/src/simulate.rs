@@ -103,11 +103,7 @@ fn login(agent: &ureq::Agent, gateway: &str, user: &str) -> anyhow::Result<Strin
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    crate::bench::nearest_rank(sorted, p).unwrap_or_default()
 }
 
 /// Runs the simulation and prints its summary.

@@ -111,18 +111,10 @@ pub const NEWMAN: &str = "newman@6.2.1";
 /// The newman executable, installed first if missing. Needs `npm`: as root on Debian
 /// it is installed with apt when absent; otherwise the error says what to install.
 pub fn newman(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
-    if Command::new("npm").arg("--version").output().is_err() {
-        let can_install =
-            nix::unistd::geteuid().is_root() && Path::new("/usr/bin/apt-get").exists();
-        if !can_install {
-            bail!("newman needs npm: install Node.js and npm (Debian: sudo apt-get install npm)");
-        }
-        eprintln!("xtask: installing npm (Debian) for newman");
-        crate::postgres::apt_install(&["nodejs", "npm"])?;
-    }
+    let npm = debian_tool("npm", "npm")?;
     let root = tools_dir().join(NEWMAN.replace('@', "-"));
     let bin = root.join("node_modules").join(".bin").join("newman");
-    let mut install = Command::new("npm");
+    let mut install = Command::new(npm);
     install
         .args([
             "install",
@@ -141,4 +133,25 @@ pub fn newman(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
         interrupt,
     )?;
     Ok(bin)
+}
+
+/// `binary` on the PATH (or in `/usr/sbin`), installing Debian `package` with apt if
+/// it is missing and xtask runs as root.
+pub fn debian_tool(binary: &str, package: &str) -> anyhow::Result<PathBuf> {
+    let find = || {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/usr/bin".into()])
+            .map(|d| d.join(binary))
+            .find(|p| p.is_file())
+    };
+    if let Some(path) = find() {
+        return Ok(path);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{binary} is missing: install Debian's {package} (sudo apt-get install {package})");
+    }
+    eprintln!("xtask: installing {package} (Debian)");
+    crate::postgres::apt_install(&[package])?;
+    find().with_context(|| format!("{package} installed but {binary} not found"))
 }

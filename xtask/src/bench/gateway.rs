@@ -17,10 +17,11 @@ use serde_json::{Value, json};
 
 use crate::{
     bench::{
-        Report, build_release, cpu_seconds, debian_tool, median, memory_mib, registry::wrk,
-        scratch, wait_http_ok, with_children,
+        Report, build_release, cpu_seconds, median, memory_mib, scratch, wait_http_ok,
+        with_children, wrk,
     },
     procs::{Interrupt, Supervised},
+    tools::debian_tool,
 };
 
 const ROUNDS: usize = 3;

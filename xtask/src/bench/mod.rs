@@ -12,8 +12,8 @@ pub mod saga;
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -167,26 +167,6 @@ pub fn build_release(packages: &[&str], interrupt: &Interrupt) -> anyhow::Result
     Ok(crate::target_dir().join("release"))
 }
 
-/// `binary` on the PATH (or in `/usr/sbin`), installing Debian `package` with apt if
-/// it is missing and xtask runs as root.
-pub fn debian_tool(binary: &str, package: &str) -> anyhow::Result<PathBuf> {
-    let find = || {
-        ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
-            .iter()
-            .map(|d| Path::new(d).join(binary))
-            .find(|p| p.exists())
-    };
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!("{binary} is missing: install Debian's {package} (sudo apt-get install {package})");
-    }
-    eprintln!("xtask: installing {package} (Debian)");
-    crate::postgres::apt_install(&[package])?;
-    find().with_context(|| format!("{package} installed but {binary} not found"))
-}
-
 /// A process's CPU time so far (user + system), from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -276,4 +256,68 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// The parsed `RESULT` line of `xtask/bench/report.lua`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WrkResult {
+    pub requests: f64,
+    pub seconds: f64,
+    pub errors: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+impl WrkResult {
+    pub fn rate(&self) -> f64 {
+        self.requests / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs wrk with `args` (its Lua scripts from `xtask/bench/`) and reads its result.
+pub fn wrk(args: &[String], env: &[(&str, &str)]) -> anyhow::Result<WrkResult> {
+    let wrk = crate::tools::debian_tool("wrk", "wrk")?;
+    let lua_dir = crate::workspace_root().join("xtask").join("bench");
+    let output = Command::new(wrk)
+        .args(args)
+        .env("BENCH_LUA_DIR", &lua_dir)
+        .envs(env.iter().copied())
+        .current_dir(&lua_dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .with_context(|| {
+            format!(
+                "wrk printed no result:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(WrkResult {
+        requests: field("requests"),
+        seconds: field("duration_us") / 1e6,
+        errors: field("errors"),
+        p50_ms: field("p50_us") / 1000.0,
+        p99_ms: field("p99_us") / 1000.0,
+        p999_ms: field("p999_us") / 1000.0,
+    })
+}
+
+/// The nearest-rank `p`th percentile of `sorted` (ascending); `None` when empty.
+pub fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use crate::{
-    bench::{Report, build_release, debian_tool, memory_mib, scratch, wait_http_ok},
+    bench::{Report, build_release, memory_mib, nearest_rank, scratch, wait_http_ok, wrk},
     procs::{Interrupt, Supervised},
 };
 
@@ -24,61 +24,6 @@ const SERVICES: usize = 100;
 const PER_SERVICE: usize = 100;
 const WATCHERS: usize = 100;
 const CHANGES: usize = 30;
-
-/// The parsed `RESULT` line of `xtask/bench/report.lua`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WrkResult {
-    pub requests: f64,
-    pub seconds: f64,
-    pub errors: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-}
-
-impl WrkResult {
-    pub fn rate(&self) -> f64 {
-        self.requests / self.seconds.max(1e-9)
-    }
-}
-
-/// Runs wrk with `args` (its Lua scripts from `xtask/bench/`) and reads its result.
-pub fn wrk(args: &[String], env: &[(&str, &str)]) -> anyhow::Result<WrkResult> {
-    let wrk = debian_tool("wrk", "wrk")?;
-    let lua_dir = crate::workspace_root().join("xtask").join("bench");
-    let output = Command::new(wrk)
-        .args(args)
-        .env("BENCH_LUA_DIR", &lua_dir)
-        .envs(env.iter().copied())
-        .current_dir(&lua_dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run wrk")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .with_context(|| {
-            format!(
-                "wrk printed no result:\n{text}{}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })?;
-    let field = |name: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    Ok(WrkResult {
-        requests: field("requests"),
-        seconds: field("duration_us") / 1e6,
-        errors: field("errors"),
-        p50_ms: field("p50_us") / 1000.0,
-        p99_ms: field("p99_us") / 1000.0,
-        p999_ms: field("p999_us") / 1000.0,
-    })
-}
 
 pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("registry")?;
@@ -165,13 +110,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
 
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-        sorted[rank.clamp(1, sorted.len()) - 1]
-    };
+    let pct = |p: f64| nearest_rank(&sorted, p).unwrap_or(f64::NAN);
     let mut report = Report::new(
         "registry: 10,000 instances heartbeating, 100 watchers",
         &[

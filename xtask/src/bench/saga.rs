@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    bench::{Report, debian_tool, scratch},
+    bench::{Report, scratch},
     procs::Interrupt,
+    tools::debian_tool,
 };
 
 const STEP_SECONDS: u64 = 10;
@@ -127,7 +128,6 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
     let hey = debian_tool("hey", "hey")?;
     let workers = 100.0_f64.min(rate).max(1.0);
     let mark = psql(&stack.database, "SELECT now()")?;
-    let started = Instant::now();
     let output = Command::new(hey)
         .args(["-z", &format!("{seconds}s")])
         .args(["-c", &format!("{workers}")])
@@ -160,7 +160,6 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let elapsed = started.elapsed().as_secs_f64();
     let confirmed = number(
         &stack.database,
         &format!("SELECT count(*) FROM orders.orders WHERE {window} AND status = 'CONFIRMED'"),
@@ -186,7 +185,6 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
             ),
         )
     };
-    let _ = elapsed;
     Ok(Step {
         offered: rate,
         posted: posted / seconds as f64,
