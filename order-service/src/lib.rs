@@ -184,17 +184,12 @@ async fn count_orders_by_status(pool: PgPool, shutdown: CancellationToken) {
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let counts = sqlx::query_as::<_, (String, i64)>(
-            "SELECT status, count(*) FROM orders GROUP BY status",
-        )
-        .fetch_all(&pool)
-        .await;
-        if let Ok(counts) = counts {
-            for status in ["PENDING", "CONFIRMED", "REJECTED"] {
-                let n = counts
-                    .iter()
-                    .find(|(s, _)| s == status)
-                    .map_or(0, |(_, n)| *n);
+        if let Ok(counts) = orders::StatusCounts::load(&pool).await {
+            for (status, n) in [
+                ("PENDING", counts.pending),
+                ("CONFIRMED", counts.confirmed),
+                ("REJECTED", counts.rejected),
+            ] {
                 metrics::gauge!("orders", "status" => status).set(n as f64);
             }
         }

@@ -394,18 +394,8 @@ pub(crate) async fn stats(
     if !claims.is_admin() {
         return Err(Problem::forbidden("Order statistics are for admins."));
     }
-    let counts =
-        sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM orders GROUP BY status")
-            .fetch_all(&api.pool)
-            .await
-            .map_err(internal)?;
-    let count = |status: &str| {
-        counts
-            .iter()
-            .find(|(s, _)| s == status)
-            .map_or(0, |(_, n)| *n)
-    };
-    let (confirmed, rejected) = (count("CONFIRMED"), count("REJECTED"));
+    let counts = StatusCounts::load(&api.pool).await.map_err(internal)?;
+    let (confirmed, rejected) = (counts.confirmed, counts.rejected);
     let revenue = sqlx::query_as::<_, (String, i64)>(
         "SELECT currency, sum(total)::bigint FROM orders WHERE status = 'CONFIRMED' \
          GROUP BY currency ORDER BY currency",
@@ -429,12 +419,7 @@ pub(crate) async fn stats(
     .map_err(internal)?;
     let settled = confirmed + rejected;
     Ok(Json(Stats {
-        counts: StatusCounts {
-            pending: count("PENDING"),
-            confirmed,
-            rejected,
-            total: counts.iter().map(|(_, n)| n).sum(),
-        },
+        counts,
         confirmed_revenue: revenue
             .into_iter()
             .map(|(currency, amount)| Revenue { currency, amount })
@@ -474,6 +459,29 @@ pub struct StatusCounts {
     #[serde(rename = "REJECTED")]
     pub rejected: i64,
     pub total: i64,
+}
+
+impl StatusCounts {
+    /// Orders by status, counted in the table.
+    pub async fn load(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let counts = sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, count(*) FROM orders GROUP BY status",
+        )
+        .fetch_all(pool)
+        .await?;
+        let count = |status: &str| {
+            counts
+                .iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n)
+        };
+        Ok(Self {
+            pending: count("PENDING"),
+            confirmed: count("CONFIRMED"),
+            rejected: count("REJECTED"),
+            total: counts.iter().map(|(_, n)| n).sum(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
