@@ -177,6 +177,9 @@ impl Relay {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let max_backoff = Duration::from_millis(self.settings.max_backoff_ms);
         let mut backoff = Duration::from_millis(100);
+        // The backlog gauge is a count query: refreshed at most once a second, not
+        // after every round of a busy relay.
+        let mut backlog_counted: Option<std::time::Instant> = None;
         while !shutdown.is_cancelled() {
             match self.publish_batch().await {
                 // A full batch: there may be more right away.
@@ -186,7 +189,10 @@ impl Relay {
                 }
                 Ok(_) => {
                     backoff = Duration::from_millis(100);
-                    self.record_backlog().await;
+                    if backlog_counted.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        self.record_backlog().await;
+                        backlog_counted = Some(std::time::Instant::now());
+                    }
                     let notified = async {
                         match listener.as_mut() {
                             Some(l) => {
