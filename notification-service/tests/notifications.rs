@@ -17,7 +17,7 @@ use shared::{
     testing::SmtpSink,
 };
 use sqlx::{Connection, PgConnection};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 fn kafka() -> KafkaSettings {
@@ -33,15 +33,7 @@ struct Harness {
     database: String,
     key: Arc<TokenSigner>,
     client: reqwest::Client,
-    _stop: Stop,
-}
-
-struct Stop(CancellationToken);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
+    _stop: DropGuard,
 }
 
 impl Harness {
@@ -115,7 +107,7 @@ impl Harness {
             database,
             key,
             client: reqwest::Client::new(),
-            _stop: Stop(stop),
+            _stop: stop.drop_guard(),
         }
     }
 

@@ -14,22 +14,14 @@ use shared::{
     registry::RegistrySettings,
 };
 use sqlx::{Connection, PgConnection};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub struct Service {
     pub base: String,
     pub database: String,
     pub key: Arc<TokenSigner>,
     pub client: reqwest::Client,
-    _stop: Stop,
-}
-
-pub struct Stop(CancellationToken);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
+    _stop: DropGuard,
 }
 
 /// order-service on a fresh database, without its relay (tests drive relays).
@@ -78,7 +70,7 @@ pub async fn spawn() -> Service {
         database,
         key,
         client: reqwest::Client::new(),
-        _stop: Stop(stop),
+        _stop: stop.drop_guard(),
     }
 }
 
