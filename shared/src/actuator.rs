@@ -166,6 +166,10 @@ async fn prometheus() -> Response {
 /// makes sure of it, before the process records anything). If another recorder was
 /// installed first, metrics still render from a private recorder's handle so the
 /// endpoint keeps answering.
+///
+/// A thread drains recorded histogram samples into their summaries every
+/// [`UPKEEP_INTERVAL`]. Without it every sample stays in memory until the next scrape,
+/// and a process nobody scrapes grows with every request it serves.
 pub fn prometheus_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -173,13 +177,52 @@ pub fn prometheus_handle() -> &'static PrometheusHandle {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
+        let upkept = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkept.run_upkeep();
+                    UPKEEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no metrics upkeep thread; histograms are drained only by scrapes");
+        }
         handle
     })
+}
+
+/// How often recorded histogram samples are folded into their summaries.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many upkeeps have run in this process.
+pub fn upkeeps() -> u64 {
+    UPKEEPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_samples_are_drained_without_a_scrape() {
+        let _ = prometheus_handle();
+        let before = upkeeps();
+        metrics::histogram!("upkeep_test_seconds").record(0.25);
+        let deadline = std::time::Instant::now() + UPKEEP_INTERVAL * 3;
+        while upkeeps() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no upkeep ran within {:?}",
+                UPKEEP_INTERVAL * 3
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     #[tokio::test]
     async fn health_is_up_without_checks() {
