@@ -15,6 +15,7 @@ pub mod breaker;
 pub mod limits;
 pub mod proxy;
 pub mod routes;
+pub mod server;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -41,7 +42,6 @@ use shared::{
     registry::{Discovery, RegistryClient, RegistrySettings},
     telemetry::LogSettings,
 };
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -73,6 +73,9 @@ pub struct Settings {
     pub cors: limits::CorsSettings,
     /// Request headers larger than this together are refused with 431.
     pub max_header_bytes: usize,
+    /// Worker threads serving requests, each with its own listener and upstream pool;
+    /// 0 is one per core.
+    pub workers: usize,
 }
 
 impl Default for Settings {
@@ -86,6 +89,7 @@ impl Default for Settings {
             upstream: UpstreamSettings::default(),
             cors: limits::CorsSettings::default(),
             max_header_bytes: 16 * 1024,
+            workers: 0,
         }
     }
 }
@@ -113,7 +117,9 @@ pub struct Gateway {
     pub routes: ArcSwap<RouteTable>,
     pub discovery: Option<Discovery>,
     pub verifier: Arc<JwtVerifier>,
-    pub client: Client<HttpConnector, axum::body::Body>,
+    /// One upstream pool per worker: a pooled connection is driven by the worker that
+    /// opened it, so a request never waits on another thread's connection.
+    clients: Vec<Client<HttpConnector, axum::body::Body>>,
     pub upstream: UpstreamSettings,
     pub balancer: balancer::Balancer,
     pub cors: limits::CorsSettings,
@@ -131,6 +137,11 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
+    /// The upstream pool of the worker this runs on.
+    pub fn client(&self) -> &Client<HttpConnector, axum::body::Body> {
+        &self.clients[server::current_worker() % self.clients.len()]
+    }
+
     /// Re-reads the routes and swaps the table in one step. A file that does not
     /// compile leaves the table in force and says why.
     pub fn reload(&self) -> Result<usize, String> {
@@ -185,7 +196,8 @@ async fn watch_routes(gateway: Arc<Gateway>, path: PathBuf, stop: CancellationTo
 /// A bound, ready-to-run gateway.
 #[derive(Debug)]
 pub struct Application {
-    listener: TcpListener,
+    /// One per worker, all on the same port.
+    listeners: Vec<std::net::TcpListener>,
     router: Router,
     registry: RegistrySettings,
     background: CancellationToken,
@@ -210,21 +222,15 @@ impl Application {
                 background.clone(),
             )
         });
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(
-            settings.upstream.connect_timeout_ms,
-        )));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_millis(
-                settings.upstream.pool_idle_timeout_ms,
-            ))
-            .build(connector);
+        let workers = server::worker_count(settings.workers);
+        let clients = (0..workers)
+            .map(|_| upstream_client(&settings.upstream))
+            .collect();
         let gateway = Arc::new(Gateway {
             routes: ArcSwap::from_pointee(table),
             discovery,
             verifier: Arc::new(verifier),
-            client,
+            clients,
             upstream: settings.upstream.clone(),
             balancer: balancer::Balancer::default(),
             cors: settings.cors.clone(),
@@ -234,9 +240,9 @@ impl Application {
         if let Some(path) = settings.routes_file.clone() {
             tokio::spawn(watch_routes(gateway.clone(), path, background.clone()));
         }
-        let listener = settings.http.bind().await?;
+        let listeners = server::bind(&settings.http.host, settings.http.port, workers)?;
         Ok(Self {
-            listener,
+            listeners,
             router: router(gateway, Arc::new(idp)),
             registry: settings.registry,
             background,
@@ -245,7 +251,7 @@ impl Application {
 
     /// The address really bound (port 0 resolved).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
+        self.listeners[0]
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
@@ -256,18 +262,30 @@ impl Application {
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        let result = shared::registry::serve_registered(
+        let bound = self.local_addr();
+        let (listeners, router) = (self.listeners, self.router);
+        let result = shared::registry::serve_registered_by(
             SERVICE_NAME,
-            self.listener,
-            self.router,
+            bound,
             &self.registry,
             shutdown,
+            |stop| server::serve(listeners, router, stop),
         )
         .await;
         self.background.cancel();
         result?;
         Ok(())
     }
+}
+
+/// A pool of upstream connections with the configured timeouts.
+fn upstream_client(settings: &UpstreamSettings) -> Client<HttpConnector, axum::body::Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
+        .build(connector)
 }
 
 /// The gateway's own endpoints, then everything else through the proxy.

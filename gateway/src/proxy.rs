@@ -303,7 +303,7 @@ async fn handle(
         *attempt.headers_mut() = parts.headers.clone();
 
         health.outstanding.fetch_add(1, Ordering::Relaxed);
-        let sent = tokio::time::timeout(timeout, gateway.client.request(attempt)).await;
+        let sent = tokio::time::timeout(timeout, gateway.client().request(attempt)).await;
         health.outstanding.fetch_sub(1, Ordering::Relaxed);
 
         // What went wrong, if anything, and whether another instance may be tried.

@@ -565,6 +565,26 @@ pub async fn serve_registered(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let bound = listener.local_addr()?;
+    serve_registered_by(service, bound, settings, shutdown, |stop| {
+        crate::http::serve(listener, router, stop)
+    })
+    .await
+}
+
+/// [`serve_registered`] for a server that is not one listener and one router (the
+/// gateway's listener per core): `serve` runs it until the token it is given is
+/// cancelled, which happens only once the instance has left the registry.
+pub async fn serve_registered_by<F, Fut>(
+    service: &str,
+    bound: std::net::SocketAddr,
+    settings: &RegistrySettings,
+    shutdown: CancellationToken,
+    serve: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
     let membership = settings.enabled.then(|| {
         let registration = InstanceRegistration::for_bound(service, bound, settings);
         Membership::start(
@@ -583,7 +603,7 @@ pub async fn serve_registered(
         }
         stopper.cancel();
     });
-    crate::http::serve(listener, router, server_stop).await
+    serve(server_stop).await
 }
 
 /// [`serve_registered`], with background `workers` (an outbox relay, an event
