@@ -240,11 +240,9 @@ impl CorsSettings {
         Some(response)
     }
 
-    /// Adds the allow-origin headers to a response for `request_headers`' origin.
-    pub fn decorate(&self, request_headers: &HeaderMap, response: &mut HeaderMap) {
-        if let Some(origin) = request_headers
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
+    /// Adds the allow-origin headers to a response for the request's `Origin`.
+    pub fn decorate(&self, origin: Option<&HeaderValue>, response: &mut HeaderMap) {
+        if let Some(origin) = origin.and_then(|o| o.to_str().ok())
             && self.allows(origin)
         {
             self.allow_origin(origin, response);

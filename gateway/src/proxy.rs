@@ -34,23 +34,57 @@ use crate::{
 };
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Identity headers only the gateway may set; a client's copies are dropped.
-const FORGEABLE: [&str; 4] = [
-    "x-user-id",
-    "x-user-roles",
-    "x-authenticated-user",
-    "x-forwarded-user",
+static FORGEABLE: [HeaderName; 4] = [
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-user-roles"),
+    HeaderName::from_static("x-authenticated-user"),
+    HeaderName::from_static("x-forwarded-user"),
+];
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Spring Cloud Gateway's `SecureHeaders` defaults, each set where the response has
+/// none.
+static SECURE_HEADERS: [(HeaderName, HeaderValue); 7] = [
+    (
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    (
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (header::X_XSS_PROTECTION, HeaderValue::from_static("0")),
+    (
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=631138519"),
+    ),
+    (
+        HeaderName::from_static("x-download-options"),
+        HeaderValue::from_static("noopen"),
+    ),
+    (
+        HeaderName::from_static("x-permitted-cross-domain-policies"),
+        HeaderValue::from_static("none"),
+    ),
 ];
 
 /// The fallback handler: everything that is not the gateway's own endpoint.
@@ -62,11 +96,10 @@ pub async fn forward(
     let started = Instant::now();
     let request_id = request
         .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .get(&X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(new_request_id);
     if let Err(response) =
         crate::limits::check_header_size(request.headers(), gateway.max_header_bytes)
     {
@@ -75,10 +108,10 @@ pub async fn forward(
     if let Some(response) = gateway.cors.preflight(request.method(), request.headers()) {
         return response;
     }
-    let request_headers = request.headers().clone();
+    let origin = request.headers().get(header::ORIGIN).cloned();
     let routes = gateway.routes.load_full();
     let route = routes.find(request.method(), request.uri(), request.headers());
-    let route_id = route.map_or("-", |r| r.id.as_str()).to_owned();
+    let route_id = route.map_or("-", |r| r.id.as_str());
     let mut trace = Trace::default();
     let mut response = match route {
         None => {
@@ -92,21 +125,21 @@ pub async fn forward(
             }
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     gateway
         .cors
-        .decorate(&request_headers, response.headers_mut());
+        .decorate(origin.as_ref(), response.headers_mut());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::counter!("gateway_requests_total", "route" => route_id.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "route" => route_id.clone())
-        .record(elapsed.as_secs_f64());
+    match route {
+        Some(route) => route.metrics.record(&route.id, status, elapsed),
+        None => crate::routes::RouteMetrics::record_unrouted(status, elapsed),
+    }
     tracing::info!(
         target: "access",
-        request_id,
+        request_id = request_id.to_str().unwrap_or("-"),
         route = route_id,
         instance = trace.instance.as_deref().unwrap_or("-"),
         status,
@@ -134,7 +167,7 @@ async fn handle(
     gateway: &Gateway,
     route: &Route,
     client: SocketAddr,
-    request_id: &str,
+    request_id: &HeaderValue,
     request: Request,
     trace: &mut Trace,
 ) -> Result<Response, Rejection> {
@@ -209,8 +242,8 @@ async fn handle(
     let path = rewrite_path(route, parts.uri.path());
     let query = parts.uri.query().map(str::to_owned);
     prepare_headers(&mut parts.headers, route, client, request_id);
-    let idempotent = route.retry.methods.contains(&parts.method)
-        || parts.headers.contains_key("idempotency-key");
+    let idempotent =
+        route.retry.methods.contains(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
     let timeout = route
         .response_timeout
         .unwrap_or_else(|| gateway.upstream.response_timeout());
@@ -445,18 +478,24 @@ fn exhausted(service: &str, attempts: usize) -> Response {
 /// The upstream's response as the client gets it.
 fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Route) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         parts.headers.remove(name);
     }
     // The gateway owns CORS; an upstream's own headers would be doubled or conflict.
-    let cors: Vec<HeaderName> = parts
+    if parts
         .headers
         .keys()
-        .filter(|k| k.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for name in cors {
-        parts.headers.remove(name);
+        .any(|k| k.as_str().starts_with("access-control-"))
+    {
+        let cors: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in cors {
+            parts.headers.remove(name);
+        }
     }
     for filter in &route.filters {
         match filter {
@@ -488,32 +527,31 @@ fn rewrite_path(route: &Route, path: &str) -> String {
     path
 }
 
-fn prepare_headers(headers: &mut HeaderMap, route: &Route, client: SocketAddr, request_id: &str) {
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    route: &Route,
+    client: SocketAddr,
+    request_id: &HeaderValue,
+) {
     for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
-        headers.remove(*name);
+        headers.remove(name);
     }
     let original_host = headers.remove(header::HOST);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(chain) => format!("{chain}, {}", client.ip()),
-        None => client.ip().to_string(),
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", client.ip())).ok(),
+        None => HeaderValue::from_str(&client.ip().to_string()).ok(),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(host) = original_host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", value);
-    }
-    if !headers.contains_key("traceparent") {
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if !headers.contains_key(&TRACEPARENT) {
         // Start a trace when the caller did not: W3C trace context, sampled.
-        let trace: u128 = rand::random();
-        let span: u64 = rand::random();
-        if let Ok(value) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")) {
-            headers.insert("traceparent", value);
-        }
+        headers.insert(TRACEPARENT.clone(), new_traceparent());
     }
     for filter in &route.filters {
         match filter {
@@ -528,20 +566,32 @@ fn prepare_headers(headers: &mut HeaderMap, route: &Route, client: SocketAddr, r
     }
 }
 
+/// A random UUID (v4) for a request that came without an id.
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buffer = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buffer))
+        .expect("a UUID is a valid header value")
+}
+
+/// `00-<trace id>-<span id>-01`: a new, sampled W3C trace context.
+fn new_traceparent() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let random: [u8; 24] = rand::random();
+    let (trace, span) = value.split_at_mut(35);
+    let digits = trace[3..].iter_mut().chain(span[1..17].iter_mut());
+    for (digit, nibble) in digits.zip(random.iter().flat_map(|b| [b >> 4, b & 0xf])) {
+        *digit = HEX[usize::from(nibble)];
+    }
+    HeaderValue::from_bytes(&value).expect("hex digits are a valid header value")
+}
+
 /// Spring Cloud Gateway's `SecureHeaders` defaults, where the response has none.
 fn secure_headers(headers: &mut HeaderMap) {
-    let defaults = [
-        ("x-content-type-options", "nosniff"),
-        ("x-frame-options", "DENY"),
-        ("referrer-policy", "no-referrer"),
-        ("x-xss-protection", "0"),
-        ("strict-transport-security", "max-age=631138519"),
-        ("x-download-options", "noopen"),
-        ("x-permitted-cross-domain-policies", "none"),
-    ];
-    for (name, value) in defaults {
+    for (name, value) in &SECURE_HEADERS {
         if !headers.contains_key(name) {
-            headers.insert(name, HeaderValue::from_static(value));
+            headers.insert(name.clone(), value.clone());
         }
     }
 }
@@ -571,5 +621,48 @@ impl Default for UpstreamSettings {
 impl UpstreamSettings {
     pub fn response_timeout(&self) -> Duration {
         Duration::from_millis(self.response_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_traceparent_is_a_sampled_w3c_context_with_random_ids() {
+        let first = new_traceparent();
+        let text = first.to_str().unwrap();
+        let parts: Vec<&str> = text.split('-').collect();
+        assert_eq!(parts.len(), 4, "{text}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"), "{text}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{text}");
+        assert!(
+            parts[1..3].iter().all(|id| id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))),
+            "lowercase hex ids: {text}"
+        );
+        assert_ne!(first, new_traceparent(), "ids are random");
+    }
+
+    #[test]
+    fn a_new_request_id_is_a_random_uuid() {
+        let id = new_request_id();
+        let parsed = uuid::Uuid::parse_str(id.to_str().unwrap()).unwrap();
+        assert_eq!(parsed.get_version(), Some(uuid::Version::Random));
+        assert_ne!(id, new_request_id());
+    }
+
+    #[test]
+    fn secure_headers_keep_what_the_upstream_set() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("SAMEORIGIN"),
+        );
+        secure_headers(&mut headers);
+        assert_eq!(headers[header::X_FRAME_OPTIONS], "SAMEORIGIN");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(headers.len(), SECURE_HEADERS.len());
     }
 }

@@ -171,6 +171,52 @@ pub struct Route {
     pub response_timeout: Option<std::time::Duration>,
     /// The round-robin position, per route.
     pub turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub metrics: std::sync::Arc<RouteMetrics>,
+}
+
+/// A route's request metrics, with their handles registered once per status instead
+/// of looked up by name and labels on every request.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    requests: std::sync::RwLock<std::collections::HashMap<u16, metrics::Counter>>,
+    duration: std::sync::OnceLock<metrics::Histogram>,
+}
+
+impl RouteMetrics {
+    /// `gateway_requests_total{route,status}` and
+    /// `gateway_request_duration_seconds{route}` for one request of route `id`.
+    pub fn record(&self, id: &str, status: u16, elapsed: std::time::Duration) {
+        let known = self
+            .requests
+            .read()
+            .ok()
+            .and_then(|counters| counters.get(&status).cloned());
+        let counter = known.unwrap_or_else(|| {
+            let counter = requests_counter(id, status);
+            if let Ok(mut counters) = self.requests.write() {
+                counters.insert(status, counter.clone());
+            }
+            counter
+        });
+        counter.increment(1);
+        self.duration
+            .get_or_init(|| duration_histogram(id))
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// The same metrics for a request no route matched (route `-`).
+    pub fn record_unrouted(status: u16, elapsed: std::time::Duration) {
+        requests_counter("-", status).increment(1);
+        duration_histogram("-").record(elapsed.as_secs_f64());
+    }
+}
+
+fn requests_counter(route: &str, status: u16) -> metrics::Counter {
+    metrics::counter!("gateway_requests_total", "route" => route.to_owned(), "status" => status.to_string())
+}
+
+fn duration_histogram(route: &str) -> metrics::Histogram {
+    metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_owned())
 }
 
 /// Why a route file was refused: the route and the field at fault.
@@ -267,6 +313,7 @@ impl RouteTable {
                 balancing: spec.balancer,
                 response_timeout,
                 turn: Default::default(),
+                metrics: Default::default(),
             });
         }
         // Stable: equal orders keep file order.
