@@ -217,6 +217,73 @@ pub fn with_children(pid: u32) -> Vec<u32> {
     all
 }
 
+/// A process and every process below it, by pid.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while let Some(&current) = all.get(next) {
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{current}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    all
+}
+
+/// CPU seconds used so far by every process under `root`, summed by process name
+/// (`comm`, as `ps` shows it: PostgreSQL's backends all count as `postgres`).
+pub fn cpu_by_name(root: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for pid in descendants(root) {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let name = name.trim();
+        if !name.is_empty() {
+            *by_name.entry(name.to_owned()).or_insert(0.0) += cpu_seconds(pid);
+        }
+    }
+    by_name
+}
+
+/// CPU seconds used by this process's finished children so far (load tools it ran).
+pub fn children_cpu_seconds() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).map_or(
+        0.0,
+        |usage| {
+            let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            seconds(usage.user_time()) + seconds(usage.system_time())
+        },
+    )
+}
+
+/// Idle CPU seconds of the whole machine so far (all cores), from `/proc/stat`.
+pub fn machine_idle_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // idle + iowait
+    (fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0)) / hz
+}
+
 /// Waits until `url` answers 200.
 pub fn wait_http_ok(url: &str, within: Duration, interrupt: &Interrupt) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -112,7 +112,7 @@ fn number(database: &str, sql: &str) -> anyhow::Result<f64> {
 }
 
 /// What one step of load did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Step {
     offered: f64,
     posted: f64,
@@ -121,6 +121,48 @@ struct Step {
     pending_after: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Cores each part used on average, from the step's start until its orders were
+    /// final (or the drain time ran out), the busiest first.
+    cores: Vec<(String, f64)>,
+}
+
+/// Whether everything placed so far has gone all the way through: no order waiting
+/// for its payment, no outbox row unpublished, no mail unsent.
+fn drained(database: &str) -> anyhow::Result<bool> {
+    let left = number(
+        database,
+        "SELECT (SELECT count(*) FROM orders.orders WHERE status = 'PENDING') \
+         + (SELECT count(*) FROM orders.outbox WHERE published_at IS NULL) \
+         + (SELECT count(*) FROM payments.outbox WHERE published_at IS NULL) \
+         + (SELECT count(*) FROM notifications.notifications WHERE status = 'PENDING')",
+    )?;
+    Ok(left == 0.0)
+}
+
+/// Waits (up to five minutes) until the pipeline is [`drained`], so a step's figures
+/// are not those of the previous step's backlog.
+fn wait_drained(stack: &Stack, interrupt: &Interrupt) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !drained(&stack.database)? {
+        interrupt.check()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the pipeline did not drain within 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}
+
+/// The names `cpu_by_name` finds, as the report calls them.
+fn part(name: &str) -> &str {
+    match name {
+        "tansu" => "broker (tansu)",
+        "postgres" => "PostgreSQL",
+        "python3" | "python" => "mail sink (aiosmtpd)",
+        "notification-se" => "notification-service",
+        other => other,
+    }
 }
 
 /// Places orders at `rate` per second for `seconds` with hey; reads the outcome.
@@ -128,6 +170,10 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
     let hey = debian_tool("hey", "hey")?;
     let workers = 100.0_f64.min(rate).max(1.0);
     let mark = psql(&stack.database, "SELECT now()")?;
+    let cpu_before = crate::bench::cpu_by_name(stack.child.id());
+    let hey_before = crate::bench::children_cpu_seconds();
+    let idle_before = crate::bench::machine_idle_seconds();
+    let started = Instant::now();
     let output = Command::new(hey)
         .args(["-z", &format!("{seconds}s")])
         .args(["-c", &format!("{workers}")])
@@ -141,6 +187,7 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
         .arg(format!("{}/orders", stack.gateway))
         .output()
         .context("cannot run hey")?;
+    let hey_cpu = crate::bench::children_cpu_seconds() - hey_before;
     let report = String::from_utf8_lossy(&output.stdout);
     let posted: f64 = report
         .lines()
@@ -160,6 +207,22 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu_after = crate::bench::cpu_by_name(stack.child.id());
+    let mut cores: Vec<(String, f64)> = cpu_after
+        .iter()
+        .map(|(name, after)| {
+            let before = cpu_before.get(name).copied().unwrap_or(0.0);
+            (part(name).to_owned(), (after - before) / wall)
+        })
+        .filter(|(_, cores)| *cores >= 0.005)
+        .collect();
+    cores.push(("load (hey)".into(), hey_cpu / wall));
+    cores.push((
+        "idle".into(),
+        (crate::bench::machine_idle_seconds() - idle_before) / wall,
+    ));
+    cores.sort_by(|a, b| b.1.total_cmp(&a.1));
     let confirmed = number(
         &stack.database,
         &format!("SELECT count(*) FROM orders.orders WHERE {window} AND status = 'CONFIRMED'"),
@@ -193,6 +256,7 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
         pending_after,
         p50_ms: latency(0.5)?,
         p99_ms: latency(0.99)?,
+        cores,
     })
 }
 
@@ -270,6 +334,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let mut steps = Vec::new();
     for rate in RATES {
         interrupt.check()?;
+        wait_drained(&stack, interrupt)?;
         eprintln!("bench: {rate} orders/s for {STEP_SECONDS} s");
         let s = step(&stack, &token, rate, STEP_SECONDS)?;
         let kept_up = s.pending_after == 0.0 && s.confirmed_per_s >= 0.95 * rate;
@@ -285,17 +350,8 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         .fold(0.0, f64::max);
     let half = (sustained / 2.0).max(50.0);
     // The latency step starts on an empty pipeline: whatever a step that did not keep
-    // up left behind is finished first.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while number(
-        &stack.database,
-        "SELECT count(*) FROM orders.orders WHERE status = 'PENDING'",
-    )? > 0.0
-        && Instant::now() < deadline
-    {
-        interrupt.check()?;
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // up left behind (orders, outbox rows, mail) is finished first.
+    wait_drained(&stack, interrupt)?;
     eprintln!("bench: latency at {half:.0} orders/s");
     let at_half = step(&stack, &token, half, STEP_SECONDS)?;
     eprintln!("bench: pgbench simple-update on the same PostgreSQL");
@@ -325,6 +381,18 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             format!("{:.1}", s.p99_ms),
         ]);
     }
+    for s in steps.iter().chain(std::iter::once(&at_half)) {
+        let parts: Vec<String> = s
+            .cores
+            .iter()
+            .map(|(name, cores)| format!("{name} {cores:.2}"))
+            .collect();
+        report.note(format!(
+            "- cores used at {:.0} orders/s: {}",
+            s.offered,
+            parts.join(", ")
+        ));
+    }
     report.note(format!(
         "- pgbench simple-update on the same PostgreSQL (8 clients, {STEP_SECONDS} s): **{tps:.0} TPS**; \
          sustained confirmed orders/s is {:.0}% of it.",
@@ -347,7 +415,10 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         "Load: hey (Debian), 100 workers, one customer's token, POST /orders through the gateway \
          for {STEP_SECONDS} s per step; a step is sustained when its orders are all final 3 s after \
          it ends and confirmations kept 95% of the offered rate. Latency is `updated_at - \
-         created_at` of each CONFIRMED order, both set by PostgreSQL. Everything on the same 2 cores."
+         created_at` of each CONFIRMED order, both set by PostgreSQL. Every step starts once the \
+         previous one's orders, outbox rows and mail are all through. Cores used: CPU seconds \
+         per process (from `/proc`) over the step and its drain, divided by that time. \
+         Everything on the same 2 cores."
     ));
     Ok(report)
 }
