@@ -212,6 +212,9 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
             allowed_origins: vec!["https://shop.example.test".into()],
             ..gateway::limits::CorsSettings::default()
         },
+        // Several workers whatever the machine's cores, so every test here crosses
+        // listeners, pools and shared route state the way production does.
+        workers: 3,
         ..Settings::default()
     };
     let app = Application::build(settings).await.expect("gateway");
@@ -296,6 +299,66 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+#[tokio::test]
+async fn a_stopping_gateway_finishes_what_its_workers_have_in_flight() {
+    let s = stack(ROUTES, 10_000).await;
+    let up = upstream("order-service").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    assert_eq!(s.get_routed("/orders/1", &token).await.status(), 200);
+    let before = up.hits.load(Ordering::SeqCst);
+
+    // Slow requests, each on its own connection, so the kernel spreads them over the
+    // workers' listeners.
+    let mut in_flight = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let url = format!("{}/orders/slow-{i}", s.gateway);
+        let token = token.clone();
+        in_flight.spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status())
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while up.hits.load(Ordering::SeqCst) < before + 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow requests never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s._stop[0].cancel();
+
+    while let Some(done) = in_flight.join_next().await {
+        let status = done
+            .expect("task")
+            .expect("an in-flight request was cut off");
+        assert_eq!(status, 200, "finished despite the stop");
+    }
+    // Stopped: new connections are no longer accepted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused = reqwest::Client::new()
+            .get(format!("{}/actuator/health", s.gateway))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_err();
+        if refused {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway kept accepting after it stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
