@@ -50,8 +50,10 @@ pub fn bind(host: &str, port: u16, workers: usize) -> std::io::Result<Vec<std::n
     if addr.port() != 0 {
         // Sockets with SO_REUSEPORT share a port silently: a second gateway started on
         // the same port by mistake would take half the connections instead of failing.
-        // A plain bind first refuses a port anyone listens on, reusable or not.
-        drop(std::net::TcpListener::bind(addr).map_err(with_name)?);
+        // A bind without SO_REUSEPORT first refuses a port anyone listens on, reusable
+        // or not (SO_REUSEADDR only lets it past connections still in TIME_WAIT from a
+        // previous run).
+        drop(socket(addr, false).map_err(with_name)?);
     }
     let mut listeners = Vec::with_capacity(workers);
     for _ in 0..workers.max(1) {
@@ -63,24 +65,25 @@ pub fn bind(host: &str, port: u16, workers: usize) -> std::io::Result<Vec<std::n
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?,
-        SocketAddr::V6(_) => socket2::Socket::new(
-            socket2::Domain::IPV6,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?,
-    };
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    let socket = socket(addr, true)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// A TCP socket bound to `addr`, sharing the port with other workers when `shared`.
+fn socket(addr: SocketAddr, shared: bool) -> std::io::Result<socket2::Socket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => socket2::Domain::IPV4,
+        SocketAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// Serves `router` on every listener, one worker thread each, until `stop` is
@@ -173,6 +176,24 @@ mod tests {
         let port = first[0].local_addr().unwrap().port();
         let error = bind("127.0.0.1", port, 2).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+    }
+
+    #[test]
+    fn a_port_is_bound_again_while_connections_of_the_last_run_are_in_time_wait() {
+        use std::io::Read;
+        let port = {
+            let listeners = bind("127.0.0.1", 0, 1).unwrap();
+            let port = listeners[0].local_addr().unwrap().port();
+            let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            listeners[0].set_nonblocking(false).unwrap();
+            let (server_side, _) = listeners[0].accept().unwrap();
+            // The server closes first, so its side of the connection enters TIME_WAIT.
+            drop(server_side);
+            let _ = client.read(&mut [0; 1]);
+            port
+        };
+        let again = bind("127.0.0.1", port, 2);
+        assert!(again.is_ok(), "{again:?}");
     }
 
     #[test]
