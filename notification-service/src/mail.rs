@@ -2,7 +2,8 @@
 //! over SMTP with retry and backoff.
 //!
 //! The mailer takes due `PENDING` rows with `FOR UPDATE SKIP LOCKED` (several
-//! instances never send the same row at once), sends each, and records the outcome:
+//! instances never send the same row at once), sends them `concurrency` at a time over
+//! pooled connections, and records the outcome:
 //! `SENT`; or another attempt later, the wait doubling from `initial_backoff_ms` to
 //! `max_backoff_ms`; or `FAILED` once `max_attempts` are spent or the relay refuses
 //! the message permanently (a 5xx). A crash between the relay's acceptance and the
@@ -56,6 +57,8 @@ pub struct MailSettings {
     pub max_backoff_ms: u64,
     /// Rows per round.
     pub batch_size: i64,
+    /// Messages sent at once, each over its own pooled SMTP connection.
+    pub concurrency: usize,
     /// The fallback poll when no notification arrives.
     pub poll_interval_ms: u64,
 }
@@ -90,6 +93,7 @@ impl Default for MailSettings {
             initial_backoff_ms: 1_000,
             max_backoff_ms: 300_000,
             batch_size: 50,
+            concurrency: 8,
             poll_interval_ms: 5_000,
         }
     }
@@ -120,6 +124,9 @@ impl MailSettings {
         if self.max_attempts < 1 {
             return Err("mail.max_attempts must be at least 1".into());
         }
+        if !(1..=64).contains(&self.concurrency) {
+            return Err("mail.concurrency must be between 1 and 64".into());
+        }
         Ok(())
     }
 
@@ -136,7 +143,12 @@ impl MailSettings {
                 .map_err(|e| e.to_string())?,
         }
         .port(self.smtp_port)
-        .timeout(Some(Duration::from_millis(self.timeout_ms)));
+        .timeout(Some(Duration::from_millis(self.timeout_ms)))
+        // One connection per message in flight.
+        .pool_config(
+            lettre::transport::smtp::PoolConfig::new()
+                .max_size(u32::try_from(self.concurrency).unwrap_or(u32::MAX)),
+        );
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }
@@ -269,8 +281,8 @@ impl Mailer {
         }
     }
 
-    /// One round; returns how many rows it handled (a round stops at the first
-    /// transient failure).
+    /// One round; returns how many rows it handled (a round stops after the first
+    /// group of `concurrency` sends with a transient failure).
     pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
@@ -281,53 +293,74 @@ impl Mailer {
         .bind(self.settings.batch_size)
         .fetch_all(&mut *tx)
         .await?;
+        // Each message waits on the relay's round trips (and, over loopback, on the
+        // delayed acknowledgement of its last segment), so messages go out
+        // `concurrency` at a time; the outcomes are recorded in the round's transaction.
         let mut handled = 0;
-        for row in &rows {
-            handled += 1;
-            let id: Uuid = row.try_get("id")?;
-            let attempts: i32 = row.try_get::<i32, _>("attempts")? + 1;
-            let outcome = self
-                .send(
-                    row.try_get("recipient")?,
-                    row.try_get("subject")?,
-                    row.try_get("body")?,
-                    id,
-                )
-                .await;
-            // The relay is unreachable or busy: the rest of the round would only fail
-            // the same way, so they wait for the next round untouched.
-            let relay_trouble = matches!(outcome, Sent::Transient(_));
-            let (status, error, retry_in) = match outcome {
-                Sent::Yes => ("SENT", None, Duration::ZERO),
-                Sent::Permanent(e) => ("FAILED", Some(e), Duration::ZERO),
-                Sent::Transient(e) if attempts >= self.settings.max_attempts => {
-                    ("FAILED", Some(e), Duration::ZERO)
-                }
-                Sent::Transient(e) => ("PENDING", Some(e), self.settings.backoff(attempts)),
-            };
-            if let Some(e) = &error {
-                tracing::warn!(notification = %id, attempts, status, error = %e, "mail not sent");
+        for chunk in rows.chunks(self.settings.concurrency.max(1)) {
+            let mut sends = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                let id: Uuid = row.try_get("id")?;
+                let attempts: i32 = row.try_get::<i32, _>("attempts")? + 1;
+                let recipient: String = row.try_get("recipient")?;
+                let subject: String = row.try_get("subject")?;
+                let body: String = row.try_get("body")?;
+                sends.push(async move {
+                    let outcome = self.send(&recipient, &subject, &body, id).await;
+                    (id, attempts, outcome)
+                });
             }
-            metrics::counter!("notifications_sent_total", "status" => status).increment(1);
-            sqlx::query(
-                "UPDATE notifications SET status = $2, attempts = $3, last_error = $4, \
-                   next_attempt_at = now() + $5 * interval '1 millisecond', updated_at = now(), \
-                   sent_at = CASE WHEN $2 = 'SENT' THEN now() END \
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(status)
-            .bind(attempts)
-            .bind(error)
-            .bind(retry_in.as_millis() as f64)
-            .execute(&mut *tx)
-            .await?;
+            let outcomes = futures::future::join_all(sends).await;
+            // The relay is unreachable or busy: the rest of the round would only fail
+            // the same way, so it waits for the next round untouched.
+            let mut relay_trouble = false;
+            for (id, attempts, outcome) in outcomes {
+                handled += 1;
+                relay_trouble |= matches!(outcome, Sent::Transient(_));
+                self.record(&mut tx, id, attempts, outcome).await?;
+            }
             if relay_trouble {
                 break;
             }
         }
         tx.commit().await?;
         Ok(handled)
+    }
+
+    /// Writes one send's outcome: `SENT`, `FAILED`, or `PENDING` again after a backoff.
+    async fn record(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: Uuid,
+        attempts: i32,
+        outcome: Sent,
+    ) -> Result<(), sqlx::Error> {
+        let (status, error, retry_in) = match outcome {
+            Sent::Yes => ("SENT", None, Duration::ZERO),
+            Sent::Permanent(e) => ("FAILED", Some(e), Duration::ZERO),
+            Sent::Transient(e) if attempts >= self.settings.max_attempts => {
+                ("FAILED", Some(e), Duration::ZERO)
+            }
+            Sent::Transient(e) => ("PENDING", Some(e), self.settings.backoff(attempts)),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(notification = %id, attempts, status, error = %e, "mail not sent");
+        }
+        metrics::counter!("notifications_sent_total", "status" => status).increment(1);
+        sqlx::query(
+            "UPDATE notifications SET status = $2, attempts = $3, last_error = $4, \
+               next_attempt_at = now() + $5 * interval '1 millisecond', updated_at = now(), \
+               sent_at = CASE WHEN $2 = 'SENT' THEN now() END \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(attempts)
+        .bind(error)
+        .bind(retry_in.as_millis() as f64)
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 
     /// How long until the next pending notification is due (capped by the poll).

@@ -111,6 +111,27 @@ impl Harness {
         }
     }
 
+    /// Publishes `events` through one producer, all before any is awaited.
+    async fn publish_all(&self, events: &[Value]) {
+        let producer: FutureProducer = kafka().producer_config().create().expect("producer");
+        let sends = events.iter().map(|event| {
+            let key = event["orderId"].as_str().expect("orderId").to_owned();
+            let payload = event.to_string();
+            let producer = producer.clone();
+            let topic = self.topic.clone();
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("produced");
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
     async fn publish(&self, event: &Value) {
         let producer: FutureProducer = kafka().producer_config().create().expect("producer");
         producer
@@ -328,4 +349,86 @@ async fn the_openapi_document_is_served_and_docs_api_holds_the_same() {
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../docs/api/notification-service.json"),
     );
+}
+
+/// An SMTP relay that holds every message for `hold` before accepting it, and
+/// remembers how many messages it held at once at most.
+struct SlowRelay {
+    port: u16,
+    most_at_once: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowRelay {
+    async fn start(hold: Duration) -> SlowRelay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let holding = Arc::new(AtomicUsize::new(0));
+        let most_at_once = Arc::new(AtomicUsize::new(0));
+        let most = most_at_once.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (holding, most) = (holding.clone(), most.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 slow-relay ESMTP\r\n").await;
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply: &[u8] = if in_data {
+                            if line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(hold).await;
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            b"250 accepted\r\n"
+                        } else {
+                            let verb = line.split_whitespace().next().unwrap_or("");
+                            match verb.to_ascii_uppercase().as_str() {
+                                "EHLO" | "HELO" => b"250 slow-relay\r\n",
+                                "DATA" => {
+                                    in_data = true;
+                                    b"354 go ahead\r\n"
+                                }
+                                "QUIT" => {
+                                    let _ = write.write_all(b"221 bye\r\n").await;
+                                    return;
+                                }
+                                _ => b"250 ok\r\n",
+                            }
+                        };
+                        if write.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SlowRelay { port, most_at_once }
+    }
+}
+
+#[tokio::test]
+async fn mail_to_a_slow_relay_goes_out_several_messages_at_a_time() {
+    let relay = SlowRelay::start(Duration::from_millis(300)).await;
+    let h = Harness::start(relay.port).await;
+    let events: Vec<Value> = (0..8)
+        .map(|i| result(&format!("user-{i}"), true, 1_000))
+        .collect();
+    h.publish_all(&events).await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
+        8,
+    )
+    .await;
+    let most = relay.most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+    // One at a time, eight messages held 300 ms each would take 2.4 s; the relay saw
+    // several at once instead.
+    assert!(most >= 4, "at most {most} message(s) in flight at once");
 }
