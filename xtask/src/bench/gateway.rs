@@ -1,9 +1,10 @@
 //! The gateway against nginx: one minimal upstream (nginx returning 200) reached
 //! (a) directly, (b) through nginx as a keep-alive reverse proxy with a worker per
 //! core, (c) through our gateway with JWT validation and an `lb://` route resolved
-//! from the registry. Same wrk load, same connections, runs alternating a-b-c three
-//! times; medians reported. Target: gateway/nginx throughput >= 1.0, p99 no worse
-//! than 1.2 x nginx's.
+//! from the registry, and (d) the floor: a bare hyper proxy built from the gateway's
+//! parts with none of its features (`gateway/examples/bare-proxy.rs`). Same wrk load,
+//! same connections, runs alternating a-b-c-d three times; medians reported.
+//! Target: gateway/nginx throughput >= 1.0, p99 no worse than 1.2 x nginx's.
 
 use std::{
     fs,
@@ -89,10 +90,26 @@ fn measure(url: &str, token: &str, proxy: &[u32]) -> anyhow::Result<Run> {
 pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("gateway")?;
     let bin = build_release(&["registry", "gateway"], interrupt)?;
+    let mut example = crate::cargo();
+    example.args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "gateway",
+        "--example",
+        "bare-proxy",
+    ]);
+    crate::procs::run(
+        "cargo build --release --example bare-proxy",
+        &mut example,
+        interrupt,
+    )?;
     let upstream_port = crate::free_port()?;
     let proxy_port = crate::free_port()?;
     let registry_port = crate::free_port()?;
     let gateway_port = crate::free_port()?;
+    let floor_port = crate::free_port()?;
     let _upstream = nginx("nginx-upstream.conf", &dir, upstream_port, 0)?;
     let nginx_proxy = nginx("nginx-proxy.conf", &dir, proxy_port, upstream_port)?;
     wait_http_ok(
@@ -159,6 +176,20 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             .stdout(log.try_clone()?)
             .stderr(log),
     )?;
+    let floor = Supervised::spawn(
+        "bare-proxy",
+        Command::new(bin.join("examples/bare-proxy"))
+            .arg(floor_port.to_string())
+            .arg(format!("127.0.0.1:{upstream_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    wait_http_ok(
+        &format!("http://127.0.0.1:{floor_port}/"),
+        Duration::from_secs(10),
+        interrupt,
+    )?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}");
     wait_http_ok(
         &format!("{gateway_url}/actuator/health"),
@@ -193,7 +224,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let targets: [(&str, String, &str, Vec<u32>); 3] = [
+    let targets: [(&str, String, &str, Vec<u32>); 4] = [
         (
             "direct",
             format!("http://127.0.0.1:{upstream_port}"),
@@ -205,6 +236,12 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             format!("http://127.0.0.1:{proxy_port}"),
             "",
             with_children(nginx_proxy.pid()),
+        ),
+        (
+            "bare hyper proxy (floor)",
+            format!("http://127.0.0.1:{floor_port}"),
+            "",
+            vec![floor.pid()],
         ),
         ("gateway", gateway_url.clone(), &jwt, vec![gateway.pid()]),
     ];
@@ -262,7 +299,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         ]);
         medians.push(m);
     }
-    let (nginx_m, gateway_m) = (&medians[1], &medians[2]);
+    let (nginx_m, floor_m, gateway_m) = (&medians[1], &medians[2], &medians[3]);
     let ratio = gateway_m.rate / nginx_m.rate.max(1e-9);
     let p99_ratio = gateway_m.p99 / nginx_m.p99.max(1e-9);
     report.target(
@@ -279,11 +316,21 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         ),
     );
     report.note(format!(
+        "- The floor is `gateway/examples/bare-proxy.rs`: the gateway's parts (hyper server and \
+         pooled client, a single-threaded runtime and listener per core) forwarding to the \
+         upstream with nothing else. Floor/nginx: {:.2}; gateway/floor: {:.2}, i.e. the \
+         gateway's features (token check, route match, filters, headers, timeout, retries' \
+         bookkeeping, metrics) cost {:.0}% of the floor's throughput.",
+        floor_m.rate / nginx_m.rate.max(1e-9),
+        gateway_m.rate / floor_m.rate.max(1e-9),
+        100.0 * (1.0 - gateway_m.rate / floor_m.rate.max(1e-9)),
+    ));
+    report.note(format!(
         "Medians of {ROUNDS} alternating rounds of {SECONDS} s each; wrk (Debian) with 2 threads \
          and {CONNECTIONS} connections on the same 2 cores as the proxies and the upstream (nginx \
          with one worker returning 200). The gateway validates an EdDSA JWT on every request and \
          resolves `lb://bench-upstream` from the registry; nginx's config is \
-         `xtask/bench/nginx-proxy.conf`. Access logs off on both."
+         `xtask/bench/nginx-proxy.conf`. No access logs anywhere."
     ));
     Ok(report)
 }
