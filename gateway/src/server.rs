@@ -55,8 +55,9 @@ pub fn bind(host: &str, port: u16, workers: usize) -> std::io::Result<Vec<std::n
         // previous run).
         drop(socket(addr, false).map_err(with_name)?);
     }
+    let workers = workers.max(1);
     let mut listeners = Vec::with_capacity(workers);
-    for _ in 0..workers.max(1) {
+    for _ in 0..workers {
         let listener = listen(addr).map_err(with_name)?;
         addr = listener.local_addr()?;
         listeners.push(listener);
@@ -102,14 +103,11 @@ pub async fn serve(
         let spawned = std::thread::Builder::new()
             .name(format!("gateway-worker-{index}"))
             .spawn(move || {
+                // However a worker ends (stopped, failed, panicked), the others stop
+                // too: a gateway on fewer cores than configured is not what was asked.
+                let _stop_all = worker_stop.clone().drop_guard();
                 WORKER.with(|w| w.set(Some(index)));
-                let result = run_worker(listener, router, worker_stop.clone());
-                if result.is_err() {
-                    // One worker down means the gateway is not what it was configured
-                    // to be: stop the others rather than serve on fewer cores.
-                    worker_stop.cancel();
-                }
-                let _ = done.send(result);
+                let _ = done.send(run_worker(listener, router, worker_stop));
             });
         if let Err(e) = spawned {
             stop.cancel();
@@ -123,7 +121,6 @@ pub async fn serve(
             .await
             .unwrap_or_else(|_| Err(std::io::Error::other("a gateway worker panicked")));
         if let Err(e) = result {
-            stop.cancel();
             first_error.get_or_insert(e);
         }
     }
