@@ -482,20 +482,15 @@ fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Rou
         parts.headers.remove(name);
     }
     // The gateway owns CORS; an upstream's own headers would be doubled or conflict.
-    if parts
+    // Collecting nothing allocates nothing: the common case costs one scan.
+    let cors: Vec<HeaderName> = parts
         .headers
         .keys()
-        .any(|k| k.as_str().starts_with("access-control-"))
-    {
-        let cors: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("access-control-"))
-            .cloned()
-            .collect();
-        for name in cors {
-            parts.headers.remove(name);
-        }
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
+        parts.headers.remove(name);
     }
     for filter in &route.filters {
         match filter {
