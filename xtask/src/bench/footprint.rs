@@ -27,7 +27,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("footprint")?;
     let mut packages: Vec<&str> = PROCESSES.iter().map(|(n, _)| *n).collect();
     packages.push("kafka-setup");
-    let bin = build_release(&packages, interrupt)?;
+    let bin = build_release(&packages, &[], interrupt)?;
     eprintln!("bench: starting PostgreSQL and the broker");
     let postgres = Postgres::provide(&dir.join("postgres"), false, interrupt)?;
     let broker = Broker::provide(Storage::Throwaway, &dir.join("tansu.log"), interrupt)?;

@@ -89,22 +89,7 @@ fn measure(url: &str, token: &str, proxy: &[u32]) -> anyhow::Result<Run> {
 
 pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("gateway")?;
-    let bin = build_release(&["registry", "gateway"], interrupt)?;
-    let mut example = crate::cargo();
-    example.args([
-        "build",
-        "--quiet",
-        "--release",
-        "--package",
-        "gateway",
-        "--example",
-        "bare-proxy",
-    ]);
-    crate::procs::run(
-        "cargo build --release --example bare-proxy",
-        &mut example,
-        interrupt,
-    )?;
+    let bin = build_release(&["registry", "gateway"], &["bare-proxy"], interrupt)?;
     let upstream_port = crate::free_port()?;
     let proxy_port = crate::free_port()?;
     let registry_port = crate::free_port()?;

@@ -156,12 +156,20 @@ pub fn machine() -> String {
     )
 }
 
-/// Builds the release binaries of `packages`; returns `target/release`.
-pub fn build_release(packages: &[&str], interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+/// Builds the release binaries of `packages`, and the named `examples` of those
+/// packages (under `examples/`), in one cargo run; returns `target/release`.
+pub fn build_release(
+    packages: &[&str],
+    examples: &[&str],
+    interrupt: &Interrupt,
+) -> anyhow::Result<PathBuf> {
     let mut build = crate::cargo();
     build.args(["build", "--quiet", "--release", "--bins"]);
     for p in packages {
         build.args(["--package", p]);
+    }
+    for example in examples {
+        build.args(["--example", example]);
     }
     crate::procs::run("cargo build --release", &mut build, interrupt)?;
     Ok(crate::target_dir().join("release"))

@@ -27,7 +27,7 @@ const CHANGES: usize = 30;
 
 pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("registry")?;
-    let bin = build_release(&["registry"], interrupt)?;
+    let bin = build_release(&["registry"], &[], interrupt)?;
     let port = crate::free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let token = crate::random_token(32);
