@@ -288,11 +288,27 @@ async fn read(topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
 }
 
 fn header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    raw_header(message, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+fn raw_header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<Vec<u8>> {
     message
         .headers()?
         .iter()
         .find(|h| h.key == name)
-        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        .and_then(|h| h.value.map(<[u8]>::to_vec))
+}
+
+/// A header as Spring Kafka's `ByteBuffer.wrap(value).getInt()` reads it.
+fn int_header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<i32> {
+    let bytes: [u8; 4] = raw_header(message, name)?.try_into().ok()?;
+    Some(i32::from_be_bytes(bytes))
+}
+
+/// A header as Spring Kafka's `ByteBuffer.wrap(value).getLong()` reads it.
+fn long_header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<i64> {
+    let bytes: [u8; 8] = raw_header(message, name)?.try_into().ok()?;
+    Some(i64::from_be_bytes(bytes))
 }
 
 #[tokio::test]
@@ -341,7 +357,27 @@ async fn poison_events_go_to_the_dead_letter_topic_and_later_events_proceed() {
             header(message, "kafka_dlt-original-topic").as_deref(),
             Some(saga.topics.orders.as_str())
         );
-        assert!(header(message, "kafka_dlt-original-offset").is_some());
+        // Spring Kafka's binary encodings: the original partition a 4-byte int, the
+        // offset and timestamp 8-byte longs, all big-endian.
+        let partition = int_header(message, "kafka_dlt-original-partition")
+            .expect("the original partition as a 4-byte int");
+        assert!((0..6).contains(&partition), "partition {partition}");
+        let offset = long_header(message, "kafka_dlt-original-offset")
+            .expect("the original offset as an 8-byte long");
+        assert!(offset >= 0, "offset {offset}");
+        let timestamp = long_header(message, "kafka_dlt-original-timestamp")
+            .expect("the original timestamp as an 8-byte long");
+        assert!(timestamp > 1_700_000_000_000, "timestamp {timestamp}");
+        assert_eq!(
+            header(message, "kafka_dlt-original-timestamp-type").as_deref(),
+            Some("CreateTime")
+        );
+        let class = header(message, "kafka_dlt-exception-fqcn").expect("the class");
+        let stack = header(message, "kafka_dlt-exception-stacktrace").expect("the trace");
+        assert!(stack.starts_with(&class), "{stack}");
+        if error.contains("not a valid event") {
+            assert_eq!(class, "shared.consumer.UnreadableEvent");
+        }
         assert_eq!(
             header(message, "event-type").as_deref(),
             Some("order-created")

@@ -15,13 +15,26 @@
 //! - **permanent** (the payload is not an event, or the handler says a retry will not
 //!   fix it, or the database refuses the data itself): the round is rolled back and
 //!   replayed one event per transaction, so exactly the bad events are isolated. Each
-//!   goes to the dead-letter topic with the error in its headers (Spring Kafka's
-//!   `kafka_dlt-*` names, values as text), and the partition moves on.
+//!   goes to the dead-letter topic with the error in its headers, named and encoded
+//!   as Spring Kafka's `DeadLetterPublishingRecoverer` writes them (so a Spring
+//!   consumer of the DLT reads them as its own), and the partition moves on.
+//!
+//! Rebalances: a member commits only partitions it owns. When partitions are revoked
+//! it commits what it applied from them (synchronously, before the new owner starts)
+//! and forgets them; a round that was received before an assignment change records
+//! no offsets at all (its events are redelivered to the partition's owner, which
+//! skips them as already applied). So no committed offset ever moves backwards, even
+//! when a member stops right after losing partitions to another.
 //!
 //! Consumer lag comes from librdkafka's statistics and is exported as the gauge
 //! `kafka_consumer_lag{group,topic,partition}`.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
 use futures::FutureExt;
 use rdkafka::{
@@ -160,12 +173,113 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<&'static str, Failure>> + Send + 'a;
 }
 
-/// Lag reporting from librdkafka's statistics.
-struct LagContext {
-    group: String,
+/// A partition: topic and partition number.
+type Partition = (String, i32);
+
+/// What this member owns, and the offsets it applied there. The rebalance callbacks
+/// (run inside the consumer's polls) and the consuming loop share it.
+#[derive(Debug, Default)]
+struct Ownership {
+    /// Bumped at every assignment change. A round received under an older epoch
+    /// records no offsets.
+    epoch: u64,
+    assigned: BTreeSet<Partition>,
+    /// Applied and not yet sent to the broker: the next offset to read, per partition.
+    pending: BTreeMap<Partition, i64>,
+    /// Sent with an asynchronous commit: sent once more, synchronously, when the
+    /// partition is revoked or the member stops, in case that commit was lost.
+    sent: BTreeMap<Partition, i64>,
 }
 
-impl ClientContext for LagContext {
+impl Ownership {
+    /// Records that a round applied events up to `next` (exclusive) in each
+    /// partition, if the round was received under the current `epoch`; partitions
+    /// this member no longer owns are skipped.
+    fn applied(&mut self, epoch: u64, next: BTreeMap<Partition, i64>) {
+        if epoch != self.epoch {
+            return;
+        }
+        for (partition, offset) in next {
+            if self.assigned.contains(&partition) {
+                let entry = self.pending.entry(partition).or_insert(offset);
+                *entry = (*entry).max(offset);
+            }
+        }
+    }
+
+    /// The pending offsets, now counted as sent.
+    fn take_pending(&mut self) -> BTreeMap<Partition, i64> {
+        let pending = std::mem::take(&mut self.pending);
+        for (partition, offset) in &pending {
+            self.sent.insert(partition.clone(), *offset);
+        }
+        pending
+    }
+
+    /// Everything applied in `partitions` (sent or not), forgetting those partitions.
+    fn release<'a>(
+        &mut self,
+        partitions: impl IntoIterator<Item = &'a Partition>,
+    ) -> BTreeMap<Partition, i64> {
+        let mut last = BTreeMap::new();
+        for partition in partitions {
+            self.assigned.remove(partition);
+            let offsets = [self.sent.remove(partition), self.pending.remove(partition)];
+            if let Some(offset) = offsets.into_iter().flatten().max() {
+                last.insert(partition.clone(), offset);
+            }
+        }
+        last
+    }
+}
+
+/// Lag reporting from librdkafka's statistics, and the rebalance bookkeeping.
+struct MemberContext {
+    group: String,
+    ownership: Arc<Mutex<Ownership>>,
+}
+
+impl MemberContext {
+    fn ownership(&self) -> MutexGuard<'_, Ownership> {
+        lock(&self.ownership)
+    }
+}
+
+/// The lock, even if a panic poisoned it: the bookkeeping stays consistent because
+/// every change to it is a single step.
+fn lock(ownership: &Mutex<Ownership>) -> MutexGuard<'_, Ownership> {
+    ownership
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn partitions(list: &TopicPartitionList) -> Vec<Partition> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+fn describe(partitions: &[Partition]) -> String {
+    partitions
+        .iter()
+        .map(|(t, p)| format!("{t}/{p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `offsets` as a list to commit.
+fn offset_list(offsets: &BTreeMap<Partition, i64>) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::warn!(error = %e, "cannot record an offset to commit");
+        }
+    }
+    list
+}
+
+impl ClientContext for MemberContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -184,26 +298,51 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        let rdkafka::consumer::Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let revoked = partitions(list);
+        // Commit what was applied before the partitions go, so their next owner
+        // starts right after it; then forget them, so nothing of theirs is committed
+        // by this member again.
+        let last = {
+            let mut ownership = self.ownership();
+            ownership.epoch += 1;
+            ownership.release(&revoked)
+        };
+        tracing::info!(group = %self.group, partitions = %describe(&revoked), "partitions revoked");
+        if !last.is_empty()
+            && let Err(e) = consumer.commit(&offset_list(&last), CommitMode::Sync)
+        {
+            // The group already moved on (this member was declared dead): the new
+            // owner resumes from the last commit that did land, and skips what it
+            // redelivers as already applied.
+            tracing::warn!(group = %self.group, error = %e, "cannot commit the revoked partitions' offsets");
+        }
+    }
+
     fn post_rebalance(
         &self,
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
-        let describe = |list: &TopicPartitionList| {
-            list.elements()
-                .iter()
-                .map(|e| format!("{}/{}", e.topic(), e.partition()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         match rebalance {
             rdkafka::consumer::Rebalance::Assign(list) => {
-                tracing::info!(group = %self.group, partitions = %describe(list), "partitions assigned");
+                let assigned = partitions(list);
+                {
+                    let mut ownership = self.ownership();
+                    ownership.epoch += 1;
+                    ownership.assigned.extend(assigned.iter().cloned());
+                }
+                tracing::info!(group = %self.group, partitions = %describe(&assigned), "partitions assigned");
             }
-            rdkafka::consumer::Rebalance::Revoke(list) => {
-                tracing::info!(group = %self.group, partitions = %describe(list), "partitions revoked");
-            }
+            rdkafka::consumer::Rebalance::Revoke(_) => {}
             rdkafka::consumer::Rebalance::Error(e) => {
                 tracing::warn!(group = %self.group, error = %e, "rebalance failed");
             }
@@ -223,7 +362,8 @@ impl ConsumerContext for LagContext {
 
 /// One consumer group member, reading one topic.
 pub struct EventConsumer<H: Handler> {
-    consumer: StreamConsumer<LagContext>,
+    consumer: StreamConsumer<MemberContext>,
+    ownership: Arc<Mutex<Ownership>>,
     producer: FutureProducer,
     pool: PgPool,
     handler: Arc<H>,
@@ -270,12 +410,16 @@ impl<H: Handler> EventConsumer<H> {
                 settings.statistics_interval_ms.to_string(),
             );
         }
-        let consumer: StreamConsumer<LagContext> = config.create_with_context(LagContext {
-            group: group.clone(),
-        })?;
+        let ownership = Arc::new(Mutex::new(Ownership::default()));
+        let consumer: StreamConsumer<MemberContext> =
+            config.create_with_context(MemberContext {
+                group: group.clone(),
+                ownership: ownership.clone(),
+            })?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer,
+            ownership,
             producer: kafka.producer_config().create()?,
             pool,
             handler: Arc::new(handler),
@@ -309,19 +453,15 @@ impl<H: Handler> EventConsumer<H> {
             });
         }
         tracing::info!(topic = %self.topic, group = %self.group, "consuming");
-        // Every position committed so far: committed once more, synchronously, at
-        // the end, so the last asynchronous commit cannot be lost with the process.
-        let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        // Applied but not yet committed: committed at most every `commit_interval_ms`,
-        // so a busy consumer does not send the broker a commit per round. A crash in
-        // between only redelivers events whose effects are already in (and skipped by)
-        // the database.
-        let mut dirty: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        // Applied offsets are committed at most every `commit_interval_ms`, so a busy
+        // consumer does not send the broker a commit per round. A crash in between only
+        // redelivers events whose effects are already in (and skipped by) the database.
         let interval = Duration::from_millis(self.settings.commit_interval_ms);
         let mut last_commit = tokio::time::Instant::now();
         loop {
+            let has_pending = !lock(&self.ownership).pending.is_empty();
             let commit_due = async {
-                if dirty.is_empty() {
+                if !has_pending {
                     std::future::pending::<()>().await;
                 }
                 tokio::time::sleep_until(last_commit + interval).await;
@@ -329,8 +469,7 @@ impl<H: Handler> EventConsumer<H> {
             let first = tokio::select! {
                 received = self.consumer.recv() => received,
                 () = commit_due => {
-                    self.commit(&dirty, CommitMode::Async);
-                    positions.append(&mut dirty);
+                    self.commit_pending();
                     last_commit = tokio::time::Instant::now();
                     continue;
                 }
@@ -346,6 +485,10 @@ impl<H: Handler> EventConsumer<H> {
                     }
                 }
             };
+            // Rebalance callbacks run only inside `recv`, on this task: an epoch read
+            // now that is unchanged after the round was collected and applied means
+            // every message of the round came from partitions this member still owns.
+            let epoch = lock(&self.ownership).epoch;
             let mut round = vec![first];
             // Whatever else is already here joins the round, without waiting.
             while round.len() < self.settings.max_batch.max(1) {
@@ -356,19 +499,26 @@ impl<H: Handler> EventConsumer<H> {
             }
             match self.process(round, &shutdown).await {
                 Some(done) => {
-                    dirty.extend(done);
+                    lock(&self.ownership).applied(epoch, done);
                     if last_commit.elapsed() >= interval {
-                        self.commit(&dirty, CommitMode::Async);
-                        positions.append(&mut dirty);
+                        self.commit_pending();
                         last_commit = tokio::time::Instant::now();
                     }
                 }
                 None => break,
             }
         }
-        positions.append(&mut dirty);
-        if !positions.is_empty() {
-            self.commit(&positions, CommitMode::Sync);
+        // Everything applied in the partitions still owned, synchronously, so the last
+        // asynchronous commit cannot be lost with the process.
+        let last = {
+            let mut ownership = lock(&self.ownership);
+            let owned: Vec<Partition> = ownership.assigned.iter().cloned().collect();
+            ownership.release(&owned)
+        };
+        if !last.is_empty()
+            && let Err(e) = self.consumer.commit(&offset_list(&last), CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "offset commit at shutdown failed; the last round may be redelivered");
         }
         // Leave the group now, so its partitions move to the others at once rather
         // than when the session times out.
@@ -447,14 +597,14 @@ impl<H: Handler> EventConsumer<H> {
     async fn apply_together(
         &self,
         parsed: &[Parsed<H::Event>],
-    ) -> Result<(Vec<&'static str>, Vec<(Incoming, String)>), Failure> {
+    ) -> Result<(Vec<&'static str>, Vec<DeadLetter>), Failure> {
         let mut tx = self.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(parsed.len());
         let mut dead = Vec::new();
         for p in parsed {
             match &p.event {
                 Ok(event) => outcomes.push(self.handler.apply(&mut tx, event, &p.message).await?),
-                Err(e) => dead.push((p.message.clone(), e.clone())),
+                Err(e) => dead.push(DeadLetter::unreadable(&p.message, e)),
             }
         }
         tx.commit().await?;
@@ -465,14 +615,14 @@ impl<H: Handler> EventConsumer<H> {
     async fn apply_one_by_one(
         &self,
         parsed: &[Parsed<H::Event>],
-    ) -> Result<(Vec<&'static str>, Vec<(Incoming, String)>), Failure> {
+    ) -> Result<(Vec<&'static str>, Vec<DeadLetter>), Failure> {
         let mut outcomes = Vec::with_capacity(parsed.len());
         let mut dead = Vec::new();
         for p in parsed {
             let event = match &p.event {
                 Ok(event) => event,
                 Err(e) => {
-                    dead.push((p.message.clone(), e.clone()));
+                    dead.push(DeadLetter::unreadable(&p.message, e));
                     continue;
                 }
             };
@@ -484,7 +634,11 @@ impl<H: Handler> EventConsumer<H> {
                 }
                 Err(Failure::Permanent(e)) => {
                     tx.rollback().await?;
-                    dead.push((p.message.clone(), e));
+                    dead.push(DeadLetter {
+                        message: p.message.clone(),
+                        class: REJECTED_EVENT,
+                        error: e,
+                    });
                 }
                 Err(transient) => return Err(transient),
             }
@@ -493,53 +647,49 @@ impl<H: Handler> EventConsumer<H> {
     }
 
     /// Publishes `dead` to the dead-letter topic and waits for every acknowledgement.
-    async fn dead_letter(&self, dead: &[(Incoming, String)]) -> Result<(), String> {
+    async fn dead_letter(&self, dead: &[DeadLetter]) -> Result<(), String> {
         let dlt = crate::events::dead_letter_topic(&self.topic);
-        let sends = dead.iter().map(|(message, error)| {
-            tracing::warn!(topic = %message.topic, partition = message.partition,
+        let sends = dead.iter().map(
+            |DeadLetter {
+                 message,
+                 class,
+                 error,
+             }| {
+                tracing::warn!(topic = %message.topic, partition = message.partition,
                 offset = message.offset, error = %error, "dead-lettering an event");
-            let mut headers = OwnedHeaders::new();
-            for (name, value) in &message.headers {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
-            let partition = message.partition.to_string();
-            let offset = message.offset.to_string();
-            let failed_at = crate::now_ms().to_string();
-            for (key, value) in [
-                ("kafka_dlt-exception-message", error.as_str()),
-                ("kafka_dlt-original-topic", message.topic.as_str()),
-                ("kafka_dlt-original-partition", partition.as_str()),
-                ("kafka_dlt-original-offset", offset.as_str()),
-                ("kafka_dlt-original-consumer-group", self.group.as_str()),
-                ("kafka_dlt-failed-at", failed_at.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            let producer = self.producer.clone();
-            let dlt = dlt.clone();
-            let timeout = self.delivery_timeout;
-            async move {
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&dlt).headers(headers);
-                if let Some(key) = &message.key {
-                    record = record.key(key.as_slice());
+                let mut headers = OwnedHeaders::new();
+                for (name, value) in &message.headers {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    });
                 }
-                if let Some(payload) = &message.payload {
-                    record = record.payload(payload.as_slice());
+                for (key, value) in spring_dlt_headers(message, class, error, &self.group) {
+                    headers = headers.insert(Header {
+                        key,
+                        value: Some(&value),
+                    });
                 }
-                producer
-                    .send(record, timeout)
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| e.to_string())
-            }
-        });
+                let producer = self.producer.clone();
+                let dlt = dlt.clone();
+                let timeout = self.delivery_timeout;
+                async move {
+                    let mut record: FutureRecord<'_, [u8], [u8]> =
+                        FutureRecord::to(&dlt).headers(headers);
+                    if let Some(key) = &message.key {
+                        record = record.key(key.as_slice());
+                    }
+                    if let Some(payload) = &message.payload {
+                        record = record.payload(payload.as_slice());
+                    }
+                    producer
+                        .send(record, timeout)
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| e.to_string())
+                }
+            },
+        );
         for result in futures::future::join_all(sends).await {
             result?;
         }
@@ -551,19 +701,89 @@ impl<H: Handler> EventConsumer<H> {
         Ok(())
     }
 
-    /// Commits the positions after a round. A commit that fails (a rebalance took
-    /// the partition) only means the round may be redelivered.
-    fn commit(&self, positions: &BTreeMap<(String, i32), i64>, mode: CommitMode) {
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), offset) in positions {
-            if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-                tracing::warn!(error = %e, "cannot record an offset to commit");
-            }
+    /// Sends the pending offsets with an asynchronous commit. One that fails (the
+    /// group is rebalancing) is sent again when the partition is revoked or the
+    /// member stops; at worst the round is redelivered.
+    fn commit_pending(&self) {
+        let pending = lock(&self.ownership).take_pending();
+        if pending.is_empty() {
+            return;
         }
-        if let Err(e) = self.consumer.commit(&list, mode) {
+        if let Err(e) = self
+            .consumer
+            .commit(&offset_list(&pending), CommitMode::Async)
+        {
             tracing::warn!(error = %e, "offset commit failed; the round may be redelivered");
         }
     }
+}
+
+/// The class names a dead letter's `kafka_dlt-exception-fqcn` gives. Rust has no
+/// classes; these name the failure as this module classifies it: the message never
+/// became an event, or the handler (or the database) refused the event.
+const UNREADABLE_EVENT: &str = "shared.consumer.UnreadableEvent";
+const REJECTED_EVENT: &str = "shared.consumer.RejectedEvent";
+
+/// An event on its way to the dead-letter topic, with why.
+#[derive(Debug)]
+struct DeadLetter {
+    message: Incoming,
+    class: &'static str,
+    error: String,
+}
+
+impl DeadLetter {
+    fn unreadable(message: &Incoming, error: &str) -> Self {
+        Self {
+            message: message.clone(),
+            class: UNREADABLE_EVENT,
+            error: error.to_owned(),
+        }
+    }
+}
+
+/// The headers Spring Kafka's `DeadLetterPublishingRecoverer` adds, with its encodings:
+/// the original partition a 4-byte big-endian int, the offset and timestamp 8-byte
+/// big-endian longs, everything else UTF-8 text.
+fn spring_dlt_headers(
+    message: &Incoming,
+    class: &str,
+    error: &str,
+    group: &str,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let stack = format!(
+        "{class}: {error}\n\tat consumer group {group}, {}-{}@{}",
+        message.topic, message.partition, message.offset
+    );
+    let mut headers = vec![
+        ("kafka_dlt-exception-fqcn", class.as_bytes().to_vec()),
+        ("kafka_dlt-exception-message", error.as_bytes().to_vec()),
+        ("kafka_dlt-exception-stacktrace", stack.into_bytes()),
+        (
+            "kafka_dlt-original-topic",
+            message.topic.as_bytes().to_vec(),
+        ),
+        (
+            "kafka_dlt-original-partition",
+            message.partition.to_be_bytes().to_vec(),
+        ),
+        (
+            "kafka_dlt-original-offset",
+            message.offset.to_be_bytes().to_vec(),
+        ),
+        (
+            "kafka_dlt-original-consumer-group",
+            group.as_bytes().to_vec(),
+        ),
+    ];
+    if let Some(timestamp) = message.timestamp_ms {
+        headers.push((
+            "kafka_dlt-original-timestamp",
+            timestamp.to_be_bytes().to_vec(),
+        ));
+        headers.push(("kafka_dlt-original-timestamp-type", b"CreateTime".to_vec()));
+    }
+    headers
 }
 
 /// Deletes the `processed_events` rows older than `keep`; returns how many.
