@@ -104,11 +104,15 @@ pub enum OffsetReset {
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerSettings {
     pub auto_offset_reset: OffsetReset,
+    /// How long the group coordinator waits for a member's heartbeat before it
+    /// declares the member dead and moves its partitions to the others.
     pub session_timeout_ms: u64,
+    /// How often a member heartbeats; a third of the session timeout, as Kafka advises.
+    pub heartbeat_interval_ms: u64,
     pub max_poll_interval_ms: u64,
-    /// The longest a fetch waits for data. Kafka answers a waiting fetch as soon as a
-    /// record arrives, so this only bounds idle polling there; tansu waits it out, so
-    /// it adds to every hop's latency. 50 ms keeps a saga's two hops fast on both.
+    /// The longest the broker holds a fetch that found no data. Kafka answers a
+    /// waiting fetch as soon as a record arrives (`fetch.min.bytes` = 1), so this only
+    /// bounds how often an idle consumer asks again: librdkafka's default.
     pub fetch_wait_max_ms: u64,
 }
 
@@ -117,8 +121,9 @@ impl Default for ConsumerSettings {
         Self {
             auto_offset_reset: OffsetReset::Earliest,
             session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 3_000,
             max_poll_interval_ms: 300_000,
-            fetch_wait_max_ms: 50,
+            fetch_wait_max_ms: 500,
         }
     }
 }
@@ -222,6 +227,7 @@ impl KafkaSettings {
                 },
             )
             .set("session.timeout.ms", c.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", c.heartbeat_interval_ms.to_string())
             .set("max.poll.interval.ms", c.max_poll_interval_ms.to_string())
             .set("fetch.wait.max.ms", c.fetch_wait_max_ms.to_string());
         config

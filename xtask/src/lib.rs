@@ -1,5 +1,6 @@
-//! The project's own tooling: `cargo xtask up` (the local stack) and `cargo xtask test`
-//! (the test runner CI calls). Also a library, so tests reuse the same PostgreSQL and
+//! The project's own tooling: `cargo xtask up` (the local stack), `cargo xtask test`
+//! (the test runner CI calls), `cargo xtask chaos` (the saga through crashes) and the
+//! benchmarks. Also a library, so tests reuse the same PostgreSQL and
 //! broker provisioning the commands use.
 
 pub mod bench;

@@ -33,6 +33,10 @@ enum Cmd {
         /// Build and run optimized binaries.
         #[arg(long)]
         release: bool,
+        /// Kafka nodes: 1, or 3 for a replicated cluster (topics with replication
+        /// factor 3 and min.insync.replicas=2).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        brokers: u8,
     },
     /// Simulated customers shopping through the gateway of a running `xtask up` stack.
     Simulate {
@@ -74,12 +78,14 @@ fn main() -> ExitCode {
             registry_port,
             env_file,
             release,
+            brokers,
         } => xtask::stack::up(&xtask::stack::UpOptions {
             durable,
             gateway_port,
             registry_port,
             env_file,
             release,
+            brokers: brokers.into(),
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
         Cmd::Bench { name } => xtask::bench::run(&name),

@@ -55,12 +55,19 @@ impl Postgres {
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
     }
+
+    pub fn cluster_mut(&mut self) -> Option<&mut Cluster> {
+        self.cluster.as_mut()
+    }
 }
 
 /// A PostgreSQL server xtask started, stopped and (unless kept) deleted on drop.
 #[derive(Debug)]
 pub struct Cluster {
     server: Supervised,
+    bin: PathBuf,
+    owner: ClusterOwner,
+    data: PathBuf,
     root: PathBuf,
     port: u16,
     password: String,
@@ -113,39 +120,62 @@ impl Cluster {
         };
 
         let port = crate::free_port()?;
-        let log = fs::File::create(root.join("postgres.log"))?;
+        // A fresh log per start of the cluster; a restart after a crash appends to it.
+        fs::File::create(root.join("postgres.log"))?;
         owner.chown(&root.join("postgres.log"))?;
-        let mut postgres = owner.command(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            // No socket file: its path would be long and the cluster is TCP-only.
-            .args(["-c", "unix_socket_directories="])
-            .args(["-c", "max_connections=300"]);
-        if !keep {
-            // A throwaway cluster trades crash safety for speed.
-            postgres.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
-            postgres.args(["-c", "full_page_writes=off"]);
-        }
-        postgres
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null());
-        let server = Supervised::spawn("postgres", &mut postgres)?
-            // SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients.
-            .stop_with(Signal::SIGINT, Duration::from_secs(10));
+        let server = spawn_server(&bin, &owner, &data, &root, port, keep)?;
         let mut cluster = Self {
             server,
+            bin,
+            owner,
+            data,
             root: root.clone(),
             port,
             password,
             keep,
         };
-        cluster.wait_ready(&bin, interrupt)?;
-        cluster.create_database(&bin, DATABASE)?;
+        cluster.wait_ready(interrupt)?;
+        cluster.create_database(DATABASE)?;
         Ok(cluster)
+    }
+
+    /// `Some(status)` once the server has exited (crashed, or was killed) since it was
+    /// last started. Whatever it left in its process group (backends that have not
+    /// noticed yet) is killed, so a restart finds its shared memory free.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.server.exited()?;
+        self.server.stop();
+        Some(status)
+    }
+
+    /// Starts the server again on the same port and data (stopping it first if it
+    /// still runs), and waits until it accepts connections. After a crash PostgreSQL
+    /// replays its WAL first: committed transactions are all there.
+    pub fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
+        self.server.stop();
+        self.server = spawn_server(
+            &self.bin,
+            &self.owner,
+            &self.data,
+            &self.root,
+            self.port,
+            self.keep,
+        )?;
+        self.wait_ready(interrupt)
+    }
+
+    /// Stops the server at once, as `pg_ctl stop -m immediate` does (SIGQUIT): no
+    /// checkpoint, so the next start runs crash recovery.
+    pub fn stop_immediately(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.server.pid() as i32),
+            Signal::SIGQUIT,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.server.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.server.stop();
     }
 
     pub fn port(&self) -> u16 {
@@ -168,7 +198,7 @@ impl Cluster {
         )
     }
 
-    fn wait_ready(&mut self, bin: &Path, interrupt: &Interrupt) -> anyhow::Result<()> {
+    fn wait_ready(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             interrupt.check()?;
@@ -178,7 +208,7 @@ impl Cluster {
                     self.root.join("postgres.log").display()
                 );
             }
-            let ready = Command::new(bin.join("pg_isready"))
+            let ready = Command::new(self.bin.join("pg_isready"))
                 .args([
                     "-h",
                     "127.0.0.1",
@@ -201,8 +231,8 @@ impl Cluster {
         }
     }
 
-    fn create_database(&self, bin: &Path, name: &str) -> anyhow::Result<()> {
-        let output = Command::new(bin.join("psql"))
+    fn create_database(&self, name: &str) -> anyhow::Result<()> {
+        let output = Command::new(self.bin.join("psql"))
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args([
                 "-U",
@@ -222,7 +252,7 @@ impl Cluster {
         if String::from_utf8_lossy(&output.stdout).trim() == "1" {
             return Ok(());
         }
-        let status = Command::new(bin.join("createdb"))
+        let status = Command::new(self.bin.join("createdb"))
             .args([
                 "-h",
                 "127.0.0.1",
@@ -240,6 +270,45 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Starts `postgres` on `data`, logging into `root/postgres.log` (appended to, so a
+/// crash and the restart after it are both in one file).
+fn spawn_server(
+    bin: &Path,
+    owner: &ClusterOwner,
+    data: &Path,
+    root: &Path,
+    port: u16,
+    keep: bool,
+) -> anyhow::Result<Supervised> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("postgres.log"))?;
+    let mut postgres = owner.command(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        // No socket file: its path would be long and the cluster is TCP-only.
+        .args(["-c", "unix_socket_directories="])
+        .args(["-c", "max_connections=300"]);
+    if !keep {
+        // A throwaway cluster need not survive the machine crashing, so it skips the
+        // disk flushes. It must survive the server crashing, which the chaos scenario
+        // does to it: commits stay synchronous, so an acknowledged transaction's WAL
+        // is in the kernel's page cache before the client hears of it.
+        postgres.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+    }
+    postgres
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null());
+    Ok(Supervised::spawn("postgres", &mut postgres)?
+        // SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients.
+        .stop_with(Signal::SIGINT, Duration::from_secs(10)))
 }
 
 impl Drop for Cluster {
@@ -360,6 +429,24 @@ fn find_bindir() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
+}
+
+/// The rows `sql` returns on the database at `url`, unaligned (`psql -Atc`): one line
+/// per row, columns separated by `|`.
+pub fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
+    let psql = server_bindir()
+        .map(|dir| dir.join("psql"))
+        .unwrap_or_else(|_| PathBuf::from("psql"));
+    let output = Command::new(psql)
+        .arg(url)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run psql")?;
+    if !output.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// `apt-get install` without prompts and without starting the packaged service: the

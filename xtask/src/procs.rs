@@ -5,7 +5,9 @@
 //!   (PostgreSQL's backends, a test runner's test binaries) and a terminal's Ctrl-C
 //!   reaches xtask alone, which then stops everything in order;
 //! - with a parent-death signal, so even a `kill -9` of xtask takes the children with
-//!   it instead of leaving a broker or a database behind;
+//!   it instead of leaving a broker or a database behind. Linux sends it when the
+//!   *thread* that spawned the child ends, so spawn from a thread that outlives the
+//!   child (the main thread, a test's own thread), never from a pool thread;
 //! - stopped on drop: its signal to the group, a grace period, then SIGKILL.
 
 use std::{

@@ -1,10 +1,15 @@
 //! `cargo xtask up`: the whole local stack in the foreground.
 //!
-//! Order of start: PostgreSQL, the broker, the topics (`kafka-setup`), then the
-//! registry, the three business services and the gateway. Each step waits until its
-//! part answers. Any failure, Ctrl-C, SIGTERM or SIGHUP stops everything already
-//! started, in reverse order: every process is a [`Supervised`] child owned by this
-//! function, so returning by any path drops (stops) it.
+//! Order of start: PostgreSQL, Apache Kafka (one node, or three with `--brokers 3`),
+//! the topics (`kafka-setup`), then the registry, the three business services and the
+//! gateway. Each step waits until its part answers. A failure during start-up stops
+//! everything already started, in reverse order: every process is a [`Supervised`]
+//! child owned by this function, so returning by any path drops (stops) it.
+//!
+//! Once `ready`, the stack is supervised as a process manager would: a part that
+//! dies (a crashed service, a killed Kafka node, PostgreSQL) is logged and restarted
+//! on the same port and data, after a backoff that doubles while it keeps dying. The
+//! stack stops on Ctrl-C, SIGTERM or SIGHUP, or when a part keeps failing to start.
 //!
 //! While the stack runs, `target/stack.env` says how to reach it; it is removed on
 //! the way out so a stale file never points at a dead stack.
@@ -19,7 +24,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    broker::{Broker, Storage},
+    broker::{Broker, KafkaOptions, Storage},
     postgres::Postgres,
     procs::{Interrupt, Supervised},
 };
@@ -37,6 +42,9 @@ pub struct UpOptions {
     pub env_file: Option<PathBuf>,
     /// Build and run optimized binaries (benchmarks).
     pub release: bool,
+    /// Kafka nodes to run: 1, or 3 for a replicated cluster (topics then get
+    /// replication factor 3 and `min.insync.replicas=2`).
+    pub brokers: usize,
 }
 
 /// A service of the stack and the environment prefix of its settings.
@@ -70,6 +78,97 @@ const SERVICES: [Service; 5] = [
         env_prefix: "GATEWAY_",
     },
 ];
+
+/// A `cargo xtask up` running as a child process (benchmarks, the chaos scenario and
+/// the end-to-end tests drive one), stopped with SIGINT, as Ctrl-C would, on drop.
+#[derive(Debug)]
+pub struct UpProcess {
+    child: std::process::Child,
+    env: Vec<(String, String)>,
+}
+
+impl UpProcess {
+    /// Runs `xtask up` with `args` on free ports, its own PostgreSQL and Kafka, and
+    /// the env file `env_file`; returns once it printed `ready`. Its standard output
+    /// and error go to `log`.
+    pub fn start(
+        xtask: &Path,
+        args: &[&str],
+        env_file: &Path,
+        log: &Path,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<Self> {
+        let output = fs::File::create(log)?;
+        let child = Command::new(xtask)
+            .args(["up", "--gateway-port", "0", "--registry-port", "0"])
+            .args(args)
+            .arg("--env-file")
+            .arg(env_file)
+            .env_remove("DATABASE_URL")
+            .env_remove("KAFKA_BROKERS")
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .spawn()
+            .context("cannot start xtask up")?;
+        let mut up = Self {
+            child,
+            env: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            interrupt.check()?;
+            if let Some(status) = up.child.try_wait()? {
+                bail!(
+                    "xtask up exited ({status}) before ready; see {}",
+                    log.display()
+                );
+            }
+            let said = fs::read_to_string(log).unwrap_or_default();
+            if said.lines().any(|l| l.starts_with("ready")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "xtask up was not ready within 15 min; see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        up.env = fs::read_to_string(env_file)?
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(up)
+    }
+
+    /// A variable of the stack's env file.
+    pub fn var(&self, key: &str) -> anyhow::Result<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .with_context(|| format!("{key} missing from the stack's env file"))
+    }
+
+    /// The `xtask up` process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+    }
+}
 
 /// The file other terminals source to reach the running stack.
 pub fn stack_env_path() -> PathBuf {
@@ -105,20 +204,36 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     } else {
         stack_dir.join(format!("postgres-{}", std::process::id()))
     };
-    let postgres = Postgres::provide(&postgres_dir, options.durable, &interrupt)?;
+    let mut postgres = Postgres::provide(&postgres_dir, options.durable, &interrupt)?;
 
-    say("starting the broker");
+    say(&match options.brokers {
+        1 => format!("starting Apache Kafka {}", crate::broker::KAFKA_VERSION),
+        n => format!(
+            "starting Apache Kafka {} ({n} nodes)",
+            crate::broker::KAFKA_VERSION
+        ),
+    });
     let storage = if options.durable {
-        Storage::Sqlite(stack_dir.join("durable").join("tansu.db"))
+        Storage::Durable(stack_dir.join("durable").join("kafka"))
     } else {
         Storage::Throwaway
     };
-    let broker = Broker::provide(storage, &logs.join("tansu.log"), &interrupt)?;
+    let mut broker = Broker::provide(
+        &KafkaOptions::single(&logs)
+            .with_nodes(options.brokers)
+            .with_storage(storage),
+        &interrupt,
+    )?;
 
     say("creating the topics");
     let bin = crate::target_dir().join(if options.release { "release" } else { "debug" });
     let mut topics = Command::new(bin.join("kafka-setup"));
     topics.env("KAFKA_BROKERS", broker.brokers());
+    if options.brokers >= 3 {
+        // What docs/kafka-configs.md recommends for production: three copies of every
+        // partition, and a write acknowledged once two of them have it.
+        topics.args(["--replication-factor", "3", "--min-insync-replicas", "2"]);
+    }
     let mut setup = Supervised::spawn("kafka-setup", &mut topics)?;
     match setup.wait_or_interrupt(&interrupt).map(|s| s.code()) {
         Some(Some(0)) => {}
@@ -133,14 +248,15 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
 
     say("starting the SMTP sink (aiosmtpd)");
     let mailbox = stack_dir.join("mail");
-    let (smtp_port, _smtp) = start_smtp_sink(&mailbox, &logs, &interrupt)?;
+    let mut smtp = SmtpSink::start(&mailbox, &logs, &interrupt)?;
+    let smtp_port = smtp.port;
 
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_config = stack_dir.join("gateway.yaml");
     write_gateway_config(&gateway_config)?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}");
     let registry_token = crate::random_token(32);
-    let mut running: Vec<(Service, u16, Supervised)> = Vec::new();
+    let mut running: Vec<ServiceProcess> = Vec::new();
     for service in SERVICES {
         let port = match service.name {
             "registry" => registry_port,
@@ -148,31 +264,36 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             _ => crate::free_port()?,
         };
         say(&format!("starting {}", service.name));
-        let log_path = logs.join(format!("{}.log", service.name));
-        let log = fs::File::create(&log_path)?;
-        let mut command = Command::new(bin.join(service.name));
+        let mut env: Vec<(String, std::ffi::OsString)> = vec![
+            (
+                format!("{}HTTP__PORT", service.env_prefix),
+                port.to_string().into(),
+            ),
+            ("DATABASE_URL".into(), postgres.url().into()),
+            ("KAFKA_BROKERS".into(), broker.brokers().into()),
+            ("REGISTRY_URL".into(), registry_url.clone().into()),
+            ("REGISTRY_TOKEN".into(), registry_token.clone().into()),
+            ("GATEWAY_URL".into(), gateway_url.clone().into()),
+        ];
         if service.name == "gateway" {
-            command.env("GATEWAY_CONFIG", &gateway_config);
+            env.push(("GATEWAY_CONFIG".into(), gateway_config.clone().into()));
         }
         if service.name == "notification-service" {
-            command.env("NOTIFICATION_MAIL__SMTP_PORT", smtp_port.to_string());
+            env.push((
+                "NOTIFICATION_MAIL__SMTP_PORT".into(),
+                smtp_port.to_string().into(),
+            ));
         }
-        command
-            .env(
-                format!("{}HTTP__PORT", service.env_prefix),
-                port.to_string(),
-            )
-            .env("DATABASE_URL", postgres.url())
-            .env("KAFKA_BROKERS", broker.brokers())
-            .env("REGISTRY_URL", &registry_url)
-            .env("REGISTRY_TOKEN", &registry_token)
-            .env("GATEWAY_URL", &gateway_url)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let mut child = Supervised::spawn(service.name, &mut command)?;
-        wait_healthy(&mut child, port, &log_path, &interrupt)?;
-        running.push((service, port, child));
+        let log = logs.join(format!("{}.log", service.name));
+        fs::File::create(&log)?;
+        running.push(ServiceProcess::start(
+            service,
+            port,
+            bin.join(service.name),
+            env,
+            log,
+            &interrupt,
+        )?);
     }
 
     say("waiting for every service to register");
@@ -196,7 +317,8 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
              export REGISTRY_TOKEN={registry_token}\n\
              export KAFKA_BROKERS={}\n\
              export DATABASE_URL={}\n\
-             export STOREFRONT_MAILDIR={}\n",
+             export STOREFRONT_MAILDIR={}\n\
+             export STOREFRONT_SMTP_PORT={smtp_port}\n",
             broker.brokers(),
             postgres.url(),
             mailbox.display()
@@ -205,8 +327,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let _remove_env_file = RemoveOnDrop(env_file.clone());
 
     println!();
-    for (service, port, _) in &running {
-        println!("  {:<21} http://127.0.0.1:{port}", service.name);
+    for process in &running {
+        println!(
+            "  {:<21} http://127.0.0.1:{}",
+            process.service.name, process.port
+        );
     }
     println!("  {:<21} {}", "kafka", broker.brokers());
     println!(
@@ -243,67 +368,356 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     println!();
     println!("ready: a request through the gateway reached every service; Ctrl-C stops the stack");
 
-    let outcome = loop {
-        if interrupt.requested() {
-            say("stopping");
-            break Ok(());
-        }
-        if let Some((service, status)) = first_exited(&mut running) {
-            break Err(anyhow::anyhow!(
-                "{service} exited ({status}); see {}",
-                logs.join(format!("{service}.log")).display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let outcome = supervise(
+        &mut running,
+        &mut postgres,
+        &mut broker,
+        &mut smtp,
+        &logs,
+        &interrupt,
+    );
     // Stop in reverse start order: the gateway first, the database last.
-    while let Some((_, _, mut child)) = running.pop() {
-        child.stop();
+    while let Some(mut process) = running.pop() {
+        process.child.stop();
     }
+    drop(smtp);
     drop(broker);
     drop(postgres);
     outcome
 }
 
-/// Starts aiosmtpd on a free port, writing every mail it accepts into the Maildir
-/// `mailbox`; returns the port and the running sink.
-fn start_smtp_sink(
-    mailbox: &Path,
+/// Keeps every part of a ready stack running until an interrupt: a part that exits
+/// is logged and restarted on its own port and data after a backoff. Returns an error
+/// (the caller then stops everything) when a part keeps dying or failing to start.
+fn supervise(
+    running: &mut [ServiceProcess],
+    postgres: &mut Postgres,
+    broker: &mut Broker,
+    smtp: &mut SmtpSink,
     logs: &Path,
     interrupt: &Interrupt,
-) -> anyhow::Result<(u16, Supervised)> {
-    let site = crate::tools::aiosmtpd(interrupt)?;
-    for part in ["new", "cur", "tmp"] {
-        fs::create_dir_all(mailbox.join(part))?;
+) -> anyhow::Result<()> {
+    let mut restarts: std::collections::BTreeMap<String, Restarts> = Default::default();
+    loop {
+        if interrupt.requested() {
+            say("stopping");
+            return Ok(());
+        }
+        // Notice deaths first, then restart what is due, so a part that died while
+        // another was being restarted is scheduled too.
+        if let Some(cluster) = postgres.cluster_mut()
+            && let Some(status) = cluster.exited()
+        {
+            let log = cluster.root().join("postgres.log");
+            restarts.entry("postgres".into()).or_default().died(
+                "PostgreSQL",
+                &status.to_string(),
+                &log,
+            )?;
+        }
+        if let Some(cluster) = broker.cluster_mut() {
+            while let Some((index, status)) = cluster.exited() {
+                let log = cluster
+                    .log(index)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                restarts.entry(format!("kafka-{index}")).or_default().died(
+                    &format!("Kafka node {}", index + 1),
+                    &status.to_string(),
+                    &log,
+                )?;
+            }
+        }
+        if let Some(status) = smtp.exited() {
+            restarts.entry("smtp".into()).or_default().died(
+                &part_name("smtp"),
+                &status.to_string(),
+                &logs.join("smtp.log"),
+            )?;
+        }
+        for process in running.iter_mut() {
+            if let Some(status) = process.exited() {
+                restarts
+                    .entry(process.service.name.into())
+                    .or_default()
+                    .died(process.service.name, &status.to_string(), &process.log)?;
+            }
+        }
+
+        let due: Vec<String> = restarts
+            .iter()
+            .filter(|(_, r)| r.is_due())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let attempt = if name == "postgres" {
+                match postgres.cluster_mut() {
+                    Some(cluster) => cluster.restart(interrupt),
+                    None => Ok(()),
+                }
+            } else if let Some(index) = name.strip_prefix("kafka-") {
+                let index: usize = index.parse().unwrap_or_default();
+                match broker.cluster_mut() {
+                    Some(cluster) => cluster.restart(index, interrupt),
+                    None => Ok(()),
+                }
+            } else if name == "smtp" {
+                smtp.restart(interrupt)
+            } else {
+                match running.iter_mut().find(|p| p.service.name == name) {
+                    Some(process) => process.restart(interrupt),
+                    None => Ok(()),
+                }
+            };
+            if interrupt.requested() {
+                say("stopping");
+                return Ok(());
+            }
+            let entry = restarts.entry(name.clone()).or_default();
+            match attempt {
+                Ok(()) => {
+                    say(&format!("{} restarted", part_name(&name)));
+                    entry.restarted();
+                }
+                Err(e) => {
+                    entry.died(&part_name(&name), &format!("failed to start: {e:#}"), logs)?
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let port = crate::free_port()?;
-    let log = fs::File::create(logs.join("smtp.log"))?;
-    let mut command = Command::new("python3");
-    command
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["-c", "aiosmtpd.handlers.Mailbox"])
-        .arg(mailbox)
-        .env("PYTHONPATH", site)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut sink = Supervised::spawn("aiosmtpd", &mut command)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        interrupt.check()?;
-        if let Some(status) = sink.exited() {
+}
+
+/// How the supervisor's messages name a part it keeps by `key`.
+fn part_name(key: &str) -> String {
+    match key {
+        "postgres" => "PostgreSQL".to_owned(),
+        "smtp" => "the SMTP sink".to_owned(),
+        other => match other
+            .strip_prefix("kafka-")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
+            Some(index) => format!("Kafka node {}", index + 1),
+            None => other.to_owned(),
+        },
+    }
+}
+
+/// Restart bookkeeping for one part of the stack.
+#[derive(Debug)]
+struct Restarts {
+    /// Deaths since the part last stayed up for [`STABLE`].
+    streak: u32,
+    /// When the part was last (re)started.
+    started: Instant,
+    /// When the next start is due, while the part is down.
+    due: Option<Instant>,
+}
+
+/// A part that has run this long since its last start is healthy again: its next
+/// death starts a new streak with the shortest backoff.
+const STABLE: Duration = Duration::from_secs(60);
+/// Deaths in a row (each within [`STABLE`] of its start) after which the stack gives up.
+const MAX_STREAK: u32 = 5;
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Self {
+            streak: 0,
+            started: Instant::now(),
+            due: None,
+        }
+    }
+}
+
+impl Restarts {
+    /// Records a death (or a failed start) and schedules the next start: 0.5 s after
+    /// the first death of a streak, doubling up to 30 s. Fails after [`MAX_STREAK`].
+    fn died(&mut self, name: &str, how: &str, log: &Path) -> anyhow::Result<()> {
+        if self.started.elapsed() >= STABLE {
+            self.streak = 0;
+        }
+        self.streak += 1;
+        if self.streak > MAX_STREAK {
             bail!(
-                "aiosmtpd exited ({status}); see {}",
-                logs.join("smtp.log").display()
+                "{name} keeps failing ({} times in a row, last: {how}); see {}",
+                self.streak - 1,
+                log.display()
             );
         }
-        if std::time::Instant::now() > deadline {
-            bail!("aiosmtpd did not listen on {port} within 30s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        let delay =
+            Duration::from_millis(500 * (1 << (self.streak - 1))).min(Duration::from_secs(30));
+        say(&format!(
+            "{name} exited ({how}); restarting in {:.1}s (see {})",
+            delay.as_secs_f64(),
+            log.display()
+        ));
+        self.due = Some(Instant::now() + delay);
+        Ok(())
     }
-    Ok((port, sink))
+
+    fn is_due(&self) -> bool {
+        self.due.is_some_and(|due| Instant::now() >= due)
+    }
+
+    fn restarted(&mut self) {
+        self.due = None;
+        self.started = Instant::now();
+    }
+}
+
+/// One of the stack's own programs and how to start it again.
+#[derive(Debug)]
+struct ServiceProcess {
+    service: Service,
+    port: u16,
+    program: PathBuf,
+    env: Vec<(String, std::ffi::OsString)>,
+    log: PathBuf,
+    child: Supervised,
+    /// Set once an exit was reported, until the next start.
+    down: bool,
+}
+
+impl ServiceProcess {
+    /// Starts the program and waits until its health endpoint answers.
+    fn start(
+        service: Service,
+        port: u16,
+        program: PathBuf,
+        env: Vec<(String, std::ffi::OsString)>,
+        log: PathBuf,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<Self> {
+        let child = Self::spawn(service, &program, &env, &log)?;
+        let mut process = Self {
+            service,
+            port,
+            program,
+            env,
+            log,
+            child,
+            down: false,
+        };
+        wait_healthy(&mut process.child, port, &process.log, interrupt)?;
+        Ok(process)
+    }
+
+    fn spawn(
+        service: Service,
+        program: &Path,
+        env: &[(String, std::ffi::OsString)],
+        log: &Path,
+    ) -> anyhow::Result<Supervised> {
+        // Appended to: a crash and the restart after it end up in one file.
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut command = Command::new(program);
+        command
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        Ok(Supervised::spawn(service.name, &mut command)?)
+    }
+
+    /// `Some(status)` the first time this is called after the program exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        if self.down {
+            return None;
+        }
+        let status = self.child.exited()?;
+        self.down = true;
+        Some(status)
+    }
+
+    fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
+        self.child.stop();
+        self.child = Self::spawn(self.service, &self.program, &self.env, &self.log)?;
+        self.down = false;
+        wait_healthy(&mut self.child, self.port, &self.log, interrupt)
+    }
+}
+
+/// aiosmtpd on a port of its own, writing every mail it accepts into a Maildir.
+#[derive(Debug)]
+struct SmtpSink {
+    port: u16,
+    mailbox: PathBuf,
+    log: PathBuf,
+    site: PathBuf,
+    child: Supervised,
+    down: bool,
+}
+
+impl SmtpSink {
+    /// Starts the sink on a free port, writing into the Maildir `mailbox`.
+    fn start(mailbox: &Path, logs: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
+        let site = crate::tools::aiosmtpd(interrupt)?;
+        for part in ["new", "cur", "tmp"] {
+            fs::create_dir_all(mailbox.join(part))?;
+        }
+        let log = logs.join("smtp.log");
+        fs::File::create(&log)?;
+        let port = crate::free_port()?;
+        let child = Self::spawn(port, mailbox, &log, &site)?;
+        let mut sink = Self {
+            port,
+            mailbox: mailbox.to_path_buf(),
+            log,
+            site,
+            child,
+            down: false,
+        };
+        sink.wait_listening(interrupt)?;
+        Ok(sink)
+    }
+
+    fn spawn(port: u16, mailbox: &Path, log: &Path, site: &Path) -> anyhow::Result<Supervised> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut command = Command::new("python3");
+        command
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(mailbox)
+            .env("PYTHONPATH", site)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        Ok(Supervised::spawn("aiosmtpd", &mut command)?)
+    }
+
+    fn wait_listening(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            interrupt.check()?;
+            if let Some(status) = self.child.exited() {
+                bail!("aiosmtpd exited ({status}); see {}", self.log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("aiosmtpd did not listen on {} within 30s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `Some(status)` the first time this is called after the sink exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        if self.down {
+            return None;
+        }
+        let status = self.child.exited()?;
+        self.down = true;
+        Some(status)
+    }
+
+    fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
+        self.child.stop();
+        self.child = Self::spawn(self.port, &self.mailbox, &self.log, &self.site)?;
+        self.down = false;
+        self.wait_listening(interrupt)
+    }
 }
 
 /// Removes throwaway clusters whose `up` is gone: a `kill -9`ed xtask stops its
@@ -386,11 +800,11 @@ pub(crate) fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
 
 /// The first service that has exited, with how.
 fn first_exited(
-    running: &mut [(Service, u16, Supervised)],
+    running: &mut [ServiceProcess],
 ) -> Option<(&'static str, std::process::ExitStatus)> {
     running
         .iter_mut()
-        .find_map(|(s, _, child)| child.exited().map(|status| (s.name, status)))
+        .find_map(|p| p.child.exited().map(|status| (p.service.name, status)))
 }
 
 /// `requested`, or a free port when 0; fails early when the port is taken, naming the
@@ -446,7 +860,7 @@ fn wait_healthy(
 fn wait_registered(
     registry_url: &str,
     services: &[&str],
-    running: &mut [(Service, u16, Supervised)],
+    running: &mut [ServiceProcess],
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -496,7 +910,7 @@ fn wait_registered(
 /// could not get there (yet); anything else came from the service.
 fn wait_through_gateway(
     gateway_url: &str,
-    running: &mut [(Service, u16, Supervised)],
+    running: &mut [ServiceProcess],
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -551,5 +965,53 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_doubling_and_give_up_when_a_part_keeps_dying() {
+        let mut restarts = Restarts::default();
+        let log = Path::new("part.log");
+        let mut delays = Vec::new();
+        for _ in 0..MAX_STREAK {
+            let before = Instant::now();
+            restarts
+                .died("part", "signal 9", log)
+                .expect("still restarting");
+            let due = restarts.due.expect("a restart is scheduled");
+            delays.push((due - before).as_millis() / 100);
+            restarts.restarted();
+        }
+        assert_eq!(delays, [5, 10, 20, 40, 80], "0.5 s, doubling");
+        let error = restarts
+            .died("part", "signal 9", log)
+            .expect_err("the sixth death in a row stops the stack");
+        assert!(error.to_string().contains("keeps failing"), "{error}");
+    }
+
+    #[test]
+    fn a_part_that_stayed_up_starts_a_new_streak() {
+        let mut restarts = Restarts::default();
+        for _ in 0..MAX_STREAK {
+            restarts
+                .died("part", "exit 1", Path::new("x"))
+                .expect("restart");
+        }
+        restarts.started = Instant::now() - STABLE;
+        restarts
+            .died("part", "exit 1", Path::new("x"))
+            .expect("a new streak");
+        assert_eq!(restarts.streak, 1);
+    }
+
+    #[test]
+    fn parts_are_named_for_people() {
+        assert_eq!(part_name("kafka-2"), "Kafka node 3");
+        assert_eq!(part_name("postgres"), "PostgreSQL");
+        assert_eq!(part_name("order-service"), "order-service");
     }
 }

@@ -9,7 +9,7 @@
 use std::{fs, process::Command};
 
 use crate::{
-    broker::{Broker, Storage},
+    broker::{Broker, KafkaOptions},
     postgres::Postgres,
     procs::{self, Interrupt},
 };
@@ -61,8 +61,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let postgres = Postgres::provide(&dir.join(format!("postgres-{pid}")), false, &interrupt)?;
     step("starting the broker");
     let broker = Broker::provide(
-        Storage::Throwaway,
-        &dir.join(format!("tansu-{pid}.log")),
+        &KafkaOptions::single(dir.join(format!("kafka-{pid}"))),
         &interrupt,
     )?;
 
@@ -70,6 +69,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let python_path = crate::tools::python_path(&interrupt)?;
     step("installing newman, which runs the Postman collection in the end-to-end test");
     let newman = crate::tools::newman(&interrupt)?;
+    step("installing kcat (Debian), which the broker tests use as a client of nobody's making");
+    let kcat = crate::tools::debian_tool("kcat", "kcat")?;
 
     step("running the tests");
     let mut tests = crate::cargo();
@@ -83,7 +84,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("DATABASE_URL", postgres.url())
         .env("KAFKA_BROKERS", broker.brokers())
         .env("STOREFRONT_PYTHONPATH", &python_path)
-        .env("STOREFRONT_NEWMAN", &newman);
+        .env("STOREFRONT_NEWMAN", &newman)
+        .env("STOREFRONT_KCAT", &kcat);
     let result = procs::run("the tests", &mut tests, &interrupt);
     drop(broker);
     drop(postgres);

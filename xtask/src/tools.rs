@@ -1,7 +1,8 @@
 //! Tools xtask installs on first use, into a folder outside the checkout so every
-//! later clone on the machine reuses them: the tansu broker (crates.io) and the
-//! real Eureka client the registry's tests talk to (PyPI). Each install holds a lock
-//! file, so parallel tests or two terminals never install the same tool twice.
+//! later clone on the machine reuses them: Apache Kafka's jars (Maven Central, see
+//! `crate::broker`), the real Eureka client the registry's tests talk to and the SMTP
+//! sink (PyPI), and newman (npm). Each install holds a lock file, so parallel tests or
+//! two terminals never install the same tool twice.
 
 use std::{
     fs,
@@ -37,6 +38,19 @@ pub fn install_once(
     install: &mut Command,
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
+    install_once_with(root, marker, announce, || {
+        procs::run(announce, install, interrupt)
+    })
+}
+
+/// [`install_once`] with the install as a function: it runs only when `marker` is
+/// missing, under `root`'s lock file, and must create `marker`.
+pub fn install_once_with(
+    root: &Path,
+    marker: &Path,
+    announce: &str,
+    install: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     if marker.exists() {
         return Ok(());
     }
@@ -49,7 +63,7 @@ pub fn install_once(
         return Ok(());
     }
     eprintln!("xtask: {announce}");
-    procs::run(announce, install, interrupt)?;
+    install()?;
     if !marker.exists() {
         bail!("the install finished but {} is missing", marker.display());
     }

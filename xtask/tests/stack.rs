@@ -203,6 +203,10 @@ fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
         .expect("the gateway answers while the stack runs");
     assert_eq!(health.status(), 200);
 
+    if own_infrastructure {
+        parts_that_die_are_restarted(child.id(), &output, gateway);
+    }
+
     let started = descendants(child.id());
     let mut expected = vec![
         "registry",
@@ -212,7 +216,7 @@ fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
         "gateway",
     ];
     if own_infrastructure {
-        expected.extend(["postgres", "tansu"]);
+        expected.extend(["postgres", "java"]);
     }
     for name in expected {
         // /proc truncates command names to 15 bytes.
@@ -232,6 +236,80 @@ fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
     let left = still_running(&started);
     assert!(left.is_empty(), "still running after {signal}: {left:?}");
     assert!(!env_file.exists(), "stack.env removed with the stack");
+}
+
+/// The stack's direct child named `name` (as /proc shows it).
+fn child_named(xtask: u32, name: &str) -> u32 {
+    let table = process_table();
+    table
+        .iter()
+        .find(|(_, info)| info.ppid == xtask && info.name == name && info.state != 'Z')
+        .map(|(pid, _)| *pid)
+        .unwrap_or_else(|| panic!("no {name} under xtask"))
+}
+
+/// A service, the Kafka node and PostgreSQL are each killed; the supervisor says so,
+/// restarts each, and the stack serves orders through the gateway again.
+fn parts_that_die_are_restarted(xtask: u32, output: &mpsc::Receiver<String>, gateway: &str) {
+    for (name, signal, said) in [
+        ("order-service", Signal::SIGKILL, "order-service"),
+        ("java", Signal::SIGKILL, "Kafka node 1"),
+        // PostgreSQL's immediate shutdown.
+        ("postgres", Signal::SIGQUIT, "PostgreSQL"),
+    ] {
+        let pid = child_named(xtask, name);
+        kill(Pid::from_raw(pid as i32), signal).expect("kill a part");
+        let seen = wait_for_line(output, &format!("{said} exited"), Duration::from_secs(30));
+        assert!(
+            seen.last().is_some_and(|l| l.contains("restarting in")),
+            "the death is logged with the backoff: {seen:?}"
+        );
+        wait_for_line(
+            output,
+            &format!("{said} restarted"),
+            Duration::from_secs(180),
+        );
+        assert_ne!(
+            child_named(xtask, name),
+            pid,
+            "{name} runs as a new process"
+        );
+    }
+    // Orders work again end to end through the gateway: log in, place one.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let token: serde_json::Value = agent
+        .post(&format!("{gateway}/auth/token"))
+        .send_json(serde_json::json!({"username": "alice", "password": "alice"}))
+        .expect("login")
+        .body_mut()
+        .read_json()
+        .expect("token");
+    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = agent
+            .post(&format!("{gateway}/orders"))
+            .header("authorization", &bearer)
+            .header("idempotency-key", "after-the-restarts")
+            .send_json(serde_json::json!({
+                "items": [{"sku": "BOOK-1", "quantity": 1, "unitPrice": 1250}],
+                "currency": "EUR"
+            }))
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status == 201 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no order accepted after the restarts (last status {status})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

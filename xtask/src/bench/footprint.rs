@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     bench::{Report, build_release, memory_mib, scratch, wait_http_ok},
-    broker::{Broker, Storage},
+    broker::{Broker, KafkaOptions},
     postgres::Postgres,
     procs::{Interrupt, Supervised},
 };
@@ -30,7 +30,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let bin = build_release(&packages, &[], interrupt)?;
     eprintln!("bench: starting PostgreSQL and the broker");
     let postgres = Postgres::provide(&dir.join("postgres"), false, interrupt)?;
-    let broker = Broker::provide(Storage::Throwaway, &dir.join("tansu.log"), interrupt)?;
+    let broker = Broker::provide(&KafkaOptions::single(&dir), interrupt)?;
     crate::procs::run(
         "kafka-setup",
         Command::new(bin.join("kafka-setup")).env("KAFKA_BROKERS", broker.brokers()),

@@ -6,9 +6,7 @@
 //! Target: at least 1,000 confirmed orders per second, p99 under 250 ms at half that.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -29,81 +27,28 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// `xtask up --release` on free ports with its own database and broker; stopped with
 /// SIGINT when dropped.
 struct Stack {
-    child: Child,
+    up: crate::stack::UpProcess,
     gateway: String,
     database: String,
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn start_stack(env_file: &std::path::Path, interrupt: &Interrupt) -> anyhow::Result<Stack> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "up",
-            "--release",
-            "--gateway-port",
-            "0",
-            "--registry-port",
-            "0",
-            "--env-file",
-        ])
-        .arg(env_file)
-        .env_remove("DATABASE_URL")
-        .env_remove("KAFKA_BROKERS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().context("no stdout")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        interrupt.check()?;
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) if line.starts_with("ready") => break,
-            Ok(_) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-            Err(_) => bail!("the stack did not become ready"),
-        }
-    }
-    let env = std::fs::read_to_string(env_file)?;
-    let var = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {key}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("{key} missing from the env file"))
-    };
+fn start_stack(dir: &std::path::Path, interrupt: &Interrupt) -> anyhow::Result<Stack> {
+    let up = crate::stack::UpProcess::start(
+        &std::env::current_exe()?,
+        &["--release"],
+        &dir.join("stack.env"),
+        &dir.join("stack.log"),
+        interrupt,
+    )?;
     Ok(Stack {
-        gateway: var("GATEWAY_URL")?,
-        database: var("DATABASE_URL")?,
-        child,
+        gateway: up.var("GATEWAY_URL")?.to_owned(),
+        database: up.var("DATABASE_URL")?.to_owned(),
+        up,
     })
 }
 
-/// One value from `psql -Atc`.
 fn psql(database: &str, sql: &str) -> anyhow::Result<String> {
-    let output = Command::new("psql")
-        .arg(database)
-        .args(["-Atc", sql])
-        .output()
-        .context("cannot run psql")?;
-    if !output.status.success() {
-        bail!("psql: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    crate::postgres::psql(database, sql)
 }
 
 fn number(database: &str, sql: &str) -> anyhow::Result<f64> {
@@ -157,7 +102,7 @@ fn wait_drained(stack: &Stack, interrupt: &Interrupt) -> anyhow::Result<()> {
 /// The names `cpu_by_name` finds, as the report calls them.
 fn part(name: &str) -> &str {
     match name {
-        "tansu" => "broker (tansu)",
+        "java" => "broker (Apache Kafka)",
         "postgres" => "PostgreSQL",
         "python3" | "python" => "mail sink (aiosmtpd)",
         "notification-se" => "notification-service",
@@ -170,7 +115,7 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
     let hey = debian_tool("hey", "hey")?;
     let workers = 100.0_f64.min(rate).max(1.0);
     let mark = psql(&stack.database, "SELECT now()")?;
-    let cpu_before = crate::bench::cpu_by_name(stack.child.id());
+    let cpu_before = crate::bench::cpu_by_name(stack.up.pid());
     let hey_before = crate::bench::children_cpu_seconds();
     let idle_before = crate::bench::machine_idle_seconds();
     let started = Instant::now();
@@ -208,7 +153,7 @@ fn step(stack: &Stack, token: &str, rate: f64, seconds: u64) -> anyhow::Result<S
         std::thread::sleep(Duration::from_millis(100));
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu_after = crate::bench::cpu_by_name(stack.child.id());
+    let cpu_after = crate::bench::cpu_by_name(stack.up.pid());
     let mut cores: Vec<(String, f64)> = cpu_after
         .iter()
         .map(|(name, after)| {
@@ -307,7 +252,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("saga")?;
     debian_tool("hey", "hey")?;
     eprintln!("bench: starting the stack (release build)");
-    let stack = start_stack(&dir.join("stack.env"), interrupt)?;
+    let stack = start_stack(&dir, interrupt)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
