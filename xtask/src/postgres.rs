@@ -65,6 +65,8 @@ impl Postgres {
 #[derive(Debug)]
 pub struct Cluster {
     server: Supervised,
+    /// Set once [`Cluster::exited`] reported the server's exit, until a restart.
+    down: bool,
     bin: PathBuf,
     owner: ClusterOwner,
     data: PathBuf,
@@ -126,6 +128,7 @@ impl Cluster {
         let server = spawn_server(&bin, &owner, &data, &root, port, keep)?;
         let mut cluster = Self {
             server,
+            down: false,
             bin,
             owner,
             data,
@@ -139,11 +142,16 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// `Some(status)` once the server has exited (crashed, or was killed) since it was
-    /// last started. Whatever it left in its process group (backends that have not
-    /// noticed yet) is killed, so a restart finds its shared memory free.
+    /// `Some(status)` the first time this is called after the server exited (crashed,
+    /// or was killed) since it was last started. Whatever it left in its process group
+    /// (backends that have not noticed yet) is killed, so a restart finds its shared
+    /// memory free.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        if self.down {
+            return None;
+        }
         let status = self.server.exited()?;
+        self.down = true;
         self.server.stop();
         Some(status)
     }
@@ -161,6 +169,7 @@ impl Cluster {
             self.port,
             self.keep,
         )?;
+        self.down = false;
         self.wait_ready(interrupt)
     }
 
