@@ -107,7 +107,10 @@ pub struct ConsumerSettings {
     /// How long the group coordinator waits for a member's heartbeat before it
     /// declares the member dead and moves its partitions to the others.
     pub session_timeout_ms: u64,
-    /// How often a member heartbeats; a third of the session timeout, as Kafka advises.
+    /// How often a member heartbeats. A member learns of a rebalance (another member
+    /// died or joined) only at its next heartbeat, so this adds to every hand-over;
+    /// a tenth of the session timeout keeps that short (Kafka asks for at most a
+    /// third).
     pub heartbeat_interval_ms: u64,
     pub max_poll_interval_ms: u64,
     /// The longest the broker holds a fetch that found no data. Kafka answers a
@@ -121,7 +124,7 @@ impl Default for ConsumerSettings {
         Self {
             auto_offset_reset: OffsetReset::Earliest,
             session_timeout_ms: 10_000,
-            heartbeat_interval_ms: 3_000,
+            heartbeat_interval_ms: 1_000,
             max_poll_interval_ms: 300_000,
             fetch_wait_max_ms: 500,
         }
