@@ -80,10 +80,11 @@ const SERVICES: [Service; 5] = [
 ];
 
 /// A `cargo xtask up` running as a child process (benchmarks, the chaos scenario and
-/// the end-to-end tests drive one), stopped with SIGINT, as Ctrl-C would, on drop.
+/// the end-to-end tests drive one), stopped with SIGINT, as Ctrl-C would, on drop. It
+/// is a [`Supervised`] child, so a harness that dies takes the stack with it.
 #[derive(Debug)]
 pub struct UpProcess {
-    child: std::process::Child,
+    child: Supervised,
     env: Vec<(String, String)>,
 }
 
@@ -99,7 +100,8 @@ impl UpProcess {
         interrupt: &Interrupt,
     ) -> anyhow::Result<Self> {
         let output = fs::File::create(log)?;
-        let child = Command::new(xtask)
+        let mut command = Command::new(xtask);
+        command
             .args(["up", "--gateway-port", "0", "--registry-port", "0"])
             .args(args)
             .arg("--env-file")
@@ -108,9 +110,10 @@ impl UpProcess {
             .env_remove("KAFKA_BROKERS")
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)
-            .stderr(output)
-            .spawn()
-            .context("cannot start xtask up")?;
+            .stderr(output);
+        let child = Supervised::spawn("xtask up", &mut command)?
+            // Its own orderly stop takes a while with three Kafka nodes.
+            .stop_with(nix::sys::signal::Signal::SIGINT, Duration::from_secs(60));
         let mut up = Self {
             child,
             env: Vec::new(),
@@ -118,7 +121,7 @@ impl UpProcess {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
             interrupt.check()?;
-            if let Some(status) = up.child.try_wait()? {
+            if let Some(status) = up.child.exited() {
                 bail!(
                     "xtask up exited ({status}) before ready; see {}",
                     log.display()
@@ -156,17 +159,7 @@ impl UpProcess {
 
     /// The `xtask up` process.
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for UpProcess {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }
 

@@ -5,103 +5,40 @@
 //! `docs/postman/`, run by newman, and a short `xtask simulate`, against the same stack.
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
+use xtask::{procs::Interrupt, stack::UpProcess};
 
-/// The stack, stopped (SIGINT, as Ctrl-C) when dropped.
-struct Stack {
-    child: Child,
-    env: Vec<(String, String)>,
-}
+/// The stack (`xtask up` with its own database and broker: nothing shared with the
+/// other tests), stopped (SIGINT, as Ctrl-C) when dropped.
+struct Stack(UpProcess);
 
 impl Stack {
-    fn start(env_file: &Path) -> Stack {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args([
-                "up",
-                "--gateway-port",
-                "0",
-                "--registry-port",
-                "0",
-                "--env-file",
-            ])
-            .arg(env_file)
-            // Its own database and broker: nothing shared with the other tests.
-            .env_remove("DATABASE_URL")
-            .env_remove("KAFKA_BROKERS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("xtask starts");
-        let (tx, rx) = mpsc::channel();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("no `ready` in time:\n{}", seen.join("\n")));
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("the stack ended before `ready`:\n{}", seen.join("\n")));
-            let ready = line.starts_with("ready");
-            seen.push(line);
-            if ready {
-                break;
-            }
-        }
-        let env = std::fs::read_to_string(env_file)
-            .expect("stack.env")
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Stack { child, env }
+    fn start(dir: &Path) -> Stack {
+        let interrupt = Interrupt::install().expect("signal handlers");
+        let log = dir.join("stack.log");
+        let up = UpProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_xtask")),
+            &[],
+            &dir.join("stack.env"),
+            &log,
+            &interrupt,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Stack(up)
     }
 
     fn var(&self, key: &str) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_else(|| panic!("{key} missing from stack.env"))
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
+        self.0.var(key).expect("a variable of stack.env")
     }
 }
 
@@ -217,7 +154,7 @@ fn mail_mentioning(maildir: &Path, needle: &str) -> String {
 #[test]
 fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_passes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let stack = Stack::start(&dir.path().join("stack.env"));
+    let stack = Stack::start(dir.path());
     let client = Client {
         agent: ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(10)))

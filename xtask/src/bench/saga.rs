@@ -32,10 +32,15 @@ struct Stack {
     database: String,
 }
 
-fn start_stack(dir: &std::path::Path, interrupt: &Interrupt) -> anyhow::Result<Stack> {
+fn start_stack(
+    dir: &std::path::Path,
+    brokers: usize,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Stack> {
+    let brokers = brokers.to_string();
     let up = crate::stack::UpProcess::start(
         &std::env::current_exe()?,
-        &["--release"],
+        &["--release", "--brokers", &brokers],
         &dir.join("stack.env"),
         &dir.join("stack.log"),
         interrupt,
@@ -248,11 +253,12 @@ fn pgbench(stack: &Stack) -> anyhow::Result<f64> {
         .with_context(|| format!("no tps in pgbench's output:\n{text}"))
 }
 
-pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
+/// The saga on a stack with `brokers` Kafka nodes.
+pub fn run(interrupt: &Interrupt, brokers: usize) -> anyhow::Result<Report> {
     let dir = scratch("saga")?;
     debian_tool("hey", "hey")?;
-    eprintln!("bench: starting the stack (release build)");
-    let stack = start_stack(&dir, interrupt)?;
+    eprintln!("bench: starting the stack (release build, {brokers} Kafka node(s))");
+    let stack = start_stack(&dir, brokers, interrupt)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
@@ -303,8 +309,15 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let tps = pgbench(&stack)?;
     drop(stack);
 
+    let title = match brokers {
+        1 => "saga: confirmed orders per second through the gateway, one Kafka node".to_owned(),
+        n => format!(
+            "saga: confirmed orders per second through the gateway, {n} Kafka nodes \
+             (replication factor {n}, min.insync.replicas 2)"
+        ),
+    };
     let mut report = Report::new(
-        "saga: confirmed orders per second through the gateway",
+        &title,
         &[
             "offered orders/s",
             "accepted (201)/s",
