@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod chaos;
 pub mod postgres;
 pub mod procs;
 pub mod simulate;

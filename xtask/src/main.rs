@@ -56,6 +56,22 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// The saga through crashes: kill -9 a Kafka node, every service and extra
+    /// instances, and PostgreSQL under a steady load of orders; then check the books.
+    Chaos {
+        /// Orders per second.
+        #[arg(long, default_value_t = 8.0)]
+        rate: f64,
+        /// Customers placing them (1 to 200).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=200))]
+        customers: u16,
+        /// Seconds between one fault's recovery and the next fault.
+        #[arg(long, default_value_t = 5)]
+        gap: u64,
+        /// Run the stack optimized.
+        #[arg(long)]
+        release: bool,
+    },
     /// A benchmark against its reference: gateway, saga, registry or footprint.
     Bench {
         /// gateway, saga, registry or footprint
@@ -88,6 +104,21 @@ fn main() -> ExitCode {
             brokers: brokers.into(),
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
+        Cmd::Chaos {
+            rate,
+            customers,
+            gap,
+            release,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|xtask| {
+                let mut options = xtask::chaos::ChaosOptions::new(xtask);
+                options.rate = rate;
+                options.customers = customers.into();
+                options.gap = std::time::Duration::from_secs(gap);
+                options.release = release;
+                xtask::chaos::chaos(&options)
+            }),
         Cmd::Bench { name } => xtask::bench::run(&name),
         Cmd::Simulate {
             users,
