@@ -24,15 +24,18 @@ use crate::procs::Interrupt;
 /// Runs benchmark `name`.
 pub fn run(name: &str) -> anyhow::Result<()> {
     let interrupt = Interrupt::install()?;
-    let report = match name {
-        "gateway" => gateway::run(&interrupt)?,
-        "saga" => saga::run(&interrupt)?,
-        "registry" => registry::run(&interrupt)?,
-        "footprint" => footprint::run(&interrupt)?,
+    let reports = match name {
+        "gateway" => vec![gateway::run(&interrupt)?],
+        // On one Kafka node and on a replicated cluster of three.
+        "saga" => vec![saga::run(&interrupt, 1)?, saga::run(&interrupt, 3)?],
+        "registry" => vec![registry::run(&interrupt)?],
+        "footprint" => vec![footprint::run(&interrupt)?],
         other => bail!("no benchmark `{other}`: gateway, saga, registry or footprint"),
     };
-    println!("\n{}", report.markdown());
-    report.append(&format!("cargo xtask bench {name}"))?;
+    for report in &reports {
+        println!("\n{}", report.markdown());
+        report.append(&format!("cargo xtask bench {name}"))?;
+    }
     println!(
         "appended to {}",
         crate::workspace_root().join("docs/benchmarks.md").display()
