@@ -622,7 +622,7 @@ fn maven_kafka(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
             let _ = fs::remove_dir_all(&partial);
             let mut resolve = Command::new(mvn);
             resolve
-                .args(["--batch-mode", "--quiet", "--file"])
+                .args(["--batch-mode", "--quiet", "-Dstyle.color=never", "--file"])
                 .arg(&pom)
                 .arg(format!(
                     "-Dmaven.repo.local={}",

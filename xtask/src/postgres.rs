@@ -65,8 +65,6 @@ impl Postgres {
 #[derive(Debug)]
 pub struct Cluster {
     server: Supervised,
-    /// Set once [`Cluster::exited`] reported the server's exit, until a restart.
-    down: bool,
     bin: PathBuf,
     owner: ClusterOwner,
     data: PathBuf,
@@ -128,7 +126,6 @@ impl Cluster {
         let server = spawn_server(&bin, &owner, &data, &root, port, keep)?;
         let mut cluster = Self {
             server,
-            down: false,
             bin,
             owner,
             data,
@@ -147,11 +144,7 @@ impl Cluster {
     /// (backends that have not noticed yet) is killed, so a restart finds its shared
     /// memory free.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        if self.down {
-            return None;
-        }
-        let status = self.server.exited()?;
-        self.down = true;
+        let status = self.server.take_exit()?;
         self.server.stop();
         Some(status)
     }
@@ -169,7 +162,6 @@ impl Cluster {
             self.port,
             self.keep,
         )?;
-        self.down = false;
         self.wait_ready(interrupt)
     }
 

@@ -33,6 +33,8 @@ pub struct Supervised {
     stop_signal: Signal,
     grace: Duration,
     stopped: bool,
+    /// Set once [`Supervised::take_exit`] reported the exit.
+    exit_reported: bool,
 }
 
 impl Supervised {
@@ -66,6 +68,7 @@ impl Supervised {
             stop_signal: Signal::SIGTERM,
             grace: Duration::from_secs(10),
             stopped: false,
+            exit_reported: false,
         })
     }
 
@@ -87,6 +90,17 @@ impl Supervised {
     /// `Some(status)` once the child has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// `Some(status)` the first time this is called after the child exited, `None`
+    /// before and after: how a supervisor notices a death exactly once.
+    pub fn take_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit_reported {
+            return None;
+        }
+        let status = self.exited()?;
+        self.exit_reported = true;
+        Some(status)
     }
 
     /// Waits for the child to exit by itself, checking `interrupt` as it goes; on an
@@ -171,5 +185,26 @@ pub fn run(name: &str, command: &mut Command, interrupt: &Interrupt) -> anyhow::
         Some(status) if status.success() => Ok(()),
         Some(status) => anyhow::bail!("{name} failed ({status})"),
         None => anyhow::bail!("interrupted while running {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_is_taken_once() {
+        let mut child = Supervised::spawn("true", &mut Command::new("true")).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.take_exit() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success());
+        assert_eq!(child.take_exit(), None, "reported once");
+        assert!(child.exited().is_some(), "while exited() keeps answering");
     }
 }

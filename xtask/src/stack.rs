@@ -421,7 +421,7 @@ fn supervise(
                 )?;
             }
         }
-        if let Some(status) = smtp.exited() {
+        if let Some(status) = smtp.child.take_exit() {
             restarts.entry("smtp".into()).or_default().died(
                 &part_name("smtp"),
                 &status.to_string(),
@@ -429,7 +429,7 @@ fn supervise(
             )?;
         }
         for process in running.iter_mut() {
-            if let Some(status) = process.exited() {
+            if let Some(status) = process.child.take_exit() {
                 restarts
                     .entry(process.service.name.into())
                     .or_default()
@@ -568,8 +568,6 @@ struct ServiceProcess {
     env: Vec<(String, std::ffi::OsString)>,
     log: PathBuf,
     child: Supervised,
-    /// Set once an exit was reported, until the next start.
-    down: bool,
 }
 
 impl ServiceProcess {
@@ -590,7 +588,6 @@ impl ServiceProcess {
             env,
             log,
             child,
-            down: false,
         };
         wait_healthy(&mut process.child, port, &process.log, interrupt)?;
         Ok(process)
@@ -613,20 +610,9 @@ impl ServiceProcess {
         Ok(Supervised::spawn(service.name, &mut command)?)
     }
 
-    /// `Some(status)` the first time this is called after the program exited.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        if self.down {
-            return None;
-        }
-        let status = self.child.exited()?;
-        self.down = true;
-        Some(status)
-    }
-
     fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
         self.child = Self::spawn(self.service, &self.program, &self.env, &self.log)?;
-        self.down = false;
         wait_healthy(&mut self.child, self.port, &self.log, interrupt)
     }
 }
@@ -639,7 +625,6 @@ struct SmtpSink {
     log: PathBuf,
     site: PathBuf,
     child: Supervised,
-    down: bool,
 }
 
 impl SmtpSink {
@@ -659,7 +644,6 @@ impl SmtpSink {
             log,
             site,
             child,
-            down: false,
         };
         sink.wait_listening(interrupt)?;
         Ok(sink)
@@ -695,20 +679,9 @@ impl SmtpSink {
         Ok(())
     }
 
-    /// `Some(status)` the first time this is called after the sink exited.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        if self.down {
-            return None;
-        }
-        let status = self.child.exited()?;
-        self.down = true;
-        Some(status)
-    }
-
     fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
         self.child = Self::spawn(self.port, &self.mailbox, &self.log, &self.site)?;
-        self.down = false;
         self.wait_listening(interrupt)
     }
 }

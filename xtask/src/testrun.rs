@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the one command CI runs.
 //!
 //! Formatting and lints first (cheap, and a failure there needs no database), then
-//! PostgreSQL and a broker provisioned exactly as `cargo xtask up` does, then every
+//! PostgreSQL and Apache Kafka provisioned exactly as `cargo xtask up` does, then every
 //! test of the workspace with `DATABASE_URL` and `KAFKA_BROKERS` pointing at them,
 //! through cargo-nextest when it is installed, else `cargo test`. Everything started is
 //! stopped when the tests end, fail, or the command is interrupted.
@@ -59,7 +59,10 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     step("starting PostgreSQL");
     let pid = std::process::id();
     let postgres = Postgres::provide(&dir.join(format!("postgres-{pid}")), false, &interrupt)?;
-    step("starting the broker");
+    step(&format!(
+        "starting Apache Kafka {} (one node)",
+        crate::broker::KAFKA_VERSION
+    ));
     let broker = Broker::provide(
         &KafkaOptions::single(dir.join(format!("kafka-{pid}"))),
         &interrupt,
