@@ -23,13 +23,9 @@ async fn a_throwaway_cluster_accepts_sqlx_and_a_migration_and_leaves_nothing() {
     let base = tempfile::tempdir().expect("temp dir");
     let root = base.path().join("pg");
     let interrupt = Interrupt::install().expect("signal handlers");
-    let cluster = tokio::task::spawn_blocking({
-        let root = root.clone();
-        move || Cluster::start(&root, false, &interrupt)
-    })
-    .await
-    .expect("join")
-    .expect("cluster starts");
+    // Started from the test's own thread: the server's parent-death signal fires when
+    // the thread that spawned it ends, and a pool thread ends when it idles.
+    let cluster = Cluster::start(&root, false, &interrupt).expect("cluster starts");
     let url = cluster.url(xtask::postgres::DATABASE);
 
     let pool = sqlx::PgPool::connect(&url).await.expect("sqlx connects");
@@ -73,15 +69,10 @@ async fn a_kept_cluster_restarts_with_its_data() {
     let base = tempfile::tempdir().expect("temp dir");
     let root = base.path().join("durable");
     let start = |root: std::path::PathBuf| {
-        tokio::task::spawn_blocking(move || {
-            let interrupt = Interrupt::install().expect("signal handlers");
-            Cluster::start(&root, true, &interrupt)
-        })
+        let interrupt = Interrupt::install().expect("signal handlers");
+        Cluster::start(&root, true, &interrupt)
     };
-    let first = start(root.clone())
-        .await
-        .expect("join")
-        .expect("first start");
+    let first = start(root.clone()).expect("first start");
     let pool = sqlx::PgPool::connect(&first.url(xtask::postgres::DATABASE))
         .await
         .expect("connect");
@@ -92,7 +83,7 @@ async fn a_kept_cluster_restarts_with_its_data() {
     pool.close().await;
     drop(first);
 
-    let second = start(root.clone()).await.expect("join").expect("restart");
+    let second = start(root.clone()).expect("restart");
     let pool = sqlx::PgPool::connect(&second.url(xtask::postgres::DATABASE))
         .await
         .expect("reconnect");
@@ -101,4 +92,41 @@ async fn a_kept_cluster_restarts_with_its_data() {
         .await
         .expect("data survived");
     assert_eq!(v, 42);
+}
+
+/// The throwaway cluster skips disk flushes but not synchronous commits: a server that
+/// crashes (an immediate shutdown, as the chaos scenario does) right after its commits
+/// were acknowledged has every one of them after its restart.
+#[tokio::test]
+async fn a_crashed_throwaway_cluster_restarts_with_every_acknowledged_commit() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let interrupt = Interrupt::install().expect("signal handlers");
+    let mut cluster = Cluster::start(&base.path().join("pg"), false, &interrupt).expect("start");
+    let url = cluster.url(xtask::postgres::DATABASE);
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::raw_sql("CREATE TABLE acknowledged (n INT PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .expect("create");
+    for n in 0..200 {
+        sqlx::query("INSERT INTO acknowledged VALUES ($1)")
+            .bind(n)
+            .execute(&pool)
+            .await
+            .expect("commit acknowledged");
+    }
+    pool.close().await;
+    let crashed = cluster.pid();
+    cluster.stop_immediately();
+    assert!(!process_alive(crashed), "the server is gone");
+    assert!(cluster.exited().is_some(), "the crash is reported");
+    cluster.restart(&interrupt).expect("crash recovery");
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("reconnect on the same port");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM acknowledged")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(kept, 200, "every acknowledged commit survived the crash");
 }
