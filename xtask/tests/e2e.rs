@@ -277,6 +277,40 @@ fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_pas
     assert_eq!(count("confirmed:") + count("rejected:"), 12, "{report}");
     assert!(report.contains("POST to final status: p50"), "{report}");
 
+    // Debian's kcat, as the README tells users, lists the stack's topics and reads an
+    // order-created event from them.
+    let kcat = std::env::var("STOREFRONT_KCAT")
+        .expect("STOREFRONT_KCAT names Debian's kcat; run the tests with `cargo xtask test`");
+    let brokers = stack.var("KAFKA_BROKERS");
+    let listing = Command::new(&kcat)
+        .args(["-b", brokers, "-L", "-m", "30"])
+        .output()
+        .expect("kcat -L runs");
+    let listed = String::from_utf8_lossy(&listing.stdout);
+    for topic in [
+        "order-topic",
+        "payment-result-topic",
+        "order-topic.DLT",
+        "payment-result-topic.DLT",
+    ] {
+        assert!(
+            listed.contains(&format!("topic \"{topic}\"")),
+            "kcat lists {topic}:\n{listed}"
+        );
+    }
+    let read = Command::new(&kcat)
+        .args(["-b", brokers, "-C", "-t", "order-topic", "-o", "beginning"])
+        .args(["-c", "1", "-e", "-m", "30", "-f", "%h %s\n"])
+        .output()
+        .expect("kcat -C runs");
+    let event = String::from_utf8_lossy(&read.stdout);
+    assert!(
+        event.contains("event-type=order-created")
+            && event.contains("\"eventType\":\"order-created\""),
+        "kcat reads an order-created event: {event}{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+
     // The Postman collection, as a user would run it, against this stack.
     let newman = std::env::var("STOREFRONT_NEWMAN")
         .expect("STOREFRONT_NEWMAN names newman; run the tests with `cargo xtask test`");
