@@ -16,21 +16,18 @@ use axum::{
     http::HeaderMap,
     routing::any,
 };
-use gateway::{
-    Application, Settings,
-    auth::{GatewayAuthSettings, UserSettings, hash_password},
-    proxy::UpstreamSettings,
-};
+use gateway::{Application, Settings, proxy::UpstreamSettings};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::{
-    auth::TokenSigner,
     config::HttpSettings,
-    registry::{InstanceRegistration, RegistryClient, RegistrySettings},
+    registry::{InstanceRegistration, RegistryClient},
 };
 use tokio_util::sync::CancellationToken;
 
-const REGISTRY_TOKEN: &str = "gateway-test-registry-token";
+mod support;
+
+use support::{registry, registry_settings};
 
 /// An upstream that answers every request with what it received.
 #[derive(Clone)]
@@ -104,32 +101,6 @@ struct Stack {
     _stop: Vec<CancellationToken>,
 }
 
-async fn registry() -> (SocketAddr, CancellationToken) {
-    let settings = registry::Settings {
-        http: HttpSettings::local(0),
-        auth: registry::auth::AuthSettings {
-            token: Some(REGISTRY_TOKEN.into()),
-            protect_reads: false,
-        },
-        ..registry::Settings::default()
-    };
-    let app = registry::Application::build(settings)
-        .await
-        .expect("registry");
-    let addr = app.local_addr();
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop.clone()));
-    (addr, stop)
-}
-
-fn registry_settings(registry: SocketAddr) -> RegistrySettings {
-    RegistrySettings {
-        urls: format!("http://{registry}"),
-        token: Some(REGISTRY_TOKEN.into()),
-        ..RegistrySettings::default()
-    }
-}
-
 const ROUTES: &str = r#"
 default-filters: [SecureHeaders]
 routes:
@@ -180,30 +151,6 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, routes).expect("routes");
     let settings = Settings {
-        http: HttpSettings::local(0),
-        registry: RegistrySettings {
-            enabled: true,
-            ..registry_settings(registry)
-        },
-        routes_file: Some(routes_file.clone()),
-        auth: GatewayAuthSettings {
-            signing_key: Some(TokenSigner::generate_seed()),
-            users: vec![
-                UserSettings {
-                    username: "alice".into(),
-                    password_hash: hash_password("alice-pw").expect("hash"),
-                    roles: vec!["customer".into()],
-                    id: Some("user-alice".into()),
-                },
-                UserSettings {
-                    username: "admin".into(),
-                    password_hash: hash_password("admin-pw").expect("hash"),
-                    roles: vec!["admin".into()],
-                    id: None,
-                },
-            ],
-            ..GatewayAuthSettings::default()
-        },
         upstream: UpstreamSettings {
             response_timeout_ms,
             ..UpstreamSettings::default()
@@ -212,10 +159,7 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
             allowed_origins: vec!["https://shop.example.test".into()],
             ..gateway::limits::CorsSettings::default()
         },
-        // Several workers whatever the machine's cores, so every test here crosses
-        // listeners, pools and shared route state the way production does.
-        workers: 3,
-        ..Settings::default()
+        ..support::gateway_settings(registry, &routes_file)
     };
     let app = Application::build(settings).await.expect("gateway");
     let gateway = format!("http://{}", app.local_addr());
