@@ -421,11 +421,24 @@ fn secure_vip(instance: &Instance) -> String {
         .unwrap_or_else(|| instance.registration.service.to_string())
 }
 
-/// Eureka's `apps__hashcode`: `STATUS_count_` for each status, in name order.
+/// A status as Eureka clients know them. Netflix's client parses statuses strictly
+/// (an unknown one fails the whole fetch), and knows no `DRAINING`: an instance
+/// that is finishing its work before it stops is `DOWN` to them, which is what a
+/// Spring client itself reports while it shuts down.
+fn eureka_status(status: Status) -> &'static str {
+    match status {
+        Status::Draining => Status::Down.as_str(),
+        other => other.as_str(),
+    }
+}
+
+/// Eureka's `apps__hashcode`: `STATUS_count_` for each status, in name order. A
+/// client recomputes it over its cache after applying a delta and fetches everything
+/// again when it differs, so it counts statuses exactly as they are written.
 fn hash_code<'a>(instances: impl Iterator<Item = &'a Arc<Instance>>) -> String {
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     for instance in instances {
-        *counts.entry(instance.status().as_str()).or_default() += 1;
+        *counts.entry(eureka_status(instance.status())).or_default() += 1;
     }
     counts
         .iter()
@@ -493,17 +506,19 @@ fn instance_tree(instance: &Instance, action: Option<Action>) -> Value {
         "hostName": r.host,
         "app": r.service.eureka(),
         "ipAddr": e.ip_addr.clone().unwrap_or_else(|| r.host.clone()),
-        "status": instance.status().as_str(),
-        "overriddenStatus": instance.override_status.unwrap_or(Status::Unknown).as_str(),
+        "status": eureka_status(instance.status()),
+        "overriddenStatus": eureka_status(instance.override_status.unwrap_or(Status::Unknown)),
         "port": { "$": r.port, "@enabled": "true" },
         "securePort": {
             "$": e.secure_port.unwrap_or(443),
             "@enabled": e.secure_port_enabled.to_string(),
         },
         "countryId": 1,
+        // Netflix's client accepts only Netflix, Amazon or MyOwn here, and reads
+        // Amazon under this class as a cast error: the default data centre is MyOwn.
         "dataCenterInfo": {
             "@class": DEFAULT_DATA_CENTER,
-            "name": e.data_center_name.clone().unwrap_or_else(|| "MyOwn".into()),
+            "name": "MyOwn",
         },
         "leaseInfo": {
             "renewalIntervalInSecs": e
@@ -744,6 +759,20 @@ fn insert_child(fields: &mut Map<String, Value>, name: String, value: Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eureka_clients_see_only_the_statuses_they_know() {
+        assert_eq!(eureka_status(Status::Draining), "DOWN");
+        for status in [
+            Status::Starting,
+            Status::Up,
+            Status::Down,
+            Status::OutOfService,
+            Status::Unknown,
+        ] {
+            assert_eq!(eureka_status(status), status.as_str());
+        }
+    }
 
     #[test]
     fn xml_parses_into_eurekas_json_shape() {

@@ -74,6 +74,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let newman = crate::tools::newman(&interrupt)?;
     step("installing kcat (Debian), which the broker tests use as a client of nobody's making");
     let kcat = crate::tools::debian_tool("kcat", "kcat")?;
+    step("building the Spring Boot Eureka client the interop test runs (Maven)");
+    let spring_client = crate::tools::spring_eureka_client(&interrupt)?;
 
     step("running the tests");
     let mut tests = crate::cargo();
@@ -88,7 +90,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("KAFKA_BROKERS", broker.brokers())
         .env("STOREFRONT_PYTHONPATH", &python_path)
         .env("STOREFRONT_NEWMAN", &newman)
-        .env("STOREFRONT_KCAT", &kcat);
+        .env("STOREFRONT_KCAT", &kcat)
+        .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client);
     let result = procs::run("the tests", &mut tests, &interrupt);
     drop(broker);
     drop(postgres);

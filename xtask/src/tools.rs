@@ -169,3 +169,38 @@ pub fn debian_tool(binary: &str, package: &str) -> anyhow::Result<PathBuf> {
     crate::postgres::apt_install(&[package])?;
     find().with_context(|| format!("{package} installed but {binary} not found"))
 }
+
+/// The Spring Boot Eureka client of `interop/eureka-client`, built with Maven into
+/// cargo's target folder (Maven's repository in the tools folder, so only the first
+/// build downloads Spring); returns the executable jar. Maven rebuilds only what
+/// changed, so every call is cheap after the first.
+pub fn spring_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    let project = crate::workspace_root()
+        .join("interop")
+        .join("eureka-client");
+    let out = crate::target_dir().join("interop").join("eureka-client");
+    let mvn = debian_tool("mvn", "maven")?;
+    let mut build = Command::new(mvn);
+    build
+        .args([
+            "--batch-mode",
+            "--quiet",
+            "-Dstyle.color=never",
+            "-DskipTests",
+        ])
+        .arg("--file")
+        .arg(project.join("pom.xml"))
+        .arg(format!(
+            "-Dmaven.repo.local={}",
+            tools_dir().join("maven-repository").display()
+        ))
+        .arg(format!("-Dstorefront.build.directory={}", out.display()))
+        .arg("package")
+        .stdin(std::process::Stdio::null());
+    procs::run("mvn package (interop/eureka-client)", &mut build, interrupt)?;
+    let jar = out.join("eureka-client.jar");
+    if !jar.exists() {
+        bail!("Maven finished but {} is missing", jar.display());
+    }
+    Ok(jar)
+}
