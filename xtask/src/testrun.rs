@@ -75,7 +75,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     step("installing kcat (Debian), which the broker tests use as a client of nobody's making");
     let kcat = crate::tools::debian_tool("kcat", "kcat")?;
     step("building the Spring Boot Eureka client the interop test runs (Maven)");
-    let spring_client = crate::tools::spring_eureka_client(&interrupt)?;
+    let spring_client = crate::tools::spring_program("eureka-client", &interrupt)?;
 
     step("running the tests");
     let mut tests = crate::cargo();

@@ -170,15 +170,20 @@ pub fn debian_tool(binary: &str, package: &str) -> anyhow::Result<PathBuf> {
     find().with_context(|| format!("{package} installed but {binary} not found"))
 }
 
-/// The Spring Boot Eureka client of `interop/eureka-client`, built with Maven into
-/// cargo's target folder (Maven's repository in the tools folder, so only the first
-/// build downloads Spring); returns the executable jar. Maven rebuilds only what
-/// changed, so every call is cheap after the first.
-pub fn spring_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
-    let project = crate::workspace_root()
-        .join("interop")
-        .join("eureka-client");
-    let out = crate::target_dir().join("interop").join("eureka-client");
+/// The Spring programs under `interop/` (`eureka-client`, `eureka-server`, `gateway`),
+/// all on one pinned Spring Boot and Spring Cloud release.
+pub const SPRING_PROGRAMS: [&str; 3] = ["eureka-client", "eureka-server", "gateway"];
+
+/// The Spring program `interop/<name>`, built with Maven into cargo's target folder
+/// (Maven's repository in the tools folder, so only the first build downloads
+/// Spring); returns its executable jar. Maven rebuilds only what changed, so every
+/// call is cheap after the first.
+pub fn spring_program(name: &str, interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    if !SPRING_PROGRAMS.contains(&name) {
+        bail!("no Spring program `{name}` under interop/");
+    }
+    let project = crate::workspace_root().join("interop").join(name);
+    let out = crate::target_dir().join("interop").join(name);
     let mvn = debian_tool("mvn", "maven")?;
     let mut build = Command::new(mvn);
     build
@@ -197,8 +202,12 @@ pub fn spring_eureka_client(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
         .arg(format!("-Dstorefront.build.directory={}", out.display()))
         .arg("package")
         .stdin(std::process::Stdio::null());
-    procs::run("mvn package (interop/eureka-client)", &mut build, interrupt)?;
-    let jar = out.join("eureka-client.jar");
+    procs::run(
+        &format!("mvn package (interop/{name})"),
+        &mut build,
+        interrupt,
+    )?;
+    let jar = out.join(format!("{name}.jar"));
     if !jar.exists() {
         bail!("Maven finished but {} is missing", jar.display());
     }

@@ -113,8 +113,135 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
          200 (services: their database reachable; migrations applied on a fresh database). \
          The registry starts first; each service registers with it.",
     );
+    let ours: Vec<(String, f64, f64)> = report
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                r[1].parse().unwrap_or(0.0),
+                r[2].parse().unwrap_or(0.0),
+            )
+        })
+        .collect();
     drop(running);
+    spring_peers(&dir, &mut report, &ours, interrupt)?;
     drop(broker);
     drop(postgres);
     Ok(report)
+}
+
+/// The Spring Cloud programs that do the same jobs, as a Spring shop runs them
+/// (`java -jar`, the JVM's defaults), measured the same way: Netflix's Eureka server,
+/// a Spring Boot service with the Eureka client, and Spring Cloud Gateway routing to
+/// it through Eureka.
+fn spring_peers(
+    dir: &std::path::Path,
+    report: &mut Report,
+    ours: &[(String, f64, f64)],
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    eprintln!("bench: building and starting the Spring peers");
+    let eureka_port = crate::free_port()?;
+    let zone =
+        format!("--eureka.client.service-url.defaultZone=http://127.0.0.1:{eureka_port}/eureka/");
+    let peers: [(&str, &str, u16, Vec<String>); 3] = [
+        (
+            "Eureka server (Spring Cloud Netflix)",
+            "eureka-server",
+            eureka_port,
+            vec![
+                "--eureka.client.register-with-eureka=false".into(),
+                "--eureka.client.fetch-registry=false".into(),
+            ],
+        ),
+        (
+            "Spring Boot service (Eureka client)",
+            "eureka-client",
+            crate::free_port()?,
+            vec!["--spring.application.name=spring-demo".into(), zone.clone()],
+        ),
+        (
+            "Spring Cloud Gateway",
+            "gateway",
+            crate::free_port()?,
+            vec![
+                "--spring.application.name=spring-gateway".into(),
+                zone.clone(),
+                "--spring.cloud.gateway.server.webflux.routes[0].id=demo".into(),
+                "--spring.cloud.gateway.server.webflux.routes[0].uri=lb://spring-demo".into(),
+                "--spring.cloud.gateway.server.webflux.routes[0].predicates[0]=Path=/spring/**"
+                    .into(),
+            ],
+        ),
+    ];
+    let mut running = Vec::new();
+    for (label, program, port, args) in peers {
+        let jar = crate::tools::spring_program(program, interrupt)?;
+        let log = fs::File::create(dir.join(format!("spring-{program}.log")))?;
+        let mut command = Command::new("java");
+        command
+            .arg("-jar")
+            .arg(&jar)
+            .arg(format!("--server.port={port}"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let started = Instant::now();
+        let child = Supervised::spawn(program, &mut command)?;
+        wait_http_ok(
+            &format!("http://127.0.0.1:{port}/actuator/health"),
+            Duration::from_secs(180),
+            interrupt,
+        )?;
+        running.push((label, child, started.elapsed().as_secs_f64() * 1000.0));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let mut spring = Vec::new();
+    for (label, child, ready) in &running {
+        let rss = memory_mib(child.pid(), "VmRSS");
+        let peak = memory_mib(child.pid(), "VmHWM");
+        report.row(vec![
+            (*label).to_owned(),
+            format!("{ready:.0}"),
+            format!("{rss:.1}"),
+            format!("{peak:.1}"),
+        ]);
+        spring.push((*label, *ready, rss));
+    }
+    for (mine, peer, what) in [
+        (
+            "registry",
+            0,
+            "the registry against Netflix's Eureka server",
+        ),
+        (
+            "order-service",
+            1,
+            "order-service (database pool, Kafka consumer and producer) against a Spring Boot service that only says hello",
+        ),
+        ("gateway", 2, "the gateway against Spring Cloud Gateway"),
+    ] {
+        let (Some(ours), Some(theirs)) = (ours.iter().find(|o| o.0 == mine), spring.get(peer))
+        else {
+            continue;
+        };
+        report.note(format!(
+            "- {what}: {:.1} MiB vs {:.1} MiB idle ({:.0}x less), ready in {:.0} ms vs {:.0} ms",
+            ours.2,
+            theirs.2,
+            theirs.2 / ours.2.max(0.1),
+            ours.1,
+            theirs.1
+        ));
+    }
+    report.note(
+        "The Spring peers (`interop/`, Spring Boot 4.0.7, Spring Cloud 2025.1.4, OpenJDK 17) \
+         run as `java -jar` with the JVM's defaults and only the properties their job needs; \
+         ready is their `/actuator/health` answering 200, measured from spawning the JVM. \
+         Spring Cloud Gateway here routes through Eureka but checks no tokens, which ours \
+         does.",
+    );
+    Ok(())
 }
