@@ -18,7 +18,10 @@ use std::{
 use gateway::Application;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shared::registry::{InstanceRegistration, RegistryClient};
+use shared::{
+    registry::{InstanceRegistration, RegistryClient},
+    testing::eventually,
+};
 use support::{REGISTRY_TOKEN, registry, registry_settings};
 use tokio_util::sync::CancellationToken;
 
@@ -29,22 +32,6 @@ routes:
     predicates: ["Path=/spring/**"]
     filters: [StripPrefix=1]
 "#;
-
-/// Waits up to `within` for `check`, polling; panics naming `what`.
-async fn eventually<T>(
-    within: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The Spring app as a child process, killed if the test ends early.
 struct SpringApp {

@@ -1,11 +1,32 @@
 //! Helpers for the services' integration tests (feature `testing`): a fresh database
-//! per test, and a stand-in for the gateway's JWKS endpoint.
+//! per test, a stand-in for the gateway's JWKS endpoint, and the one way a test waits
+//! for a condition.
 
 use std::sync::Arc;
 
 use sqlx::{Connection, PgConnection};
 
 use crate::auth::TokenSigner;
+
+/// Polls `check` every 50 ms until it gives a value, and returns it; panics naming
+/// `what` when `within` has passed. Every wait in a test has a deadline.
+pub async fn eventually<T>(
+    within: std::time::Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
 
 /// Creates an empty database next to the one `DATABASE_URL` names (set by
 /// `cargo xtask test`) and returns its URL, so each test starts from nothing.

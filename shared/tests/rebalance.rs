@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rdkafka::{
@@ -22,6 +22,7 @@ use rdkafka::{
 use shared::{
     consumer::{ConsumerLoopSettings, EventConsumer, Failure, Handler, Incoming},
     kafka::KafkaSettings,
+    testing::eventually,
 };
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -101,22 +102,6 @@ async fn produce(producer: &FutureProducer, topic: &str, from: usize, to: usize)
         }
     });
     futures::future::join_all(sends).await;
-}
-
-/// Waits up to `within` for `check`, polling.
-async fn eventually<T>(
-    within: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The group as the broker describes it, and its committed offsets, read by a client
