@@ -43,7 +43,7 @@ use serde_json::{Value, json};
 use crate::{
     postgres::psql,
     procs::{Interrupt, Supervised},
-    stack::{SIM_PASSWORD, UpProcess, sim_user},
+    stack::{UpProcess, sim_user},
 };
 
 /// What to run.
@@ -257,7 +257,7 @@ pub fn run(options: &ChaosOptions, interrupt: &Interrupt) -> anyhow::Result<Chao
     let mut tokens = Vec::new();
     for i in 1..=options.customers {
         let user = sim_user(i);
-        let token = login(&agent, &gateway, &user)?;
+        let token = crate::simulate::login(&agent, &gateway, &user)?;
         deposit(&agent, &gateway, &token, 30_000)?;
         tokens.push((user, token));
     }
@@ -777,17 +777,6 @@ fn agent() -> ureq::Agent {
         .http_status_as_error(false)
         .build()
         .into()
-}
-
-fn login(agent: &ureq::Agent, gateway: &str, user: &str) -> anyhow::Result<String> {
-    let mut response = agent
-        .post(&format!("{gateway}/auth/token"))
-        .send_json(json!({"username": user, "password": SIM_PASSWORD}))?;
-    let body: Value = response.body_mut().read_json()?;
-    body["access_token"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("no token for {user}: {body}"))
 }
 
 fn deposit(agent: &ureq::Agent, gateway: &str, token: &str, amount: i64) -> anyhow::Result<()> {

@@ -84,7 +84,8 @@ fn gateway_url(given: Option<String>) -> anyhow::Result<String> {
         .with_context(|| format!("{} names no GATEWAY_URL", path.display()))
 }
 
-fn login(agent: &ureq::Agent, gateway: &str, user: &str) -> anyhow::Result<String> {
+/// Logs `user`, one of the stack's simulation customers, in; returns the bearer token.
+pub(crate) fn login(agent: &ureq::Agent, gateway: &str, user: &str) -> anyhow::Result<String> {
     let mut response = agent
         .post(&format!("{gateway}/auth/token"))
         .send_json(json!({"username": user, "password": SIM_PASSWORD}))

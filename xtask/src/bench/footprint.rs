@@ -87,16 +87,11 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     }
     // Idle: registered, heartbeating, consumers polling, nothing to do.
     std::thread::sleep(Duration::from_secs(10));
+    let mut ours: Vec<(String, f64, f64)> = Vec::new();
     for (name, child, ready) in &running {
-        let rss = memory_mib(child.pid(), "VmRSS");
-        let peak = memory_mib(child.pid(), "VmHWM");
+        let rss = idle_row(&mut report, name, child.pid(), *ready);
         worst_rss = worst_rss.max(rss);
-        report.row(vec![
-            (*name).to_owned(),
-            format!("{ready:.0}"),
-            format!("{rss:.1}"),
-            format!("{peak:.1}"),
-        ]);
+        ours.push(((*name).to_owned(), *ready, rss));
     }
     report.target(
         "every process under 30 MB idle",
@@ -113,22 +108,24 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
          200 (services: their database reachable; migrations applied on a fresh database). \
          The registry starts first; each service registers with it.",
     );
-    let ours: Vec<(String, f64, f64)> = report
-        .rows
-        .iter()
-        .map(|r| {
-            (
-                r[0].clone(),
-                r[1].parse().unwrap_or(0.0),
-                r[2].parse().unwrap_or(0.0),
-            )
-        })
-        .collect();
     drop(running);
     spring_peers(&dir, &mut report, &ours, interrupt)?;
     drop(broker);
     drop(postgres);
     Ok(report)
+}
+
+/// Adds `name`'s row (ready time, idle and peak RSS of `pid`); returns its idle RSS.
+fn idle_row(report: &mut Report, name: &str, pid: u32, ready_ms: f64) -> f64 {
+    let rss = memory_mib(pid, "VmRSS");
+    let peak = memory_mib(pid, "VmHWM");
+    report.row(vec![
+        name.to_owned(),
+        format!("{ready_ms:.0}"),
+        format!("{rss:.1}"),
+        format!("{peak:.1}"),
+    ]);
+    rss
 }
 
 /// The Spring Cloud programs that do the same jobs, as a Spring shop runs them
@@ -200,14 +197,7 @@ fn spring_peers(
     std::thread::sleep(Duration::from_secs(10));
     let mut spring = Vec::new();
     for (label, child, ready) in &running {
-        let rss = memory_mib(child.pid(), "VmRSS");
-        let peak = memory_mib(child.pid(), "VmHWM");
-        report.row(vec![
-            (*label).to_owned(),
-            format!("{ready:.0}"),
-            format!("{rss:.1}"),
-            format!("{peak:.1}"),
-        ]);
+        let rss = idle_row(report, label, child.pid(), *ready);
         spring.push((*label, *ready, rss));
     }
     for (mine, peer, what) in [
