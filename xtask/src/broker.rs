@@ -586,7 +586,7 @@ impl Installation {
 
 /// `$JAVA_HOME/bin/java`, else `java` on the PATH (as root on Debian, installed with
 /// apt when missing).
-fn java_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn java_binary() -> anyhow::Result<PathBuf> {
     if let Some(home) = std::env::var_os("JAVA_HOME").filter(|h| !h.is_empty()) {
         let java = PathBuf::from(home).join("bin").join("java");
         if java.is_file() {

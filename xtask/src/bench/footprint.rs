@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    bench::{Report, build_release, memory_mib, scratch, wait_http_ok},
+    bench::{Report, build_release, memory_mib, scratch, spring, wait_http_ok},
     broker::{Broker, KafkaOptions},
     postgres::Postgres,
     procs::{Interrupt, Supervised},
@@ -109,7 +109,13 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
          The registry starts first; each service registers with it.",
     );
     drop(running);
-    spring_peers(&dir, &mut report, &ours, interrupt)?;
+    spring_peers(
+        &dir,
+        &mut report,
+        &ours,
+        &format!("http://127.0.0.1:{gateway_port}"),
+        interrupt,
+    )?;
     drop(broker);
     drop(postgres);
     Ok(report)
@@ -131,68 +137,60 @@ fn idle_row(report: &mut Report, name: &str, pid: u32, ready_ms: f64) -> f64 {
 /// The Spring Cloud programs that do the same jobs, as a Spring shop runs them
 /// (`java -jar`, the JVM's defaults), measured the same way: Netflix's Eureka server,
 /// a Spring Boot service with the Eureka client, and Spring Cloud Gateway routing to
-/// it through Eureka.
+/// it through Eureka and checking our gateway's tokens.
 fn spring_peers(
     dir: &std::path::Path,
     report: &mut Report,
     ours: &[(String, f64, f64)],
+    gateway_url: &str,
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
     eprintln!("bench: building and starting the Spring peers");
     let eureka_port = crate::free_port()?;
-    let zone =
-        format!("--eureka.client.service-url.defaultZone=http://127.0.0.1:{eureka_port}/eureka/");
+    let zone = format!("http://127.0.0.1:{eureka_port}/eureka/");
     let peers: [(&str, &str, u16, Vec<String>); 3] = [
         (
             "Eureka server (Spring Cloud Netflix)",
             "eureka-server",
             eureka_port,
             vec![
-                "--eureka.client.register-with-eureka=false".into(),
-                "--eureka.client.fetch-registry=false".into(),
+                "eureka.client.register-with-eureka=false".into(),
+                "eureka.client.fetch-registry=false".into(),
             ],
         ),
         (
             "Spring Boot service (Eureka client)",
             "eureka-client",
             crate::free_port()?,
-            vec!["--spring.application.name=spring-demo".into(), zone.clone()],
+            vec![
+                "spring.application.name=spring-demo".into(),
+                format!("eureka.client.service-url.defaultZone={zone}"),
+            ],
         ),
         (
             "Spring Cloud Gateway",
             "gateway",
             crate::free_port()?,
-            vec![
-                "--spring.application.name=spring-gateway".into(),
-                zone.clone(),
-                "--spring.cloud.gateway.server.webflux.routes[0].id=demo".into(),
-                "--spring.cloud.gateway.server.webflux.routes[0].uri=lb://spring-demo".into(),
-                "--spring.cloud.gateway.server.webflux.routes[0].predicates[0]=Path=/spring/**"
-                    .into(),
-            ],
+            spring::gateway_properties(
+                &zone,
+                "demo",
+                "spring-demo",
+                "/spring/**",
+                &spring::TokenCheck::of_gateway(gateway_url),
+            ),
         ),
     ];
     let mut running = Vec::new();
-    for (label, program, port, args) in peers {
-        let jar = crate::tools::spring_program(program, interrupt)?;
-        let log = fs::File::create(dir.join(format!("spring-{program}.log")))?;
-        let mut command = Command::new("java");
-        command
-            .arg("-jar")
-            .arg(&jar)
-            .arg(format!("--server.port={port}"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let started = Instant::now();
-        let child = Supervised::spawn(program, &mut command)?;
-        wait_http_ok(
-            &format!("http://127.0.0.1:{port}/actuator/health"),
-            Duration::from_secs(180),
+    for (label, program, port, properties) in peers {
+        let process = spring::start(
+            program,
+            port,
+            &properties,
+            &dir.join(format!("spring-{program}.log")),
             interrupt,
         )?;
-        running.push((label, child, started.elapsed().as_secs_f64() * 1000.0));
+        let ready = process.ready_ms;
+        running.push((label, process.child, ready));
     }
     std::thread::sleep(Duration::from_secs(10));
     let mut spring = Vec::new();
@@ -230,8 +228,8 @@ fn spring_peers(
         "The Spring peers (`interop/`, Spring Boot 4.0.7, Spring Cloud 2025.1.4, OpenJDK 17) \
          run as `java -jar` with the JVM's defaults and only the properties their job needs; \
          ready is their `/actuator/health` answering 200, measured from spawning the JVM. \
-         Spring Cloud Gateway here routes through Eureka but checks no tokens, which ours \
-         does.",
+         Both gateways route through their registry and check bearer tokens (Spring's as an \
+         OAuth2 resource server on our gateway's JWK set).",
     );
     Ok(())
 }

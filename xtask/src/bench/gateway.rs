@@ -1,9 +1,13 @@
-//! The gateway against nginx: one minimal upstream (nginx returning 200) reached
-//! (a) directly, (b) through nginx as a keep-alive reverse proxy with a worker per
-//! core, (c) through our gateway with JWT validation and an `lb://` route resolved
-//! from the registry, and (d) the floor: a bare hyper proxy built from the gateway's
-//! parts with none of its features (`gateway/examples/bare-proxy.rs`). Same wrk load,
-//! same connections, runs alternating a-b-c-d three times; medians reported.
+//! The gateway against nginx and Spring Cloud Gateway: one minimal upstream (nginx
+//! returning 200) reached (a) directly, (b) through nginx as a keep-alive reverse
+//! proxy with a worker per core, (c) through the floor, a bare hyper proxy built from
+//! the gateway's parts with none of its features (`gateway/examples/bare-proxy.rs`),
+//! (d) through our gateway with JWT validation and an `lb://` route resolved from the
+//! registry, and (e) through Spring Cloud Gateway doing the same job: the same token
+//! checked as a Spring Security OAuth2 resource server against our gateway's JWK set,
+//! the same `lb://` route resolved from the same registry through its Eureka API and
+//! Spring Cloud LoadBalancer. The JVM is warmed up under the same load first. Same wrk
+//! load, same connections, runs alternating a-b-c-d-e three times; medians reported.
 //! Target: gateway/nginx throughput >= 1.0, p99 no worse than 1.2 x nginx's.
 
 use std::{
@@ -13,13 +17,13 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
     bench::{
-        Report, build_release, cpu_seconds, median, memory_mib, scratch, wait_http_ok,
-        with_children, wrk,
+        Report, build_release, cpu_seconds, median, memory_mib,
+        ours::{Platform, agent},
+        scratch, spring, wait_http_ok, with_children, wrk,
     },
     procs::{Interrupt, Supervised},
     tools::debian_tool,
@@ -28,6 +32,14 @@ use crate::{
 const ROUNDS: usize = 3;
 const SECONDS: u64 = 10;
 const CONNECTIONS: usize = 64;
+/// The JVM runs under the benchmark's load in windows of this many seconds until its
+/// JIT compilers are done: two windows in a row in which they used under
+/// [`JIT_QUIET_SECONDS`] of CPU. On two cores C2 alone needs minutes of load to
+/// compile Spring Cloud Gateway's hot paths, and competes with it for the cores.
+const WARMUP_WINDOW_SECONDS: u64 = 10;
+const JIT_QUIET_SECONDS: f64 = 0.25;
+/// At most this many windows.
+const WARMUP_WINDOWS: usize = 40;
 
 /// An nginx from a config template in `xtask/bench/`.
 fn nginx(template: &str, dir: &Path, port: u16, upstream: u16) -> anyhow::Result<Supervised> {
@@ -92,8 +104,6 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let bin = build_release(&["registry", "gateway"], &["bare-proxy"], interrupt)?;
     let upstream_port = crate::free_port()?;
     let proxy_port = crate::free_port()?;
-    let registry_port = crate::free_port()?;
-    let gateway_port = crate::free_port()?;
     let floor_port = crate::free_port()?;
     let _upstream = nginx("nginx-upstream.conf", &dir, upstream_port, 0)?;
     let nginx_proxy = nginx("nginx-proxy.conf", &dir, proxy_port, upstream_port)?;
@@ -108,59 +118,26 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         interrupt,
     )?;
 
-    // The registry, the upstream registered in it, and the gateway routing to it.
-    let token = crate::random_token(32);
-    let registry_url = format!("http://127.0.0.1:{registry_port}");
-    let _registry = Supervised::spawn(
-        "registry",
-        Command::new(bin.join("registry"))
-            .env("REGISTRY_HTTP__PORT", registry_port.to_string())
-            .env("REGISTRY_TOKEN", &token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    wait_http_ok(
-        &format!("{registry_url}/actuator/health"),
-        Duration::from_secs(10),
+    // The registry, the gateway routing through it, and the upstream registered in it.
+    let platform = Platform::start(
+        &bin,
+        &dir,
+        &crate::workspace_root().join("xtask/bench/gateway-routes.yaml"),
         interrupt,
     )?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = agent();
     let status = agent
         .post(&format!(
-            "{registry_url}/api/v1/services/bench-upstream/instances"
+            "{}/api/v1/services/bench-upstream/instances",
+            platform.registry_url()
         ))
-        .header("authorization", &format!("Bearer {token}"))
+        .header("authorization", &format!("Bearer {}", platform.token))
         .send_json(
             json!({"instanceId": "bench-upstream-1", "host": "127.0.0.1",
             "port": upstream_port, "leaseSeconds": 600}),
         )?
         .status();
     anyhow::ensure!(status == 201, "registering the upstream answered {status}");
-    let gateway_config = dir.join("gateway.yaml");
-    crate::stack::write_gateway_config(&gateway_config)?;
-    let log = fs::File::create(dir.join("gateway.log"))?;
-    let gateway = Supervised::spawn(
-        "gateway",
-        Command::new(bin.join("gateway"))
-            .env("GATEWAY_CONFIG", &gateway_config)
-            .env("GATEWAY_HTTP__PORT", gateway_port.to_string())
-            .env(
-                "GATEWAY_ROUTES_FILE",
-                crate::workspace_root().join("xtask/bench/gateway-routes.yaml"),
-            )
-            .env("REGISTRY_URL", &registry_url)
-            .env("REGISTRY_TOKEN", &token)
-            // No access log, as nginx's is off.
-            .env("GATEWAY_LOG__LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-    )?;
     let floor = Supervised::spawn(
         "bare-proxy",
         Command::new(bin.join("examples/bare-proxy"))
@@ -175,41 +152,30 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         Duration::from_secs(10),
         interrupt,
     )?;
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-    wait_http_ok(
-        &format!("{gateway_url}/actuator/health"),
-        Duration::from_secs(10),
+    let (gateway_url, jwt) = (platform.gateway_url.clone(), platform.jwt.clone());
+    wait_route(&agent, &gateway_url, &jwt, interrupt)?;
+
+    // Spring Cloud Gateway reads the same registry through its Eureka API, with the
+    // registry's token in the service URL as Spring's Eureka client sends it.
+    eprintln!("bench: building and starting Spring Cloud Gateway");
+    let spring_gateway = spring::start(
+        "gateway",
+        crate::free_port()?,
+        &spring::gateway_properties(
+            &platform.eureka_zone(),
+            "bench",
+            "bench-upstream",
+            "/bench,/bench/**",
+            &spring::TokenCheck::of_gateway(&gateway_url),
+        ),
+        &dir.join("spring-gateway.log"),
         interrupt,
     )?;
-    let login: Value = agent
-        .post(&format!("{gateway_url}/auth/token"))
-        .send_json(json!({"username": "sim-001", "password": crate::stack::SIM_PASSWORD}))?
-        .body_mut()
-        .read_json()?;
-    let jwt = login["access_token"]
-        .as_str()
-        .context("the gateway issued no token")?
-        .to_owned();
-    // The route resolves once the gateway's watch has the upstream.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        interrupt.check()?;
-        let status = agent
-            .get(&format!("{gateway_url}/bench"))
-            .header("authorization", &format!("Bearer {jwt}"))
-            .call()?
-            .status();
-        if status == 200 {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the gateway's /bench route answered {status}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let spring_url = spring_gateway.url();
+    wait_route(&agent, &spring_url, &jwt, interrupt)?;
+    let warmup = warm_up(&spring_url, &jwt, spring_gateway.child.pid(), interrupt)?;
 
-    let targets: [(&str, String, &str, Vec<u32>); 4] = [
+    let targets: [(&str, String, &str, Vec<u32>); 5] = [
         (
             "direct",
             format!("http://127.0.0.1:{upstream_port}"),
@@ -228,7 +194,18 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             "",
             vec![floor.pid()],
         ),
-        ("gateway", gateway_url.clone(), &jwt, vec![gateway.pid()]),
+        (
+            "gateway",
+            gateway_url.clone(),
+            &jwt,
+            vec![platform.gateway.pid()],
+        ),
+        (
+            "Spring Cloud Gateway",
+            spring_url.clone(),
+            &jwt,
+            vec![spring_gateway.child.pid()],
+        ),
     ];
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
     for round in 1..=ROUNDS {
@@ -241,7 +218,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let peak = |pids: &[u32]| pids.iter().map(|p| memory_mib(*p, "VmHWM")).sum::<f64>();
 
     let mut report = Report::new(
-        "gateway vs nginx: one upstream, 64 connections",
+        "gateway vs nginx and Spring Cloud Gateway: one upstream, 64 connections",
         &[
             "path",
             "requests/s",
@@ -284,7 +261,8 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         ]);
         medians.push(m);
     }
-    let (nginx_m, floor_m, gateway_m) = (&medians[1], &medians[2], &medians[3]);
+    let (nginx_m, floor_m, gateway_m, spring_m) =
+        (&medians[1], &medians[2], &medians[3], &medians[4]);
     let ratio = gateway_m.rate / nginx_m.rate.max(1e-9);
     let p99_ratio = gateway_m.p99 / nginx_m.p99.max(1e-9);
     report.target(
@@ -310,12 +288,129 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         gateway_m.rate / floor_m.rate.max(1e-9),
         100.0 * (1.0 - gateway_m.rate / floor_m.rate.max(1e-9)),
     ));
+    let (ours_peak, spring_peak) = (peak(&targets[3].3), peak(&targets[4].3));
+    report.note(format!(
+        "- Ours/Spring Cloud Gateway: throughput {:.1}x, p99 {:.2}x ({:.2} ms vs {:.2} ms), \
+         CPU per request {:.2}x, peak RSS {:.2}x ({:.1} MiB vs {:.1} MiB).",
+        gateway_m.rate / spring_m.rate.max(1e-9),
+        gateway_m.p99 / spring_m.p99.max(1e-9),
+        gateway_m.p99,
+        spring_m.p99,
+        (gateway_m.cpu / gateway_m.rate.max(1e-9))
+            / (spring_m.cpu / spring_m.rate.max(1e-9)).max(1e-12),
+        ours_peak / spring_peak.max(1e-9),
+        ours_peak,
+        spring_peak,
+    ));
     report.note(format!(
         "Medians of {ROUNDS} alternating rounds of {SECONDS} s each; wrk (Debian) with 2 threads \
          and {CONNECTIONS} connections on the same 2 cores as the proxies and the upstream (nginx \
-         with one worker returning 200). The gateway validates an EdDSA JWT on every request and \
-         resolves `lb://bench-upstream` from the registry; nginx's config is \
-         `xtask/bench/nginx-proxy.conf`. No access logs anywhere."
+         with one worker returning 200). Both gateways check the EdDSA bearer token on every \
+         request (issuer, audience, expiry; ours verifies a token's signature once and keeps \
+         the result until the token expires, Spring verifies it every time) and resolve \
+         `lb://bench-upstream` from the same registry; nginx's config is \
+         `xtask/bench/nginx-proxy.conf`. Spring Cloud Gateway (`interop/gateway`, Spring \
+         Boot 4.0.7, Spring Cloud 2025.1.4, OpenJDK 17, `java -jar` with the JVM's defaults) \
+         ran under this load until its JIT compilers were done before the first round ({:.0} s; \
+         they used {:.1} s of CPU meanwhile, {:.1} s more during the rounds). No access logs \
+         anywhere.",
+        warmup.seconds,
+        warmup.jit_seconds,
+        jit_cpu_seconds(spring_gateway.child.pid()) - warmup.jit_seconds_at_end,
     ));
     Ok(report)
+}
+
+/// Waits until `base/bench` answers 200 with `jwt`: the proxy has found the upstream
+/// in the registry.
+fn wait_route(
+    agent: &ureq::Agent,
+    base: &str,
+    jwt: &str,
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        interrupt.check()?;
+        let status = agent
+            .get(&format!("{base}/bench"))
+            .header("authorization", &format!("Bearer {jwt}"))
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status == 200 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{base}/bench answered {status} for a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How a JVM's warm-up went.
+struct Warmup {
+    seconds: f64,
+    /// CPU its JIT compilers used during the warm-up, and their total at its end.
+    jit_seconds: f64,
+    jit_seconds_at_end: f64,
+}
+
+/// Runs the benchmark's load against the JVM at `url` (process `pid`) until its JIT
+/// compilers have been quiet for two windows in a row.
+fn warm_up(url: &str, jwt: &str, pid: u32, interrupt: &Interrupt) -> anyhow::Result<Warmup> {
+    let started = std::time::Instant::now();
+    let at_start = jit_cpu_seconds(pid);
+    let mut quiet = 0;
+    for window in 1..=WARMUP_WINDOWS {
+        interrupt.check()?;
+        let before = jit_cpu_seconds(pid);
+        let result = wrk(
+            &[
+                "-t2".into(),
+                format!("-c{CONNECTIONS}"),
+                format!("-d{WARMUP_WINDOW_SECONDS}s"),
+                "-s".into(),
+                "gateway-load.lua".into(),
+                url.to_owned(),
+            ],
+            &[("BENCH_TOKEN", jwt)],
+        )?;
+        let jit = jit_cpu_seconds(pid) - before;
+        eprintln!(
+            "bench: warm-up window {window}: {:.0} requests/s, JIT {jit:.1} s of CPU",
+            result.rate()
+        );
+        quiet = if jit < JIT_QUIET_SECONDS {
+            quiet + 1
+        } else {
+            0
+        };
+        if quiet == 2 {
+            break;
+        }
+    }
+    let at_end = jit_cpu_seconds(pid);
+    Ok(Warmup {
+        seconds: started.elapsed().as_secs_f64(),
+        jit_seconds: at_end - at_start,
+        jit_seconds_at_end: at_end,
+    })
+}
+
+/// CPU seconds used so far by a JVM's JIT compiler threads (`C1 CompilerThre`,
+/// `C2 CompilerThre`).
+fn jit_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.contains("Compiler"))
+        })
+        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| crate::bench::cpu_seconds_of_task(pid, tid))
+        .sum()
 }

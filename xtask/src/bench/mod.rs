@@ -5,10 +5,13 @@
 //! itself, cleans up, prints a table and appends it to `docs/benchmarks.md` with the
 //! machine and the exact command.
 
+pub mod failover;
 pub mod footprint;
 pub mod gateway;
+pub mod ours;
 pub mod registry;
 pub mod saga;
+pub mod spring;
 
 use std::{
     fmt::Write as _,
@@ -30,7 +33,8 @@ pub fn run(name: &str) -> anyhow::Result<()> {
         "saga" => vec![saga::run(&interrupt, 1)?, saga::run(&interrupt, 3)?],
         "registry" => vec![registry::run(&interrupt)?],
         "footprint" => vec![footprint::run(&interrupt)?],
-        other => bail!("no benchmark `{other}`: gateway, saga, registry or footprint"),
+        "failover" => vec![failover::run(&interrupt)?],
+        other => bail!("no benchmark `{other}`: gateway, saga, registry, footprint or failover"),
     };
     for report in &reports {
         println!("\n{}", report.markdown());
@@ -180,7 +184,17 @@ pub fn build_release(
 
 /// A process's CPU time so far (user + system), from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// One thread's CPU time so far (user + system), from /proc.
+pub fn cpu_seconds_of_task(pid: u32, tid: u32) -> f64 {
+    stat_cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// user + system time from a `/proc` `stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
