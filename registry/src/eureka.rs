@@ -653,8 +653,15 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, Problem> {
     ))
 }
 
+/// How deeply elements may nest in an XML body. An Eureka instance nests four deep at
+/// most; a crafted body nested thousands deep would build a tree whose recursive
+/// drop and conversion overflow the stack and kill the process.
+pub const MAX_XML_DEPTH: usize = 32;
+
 /// Parses XML into Eureka's JSON form: attributes become `@name`, an element's text
-/// beside attributes becomes `$`, repeated elements become arrays.
+/// beside attributes becomes `$`, repeated elements become arrays. Elements nest at
+/// most [`MAX_XML_DEPTH`] deep; character references (`&#65;`, `&#x41;`) and the five
+/// predefined entities are resolved, nothing else (no DTD, no external entities).
 pub fn xml_to_tree(body: &[u8]) -> Result<Value, String> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_reader(body);
@@ -669,6 +676,10 @@ pub fn xml_to_tree(body: &[u8]) -> Result<Value, String> {
             .map_err(|e| e.to_string())?
         {
             Event::Start(start) => {
+                // The stack holds the document root too.
+                if stack.len() > MAX_XML_DEPTH {
+                    return Err(format!("elements nest deeper than {MAX_XML_DEPTH} levels"));
+                }
                 let (name, fields) = element(&start)?;
                 stack.push((name, fields, String::new()));
             }
@@ -690,10 +701,14 @@ pub fn xml_to_tree(body: &[u8]) -> Result<Value, String> {
             }
             Event::GeneralRef(reference) => {
                 if let Some(top) = stack.last_mut() {
-                    let name = reference.decode().map_err(|e| e.to_string())?;
-                    let resolved = quick_xml::escape::resolve_predefined_entity(&name)
-                        .ok_or_else(|| format!("unknown entity &{name};"))?;
-                    top.2.push_str(resolved);
+                    if let Some(c) = reference.resolve_char_ref().map_err(|e| e.to_string())? {
+                        top.2.push(c);
+                    } else {
+                        let name = reference.decode().map_err(|e| e.to_string())?;
+                        let resolved = quick_xml::escape::resolve_predefined_entity(&name)
+                            .ok_or_else(|| format!("unknown entity &{name};"))?;
+                        top.2.push_str(resolved);
+                    }
                 }
             }
             Event::CData(data) => {
@@ -772,6 +787,43 @@ mod tests {
         ] {
             assert_eq!(eureka_status(status), status.as_str());
         }
+    }
+
+    #[test]
+    fn deeply_nested_xml_is_refused_not_a_crash() {
+        // Properly closed, so the old parser built the whole 100,000-deep tree.
+        let depth = 100_000;
+        let body = format!("{}{}", "<a>".repeat(depth), "</a>".repeat(depth));
+        let error = xml_to_tree(body.as_bytes()).expect_err("refused");
+        assert!(error.contains("deeper than 32"), "{error}");
+        // The deepest a document may go still parses.
+        let body = format!(
+            "{}x{}",
+            "<a>".repeat(MAX_XML_DEPTH),
+            "</a>".repeat(MAX_XML_DEPTH)
+        );
+        assert!(xml_to_tree(body.as_bytes()).is_ok());
+        let body = format!(
+            "{}x{}",
+            "<a>".repeat(MAX_XML_DEPTH + 1),
+            "</a>".repeat(MAX_XML_DEPTH + 1)
+        );
+        assert!(xml_to_tree(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn numeric_character_references_are_resolved() {
+        let tree = xml_to_tree(
+            br#"<instance><app>ORDER&#45;SERVICE</app><hostName>h&#x31;</hostName>
+               <metadata><zone a="&#97;&#x62;">&#233;</zone></metadata></instance>"#,
+        )
+        .unwrap();
+        assert_eq!(tree["instance"]["app"], "ORDER-SERVICE");
+        assert_eq!(tree["instance"]["hostName"], "h1");
+        assert_eq!(tree["instance"]["metadata"]["zone"]["$"], "é");
+        assert_eq!(tree["instance"]["metadata"]["zone"]["@a"], "ab");
+        assert!(xml_to_tree(b"<a>&#0;</a>").is_err());
+        assert!(xml_to_tree(b"<a>&#xFFFFFFFF;</a>").is_err());
     }
 
     #[test]

@@ -750,6 +750,43 @@ async fn an_xml_registration_is_read_like_the_eureka_server_reads_it() {
 }
 
 #[tokio::test]
+async fn a_deeply_nested_xml_body_is_a_400_and_the_registry_lives_on() {
+    let registry = spawn().await;
+    // 200,000 levels (1.4 MB, under the body limit): a tree that deep overflowed the
+    // stack of the worker that built it, which took the whole process down.
+    let depth = 200_000;
+    let body = format!(
+        "<instance>{}{}</instance>",
+        "<a>".repeat(depth),
+        "</a>".repeat(depth)
+    );
+    let response = registry
+        .client
+        .post(registry.url("/eureka/apps/DEEP"))
+        .basic_auth("eureka", Some(TOKEN))
+        .header("content-type", "application/xml")
+        .body(body)
+        .send()
+        .await
+        .expect("an answer, not a dead registry");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.expect("problem");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("deeper than 32"), "{problem}");
+    let health = registry
+        .client
+        .get(registry.url("/actuator/health"))
+        .send()
+        .await
+        .expect("still serving");
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn prometheus_shows_registrations_renewals_and_instances_per_service() {
     let registry = spawn().await;
     registry
