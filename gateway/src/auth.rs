@@ -3,16 +3,23 @@
 //! `GET /.well-known/jwks.json` publishing the public key. The local stack's dev users
 //! come from the config `cargo xtask up` writes; the gateway itself knows no user.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use axum::{Json, extract::State, response::IntoResponse};
+use axum::{
+    Json,
+    extract::{ConnectInfo, State},
+    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    response::{IntoResponse, Response},
+};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use shared::{
     Problem,
     auth::{TokenSigner, VerifierSettings},
 };
+
+use crate::login::{LoginGuard, LoginSettings, Refusal};
 
 /// One user of the gateway's own store.
 #[derive(Clone, Serialize, Deserialize)]
@@ -52,6 +59,8 @@ pub struct GatewayAuthSettings {
     pub users: Vec<UserSettings>,
     /// External issuers trusted by JWKS URL.
     pub external: VerifierSettings,
+    /// Bounds and throttles on `POST /auth/token`.
+    pub login: LoginSettings,
 }
 
 impl std::fmt::Debug for GatewayAuthSettings {
@@ -65,6 +74,7 @@ impl std::fmt::Debug for GatewayAuthSettings {
             )
             .field("users", &self.users)
             .field("external", &self.external)
+            .field("login", &self.login)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +88,7 @@ impl Default for GatewayAuthSettings {
             signing_key: None,
             users: Vec::new(),
             external: VerifierSettings::default(),
+            login: LoginSettings::default(),
         }
     }
 }
@@ -89,6 +100,7 @@ pub struct IdentityProvider {
     /// Verified against for unknown users, so a wrong name costs as long as a wrong
     /// password and timing does not reveal which names exist.
     decoy: String,
+    guard: LoginGuard,
 }
 
 impl std::fmt::Debug for IdentityProvider {
@@ -135,6 +147,7 @@ impl IdentityProvider {
             signer,
             users,
             decoy: hash_password(&TokenSigner::generate_seed())?,
+            guard: LoginGuard::new(&settings.login),
         })
     }
 
@@ -157,44 +170,92 @@ pub struct TokenRequest {
     password: String,
 }
 
-/// `POST /auth/token`.
+/// `POST /auth/token`. A login is admitted by the [`LoginGuard`] before its password
+/// is checked: throttled addresses and names get 429, a full house 503, both with
+/// `Retry-After` and without hashing anything.
 pub async fn token(
     State(idp): State<Arc<IdentityProvider>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     shared::http::Json(request): shared::http::Json<TokenRequest>,
-) -> Result<Json<Value>, Problem> {
+) -> Response {
     if idp.signer.is_none() {
-        return Err(Problem::new(
-            axum::http::StatusCode::NOT_FOUND,
+        return Problem::new(
+            StatusCode::NOT_FOUND,
             "This gateway issues no tokens; use your identity provider's.",
-        ));
+        )
+        .into_response();
     }
-    // argon2 is deliberately slow: keep it off the async workers.
-    let checking = idp.clone();
-    let user = tokio::task::spawn_blocking(move || {
-        checking
-            .authenticate(&request.username, &request.password)
-            .cloned()
-    })
-    .await
-    .map_err(|e| Problem::internal(&e))?;
-    let Some(user) = user else {
-        metrics::counter!("gateway_logins_total", "outcome" => "refused").increment(1);
-        return Err(Problem::unauthorized("Wrong user name or password."));
+    let address = client.ip();
+    let admission = match idp.guard.admit(address, &request.username) {
+        Ok(admission) => admission,
+        Err(Refusal::Throttled { retry_after }) => {
+            metrics::counter!("gateway_logins_total", "outcome" => "throttled").increment(1);
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            return retry_later(
+                Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "Too many failed logins from this address or for this user name; \
+                         retry in {seconds} s."
+                    ),
+                ),
+                seconds,
+            );
+        }
+        Err(Refusal::Busy) => {
+            metrics::counter!("gateway_logins_total", "outcome" => "busy").increment(1);
+            return retry_later(
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Too many logins are being checked at once; retry in 1 s.",
+                ),
+                1,
+            );
+        }
     };
-    let signer = idp
-        .signer
-        .as_ref()
-        .ok_or_else(|| Problem::unauthorized("no signer"))?;
+    // argon2 is deliberately slow: it runs on the guard's own threads, holding the
+    // admission's slot until the hash is done, even if the client has gone.
+    let checking = idp.clone();
+    let username = request.username.clone();
+    let Some(user) = idp
+        .guard
+        .check(admission, move || {
+            checking.authenticate(&username, &request.password).cloned()
+        })
+        .await
+    else {
+        return Problem::unavailable("the password check").into_response();
+    };
+    let Some(user) = user else {
+        idp.guard.failed(address, &request.username);
+        metrics::counter!("gateway_logins_total", "outcome" => "refused").increment(1);
+        return Problem::unauthorized("Wrong user name or password.").into_response();
+    };
+    idp.guard.succeeded(&request.username);
+    let Some(signer) = idp.signer.as_ref() else {
+        return Problem::unauthorized("no signer").into_response();
+    };
     let sub = user.id.clone().unwrap_or_else(|| user.username.clone());
-    let token = signer
-        .sign(&sub, &user.roles)
-        .map_err(|e| Problem::internal(&e))?;
+    let token = match signer.sign(&sub, &user.roles) {
+        Ok(token) => token,
+        Err(e) => return Problem::internal(&e).into_response(),
+    };
     metrics::counter!("gateway_logins_total", "outcome" => "issued").increment(1);
-    Ok(Json(json!({
+    Json(json!({
         "access_token": token,
         "token_type": "Bearer",
         "expires_in": signer.ttl.as_secs(),
-    })))
+    }))
+    .into_response()
+}
+
+/// `problem` with `Retry-After: seconds`.
+fn retry_later(problem: Problem, seconds: u64) -> Response {
+    let mut response = problem.into_response();
+    if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+        response.headers_mut().insert(RETRY_AFTER, value);
+    }
+    response
 }
 
 /// `GET /.well-known/jwks.json`.

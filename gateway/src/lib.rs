@@ -13,6 +13,7 @@ pub mod auth;
 pub mod balancer;
 pub mod breaker;
 pub mod limits;
+pub mod login;
 pub mod proxy;
 pub mod routes;
 pub mod server;

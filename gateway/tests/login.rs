@@ -1,0 +1,164 @@
+//! `POST /auth/token` under attack: failed logins throttled per user name and per
+//! client address (429), a flood of logins shed at the bound on concurrent password
+//! checks (503), both with `Retry-After`, and the real user still served afterwards.
+
+mod support;
+
+use std::time::Duration;
+
+use gateway::{Application, login::LoginSettings};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const ROUTES: &str = "routes: []\n";
+
+struct Gateway {
+    base: String,
+    client: Client,
+    _stop: Vec<CancellationToken>,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway(login: LoginSettings) -> Gateway {
+    let (registry, stop_registry) = support::registry().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, ROUTES).expect("routes");
+    let mut settings = support::gateway_settings(registry, &routes);
+    settings.auth.login = login;
+    let app = Application::build(settings).await.expect("gateway");
+    let base = format!("http://{}", app.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    Gateway {
+        base,
+        client: Client::new(),
+        _stop: vec![stop, stop_registry],
+        _dir: dir,
+    }
+}
+
+impl Gateway {
+    async fn login(&self, user: &str, password: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/auth/token", self.base))
+            .json(&json!({"username": user, "password": password}))
+            .send()
+            .await
+            .expect("an answer")
+    }
+}
+
+/// Asserts `response` is a problem with `status` and a `Retry-After` of 1..=`max`
+/// seconds; returns its detail.
+async fn assert_retry_later(response: reqwest::Response, status: StatusCode, max: u64) -> String {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (1..=max).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let problem: Value = response.json().await.expect("problem");
+    problem["detail"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn failed_logins_for_one_name_throttle_that_name_only() {
+    let gateway = gateway(LoginSettings {
+        max_failures_per_user: 3,
+        max_failures_per_address: 1000,
+        ..LoginSettings::default()
+    })
+    .await;
+    for _ in 0..3 {
+        let wrong = gateway.login("alice", "guess").await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    // Even the right password waits now: a guesser cannot tell it was right.
+    let detail = assert_retry_later(
+        gateway.login("alice", "alice-pw").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        60,
+    )
+    .await;
+    assert!(detail.contains("retry in"), "{detail}");
+    // Other names, from the same address, are not held up.
+    assert_eq!(
+        gateway.login("admin", "admin-pw").await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_address_guessing_many_names_is_throttled() {
+    let gateway = gateway(LoginSettings {
+        max_failures_per_user: 1000,
+        max_failures_per_address: 3,
+        ..LoginSettings::default()
+    })
+    .await;
+    for name in ["mallory-1", "mallory-2", "mallory-3"] {
+        assert_eq!(
+            gateway.login(name, "x").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_retry_later(
+        gateway.login("admin", "admin-pw").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        60,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_login_flood_is_shed_at_the_check_bound_and_the_user_still_gets_in() {
+    let gateway = gateway(LoginSettings {
+        max_concurrent_checks: 1,
+        max_failures_per_user: 1000,
+        max_failures_per_address: 1000,
+        ..LoginSettings::default()
+    })
+    .await;
+    // Forty unknown users at once against one check slot: an argon2 check takes tens
+    // of milliseconds, so most of them find it taken.
+    let flood = (0..40).map(|i| {
+        let gateway = &gateway;
+        async move { gateway.login(&format!("nobody-{i}"), "x").await }
+    });
+    let answers = futures::future::join_all(flood).await;
+    let mut shed = 0;
+    for answer in answers {
+        match answer.status() {
+            StatusCode::UNAUTHORIZED => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                shed += 1;
+                assert_retry_later(answer, StatusCode::SERVICE_UNAVAILABLE, 1).await;
+            }
+            other => panic!("a flooded login answered {other}"),
+        }
+    }
+    assert!(shed > 0, "nothing was shed: the bound is not there");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = gateway.login("alice", "alice-pw").await.status();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
