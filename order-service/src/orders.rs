@@ -269,7 +269,12 @@ pub(crate) async fn read(
     AuthUser(claims): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let not_found = || Problem::not_found(format!("No order {id} is yours to see."));
+    let not_found = || {
+        Problem::not_found(format!(
+            "No order {} is yours to see.",
+            shared::http::echo(&id)
+        ))
+    };
     let Ok(uuid) = Uuid::parse_str(&id) else {
         return Err(not_found());
     };
@@ -396,13 +401,26 @@ pub(crate) async fn stats(
     }
     let counts = StatusCounts::load(&api.pool).await.map_err(internal)?;
     let (confirmed, rejected) = (counts.confirmed, counts.rejected);
-    let revenue = sqlx::query_as::<_, (String, i64)>(
-        "SELECT currency, sum(total)::bigint FROM orders WHERE status = 'CONFIRMED' \
+    // The sum of bigints is a numeric that may not fit a bigint (enough large orders
+    // overflow it): it travels as text and is read into 128 bits.
+    let revenue = sqlx::query_as::<_, (String, String)>(
+        "SELECT currency, sum(total)::text FROM orders WHERE status = 'CONFIRMED' \
          GROUP BY currency ORDER BY currency",
     )
     .fetch_all(&api.pool)
     .await
     .map_err(internal)?;
+    let revenue = revenue
+        .into_iter()
+        .map(|(currency, amount)| {
+            let amount = amount.parse::<i128>().map_err(|e| {
+                internal(sqlx::Error::Decode(
+                    format!("revenue {amount} of {currency}: {e}").into(),
+                ))
+            })?;
+            Ok(Revenue { currency, amount })
+        })
+        .collect::<Result<Vec<_>, Problem>>()?;
     let series = sqlx::query_as::<_, (DateTime<Utc>, i64, i64, i64)>(
         "WITH minutes AS (SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes', \
                                                  date_trunc('minute', now()), interval '1 minute') AS m) \
@@ -420,10 +438,7 @@ pub(crate) async fn stats(
     let settled = confirmed + rejected;
     Ok(Json(Stats {
         counts,
-        confirmed_revenue: revenue
-            .into_iter()
-            .map(|(currency, amount)| Revenue { currency, amount })
-            .collect(),
+        confirmed_revenue: revenue,
         rejection_rate: (settled > 0).then(|| rejected as f64 / settled as f64),
         last_hour: series
             .into_iter()
@@ -487,7 +502,9 @@ impl StatusCounts {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Revenue {
     pub currency: String,
-    pub amount: i64,
+    /// Minor units; may exceed a 64-bit integer.
+    #[schema(value_type = i64)]
+    pub amount: i128,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -503,11 +520,22 @@ fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}:{id}", at.timestamp_micros()))
 }
 
+/// The position a cursor names, if it could have come from [`encode_cursor`]: an
+/// order's creation time between 1970 and 9999 (a crafted time outside PostgreSQL's
+/// range would fail the query) and its id.
 fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    const LATEST_MICROS: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+    if raw.len() > 128 {
+        return None;
+    }
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(raw).ok()?).ok()?;
     let (micros, id) = text.split_once(':')?;
+    let micros: i64 = micros.parse().ok()?;
+    if !(0..=LATEST_MICROS).contains(&micros) {
+        return None;
+    }
     Some((
-        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        DateTime::from_timestamp_micros(micros)?,
         Uuid::parse_str(id).ok()?,
     ))
 }
@@ -522,5 +550,10 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(at, id)), Some((at, id)));
         assert_eq!(decode_cursor("not-a-cursor"), None);
+        // Times PostgreSQL cannot hold (chrono can) and negative ones are refused.
+        for micros in [i64::MIN, -1, 253_402_300_800_000_000, i64::MAX] {
+            let crafted = URL_SAFE_NO_PAD.encode(format!("{micros}:{id}"));
+            assert_eq!(decode_cursor(&crafted), None, "{micros}");
+        }
     }
 }

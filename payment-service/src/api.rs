@@ -129,6 +129,7 @@ pub(crate) async fn my_account(
         (status = 200, body = Account),
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A userId that no account can have", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn account_of(
     State(api): State<Api>,
@@ -136,6 +137,7 @@ pub(crate) async fn account_of(
     Path(user): Path<String>,
 ) -> Result<Json<Account>, Problem> {
     require_admin(&claims)?;
+    shared::http::text_path_param("userId", &user, 255)?;
     account(&api, &user).await
 }
 
@@ -225,12 +227,7 @@ pub(crate) async fn deposit_for(
     if user != claims.sub {
         require_admin(&claims)?;
     }
-    if user.is_empty() || user.len() > 255 {
-        return Err(Problem::validation(vec![FieldError::new(
-            "userId",
-            "must be 1 to 255 characters",
-        )]));
-    }
+    shared::http::text_path_param("userId", &user, 255)?;
     deposit(&api, &claims, &user, &headers, body).await
 }
 

@@ -226,6 +226,35 @@ pub fn limit_param(
     }
 }
 
+/// A text path parameter `field` that is stored or looked up: 1 to `max` characters
+/// with no control characters. PostgreSQL refuses a NUL byte in text with an error,
+/// which must not surface as a 500; absurd lengths are refused before any lookup.
+pub fn text_path_param(field: &str, value: &str, max: usize) -> Result<(), crate::Problem> {
+    let problem =
+        |message: String| crate::Problem::validation(vec![crate::FieldError::new(field, message)]);
+    if value.is_empty() || value.chars().count() > max {
+        return Err(problem(format!("must be 1 to {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(problem("must not contain control characters".into()));
+    }
+    Ok(())
+}
+
+/// `value` for echoing in a message: at most 64 characters, control characters
+/// escaped.
+pub fn echo(value: &str) -> String {
+    let mut shown: String = value
+        .chars()
+        .take(64)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().count() > 64 {
+        shown.push('…');
+    }
+    shown
+}
+
 /// An optional UUID query parameter `field` naming `what` (e.g. "an order id"); a bad
 /// value is recorded in `errors`.
 pub fn uuid_param(
