@@ -176,14 +176,20 @@ pub const SPRING_PROGRAMS: [&str; 3] = ["eureka-client", "eureka-server", "gatew
 
 /// The Spring program `interop/<name>`, built with Maven into cargo's target folder
 /// (Maven's repository in the tools folder, so only the first build downloads
-/// Spring); returns its executable jar. Maven rebuilds only what changed, so every
-/// call is cheap after the first.
+/// Spring); returns its executable jar. Built once per xtask run: later calls return
+/// the jar at once.
 pub fn spring_program(name: &str, interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     if !SPRING_PROGRAMS.contains(&name) {
         bail!("no Spring program `{name}` under interop/");
     }
     let project = crate::workspace_root().join("interop").join(name);
     let out = crate::target_dir().join("interop").join(name);
+    let jar = out.join(format!("{name}.jar"));
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|b| b == name) {
+        return Ok(jar);
+    }
     let mvn = debian_tool("mvn", "maven")?;
     let mut build = Command::new(mvn);
     build
@@ -202,14 +208,25 @@ pub fn spring_program(name: &str, interrupt: &Interrupt) -> anyhow::Result<PathB
         .arg(format!("-Dstorefront.build.directory={}", out.display()))
         .arg("package")
         .stdin(std::process::Stdio::null());
-    procs::run(
+    // Maven's output goes to a log, shown only when the build fails: Debian's Maven
+    // writes terminal reset codes even in batch mode.
+    fs::create_dir_all(&out)?;
+    let log_path = out.join("maven.log");
+    let log = fs::File::create(&log_path)?;
+    build.stdout(log.try_clone()?).stderr(log);
+    if let Err(e) = procs::run(
         &format!("mvn package (interop/{name})"),
         &mut build,
         interrupt,
-    )?;
-    let jar = out.join(format!("{name}.jar"));
+    ) {
+        let said = fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = said.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{e}; Maven said:\n{}", tail.join("\n"));
+    }
     if !jar.exists() {
         bail!("Maven finished but {} is missing", jar.display());
     }
+    built.push(name.to_owned());
     Ok(jar)
 }
