@@ -247,6 +247,57 @@ impl Stack {
 }
 
 #[tokio::test]
+async fn the_built_in_routes_refuse_admin_endpoints_to_customers_at_the_gateway() {
+    let s = stack(include_str!("../config/routes.yaml"), 2000).await;
+    let orders = upstream("order-service").await;
+    let payments = upstream("payment-service").await;
+    s.register("order-service", &orders).await;
+    s.register("payment-service", &payments).await;
+    let customer = s.token("alice", "alice-pw").await;
+    let admin = s.token("admin", "admin-pw").await;
+    assert_eq!(s.get_routed("/orders", &customer).await.status(), 200);
+    assert_eq!(
+        s.get_routed("/payments/accounts/me", &customer)
+            .await
+            .status(),
+        200
+    );
+    let before = (
+        orders.hits.load(Ordering::SeqCst),
+        payments.hits.load(Ordering::SeqCst),
+    );
+    for path in [
+        "/orders/stats",
+        "/payments/accounts/bob",
+        "/payments/accounts/bob/deposits",
+    ] {
+        let refused = s.get(path, &customer).await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            refused.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert_eq!(
+        (
+            orders.hits.load(Ordering::SeqCst),
+            payments.hits.load(Ordering::SeqCst)
+        ),
+        before,
+        "a refused request reached a service"
+    );
+    // Admins get through, and a customer's own account stays open.
+    for (path, token) in [
+        ("/orders/stats", &admin),
+        ("/payments/accounts/bob", &admin),
+        ("/payments/accounts/me/deposits", &customer),
+        ("/orders/some-order", &customer),
+    ] {
+        assert_eq!(s.get(path, token).await.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn a_stopping_gateway_finishes_what_its_workers_have_in_flight() {
     let s = stack(ROUTES, 10_000).await;
     let up = upstream("order-service").await;
