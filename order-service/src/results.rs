@@ -44,10 +44,13 @@ impl Handler for ResultApplier {
                               ON CONFLICT DO NOTHING RETURNING 1), \
                   moved AS (UPDATE orders SET status = $3, rejection_reason = $4, updated_at = now() \
                             WHERE id = $2 AND status = 'PENDING' AND user_id = $5 \
+                              AND total = $6 AND currency = $7 \
                               AND EXISTS (SELECT 1 FROM claimed) RETURNING 1) \
              SELECT EXISTS (SELECT 1 FROM claimed) AS fresh, \
                     (SELECT status FROM orders WHERE id = $2) AS prior, \
                     (SELECT user_id FROM orders WHERE id = $2) AS owner, \
+                    (SELECT total FROM orders WHERE id = $2) AS total, \
+                    (SELECT currency FROM orders WHERE id = $2) AS currency, \
                     EXISTS (SELECT 1 FROM moved) AS moved",
         )
         .bind(event.event_id)
@@ -55,6 +58,8 @@ impl Handler for ResultApplier {
         .bind(status)
         .bind(reason)
         .bind(&event.user_id)
+        .bind(event.amount)
+        .bind(&event.currency)
         .fetch_one(&mut *tx)
         .await?;
         if !row.try_get::<bool, _>("fresh")? {
@@ -78,6 +83,15 @@ impl Handler for ResultApplier {
             return Err(Failure::Permanent(format!(
                 "order {} belongs to another user than the result's userId `{}`",
                 event.order_id, event.user_id
+            )));
+        }
+        // A result for another amount or currency than the order's was not decided on
+        // this order: applying it could confirm an order that was never paid in full.
+        let (total, currency): (i64, String) = (row.try_get("total")?, row.try_get("currency")?);
+        if total != event.amount || currency != event.currency {
+            return Err(Failure::Permanent(format!(
+                "the result's amount {} {} differs from order {}'s total {total} {currency}",
+                event.amount, event.currency, event.order_id
             )));
         }
         tracing::info!(order = %event.order_id, status = %prior, event = %event.event_id,

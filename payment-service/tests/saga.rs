@@ -412,6 +412,37 @@ async fn a_result_for_an_unknown_order_is_dead_lettered_by_order_service() {
     );
 }
 
+#[tokio::test]
+async fn a_result_for_another_amount_than_the_order_is_dead_lettered_and_changes_nothing() {
+    let mut saga = Saga::start().await;
+    // Without payment-service the order stays PENDING for the crafted result.
+    if let Some(payments) = saga.payments.take() {
+        payments.stop().await;
+    }
+    let order = saga.order("alice", 1_000, "EUR").await;
+    for (amount, currency) in [(1, "EUR"), (1_000, "USD")] {
+        let result = json!({
+            "eventId": uuid::Uuid::new_v4(), "eventType": "payment-validated",
+            "occurredAt": "2026-01-01T00:00:00Z", "orderId": order,
+            "userId": "alice", "amount": amount, "currency": currency
+        });
+        saga.produce(
+            &saga.topics.payment_results,
+            &order,
+            result.to_string().as_bytes(),
+            "payment-validated",
+            None,
+        )
+        .await;
+    }
+    let dead = read(&format!("{}.DLT", saga.topics.payment_results), 2).await;
+    for message in &dead {
+        let error = header(message, "kafka_dlt-exception-message").expect("the error");
+        assert!(error.contains("differs from order"), "{error}");
+    }
+    assert_eq!(saga.get_order("alice", &order).await["status"], "PENDING");
+}
+
 /// The value of the first sample of `name` whose labels contain `labels`.
 fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
     metrics

@@ -76,6 +76,22 @@ impl OrderCreated {
             ));
         }
         check_common(&event.user_id, event.total, &event.currency, "total")?;
+        // The total must be what the items add up to: a payment is taken for the total,
+        // so an event whose total disagrees with its lines is refused, not charged.
+        let sum = event.items.iter().try_fold(0i64, |sum, item| {
+            item.quantity
+                .checked_mul(item.unit_price)
+                .and_then(|line| sum.checked_add(line))
+        });
+        if sum != Some(event.total) {
+            return Err(match sum {
+                Some(sum) => format!(
+                    "total {} is not the sum of the items' quantity x unitPrice ({sum})",
+                    event.total
+                ),
+                None => "the items' quantity x unitPrice overflows".into(),
+            });
+        }
         Ok(event)
     }
 }
@@ -175,6 +191,28 @@ mod tests {
         let mut bad = order();
         bad["eventType"] = json!("payment-validated");
         assert!(OrderCreated::parse(bad.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn an_order_whose_total_is_not_its_items_sum_is_refused() {
+        let mut bad = order();
+        bad["total"] = json!(4);
+        let e = OrderCreated::parse(bad.to_string().as_bytes()).unwrap_err();
+        assert!(
+            e.contains("total 4 is not the sum") && e.contains("(5)"),
+            "{e}"
+        );
+        let mut bad = order();
+        bad["items"] = json!([{"sku": "A", "quantity": i64::MAX, "unitPrice": 2}]);
+        let e = OrderCreated::parse(bad.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("overflows"), "{e}");
+        let mut two = order();
+        two["items"] = json!([
+            {"sku": "A", "quantity": 2, "unitPrice": 150},
+            {"sku": "B", "quantity": 1, "unitPrice": 45}
+        ]);
+        two["total"] = json!(345);
+        assert!(OrderCreated::parse(two.to_string().as_bytes()).is_ok());
     }
 
     #[test]
