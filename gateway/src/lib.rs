@@ -201,6 +201,7 @@ pub struct Application {
     listeners: Vec<std::net::TcpListener>,
     router: Router,
     registry: RegistrySettings,
+    http_limits: shared::config::ConnectionLimits,
     background: CancellationToken,
 }
 
@@ -246,6 +247,7 @@ impl Application {
             listeners,
             router: router(gateway, Arc::new(idp)),
             registry: settings.registry,
+            http_limits: settings.http.limits.clone(),
             background,
         })
     }
@@ -264,13 +266,13 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
         let bound = self.local_addr();
-        let (listeners, router) = (self.listeners, self.router);
+        let (listeners, router, limits) = (self.listeners, self.router, self.http_limits);
         let result = shared::registry::serve_registered_by(
             SERVICE_NAME,
             bound,
             &self.registry,
             shutdown,
-            |stop| server::serve(listeners, router, stop),
+            |stop| server::serve(listeners, router, stop, limits),
         )
         .await;
         self.background.cancel();

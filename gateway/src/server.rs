@@ -94,12 +94,19 @@ pub async fn serve(
     listeners: Vec<std::net::TcpListener>,
     router: Router,
     stop: CancellationToken,
+    limits: shared::config::ConnectionLimits,
 ) -> std::io::Result<()> {
+    let listeners_count = listeners.len().max(1);
     let mut finished = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
         let (done, finish) = tokio::sync::oneshot::channel();
         let router = router.clone();
         let worker_stop = stop.clone();
+        // Each worker holds its own share of the connection cap.
+        let limits = shared::config::ConnectionLimits {
+            max_connections: limits.max_connections.div_ceil(listeners_count).max(1),
+            ..limits.clone()
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("gateway-worker-{index}"))
             .spawn(move || {
@@ -107,7 +114,7 @@ pub async fn serve(
                 // too: a gateway on fewer cores than configured is not what was asked.
                 let _stop_all = worker_stop.clone().drop_guard();
                 WORKER.with(|w| w.set(Some(index)));
-                let _ = done.send(run_worker(listener, router, worker_stop));
+                let _ = done.send(run_worker(listener, router, worker_stop, &limits));
             });
         if let Err(e) = spawned {
             stop.cancel();
@@ -131,13 +138,14 @@ fn run_worker(
     listener: std::net::TcpListener,
     router: Router,
     stop: CancellationToken,
+    limits: &shared::config::ConnectionLimits,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        shared::http::serve(listener, router, stop).await
+        shared::http::serve(listener, router, stop, limits).await
     })
 }
 

@@ -79,6 +79,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    http_limits: shared::config::ConnectionLimits,
     mailer: Option<Mailer>,
     consumer: Option<EventConsumer<Queuer>>,
 }
@@ -129,6 +130,7 @@ impl Application {
             listener,
             router,
             registry: settings.registry,
+            http_limits: settings.http.limits.clone(),
             mailer,
             consumer,
         })
@@ -160,6 +162,7 @@ impl Application {
             SERVICE_NAME,
             self.listener,
             self.router,
+            &self.http_limits,
             &self.registry,
             shutdown,
             workers,

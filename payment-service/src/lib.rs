@@ -78,6 +78,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     registry: RegistrySettings,
+    http_limits: shared::config::ConnectionLimits,
     relay: Option<Relay>,
     consumer: Option<EventConsumer<PaymentProcessor>>,
 }
@@ -131,6 +132,7 @@ impl Application {
             listener,
             router,
             registry: settings.registry,
+            http_limits: settings.http.limits.clone(),
             relay,
             consumer,
         })
@@ -162,6 +164,7 @@ impl Application {
             SERVICE_NAME,
             self.listener,
             self.router,
+            &self.http_limits,
             &self.registry,
             shutdown,
             workers,

@@ -76,6 +76,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     table: Arc<LeaseTable>,
+    http_limits: shared::config::ConnectionLimits,
 }
 
 impl Application {
@@ -92,6 +93,7 @@ impl Application {
             listener,
             router,
             table,
+            http_limits: settings.http.limits.clone(),
         })
     }
 
@@ -120,7 +122,13 @@ impl Application {
             closer.cancelled().await;
             table.close();
         });
-        shared::http::serve(self.listener, self.router, shutdown.clone()).await?;
+        shared::http::serve(
+            self.listener,
+            self.router,
+            shutdown.clone(),
+            &self.http_limits,
+        )
+        .await?;
         shutdown.cancel();
         let _ = reaper.await;
         Ok(())

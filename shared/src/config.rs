@@ -259,13 +259,17 @@ mod tests {
     }
 }
 
-/// The `http` section of every process: where it listens.
+pub use crate::server::ConnectionLimits;
+
+/// The `http` section of every process: where it listens, and what it allows clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub host: String,
     /// 0 binds any free port; the process registers the port it really bound.
     pub port: u16,
+    /// Timeouts and the connection cap every client connection is held to.
+    pub limits: crate::server::ConnectionLimits,
 }
 
 impl HttpSettings {
@@ -274,6 +278,7 @@ impl HttpSettings {
         Self {
             host: "127.0.0.1".into(),
             port,
+            limits: crate::server::ConnectionLimits::default(),
         }
     }
 

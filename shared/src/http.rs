@@ -169,19 +169,15 @@ pub fn service_router(
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight
-/// requests finish.
+/// Serves `router` on `listener` within `limits` until `shutdown` is cancelled, then
+/// lets in-flight requests finish (see [`crate::server`]).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
+    limits: &crate::config::ConnectionLimits,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    crate::server::serve(listener, router, shutdown, limits).await
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod outbox;
 pub mod problem;
 pub mod registry;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]

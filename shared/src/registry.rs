@@ -561,12 +561,13 @@ pub async fn serve_registered(
     service: &str,
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    limits: &crate::config::ConnectionLimits,
     settings: &RegistrySettings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let bound = listener.local_addr()?;
     serve_registered_by(service, bound, settings, shutdown, |stop| {
-        crate::http::serve(listener, router, stop)
+        crate::http::serve(listener, router, stop, limits)
     })
     .await
 }
@@ -614,6 +615,7 @@ pub async fn serve_registered_with_workers(
     service: &str,
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    limits: &crate::config::ConnectionLimits,
     settings: &RegistrySettings,
     shutdown: CancellationToken,
     workers: Vec<futures::future::BoxFuture<'static, ()>>,
@@ -623,7 +625,15 @@ pub async fn serve_registered_with_workers(
     for worker in workers {
         running.spawn(worker);
     }
-    let served = serve_registered(service, listener, router, settings, shutdown.clone()).await;
+    let served = serve_registered(
+        service,
+        listener,
+        router,
+        limits,
+        settings,
+        shutdown.clone(),
+    )
+    .await;
     // If the server failed on its own, the workers stop too.
     shutdown.cancel();
     while let Some(done) = running.join_next().await {

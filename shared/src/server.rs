@@ -1,0 +1,337 @@
+//! The one HTTP server loop every process uses (the registry, the three services and
+//! each gateway worker), with the limits that keep hostile clients from holding it:
+//!
+//! - **Header and idle timeout** (`header_read_timeout_ms`): from a connection's start,
+//!   or the end of its last response, to the end of the next request's headers. A
+//!   client that trickles its headers, or keeps a connection idle, longer than that is
+//!   disconnected.
+//! - **Body read timeout** (`body_read_timeout_ms`): the longest wait for the next
+//!   piece of a request body; a stalled upload ends with an error, freeing the handler.
+//! - **Connection cap** (`max_connections`): at the cap, a new connection makes room by
+//!   closing the oldest connection that has no request in progress (slow clients that
+//!   never finish their headers are exactly those), so health checks and real clients
+//!   keep getting in while slow ones are shed. Only when every connection is busy with
+//!   a request is the new one refused.
+//!
+//! Requests in progress are never cut by these limits: a long poll or an event stream
+//! counts as busy until its response ends.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::ConnectInfo,
+};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+/// `http.limits`: what every server allows a client connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionLimits {
+    /// From a connection's start, or the end of its last response, to the end of the
+    /// next request's headers.
+    pub header_read_timeout_ms: u64,
+    /// The longest wait for the next piece of a request body.
+    pub body_read_timeout_ms: u64,
+    /// Open connections at most.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            // Above every client pool's idle timeout we know of (the gateway's 4 s,
+            // Node's 5 s), so a pooled connection is closed by its client first.
+            header_read_timeout_ms: 20_000,
+            body_read_timeout_ms: 20_000,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown` is cancelled; then
+/// stops accepting, closes idle connections and lets requests in progress finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: &ConnectionLimits,
+) -> std::io::Result<()> {
+    let table = Arc::new(Table::new(limits.max_connections.max(1)));
+    let tracker = TaskTracker::new();
+    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms.max(1));
+    let body_timeout = Duration::from_millis(limits.body_read_timeout_ms.max(1));
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors, most likely: connections will close, so
+                    // wait a moment rather than spin on the error.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = table.admit() else {
+            metrics::counter!("http_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let busy = slot.busy.clone();
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let in_progress = InProgress::start(busy.clone());
+                let mut request =
+                    request.map(|body| Body::new(ReadTimeout::new(body, body_timeout)));
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let router = router.clone();
+                async move {
+                    let response = router
+                        .oneshot(request)
+                        .await
+                        .unwrap_or_else(|never: Infallible| match never {});
+                    Ok::<_, Infallible>(response.map(|body| {
+                        Body::new(Finishing {
+                            body,
+                            in_progress: Some(in_progress),
+                        })
+                    }))
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = slot.evicted.cancelled() => {}
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = slot.evicted.cancelled() => {}
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// The open connections, oldest first, each with its count of requests in progress.
+#[derive(Debug)]
+struct Table {
+    max: usize,
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, (Arc<AtomicUsize>, CancellationToken)>>,
+}
+
+impl Table {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            next: AtomicU64::new(0),
+            open: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A slot for a new connection; at the cap, the oldest idle connection is closed
+    /// to make room. `None` when every connection has a request in progress.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= self.max {
+            let idle = open
+                .iter()
+                .find(|(_, (busy, _))| busy.load(Ordering::SeqCst) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some((_, evicted)) = open.remove(&idle) {
+                evicted.cancel();
+                metrics::counter!("http_connections_shed_total").increment(1);
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let evicted = CancellationToken::new();
+        open.insert(id, (busy.clone(), evicted.clone()));
+        Some(Slot {
+            id,
+            table: self.clone(),
+            busy,
+            evicted,
+        })
+    }
+}
+
+/// One connection's place in the table, given back when the connection ends.
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    table: Arc<Table>,
+    busy: Arc<AtomicUsize>,
+    evicted: CancellationToken,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A request in progress on its connection, from its headers to its response's end.
+#[derive(Debug)]
+struct InProgress(Arc<AtomicUsize>);
+
+impl InProgress {
+    fn start(busy: Arc<AtomicUsize>) -> Self {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Self(busy)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that ends its request's [`InProgress`] when it ends (or is
+/// dropped, when the client goes away).
+struct Finishing {
+    body: Body,
+    in_progress: Option<InProgress>,
+}
+
+impl HttpBody for Finishing {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.in_progress = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body whose next piece must come within `timeout` of being asked for.
+struct ReadTimeout {
+    body: Incoming,
+    timeout: Duration,
+    /// Armed while a piece is awaited.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ReadTimeout {
+    fn new(body: Incoming, timeout: Duration) -> Self {
+        Self {
+            body,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+/// What a stalled request body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled for longer than {0:?}")]
+struct BodyStalled(Duration);
+
+impl HttpBody for ReadTimeout {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.deadline = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let deadline = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(timeout))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room() {
+        let table = Arc::new(Table::new(2));
+        let first = table.admit().expect("first");
+        let second = table.admit().expect("second");
+        let _working = InProgress::start(first.busy.clone());
+        let third = table.admit().expect("room made");
+        assert!(!first.evicted.is_cancelled(), "a busy connection stays");
+        assert!(second.evicted.is_cancelled(), "the oldest idle one goes");
+        let _also_working = InProgress::start(third.busy.clone());
+        assert!(table.admit().is_none(), "every connection is busy");
+        drop(second);
+        drop(first);
+        assert!(table.admit().is_some());
+    }
+}

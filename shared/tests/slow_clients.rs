@@ -1,0 +1,135 @@
+//! Hostile connections against the server loop every process uses: headers trickled
+//! or never finished, keep-alive connections left idle, bodies that stall, and more
+//! slow clients than the connection cap, while health keeps answering.
+
+use std::time::Duration;
+
+use axum::{Router, body::Bytes, routing::get, routing::post};
+use shared::config::ConnectionLimits;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_util::sync::CancellationToken;
+
+const HEALTH: &[u8] = b"GET /actuator/health HTTP/1.1\r\nHost: test\r\n\r\n";
+
+struct Server {
+    addr: std::net::SocketAddr,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn server(limits: ConnectionLimits) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = Router::new()
+        .route("/actuator/health", get(|| async { "UP" }))
+        .route(
+            "/upload",
+            post(|body: Bytes| async move { body.len().to_string() }),
+        );
+    let stop = CancellationToken::new();
+    let serving = stop.clone();
+    tokio::spawn(async move { shared::http::serve(listener, router, serving, &limits).await });
+    Server {
+        addr,
+        _stop: stop.drop_guard(),
+    }
+}
+
+fn limits(header_ms: u64, body_ms: u64, max: usize) -> ConnectionLimits {
+    ConnectionLimits {
+        header_read_timeout_ms: header_ms,
+        body_read_timeout_ms: body_ms,
+        max_connections: max,
+    }
+}
+
+/// Reads until the server closes the connection; what it sent. Fails after `within`.
+async fn until_closed(stream: &mut TcpStream, within: Duration) -> String {
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open past {within:?}"
+    );
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// One health check on a new connection: its status line.
+async fn health(addr: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(HEALTH).await.expect("send");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("health answered within 5 s")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn headers_that_never_finish_are_cut_off() {
+    let server = server(limits(300, 10_000, 100)).await;
+    let mut slow = TcpStream::connect(server.addr).await.expect("connect");
+    slow.write_all(b"GET /actuator/health HTTP/1.1\r\nHost: te")
+        .await
+        .expect("send");
+    until_closed(&mut slow, Duration::from_secs(5)).await;
+    // A connection that sends nothing at all goes the same way.
+    let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+    until_closed(&mut silent, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let server = server(limits(300, 10_000, 100)).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream.write_all(HEALTH).await.expect("send");
+    let said = until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+}
+
+#[tokio::test]
+async fn a_stalled_body_ends_the_request() {
+    let server = server(limits(10_000, 300, 100)).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("send");
+    let said = until_closed(&mut stream, Duration::from_secs(5)).await;
+    // Whatever the handler makes of it, it is not left waiting for the other 90 bytes.
+    assert!(!said.contains("200 OK"), "{said}");
+}
+
+#[tokio::test]
+async fn health_answers_while_more_slow_clients_than_the_cap_are_shed() {
+    let server = server(limits(60_000, 60_000, 8)).await;
+    let mut slow = Vec::new();
+    for _ in 0..30 {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(b"GET / HTTP/1.1\r\n").await.expect("send");
+        slow.push(stream);
+        // Long timeouts: only the cap can make room, by shedding the oldest of them.
+        let status = health(server.addr).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    // The oldest slow clients were closed to make that room.
+    until_closed(&mut slow[0], Duration::from_secs(5)).await;
+}
