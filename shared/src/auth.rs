@@ -191,6 +191,15 @@ pub struct IssuerSettings {
     pub audiences: Vec<String>,
     /// Accepted algorithms, e.g. `["EdDSA"]` or `["RS256"]`; HMAC is never accepted.
     pub algorithms: Vec<String>,
+    /// How this issuer's roles become ours, `{their role: our role}`, e.g.
+    /// `{"store-admins": "admin", "user": "customer"}`. Roles not listed are dropped,
+    /// so an external issuer grants `admin` only where this says so.
+    #[serde(default)]
+    pub role_map: std::collections::BTreeMap<String, String>,
+    /// Take the token's roles as they are, unmapped: only for an issuer that speaks
+    /// our roles (the gateway's own tokens, which every service trusts this way).
+    #[serde(default)]
+    pub keep_roles: bool,
 }
 
 /// The `auth` section shared by the gateway and the services.
@@ -202,6 +211,9 @@ pub struct VerifierSettings {
     pub leeway_seconds: u64,
     /// The least time between two JWKS fetches of one issuer.
     pub refetch_interval_ms: u64,
+    /// How often an issuer's key set is fetched again even when no unknown key asks
+    /// for it, so a key the issuer withdrew stops being trusted.
+    pub refresh_interval_ms: u64,
 }
 
 impl Default for VerifierSettings {
@@ -210,9 +222,13 @@ impl Default for VerifierSettings {
             issuers: Vec::new(),
             leeway_seconds: 30,
             refetch_interval_ms: 10_000,
+            refresh_interval_ms: 300_000,
         }
     }
 }
+
+/// The largest JWKS document fetched; a bigger one is refused, keeping the last keys.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 
 /// The `auth` section of a service behind the gateway: it trusts the gateway's
 /// tokens (fetched from the gateway's JWKS) and any further issuers listed.
@@ -255,6 +271,8 @@ impl ServiceAuthSettings {
                 )),
                 audiences: vec![self.audience.clone()],
                 algorithms: vec!["EdDSA".into()],
+                role_map: Default::default(),
+                keep_roles: true,
             });
         }
         if settings.issuers.is_empty() {
@@ -311,6 +329,8 @@ struct Issuer {
     settings: IssuerSettings,
     algorithms: Vec<Algorithm>,
     keys: ArcSwap<HashMap<String, DecodingKey>>,
+    /// When the key set was last fetched successfully (for the scheduled refresh).
+    refreshed: std::sync::Mutex<Option<Instant>>,
     /// When the JWKS was last fetched. Held across the fetch, so concurrent requests
     /// with a new key wait for the one fetch and then find the key, instead of being
     /// refused by the rate limit while it runs.
@@ -319,9 +339,10 @@ struct Issuer {
 
 /// Verifies bearer tokens against the configured issuers.
 pub struct JwtVerifier {
-    issuers: HashMap<String, Issuer>,
+    issuers: HashMap<String, Arc<Issuer>>,
     leeway: u64,
     refetch_interval: Duration,
+    refresh_interval: Duration,
     http: reqwest::Client,
     verified: VerifiedCache,
 }
@@ -407,22 +428,27 @@ impl JwtVerifier {
             }
             issuers.insert(
                 issuer.issuer.clone(),
-                Issuer {
+                Arc::new(Issuer {
                     settings: issuer.clone(),
                     algorithms,
                     keys: ArcSwap::from_pointee(HashMap::new()),
+                    refreshed: std::sync::Mutex::new(None),
                     last_fetch: tokio::sync::Mutex::new(None),
-                },
+                }),
             );
         }
+        // Bounded: 3 s, no redirects (a JWKS URL that redirects elsewhere is refused,
+        // not followed), and at most MAX_JWKS_BYTES read.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         Ok(Self {
             issuers,
             leeway: settings.leeway_seconds,
             refetch_interval: Duration::from_millis(settings.refetch_interval_ms),
+            refresh_interval: Duration::from_millis(settings.refresh_interval_ms),
             http,
             verified: VerifiedCache::default(),
         })
@@ -434,16 +460,21 @@ impl JwtVerifier {
         let issuer = self
             .issuers
             .entry(signer.issuer.clone())
-            .or_insert_with(|| Issuer {
-                settings: IssuerSettings {
-                    issuer: signer.issuer.clone(),
-                    jwks_url: None,
-                    audiences: vec![signer.audience.clone()],
-                    algorithms: vec!["EdDSA".into()],
-                },
-                algorithms: vec![Algorithm::EdDSA],
-                keys: ArcSwap::from_pointee(HashMap::new()),
-                last_fetch: tokio::sync::Mutex::new(None),
+            .or_insert_with(|| {
+                Arc::new(Issuer {
+                    settings: IssuerSettings {
+                        issuer: signer.issuer.clone(),
+                        jwks_url: None,
+                        audiences: vec![signer.audience.clone()],
+                        algorithms: vec!["EdDSA".into()],
+                        role_map: Default::default(),
+                        keep_roles: true,
+                    },
+                    algorithms: vec![Algorithm::EdDSA],
+                    keys: ArcSwap::from_pointee(HashMap::new()),
+                    refreshed: std::sync::Mutex::new(None),
+                    last_fetch: tokio::sync::Mutex::new(None),
+                })
             });
         if let Ok(key) = key {
             let mut keys = (**issuer.keys.load()).clone();
@@ -480,6 +511,7 @@ impl JwtVerifier {
         if !issuer.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
+        self.refresh_if_due(issuer);
         let kid = header.kid.unwrap_or_default();
         let key = match issuer.keys.load().get(&kid).cloned() {
             Some(key) => key,
@@ -501,7 +533,20 @@ impl JwtVerifier {
         validation.set_audience(&issuer.settings.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map(|data| data.claims)
+            .map(|data| {
+                let mut claims = data.claims;
+                if !issuer.settings.keep_roles {
+                    let mut ours: Vec<String> = claims
+                        .roles
+                        .iter()
+                        .filter_map(|theirs| issuer.settings.role_map.get(theirs).cloned())
+                        .collect();
+                    ours.sort();
+                    ours.dedup();
+                    claims.roles = ours;
+                }
+                claims
+            })
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
@@ -523,9 +568,9 @@ impl JwtVerifier {
     /// Fetches the issuer's JWKS unless it was fetched within the refetch interval;
     /// on failure the keys it had stay in force.
     async fn refetch(&self, issuer: &Issuer, kid: &str) {
-        let Some(url) = issuer.settings.jwks_url.as_deref() else {
+        if issuer.settings.jwks_url.is_none() {
             return;
-        };
+        }
         let mut last = issuer.last_fetch.lock().await;
         if issuer.keys.load().contains_key(kid) {
             // Fetched while this request waited for the lock.
@@ -535,35 +580,76 @@ impl JwtVerifier {
             return;
         }
         *last = Some(Instant::now());
-        metrics::counter!("jwks_fetches_total", "issuer" => issuer.settings.issuer.clone())
-            .increment(1);
-        let fetched = async {
-            let set: JwkSet = self
-                .http
-                .get(url)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            Ok::<_, reqwest::Error>(set)
+        fetch_keys(&self.http, issuer).await;
+    }
+
+    /// Starts a background fetch of the issuer's key set when the last successful one
+    /// is older than the refresh interval; the request that noticed carries on with
+    /// the keys there are. Keys missing from the new set are gone from then on.
+    fn refresh_if_due(&self, issuer: &Arc<Issuer>) {
+        if issuer.settings.jwks_url.is_none() {
+            return;
         }
-        .await;
-        match fetched {
-            Ok(set) => {
-                let keys: HashMap<String, DecodingKey> = set
-                    .keys
-                    .iter()
-                    .filter_map(|jwk| {
-                        let kid = jwk.common.key_id.clone()?;
-                        DecodingKey::from_jwk(jwk).ok().map(|key| (kid, key))
-                    })
-                    .collect();
-                issuer.keys.store(Arc::new(keys));
+        let due = issuer
+            .refreshed
+            .lock()
+            .map(|at| at.is_none_or(|at| at.elapsed() >= self.refresh_interval))
+            .unwrap_or(false);
+        if !due || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (issuer, http) = (issuer.clone(), self.http.clone());
+        tokio::spawn(async move {
+            // One refresh at a time; a fetch for an unknown key in progress counts.
+            let Ok(mut last) = issuer.last_fetch.try_lock() else {
+                return;
+            };
+            *last = Some(Instant::now());
+            fetch_keys(&http, &issuer).await;
+        });
+    }
+}
+
+/// Fetches `issuer`'s key set (bounded in time, size and redirects) and replaces its
+/// keys with it; on failure the keys it had stay in force.
+async fn fetch_keys(http: &reqwest::Client, issuer: &Issuer) {
+    let Some(url) = issuer.settings.jwks_url.as_deref() else {
+        return;
+    };
+    metrics::counter!("jwks_fetches_total", "issuer" => issuer.settings.issuer.clone())
+        .increment(1);
+    let fetched = async {
+        let mut response = http.get(url).send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the JWKS URL answered {}", response.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
             }
-            Err(e) => {
-                tracing::warn!(issuer = %issuer.settings.issuer, error = %e, "JWKS fetch failed; keeping the last good keys");
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice::<JwkSet>(&body).map_err(|e| format!("not a JWKS: {e}"))
+    }
+    .await;
+    match fetched {
+        Ok(set) => {
+            let keys: HashMap<String, DecodingKey> = set
+                .keys
+                .iter()
+                .filter_map(|jwk| {
+                    let kid = jwk.common.key_id.clone()?;
+                    DecodingKey::from_jwk(jwk).ok().map(|key| (kid, key))
+                })
+                .collect();
+            issuer.keys.store(Arc::new(keys));
+            if let Ok(mut refreshed) = issuer.refreshed.lock() {
+                *refreshed = Some(Instant::now());
             }
+        }
+        Err(e) => {
+            tracing::warn!(issuer = %issuer.settings.issuer, error = %e, "JWKS fetch failed; keeping the last good keys");
         }
     }
 }

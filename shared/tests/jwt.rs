@@ -85,16 +85,27 @@ async fn jwks_server(initial: Value) -> Jwks {
 
 fn verifier(jwks_url: &str, refetch_ms: u64) -> JwtVerifier {
     JwtVerifier::new(&VerifierSettings {
-        issuers: vec![IssuerSettings {
-            issuer: ISSUER.into(),
-            jwks_url: Some(jwks_url.into()),
-            audiences: vec![AUDIENCE.into()],
-            algorithms: vec!["EdDSA".into()],
-        }],
+        issuers: vec![issuer(jwks_url, &[("customer", "customer")])],
         leeway_seconds: 30,
         refetch_interval_ms: refetch_ms,
+        ..VerifierSettings::default()
     })
     .expect("verifier")
+}
+
+/// The test issuer at `jwks_url`, granting our roles as `role_map` says.
+fn issuer(jwks_url: &str, role_map: &[(&str, &str)]) -> IssuerSettings {
+    IssuerSettings {
+        issuer: ISSUER.into(),
+        jwks_url: Some(jwks_url.into()),
+        audiences: vec![AUDIENCE.into()],
+        algorithms: vec!["EdDSA".into()],
+        role_map: role_map
+            .iter()
+            .map(|(theirs, ours)| ((*theirs).to_owned(), (*ours).to_owned()))
+            .collect(),
+        keep_roles: false,
+    }
 }
 
 /// A token with the given header and claims, "signed" by `sign` over its first parts.
@@ -302,10 +313,9 @@ async fn the_last_good_keys_stay_when_the_issuer_is_down() {
 fn hmac_issuers_are_refused_at_start_up() {
     let err = JwtVerifier::new(&VerifierSettings {
         issuers: vec![IssuerSettings {
-            issuer: ISSUER.into(),
             jwks_url: None,
-            audiences: vec![AUDIENCE.into()],
             algorithms: vec!["HS256".into()],
+            ..issuer("", &[])
         }],
         ..VerifierSettings::default()
     })
@@ -434,5 +444,115 @@ async fn a_cached_token_still_expires_and_a_tampered_one_is_not_served_from_the_
     assert_eq!(
         verifier.verify(&token).await.unwrap_err(),
         AuthError::Expired
+    );
+}
+
+#[tokio::test]
+async fn a_key_the_issuer_withdrew_stops_being_trusted() {
+    let old = signer(ISSUER, AUDIENCE);
+    let new = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(old.jwks()).await;
+    let verifier = JwtVerifier::new(&VerifierSettings {
+        issuers: vec![issuer(&jwks.url, &[])],
+        refresh_interval_ms: 100,
+        ..VerifierSettings::default()
+    })
+    .expect("verifier");
+    assert!(
+        verifier
+            .verify(&old.sign("a", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+    // The issuer rotates: the old key is withdrawn, not just joined by a new one.
+    jwks.keys.store(Arc::new(new.jwks()));
+    let mut n = 0;
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "a token of the withdrawn key is refused",
+        async || {
+            n += 1;
+            // A new subject each time: a token verified before is answered from the
+            // cache for up to a minute, which is the documented bound.
+            let fresh = old.sign(&format!("user-{n}"), &[]).expect("sign");
+            (verifier.verify(&fresh).await == Err(AuthError::UnknownKey)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        verifier
+            .verify(&new.sign("b", &[]).expect("sign"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn an_external_issuer_grants_only_the_roles_its_map_names() {
+    let key = signer(ISSUER, AUDIENCE);
+    let jwks = jwks_server(key.jwks()).await;
+    let token = key
+        .sign(
+            "eve",
+            &["admin".into(), "customer".into(), "store-admins".into()],
+        )
+        .expect("sign");
+    let plain = JwtVerifier::new(&VerifierSettings {
+        issuers: vec![issuer(&jwks.url, &[("customer", "customer")])],
+        ..VerifierSettings::default()
+    })
+    .expect("verifier");
+    let claims = plain.verify(&token).await.expect("accepted");
+    assert_eq!(
+        claims.roles,
+        vec!["customer".to_owned()],
+        "its `admin` is not ours"
+    );
+    let mapped = JwtVerifier::new(&VerifierSettings {
+        issuers: vec![issuer(&jwks.url, &[("store-admins", "admin")])],
+        ..VerifierSettings::default()
+    })
+    .expect("verifier");
+    let claims = mapped.verify(&token).await.expect("accepted");
+    assert_eq!(claims.roles, vec!["admin".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_jwks_that_redirects_or_is_too_large_is_not_used() {
+    let key = signer(ISSUER, AUDIENCE);
+    let real = jwks_server(key.jwks()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let target = real.url.clone();
+    let mut huge = key.jwks();
+    huge["padding"] = json!("x".repeat(shared::auth::MAX_JWKS_BYTES));
+    let app = Router::new()
+        .route(
+            "/redirect",
+            get(move || {
+                let target = target.clone();
+                async move { axum::response::Redirect::temporary(&target) }
+            }),
+        )
+        .route("/huge", get(move || async move { Json(huge.clone()) }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for path in ["/redirect", "/huge"] {
+        let verifier = JwtVerifier::new(&VerifierSettings {
+            issuers: vec![issuer(&format!("{base}{path}"), &[])],
+            ..VerifierSettings::default()
+        })
+        .expect("verifier");
+        assert_eq!(
+            verifier.verify(&key.sign("a", &[]).expect("sign")).await,
+            Err(AuthError::UnknownKey),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        real.fetches.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
     );
 }
