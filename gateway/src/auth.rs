@@ -61,6 +61,9 @@ pub struct GatewayAuthSettings {
     pub external: VerifierSettings,
     /// Bounds and throttles on `POST /auth/token`.
     pub login: LoginSettings,
+    /// A static bearer credential accepted on `/actuator/prometheus` only, so
+    /// Prometheus can scrape without a token that expires. Never logged.
+    pub metrics_token: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayAuthSettings {
@@ -75,6 +78,10 @@ impl std::fmt::Debug for GatewayAuthSettings {
             .field("users", &self.users)
             .field("external", &self.external)
             .field("login", &self.login)
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +96,7 @@ impl Default for GatewayAuthSettings {
             users: Vec::new(),
             external: VerifierSettings::default(),
             login: LoginSettings::default(),
+            metrics_token: None,
         }
     }
 }

@@ -127,6 +127,8 @@ pub struct Gateway {
     pub max_header_bytes: usize,
     /// Where the routes come from; `None` for the built-in ones.
     routes_file: Option<PathBuf>,
+    /// Prometheus's static credential for `/actuator/prometheus`.
+    metrics_token: Option<String>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -238,6 +240,11 @@ impl Application {
             cors: settings.cors.clone(),
             max_header_bytes: settings.max_header_bytes,
             routes_file: settings.routes_file.clone(),
+            metrics_token: settings
+                .auth
+                .metrics_token
+                .clone()
+                .filter(|t| !t.is_empty()),
         });
         if let Some(path) = settings.routes_file.clone() {
             tokio::spawn(watch_routes(gateway.clone(), path, background.clone()));
@@ -332,6 +339,19 @@ async fn require_token_except_health(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
+    // Prometheus's static credential opens the scrape endpoint and nothing else.
+    if parts.uri.path() == "/actuator/prometheus"
+        && let (Some(expected), Some(given)) = (
+            gateway.metrics_token.as_deref(),
+            shared::auth::bearer(&parts),
+        )
+        && bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            given.as_bytes(),
+        ))
+    {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     if let Err(e) = gateway.verifier.verify_request(&parts).await {
         return e.into_response();
     }

@@ -1,45 +1,27 @@
-//! `POST /auth/token` under attack: failed logins throttled per user name and per
-//! client address (429), a flood of logins shed at the bound on concurrent password
-//! checks (503), both with `Retry-After`, and the real user still served afterwards.
+//! The gateway's own credentials under attack: failed logins throttled per user name
+//! and per client address (429), a flood of logins shed at the bound on concurrent
+//! password checks (503), both with `Retry-After`, and the real user still served
+//! afterwards; and Prometheus's static scrape credential, which opens nothing else.
 
 mod support;
 
 use std::time::Duration;
 
-use gateway::{Application, login::LoginSettings};
-use reqwest::{Client, StatusCode};
+use gateway::login::LoginSettings;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-const ROUTES: &str = "routes: []\n";
-
-struct Gateway {
-    base: String,
-    client: Client,
-    _stop: Vec<CancellationToken>,
-    _dir: tempfile::TempDir,
-}
+use support::RunningGateway as Gateway;
 
 async fn gateway(login: LoginSettings) -> Gateway {
-    let (registry, stop_registry) = support::registry().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let routes = dir.path().join("routes.yaml");
-    std::fs::write(&routes, ROUTES).expect("routes");
-    let mut settings = support::gateway_settings(registry, &routes);
-    settings.auth.login = login;
-    let app = Application::build(settings).await.expect("gateway");
-    let base = format!("http://{}", app.local_addr());
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop.clone()));
-    Gateway {
-        base,
-        client: Client::new(),
-        _stop: vec![stop, stop_registry],
-        _dir: dir,
-    }
+    support::spawn_gateway(|settings| settings.auth.login = login).await
 }
 
-impl Gateway {
+trait Login {
+    async fn login(&self, user: &str, password: &str) -> reqwest::Response;
+}
+
+impl Login for Gateway {
     async fn login(&self, user: &str, password: &str) -> reqwest::Response {
         self.client
             .post(format!("{}/auth/token", self.base))
@@ -160,5 +142,37 @@ async fn a_login_flood_is_shed_at_the_check_bound_and_the_user_still_gets_in() {
             "the slot never came back"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_with_its_static_credential_and_nothing_else_opens() {
+    let gateway = support::spawn_gateway(|settings| {
+        settings.auth.metrics_token = Some("scrape-secret-123".into());
+    })
+    .await;
+    let get = |path: &str, token: &str| {
+        gateway
+            .client
+            .get(format!("{}{path}", gateway.base))
+            .bearer_auth(token)
+            .send()
+    };
+    let scrape = get("/actuator/prometheus", "scrape-secret-123")
+        .await
+        .expect("scrape");
+    assert_eq!(scrape.status(), StatusCode::OK);
+    for (path, token) in [
+        ("/actuator/prometheus", "scrape-secret-12"),
+        ("/actuator/prometheus", "not-it"),
+        ("/actuator/info", "scrape-secret-123"),
+        ("/actuator/gateway/routes", "scrape-secret-123"),
+    ] {
+        let refused = get(path, token).await.expect("answer");
+        assert_eq!(
+            refused.status(),
+            StatusCode::UNAUTHORIZED,
+            "{path} with {token}"
+        );
     }
 }

@@ -78,3 +78,34 @@ pub fn gateway_settings(registry: SocketAddr, routes_file: &Path) -> Settings {
         ..Settings::default()
     }
 }
+
+/// A gateway running in-process, stopped (with its registry) when dropped.
+pub struct RunningGateway {
+    pub base: String,
+    pub client: reqwest::Client,
+    _stop: Vec<tokio_util::sync::DropGuard>,
+    _dir: tempfile::TempDir,
+}
+
+/// A registry and a gateway on it with no routes, its settings edited by `edit`
+/// after [`gateway_settings`].
+pub async fn spawn_gateway(edit: impl FnOnce(&mut Settings)) -> RunningGateway {
+    let (registry, stop_registry) = registry().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, "routes: []\n").expect("routes");
+    let mut settings = gateway_settings(registry, &routes);
+    edit(&mut settings);
+    let app = gateway::Application::build(settings)
+        .await
+        .expect("gateway");
+    let base = format!("http://{}", app.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    RunningGateway {
+        base,
+        client: reqwest::Client::new(),
+        _stop: vec![stop.drop_guard(), stop_registry.drop_guard()],
+        _dir: dir,
+    }
+}
