@@ -186,6 +186,9 @@ async fn register(
         return Err(Problem::validation(errors));
     }
     let now = now_ms();
+    table
+        .check_capacity(&registration.service, &registration.instance_id, now)
+        .map_err(|cap| full(&registration.service, cap))?;
     let instance = table.register(registration, now);
     let location = format!(
         "/api/v1/services/{}/instances/{}",
@@ -521,4 +524,15 @@ impl Drop for WatcherGuard {
     fn drop(&mut self) {
         metrics::gauge!("registry_watchers").decrement(1.0);
     }
+}
+
+/// The problem for a registration past a service's instance cap.
+pub fn full(service: &ServiceName, cap: usize) -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "`{service}` already has {cap} instances, the most one service may have \
+             (leases.max_instances_per_service); deregister some first."
+        ),
+    )
 }

@@ -76,7 +76,11 @@ async fn register(
             )])
         })?;
     let registration = registration_from(&table, service, instance)?;
-    table.register(registration, now_ms());
+    let now = now_ms();
+    table
+        .check_capacity(&registration.service, &registration.instance_id, now)
+        .map_err(|cap| crate::api::full(&registration.service, cap))?;
+    table.register(registration, now);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -47,6 +47,9 @@ pub struct LeaseSettings {
     /// How long a change stays in the Eureka delta (Eureka keeps three minutes).
     pub delta_retention_seconds: u64,
     pub self_preservation: SelfPreservationSettings,
+    /// Instances one service may have at once; a registration beyond is refused, so
+    /// one misbehaving or hostile client cannot grow the table without bound.
+    pub max_instances_per_service: usize,
 }
 
 impl Default for LeaseSettings {
@@ -58,6 +61,7 @@ impl Default for LeaseSettings {
             reaper_interval_ms: 100,
             delta_retention_seconds: 180,
             self_preservation: SelfPreservationSettings::default(),
+            max_instances_per_service: 1000,
         }
     }
 }
@@ -389,6 +393,27 @@ impl LeaseTable {
         requested
             .unwrap_or(self.settings.default_seconds)
             .clamp(self.settings.min_seconds, self.settings.max_seconds)
+    }
+
+    /// `Err(cap)` when registering `instance_id` would take `service` past
+    /// `max_instances_per_service` (re-registering a listed instance never does).
+    pub fn check_capacity(
+        &self,
+        service: &ServiceName,
+        instance_id: &str,
+        now: u64,
+    ) -> Result<(), usize> {
+        let cap = self.settings.max_instances_per_service;
+        let snapshot = self.snapshot();
+        let listed = snapshot
+            .services
+            .get(service)
+            .and_then(|instances| instances.get(instance_id))
+            .is_some_and(|i| snapshot.visible(i, now));
+        if !listed && snapshot.instances(service, now).count() >= cap {
+            return Err(cap);
+        }
+        Ok(())
     }
 
     /// Registers an instance, or replaces its record when it re-registers (keeping an

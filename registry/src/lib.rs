@@ -82,8 +82,15 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         if settings.auth.token.as_deref().is_none_or(str::is_empty) {
+            if !settings.auth.open_writes {
+                anyhow::bail!(
+                    "no registry token configured: set auth.token (REGISTRY_TOKEN), or, for \
+                     local experiments only, auth.open_writes = true (REGISTRY_AUTH__OPEN_WRITES) \
+                     to let anyone who reaches the registry change it"
+                );
+            }
             tracing::warn!(
-                "no registry token configured: anyone who can reach the registry can change it"
+                "auth.open_writes: no registry token, anyone who can reach the registry can change it"
             );
         }
         let listener = settings.http.bind().await?;
@@ -178,18 +185,15 @@ fn update_gauges(table: &LeaseTable, now: u64, known: &mut BTreeSet<String>) {
 
 /// Every route of the registry, with write authentication in front of the APIs.
 pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
+    // The dashboard reads the table too, so `protect_reads` covers it.
     let protected = Router::new()
         .merge(api::router(table.clone()))
         .merge(eureka::router(table.clone()))
+        .merge(dashboard::router(table))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(auth),
             auth::require_token,
         ));
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-    shared::http::with_problem_fallbacks(
-        Router::new()
-            .merge(protected)
-            .merge(dashboard::router(table))
-            .merge(actuator.router()),
-    )
+    shared::http::with_problem_fallbacks(Router::new().merge(protected).merge(actuator.router()))
 }

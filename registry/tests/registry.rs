@@ -45,6 +45,7 @@ async fn spawn() -> Registry {
         auth: AuthSettings {
             token: Some(TOKEN.into()),
             protect_reads: false,
+            ..Default::default()
         },
         ..Settings::default()
     })
@@ -466,6 +467,196 @@ async fn writes_need_the_token_reads_do_not() {
         registry.get("/api/v1/services/orders/instances").await["instances"][0]["port"],
         8081
     );
+}
+
+#[tokio::test]
+async fn a_service_credential_writes_only_its_own_service_and_never_overrides() {
+    let registry = spawn().await;
+    let client = &registry.client;
+    let orders = shared::registry::service_credential(TOKEN, "orders");
+    let own = client
+        .post(registry.url("/api/v1/services/orders/instances"))
+        .bearer_auth(&orders)
+        .json(&json!({"instanceId": "o-1", "host": "127.0.0.1", "port": 8081}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(own.status(), StatusCode::CREATED);
+    // Another service's name, natively or through the Eureka API: refused.
+    let other = client
+        .post(registry.url("/api/v1/services/payments/instances"))
+        .bearer_auth(&orders)
+        .json(&json!({"instanceId": "evil", "host": "203.0.113.9", "port": 443}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(other.status(), StatusCode::FORBIDDEN);
+    assert_eq!(other.headers()["content-type"], "application/problem+json");
+    let eureka_other = client
+        .delete(registry.url("/eureka/apps/PAYMENTS/p-1"))
+        .basic_auth("eureka", Some(&orders))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(eureka_other.status(), StatusCode::FORBIDDEN);
+    // Overrides are the operator's, even on its own instance.
+    let override_path = "/api/v1/services/orders/instances/o-1/override";
+    let refused = client
+        .put(registry.url(override_path))
+        .bearer_auth(&orders)
+        .json(&json!({"status": "OUT_OF_SERVICE"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let operator = client
+        .put(registry.url(override_path))
+        .bearer_auth(TOKEN)
+        .json(&json!({"status": "OUT_OF_SERVICE"}))
+        .send()
+        .await
+        .expect("put");
+    assert!(operator.status().is_success(), "{}", operator.status());
+    // A credential of another registry's token is nothing here.
+    let foreign = shared::registry::service_credential("another-token", "orders");
+    let forged = client
+        .put(registry.url("/api/v1/services/orders/instances/o-1/heartbeat"))
+        .bearer_auth(&foreign)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+    let renewed = client
+        .put(registry.url("/api/v1/services/orders/instances/o-1/heartbeat"))
+        .bearer_auth(&orders)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(renewed.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn protect_reads_covers_every_read_the_dashboard_included() {
+    let registry = spawn_with(Settings {
+        auth: AuthSettings {
+            token: Some(TOKEN.into()),
+            protect_reads: true,
+            ..Default::default()
+        },
+        ..Settings::default()
+    })
+    .await;
+    let orders = shared::registry::service_credential(TOKEN, "orders");
+    for path in ["/", "/api/v1/instances", "/api/v1/services", "/eureka/apps"] {
+        let anonymous = registry
+            .client
+            .get(registry.url(path))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let allowed = registry
+            .client
+            .get(registry.url(path))
+            .bearer_auth(&orders)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(allowed.status(), StatusCode::OK, "{path}");
+    }
+    let health = registry
+        .client
+        .get(registry.url("/actuator/health"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(health.status(), StatusCode::OK, "health stays open");
+}
+
+#[tokio::test]
+async fn without_a_token_the_registry_refuses_to_start_unless_told_writes_may_be_open() {
+    let refused = Application::build(Settings {
+        http: HttpSettings::local(0),
+        ..Settings::default()
+    })
+    .await;
+    let Err(error) = refused else {
+        panic!("a registry without a token started");
+    };
+    let error = error.to_string();
+    assert!(error.contains("open_writes"), "{error}");
+    let open = Application::build(Settings {
+        http: HttpSettings::local(0),
+        auth: AuthSettings {
+            open_writes: true,
+            ..Default::default()
+        },
+        ..Settings::default()
+    })
+    .await;
+    assert!(open.is_ok());
+}
+
+#[tokio::test]
+async fn a_service_cannot_grow_past_its_instance_cap() {
+    let mut settings = Settings {
+        auth: AuthSettings {
+            token: Some(TOKEN.into()),
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    settings.leases.max_instances_per_service = 2;
+    let registry = spawn_with(settings).await;
+    for id in ["o-1", "o-2"] {
+        let created = registry
+            .register(
+                "orders",
+                json!({"instanceId": id, "host": "127.0.0.1", "port": 8081}),
+            )
+            .await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    let third = registry
+        .register(
+            "orders",
+            json!({"instanceId": "o-3", "host": "127.0.0.1", "port": 8083}),
+        )
+        .await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    let problem: Value = third.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("max_instances_per_service")),
+        "{problem}"
+    );
+    let eureka_third = registry
+        .client
+        .post(registry.url("/eureka/apps/ORDERS"))
+        .basic_auth("eureka", Some(TOKEN))
+        .json(&json!({"instance": {"instanceId": "o-4", "hostName": "127.0.0.1",
+            "app": "ORDERS", "status": "UP", "port": {"$": 8084, "@enabled": "true"},
+            "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"}}}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(eureka_third.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Re-registering a listed instance, and other services, are not held back.
+    let again = registry
+        .register(
+            "orders",
+            json!({"instanceId": "o-1", "host": "127.0.0.1", "port": 8081}),
+        )
+        .await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    let other = registry
+        .register(
+            "payments",
+            json!({"instanceId": "p-1", "host": "127.0.0.1", "port": 8090}),
+        )
+        .await;
+    assert_eq!(other.status(), StatusCode::CREATED);
 }
 
 #[tokio::test]

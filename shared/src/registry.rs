@@ -643,3 +643,21 @@ pub async fn serve_registered_with_workers(
     }
     served
 }
+
+/// The registry credential of `service`, derived from the operator's `token`:
+/// `<service>.<hex HMAC-SHA256(token, service)>`. It lets its holder write instances
+/// of that one service (register, renew, report status, deregister) and read; only
+/// the operator's token changes other services or sets overrides. Deriving instead
+/// of configuring one secret per service means the registry needs only the
+/// operator's token, and rotating it rotates every service's credential.
+pub fn service_credential(token: &str, service: &str) -> String {
+    use hmac::Mac;
+    let service = service.to_ascii_lowercase();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(b"storefront-registry-service:");
+    mac.update(service.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{service}.{hex}")
+}

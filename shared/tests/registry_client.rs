@@ -18,6 +18,7 @@ async fn registry(port: u16) -> (SocketAddr, CancellationToken) {
         auth: registry::auth::AuthSettings {
             token: Some(TOKEN.into()),
             protect_reads: false,
+            ..Default::default()
         },
         ..registry::Settings::default()
     };

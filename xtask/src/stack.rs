@@ -265,7 +265,16 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             ("DATABASE_URL".into(), postgres.url().into()),
             ("KAFKA_BROKERS".into(), broker.brokers().into()),
             ("REGISTRY_URL".into(), registry_url.clone().into()),
-            ("REGISTRY_TOKEN".into(), registry_token.clone().into()),
+            // The registry holds the operator's token; every other process gets its
+            // own service's credential, which writes only its own instances.
+            (
+                "REGISTRY_TOKEN".into(),
+                if service.name == "registry" {
+                    registry_token.clone().into()
+                } else {
+                    shared::registry::service_credential(&registry_token, service.name).into()
+                },
+            ),
             ("GATEWAY_URL".into(), gateway_url.clone().into()),
         ];
         if service.name == "gateway" {

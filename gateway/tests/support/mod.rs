@@ -23,6 +23,7 @@ pub async fn registry() -> (SocketAddr, CancellationToken) {
         auth: registry::auth::AuthSettings {
             token: Some(REGISTRY_TOKEN.into()),
             protect_reads: false,
+            ..Default::default()
         },
         ..registry::Settings::default()
     };
