@@ -145,7 +145,7 @@ fn run_worker(
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        shared::http::serve(listener, router, stop, limits).await
+        shared::server::serve(listener, router, stop, limits).await
     })
 }
 

@@ -129,7 +129,7 @@ impl Application {
             closer.cancelled().await;
             table.close();
         });
-        shared::http::serve(
+        shared::server::serve(
             self.listener,
             self.router,
             shutdown.clone(),

@@ -1,6 +1,6 @@
 //! HTTP pieces every service's router uses: a JSON body extractor whose rejections are
 //! our problem+json (naming the field at fault), problem+json answers for unknown
-//! routes and methods, and `serve`, which runs a router until the shutdown token fires.
+//! routes and methods. Serving a router is [`crate::server::serve`].
 
 use axum::{
     Router,
@@ -10,8 +10,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::problem::{FieldError, Problem};
 
@@ -167,17 +165,6 @@ pub fn service_router(
     actuator
         .merge(api)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
-}
-
-/// Serves `router` on `listener` within `limits` until `shutdown` is cancelled, then
-/// lets in-flight requests finish (see [`crate::server`]).
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-    limits: &crate::config::ConnectionLimits,
-) -> std::io::Result<()> {
-    crate::server::serve(listener, router, shutdown, limits).await
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

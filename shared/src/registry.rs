@@ -567,7 +567,7 @@ pub async fn serve_registered(
 ) -> std::io::Result<()> {
     let bound = listener.local_addr()?;
     serve_registered_by(service, bound, settings, shutdown, |stop| {
-        crate::http::serve(listener, router, stop, limits)
+        crate::server::serve(listener, router, stop, limits)
     })
     .await
 }
