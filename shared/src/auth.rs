@@ -202,6 +202,21 @@ pub struct IssuerSettings {
     pub keep_roles: bool,
 }
 
+impl IssuerSettings {
+    /// The gateway's own tokens, as issued with `issuer` and `audience`: EdDSA, roles
+    /// kept as they are, keys at `jwks_url` (or given in code when `None`).
+    pub fn gateway(issuer: &str, audience: &str, jwks_url: Option<String>) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            jwks_url,
+            audiences: vec![audience.to_owned()],
+            algorithms: vec!["EdDSA".into()],
+            role_map: Default::default(),
+            keep_roles: true,
+        }
+    }
+}
+
 /// The `auth` section shared by the gateway and the services.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -263,17 +278,14 @@ impl ServiceAuthSettings {
     pub fn verifier(&self) -> Result<JwtVerifier, String> {
         let mut settings = self.extra.clone();
         if let Some(url) = self.gateway_url.as_deref().filter(|u| !u.is_empty()) {
-            settings.issuers.push(IssuerSettings {
-                issuer: self.gateway_issuer.clone(),
-                jwks_url: Some(format!(
+            settings.issuers.push(IssuerSettings::gateway(
+                &self.gateway_issuer,
+                &self.audience,
+                Some(format!(
                     "{}/.well-known/jwks.json",
                     url.trim_end_matches('/')
                 )),
-                audiences: vec![self.audience.clone()],
-                algorithms: vec!["EdDSA".into()],
-                role_map: Default::default(),
-                keep_roles: true,
-            });
+            ));
         }
         if settings.issuers.is_empty() {
             tracing::warn!(
@@ -335,6 +347,19 @@ struct Issuer {
     /// with a new key wait for the one fetch and then find the key, instead of being
     /// refused by the rate limit while it runs.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Issuer {
+    /// An issuer with no keys yet.
+    fn new(settings: IssuerSettings, algorithms: Vec<Algorithm>) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            algorithms,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            refreshed: std::sync::Mutex::new(None),
+            last_fetch: tokio::sync::Mutex::new(None),
+        })
+    }
 }
 
 /// Verifies bearer tokens against the configured issuers.
@@ -428,13 +453,7 @@ impl JwtVerifier {
             }
             issuers.insert(
                 issuer.issuer.clone(),
-                Arc::new(Issuer {
-                    settings: issuer.clone(),
-                    algorithms,
-                    keys: ArcSwap::from_pointee(HashMap::new()),
-                    refreshed: std::sync::Mutex::new(None),
-                    last_fetch: tokio::sync::Mutex::new(None),
-                }),
+                Issuer::new(issuer.clone(), algorithms),
             );
         }
         // Bounded: 3 s, no redirects (a JWKS URL that redirects elsewhere is refused,
@@ -461,20 +480,10 @@ impl JwtVerifier {
             .issuers
             .entry(signer.issuer.clone())
             .or_insert_with(|| {
-                Arc::new(Issuer {
-                    settings: IssuerSettings {
-                        issuer: signer.issuer.clone(),
-                        jwks_url: None,
-                        audiences: vec![signer.audience.clone()],
-                        algorithms: vec!["EdDSA".into()],
-                        role_map: Default::default(),
-                        keep_roles: true,
-                    },
-                    algorithms: vec![Algorithm::EdDSA],
-                    keys: ArcSwap::from_pointee(HashMap::new()),
-                    refreshed: std::sync::Mutex::new(None),
-                    last_fetch: tokio::sync::Mutex::new(None),
-                })
+                Issuer::new(
+                    IssuerSettings::gateway(&signer.issuer, &signer.audience, None),
+                    vec![Algorithm::EdDSA],
+                )
             });
         if let Ok(key) = key {
             let mut keys = (**issuer.keys.load()).clone();
