@@ -38,7 +38,8 @@ impl Handler for ResultApplier {
             )
         };
         // The main query sees the orders table as it was before the UPDATE: `prior`
-        // is the status the event found.
+        // is the status the event found. One lookup of the order gives its status,
+        // owner, total and currency (all NULL when there is no such order).
         let row = sqlx::query(
             "WITH claimed AS (INSERT INTO processed_events (event_id) VALUES ($1) \
                               ON CONFLICT DO NOTHING RETURNING 1), \
@@ -47,11 +48,9 @@ impl Handler for ResultApplier {
                               AND total = $6 AND currency = $7 \
                               AND EXISTS (SELECT 1 FROM claimed) RETURNING 1) \
              SELECT EXISTS (SELECT 1 FROM claimed) AS fresh, \
-                    (SELECT status FROM orders WHERE id = $2) AS prior, \
-                    (SELECT user_id FROM orders WHERE id = $2) AS owner, \
-                    (SELECT total FROM orders WHERE id = $2) AS total, \
-                    (SELECT currency FROM orders WHERE id = $2) AS currency, \
-                    EXISTS (SELECT 1 FROM moved) AS moved",
+                    o.status AS prior, o.user_id AS owner, o.total, o.currency, \
+                    EXISTS (SELECT 1 FROM moved) AS moved \
+             FROM (SELECT 1) AS one LEFT JOIN orders o ON o.id = $2",
         )
         .bind(event.event_id)
         .bind(event.order_id)
