@@ -97,10 +97,15 @@ impl LoginGuard {
         }
     }
 
+    /// The length of a throttling window.
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.settings.window_seconds.max(1))
+    }
+
     /// Whether a login for `user` from `address` may be checked now.
     pub fn admit(&self, address: IpAddr, user: &str) -> Result<Admission, Refusal> {
         let now = Instant::now();
-        let window = Duration::from_secs(self.settings.window_seconds.max(1));
+        let window = self.window();
         let throttled = [
             lock(&self.by_address).blocked(
                 &address,
@@ -142,7 +147,7 @@ impl LoginGuard {
     /// Counts a failed login against `address` and `user`.
     pub fn failed(&self, address: IpAddr, user: &str) {
         let now = Instant::now();
-        let window = Duration::from_secs(self.settings.window_seconds.max(1));
+        let window = self.window();
         let max = self.settings.max_tracked.max(1);
         lock(&self.by_address).count(address, window, now, max);
         lock(&self.by_user).count(user.to_owned(), window, now, max);
