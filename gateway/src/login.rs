@@ -138,8 +138,11 @@ impl LoginGuard {
     ) -> Option<T> {
         let (done, result) = tokio::sync::oneshot::channel();
         self.pool.run(Box::new(move || {
-            let _slot = admission;
-            let _ = done.send(check());
+            let outcome = check();
+            // The slot is free before the answer is: whoever reads the answer and
+            // logs in again must find it free, not race the pool thread for it.
+            drop(admission);
+            let _ = done.send(outcome);
         }));
         result.await.ok()
     }
