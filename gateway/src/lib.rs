@@ -40,7 +40,7 @@ use shared::{
     actuator::Actuator,
     auth::JwtVerifier,
     config::{HttpSettings, Layers},
-    registry::{Discovery, RegistryClient, RegistrySettings},
+    registry::{Discovery, InstanceNetworks, RegistryClient, RegistrySettings},
     telemetry::LogSettings,
 };
 use tokio_util::sync::CancellationToken;
@@ -218,12 +218,15 @@ impl Application {
         }
         let background = CancellationToken::new();
         let services = table.services();
+        let networks = InstanceNetworks::parse(&settings.upstream.instance_networks)
+            .map_err(|e| anyhow::anyhow!("upstream.instance_networks: {e}"))?;
         let discovery = settings.registry.enabled.then(|| {
             let names: Vec<&str> = services.iter().map(String::as_str).collect();
-            Discovery::start(
+            Discovery::start_within(
                 RegistryClient::new(&settings.registry),
                 &names,
                 background.clone(),
+                Some(Arc::new(networks)),
             )
         });
         let workers = server::worker_count(settings.workers);
@@ -416,6 +419,20 @@ async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
                 }
                 (Upstream::Service(_), None) => Vec::new(),
             };
+            let refused: Vec<Value> = match (&route.upstream, &gateway.discovery) {
+                (Upstream::Service(service), Some(discovery)) => discovery
+                    .refused(service)
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "instanceId": r.instance.instance_id,
+                            "address": r.instance.address,
+                            "reason": r.reason,
+                        })
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             json!({
                 "id": route.id,
                 "uri": route.uri,
@@ -424,6 +441,7 @@ async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
                 "filters": route.filters.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
                 "roles": route.roles,
                 "instances": instances,
+                "refusedInstances": refused,
             })
         })
         .collect();

@@ -601,6 +601,11 @@ pub struct UpstreamSettings {
     /// Pooled connections idle longer are closed; below typical server keep-alive
     /// (Node's 5 s) so the gateway never reuses a connection the server is closing.
     pub pool_idle_timeout_ms: u64,
+    /// Networks (CIDR, or single addresses) that discovered instances must lie in to
+    /// receive traffic; others are refused and shown in the routes report. Host names
+    /// are resolved when discovery sees them. Routes with a fixed `uri` are the
+    /// operator's own and are not checked.
+    pub instance_networks: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -609,6 +614,9 @@ impl Default for UpstreamSettings {
             connect_timeout_ms: 1000,
             response_timeout_ms: 10_000,
             pool_idle_timeout_ms: 4000,
+            instance_networks: shared::networks::PRIVATE_NETWORKS
+                .map(str::to_owned)
+                .to_vec(),
         }
     }
 }

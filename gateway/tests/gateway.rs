@@ -755,6 +755,88 @@ async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
     assert!(err.contains("broken") && err.contains("uri"), "{err}");
 }
 
+#[tokio::test]
+async fn instances_outside_the_allowed_networks_get_no_traffic() {
+    // The default networks are loopback and the private ranges.
+    let s = stack(ROUTES, 2000).await;
+    let good = upstream("orders-good").await;
+    let settings = registry_settings(s.registry);
+    let registry = RegistryClient::new(&settings);
+    // A registration steering the service's traffic (and its users' bearer tokens) to
+    // a public address; the port is the good upstream's, so only the check keeps it out.
+    let mut outside = InstanceRegistration::for_bound("order-service", good.addr, &settings);
+    outside.instance_id = "outside".into();
+    outside.host = "192.0.2.10".into();
+    registry.register(&outside, 60).await.expect("register");
+    // A registration by host name, admitted once it resolves into the networks.
+    let mut named = InstanceRegistration::for_bound("order-service", good.addr, &settings);
+    named.instance_id = "named".into();
+    named.host = "localhost".into();
+    registry.register(&named, 60).await.expect("register");
+
+    let admin = s.token("admin", "admin-pw").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let orders = loop {
+        let routes: Value = s
+            .get("/actuator/gateway/routes", &admin)
+            .await
+            .json()
+            .await
+            .expect("json");
+        let orders = routes["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+            .cloned()
+            .unwrap_or_default();
+        let seen = |key: &str| orders[key].as_array().map_or(0, Vec::len);
+        if seen("instances") + seen("refusedInstances") == 2 {
+            break orders;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never saw both instances: {orders}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(orders["instances"][0]["instanceId"], "named", "{orders}");
+    assert_eq!(orders["instances"].as_array().map(Vec::len), Some(1));
+    let refused = &orders["refusedInstances"][0];
+    assert_eq!(refused["instanceId"], "outside", "{orders}");
+    let reason = refused["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("192.0.2.10 is outside"), "{reason}");
+
+    let token = s.token("alice", "alice-pw").await;
+    for _ in 0..6 {
+        let response = s.get("/orders", &token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        good.hits.load(Ordering::SeqCst),
+        6,
+        "every request went to it"
+    );
+}
+
+#[tokio::test]
+async fn an_instance_network_that_is_no_network_is_refused_at_start_up() {
+    let settings = Settings {
+        http: HttpSettings::local(0),
+        upstream: UpstreamSettings {
+            instance_networks: vec!["10.0.0.0/8".into(), "office".into()],
+            ..UpstreamSettings::default()
+        },
+        ..Settings::default()
+    };
+    let err = Application::build(settings)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("upstream.instance_networks") && err.contains("`office`"),
+        "{err}"
+    );
+}
+
 /// Two instances of order-service, both known to the gateway.
 async fn two_instances(s: &Stack, token: &str) -> (Upstream, Upstream) {
     let (a, b) = (upstream("a").await, upstream("b").await);

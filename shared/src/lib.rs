@@ -14,6 +14,7 @@ pub mod events;
 pub mod http;
 pub mod kafka;
 pub mod money;
+pub mod networks;
 pub mod openapi;
 #[cfg(feature = "postgres")]
 pub mod outbox;

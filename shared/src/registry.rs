@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+pub use crate::networks::{InstanceNetworks, Refused};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -440,6 +441,7 @@ impl Membership {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     cache: Arc<ArcSwap<HashMap<String, Arc<Vec<ServiceInstance>>>>>,
+    refused: Arc<ArcSwap<HashMap<String, Arc<Vec<Refused>>>>>,
     changes: watch::Receiver<u64>,
     failures: watch::Receiver<u64>,
     follower: Arc<Follower>,
@@ -453,15 +455,29 @@ struct Follower {
     followed: std::sync::Mutex<std::collections::HashSet<String>>,
     changes: Arc<watch::Sender<u64>>,
     failures: Arc<watch::Sender<u64>>,
+    /// When set, only instances inside these networks are served.
+    networks: Option<Arc<InstanceNetworks>>,
 }
 
 impl Discovery {
     /// Follows `services` (canonical names) until `shutdown`.
     pub fn start(client: RegistryClient, services: &[&str], shutdown: CancellationToken) -> Self {
+        Self::start_within(client, services, shutdown, None)
+    }
+
+    /// [`Discovery::start`], serving only instances inside `networks` (when set); the
+    /// others are listed by [`Discovery::refused`].
+    pub fn start_within(
+        client: RegistryClient,
+        services: &[&str],
+        shutdown: CancellationToken,
+        networks: Option<Arc<InstanceNetworks>>,
+    ) -> Self {
         let (changes_tx, changes) = watch::channel(0_u64);
         let (failures_tx, failures) = watch::channel(0_u64);
         let discovery = Self {
             cache: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+            refused: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             changes,
             failures,
             follower: Arc::new(Follower {
@@ -470,6 +486,7 @@ impl Discovery {
                 followed: std::sync::Mutex::new(std::collections::HashSet::new()),
                 changes: Arc::new(changes_tx),
                 failures: Arc::new(failures_tx),
+                networks,
             }),
         };
         for service in services {
@@ -491,6 +508,7 @@ impl Discovery {
             return;
         }
         let cache = self.cache.clone();
+        let refused_cache = self.refused.clone();
         tokio::spawn(async move {
             let client = &follower.client;
             let shutdown = &follower.shutdown;
@@ -506,6 +524,25 @@ impl Discovery {
                     Ok((next, instances)) => {
                         backoff = Duration::from_millis(100);
                         index = Some(next);
+                        let instances = match &follower.networks {
+                            None => instances,
+                            Some(networks) => {
+                                let (admitted, refused) = networks.admit(instances).await;
+                                let known = refused_cache.load().get(&service).cloned();
+                                if known.as_deref().map(Vec::as_slice) != Some(&refused[..]) {
+                                    for r in &refused {
+                                        tracing::warn!(%service, instance = %r.instance.instance_id, reason = %r.reason, "instance refused: not routed to");
+                                    }
+                                    let refused = Arc::new(refused);
+                                    refused_cache.rcu(|current| {
+                                        let mut next = (**current).clone();
+                                        next.insert(service.clone(), refused.clone());
+                                        next
+                                    });
+                                }
+                                admitted
+                            }
+                        };
                         let instances = Arc::new(instances);
                         let unchanged = cache.load().get(&service) == Some(&instances);
                         if !unchanged {
@@ -536,6 +573,16 @@ impl Discovery {
     /// The last known instances of `service`, whatever their status.
     pub fn instances(&self, service: &str) -> Arc<Vec<ServiceInstance>> {
         self.cache
+            .load()
+            .get(&service.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The instances of `service` that are not served because they lie outside the
+    /// configured networks, with the reason.
+    pub fn refused(&self, service: &str) -> Arc<Vec<Refused>> {
+        self.refused
             .load()
             .get(&service.to_ascii_lowercase())
             .cloned()

@@ -765,6 +765,7 @@ pub(crate) fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
     }
     let text = format!(
         "# Written by `cargo xtask up` for the local stack only: a generated key and dev users.\n\
+         upstream:\n  # Instances run on this machine only.\n  instance_networks: [\"127.0.0.0/8\", \"::1/128\"]\n\
          auth:\n  signing_key: \"{key}\"\n  users:\n{users}"
     );
     fs::write(path, text)?;
