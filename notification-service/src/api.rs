@@ -87,8 +87,8 @@ fn notification_json(row: &PgRow) -> Result<Notification, sqlx::Error> {
 
 #[utoipa::path(get, path = "/notifications", tag = "notifications",
     params(
-        ("orderId" = Option<String>, Query, description = "Only this order's notifications"),
-        ("limit" = Option<i64>, Query, description = "1 to 100, default 50"),
+        ("orderId" = Option<uuid::Uuid>, Query, description = "Only this order's notifications"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "1 to 100, default 50"),
     ),
     responses(
         (status = 200, body = NotificationList),

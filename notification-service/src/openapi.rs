@@ -1,7 +1,7 @@
 //! notification-service's OpenAPI document, generated from the handler's annotations
 //! and the types it answers with; served at `/openapi.json`, kept in `docs/api/`.
 
-use shared::openapi::BearerAuth;
+use shared::openapi::{BearerAuth, CommonResponses};
 use utoipa::OpenApi;
 
 use crate::api;
@@ -11,7 +11,7 @@ use crate::api;
     info(title = "notification-service", description = "The notifications sent for each order outcome. Reached through the gateway at /notifications; every call needs a bearer token."),
     paths(api::list),
     components(schemas(api::Notification, api::NotificationList, shared::Problem, shared::FieldError)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags((name = "notifications", description = "What the store told its customers"))
 )]
 pub struct ApiDoc;

@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use shared::openapi::BearerAuth;
+use shared::openapi::{BearerAuth, CommonResponses};
 
 use crate::{orders, validation};
 
@@ -13,7 +13,7 @@ use crate::{orders, validation};
     paths(orders::create, orders::list, orders::read, orders::stats),
     components(schemas(validation::CreateOrder, validation::ItemRequest, orders::Order, orders::OrderPage,
         orders::Stats, shared::Problem, shared::FieldError, shared::events::OrderItem)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags((name = "orders", description = "Place and follow orders"))
 )]
 pub struct ApiDoc;

@@ -124,7 +124,7 @@ fn created(order: Value) -> Response {
 /// `POST /orders`.
 #[utoipa::path(post, path = "/orders", tag = "orders",
     request_body = CreateOrder,
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
         description = "1 to 255 visible ASCII characters; a retry with the same key gets the first answer")),
     responses(
         (status = 201, description = "Created; `Location: /orders/{id}`", body = Order),
@@ -303,8 +303,8 @@ pub(crate) struct ListParams {
 /// admin). The cursor is opaque: the position after the last order returned.
 #[utoipa::path(get, path = "/orders", tag = "orders",
     params(
-        ("status" = Option<String>, Query, description = "PENDING, CONFIRMED or REJECTED"),
-        ("limit" = Option<i64>, Query, description = "1 to 100, default 20"),
+        ("status" = Option<String>, Query, pattern = "^(PENDING|CONFIRMED|REJECTED)$", description = "PENDING, CONFIRMED or REJECTED"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "The nextCursor of the previous page"),
     ),
     responses(

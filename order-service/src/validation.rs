@@ -10,9 +10,10 @@ use shared::FieldError;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateOrder {
     /// 1 to 100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<ItemRequest>,
     /// An ISO 4217 code, upper case.
-    #[schema(example = "EUR")]
+    #[schema(example = "EUR", pattern = "^[A-Z]{3}$")]
     pub currency: String,
 }
 
@@ -21,13 +22,13 @@ pub struct CreateOrder {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ItemRequest {
     /// 1 to 64 letters, digits, `-` and `_`.
-    #[schema(example = "BOOK-1")]
+    #[schema(example = "BOOK-1", pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub sku: String,
     /// 1 to 1000.
-    #[schema(example = 2)]
+    #[schema(example = 2, minimum = 1, maximum = 1000)]
     pub quantity: i64,
     /// 1 to 10^9 minor units.
-    #[schema(example = 1250)]
+    #[schema(example = 1250, minimum = 1, maximum = 1_000_000_000)]
     pub unit_price: i64,
 }
 

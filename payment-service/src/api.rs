@@ -156,10 +156,10 @@ fn require_admin(claims: &Claims) -> Result<(), Problem> {
 #[serde(deny_unknown_fields)]
 pub struct DepositRequest {
     /// 1 to 10^12 minor units.
-    #[schema(example = 5000)]
+    #[schema(example = 5000, minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub amount: i64,
     /// The account's currency (the first deposit sets it).
-    #[schema(example = "EUR")]
+    #[schema(example = "EUR", pattern = "^[A-Z]{3}$")]
     pub currency: String,
 }
 
@@ -191,7 +191,7 @@ impl DepositRequest {
 
 /// `POST /payments/accounts/me/deposits`.
 #[utoipa::path(post, path = "/payments/accounts/me/deposits", tag = "payments",
-    params(("Idempotency-Key" = Option<String>, Header, description = "A retried deposit with the same key counts once")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "A retried deposit with the same key counts once")),
     request_body = DepositRequest,
     responses(
         (status = 200, description = "The account after the deposit", body = Account),
@@ -210,11 +210,12 @@ pub(crate) async fn deposit_mine(
 
 /// `POST /payments/accounts/{userId}/deposits`: admins only.
 #[utoipa::path(post, path = "/payments/accounts/{userId}/deposits", tag = "payments",
-    params(("userId" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "A retried deposit with the same key counts once")),
+    params(("userId" = String, Path), ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "A retried deposit with the same key counts once")),
     request_body = DepositRequest,
     responses(
         (status = 200, description = "The account after the deposit", body = Account),
         (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin, for another user's account", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields, another currency than the account's, the balance limit, or a reused key", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn deposit_for(
@@ -362,8 +363,8 @@ fn payment_json(row: &PgRow) -> Result<Payment, sqlx::Error> {
 /// newest first; with `orderId`, that order's payment.
 #[utoipa::path(get, path = "/payments", tag = "payments",
     params(
-        ("orderId" = Option<String>, Query, description = "Only this order's payment"),
-        ("limit" = Option<i64>, Query, description = "1 to 100, default 50"),
+        ("orderId" = Option<uuid::Uuid>, Query, description = "Only this order's payment"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "1 to 100, default 50"),
     ),
     responses(
         (status = 200, body = PaymentList),

@@ -1,7 +1,7 @@
 //! payment-service's OpenAPI document, generated from the handlers' annotations and
 //! the types they answer with; served at `/openapi.json`, kept in `docs/api/`.
 
-use shared::openapi::BearerAuth;
+use shared::openapi::{BearerAuth, CommonResponses};
 use utoipa::OpenApi;
 
 use crate::api;
@@ -12,7 +12,7 @@ use crate::api;
     paths(api::my_account, api::deposit_mine, api::account_of, api::deposit_for, api::list_payments),
     components(schemas(api::Account, api::DepositRequest, api::Payment, api::PaymentList,
         shared::Problem, shared::FieldError)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags((name = "payments", description = "Fund accounts and see payments"))
 )]
 pub struct ApiDoc;
