@@ -171,16 +171,48 @@ impl IdentityProvider {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /auth/token`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
+    #[schema(example = "alice")]
     username: String,
+    #[schema(example = "alice")]
     password: String,
+}
+
+/// A token issued by `POST /auth/token`, as OAuth 2.0's token endpoint answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    /// The JWT (EdDSA), sent as `Authorization: Bearer <access_token>`.
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until it expires.
+    pub expires_in: u64,
 }
 
 /// `POST /auth/token`. A login is admitted by the [`LoginGuard`] before its password
 /// is checked: throttled addresses and names get 429, a full house 503, both with
 /// `Retry-After` and without hashing anything.
+#[utoipa::path(post, path = "/auth/token", tag = "auth", security(()),
+    summary = "Log in: a bearer token for a user name and password",
+    description = "Failed logins are throttled per client address and per user name (429); \
+        when too many logins are being checked at once the answer is 503. Both carry `Retry-After`.",
+    request_body = TokenRequest,
+    responses(
+        (status = 200, description = "A token for the user", body = TokenResponse),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong user name or password", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "This gateway issues no tokens (only external issuers are configured)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the size limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not sent as `application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing, of the wrong type, or unknown; named", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed logins from this address or for this name", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Too many logins are being checked at once", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 pub async fn token(
     State(idp): State<Arc<IdentityProvider>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -249,11 +281,11 @@ pub async fn token(
         Err(e) => return Problem::internal(&e).into_response(),
     };
     metrics::counter!("gateway_logins_total", "outcome" => "issued").increment(1);
-    Json(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": signer.ttl.as_secs(),
-    }))
+    Json(TokenResponse {
+        access_token: token,
+        token_type: "Bearer",
+        expires_in: signer.ttl.as_secs(),
+    })
     .into_response()
 }
 
@@ -267,6 +299,10 @@ fn retry_later(problem: Problem, seconds: u64) -> Response {
 }
 
 /// `GET /.well-known/jwks.json`.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", security(()),
+    summary = "The public keys that verify this gateway's tokens",
+    responses((status = 200, description = "The public keys of the tokens this gateway issues (none when it issues none)",
+        body = crate::openapi::Jwks)))]
 pub async fn jwks(State(idp): State<Arc<IdentityProvider>>) -> impl IntoResponse {
     let body = idp
         .signer

@@ -14,6 +14,7 @@ pub mod balancer;
 pub mod breaker;
 pub mod limits;
 pub mod login;
+pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod server;
@@ -306,7 +307,8 @@ fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
     let identity = Router::new()
         .route("/auth/token", post(auth::token))
         .route("/.well-known/jwks.json", get(auth::jwks))
-        .with_state(idp);
+        .with_state(idp)
+        .merge(shared::openapi::route(openapi::document()));
     let admin = Router::new()
         .route("/actuator/gateway/routes", get(routes_report))
         .route("/actuator/gateway/refresh", post(refresh))
