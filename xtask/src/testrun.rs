@@ -70,6 +70,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
 
     step("installing the Python tools the tests use (a Eureka client, an SMTP sink)");
     let python_path = crate::tools::python_path(&interrupt)?;
+    step("installing schemathesis, which fuzzes every OpenAPI document through the gateway");
+    let schemathesis = crate::tools::schemathesis(&interrupt)?;
     step("installing newman, which runs the Postman collection in the end-to-end test");
     let newman = crate::tools::newman(&interrupt)?;
     step("installing kcat (Debian), which the broker tests use as a client of nobody's making");
@@ -90,6 +92,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("KAFKA_BROKERS", broker.brokers())
         .env("STOREFRONT_PYTHONPATH", &python_path)
         .env("STOREFRONT_NEWMAN", &newman)
+        .env("STOREFRONT_SCHEMATHESIS", &schemathesis)
         .env("STOREFRONT_KCAT", &kcat)
         .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client);
     let result = procs::run("the tests", &mut tests, &interrupt);

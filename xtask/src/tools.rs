@@ -1,7 +1,7 @@
 //! Tools xtask installs on first use, into a folder outside the checkout so every
 //! later clone on the machine reuses them: Apache Kafka's jars (Maven Central, see
-//! `crate::broker`), the real Eureka client the registry's tests talk to and the SMTP
-//! sink (PyPI), and newman (npm). Each install holds a lock file, so parallel tests or
+//! `crate::broker`), the real Eureka client the registry's tests talk to, the SMTP
+//! sink and the schemathesis fuzzer (PyPI), and newman (npm). Each install holds a lock file, so parallel tests or
 //! two terminals never install the same tool twice.
 
 use std::{
@@ -90,6 +90,16 @@ pub fn python_path(interrupt: &Interrupt) -> anyhow::Result<std::ffi::OsString> 
         python_eureka_client(interrupt)?,
         aiosmtpd(interrupt)?,
     ])?)
+}
+
+/// The pinned schemathesis, the OpenAPI fuzzer the tests run against every document.
+pub const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// A folder holding schemathesis and its dependencies, for `PYTHONPATH` (kept apart
+/// from [`python_path`]: it brings many packages the other tools do not need). Run it
+/// as `python3 -m schemathesis.cli`.
+pub fn schemathesis(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    python_package(SCHEMATHESIS, "schemathesis", interrupt)
 }
 
 /// Installs the pinned PyPI package `spec` (whose import name is `module`) into its own

@@ -11,89 +11,11 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use xtask::{procs::Interrupt, stack::UpProcess};
 
-/// The stack (`xtask up` with its own database and broker: nothing shared with the
-/// other tests), stopped (SIGINT, as Ctrl-C) when dropped.
-struct Stack(UpProcess);
-
-impl Stack {
-    fn start(dir: &Path) -> Stack {
-        let interrupt = Interrupt::install().expect("signal handlers");
-        let log = dir.join("stack.log");
-        let up = UpProcess::start(
-            Path::new(env!("CARGO_BIN_EXE_xtask")),
-            &[],
-            &dir.join("stack.env"),
-            &log,
-            &interrupt,
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e:#}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Stack(up)
-    }
-
-    fn var(&self, key: &str) -> &str {
-        self.0.var(key).expect("a variable of stack.env")
-    }
-}
-
-struct Client {
-    agent: ureq::Agent,
-    gateway: String,
-}
+mod support;
+use support::{Client, Stack};
 
 impl Client {
-    fn login(&self, user: &str) -> String {
-        let (status, body) = self.send(
-            "POST",
-            "/auth/token",
-            None,
-            Some(json!({"username": user, "password": user})),
-            &[],
-        );
-        assert_eq!(status, 200, "{body}");
-        body["access_token"].as_str().expect("a token").to_owned()
-    }
-
-    fn send(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> (u16, Value) {
-        let url = format!("{}{path}", self.gateway);
-        let mut response = match (method, body) {
-            ("GET", _) => {
-                let mut request = self.agent.get(&url);
-                if let Some(token) = token {
-                    request = request.header("authorization", &format!("Bearer {token}"));
-                }
-                request.call()
-            }
-            (_, body) => {
-                let mut request = self.agent.post(&url);
-                if let Some(token) = token {
-                    request = request.header("authorization", &format!("Bearer {token}"));
-                }
-                for (name, value) in headers {
-                    request = request.header(*name, *value);
-                }
-                request.send_json(body.unwrap_or(Value::Null))
-            }
-        }
-        .expect("the gateway answers");
-        let status = response.status().as_u16();
-        let body = response.body_mut().read_json().unwrap_or(Value::Null);
-        (status, body)
-    }
-
     /// Polls the order until it leaves PENDING.
     fn settled(&self, token: &str, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -155,14 +77,7 @@ fn mail_mentioning(maildir: &Path, needle: &str) -> String {
 fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_passes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let stack = Stack::start(dir.path());
-    let client = Client {
-        agent: ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .into(),
-        gateway: stack.var("GATEWAY_URL").to_owned(),
-    };
+    let client = Client::of(&stack);
     let alice = client.login("alice");
     let bob = client.login("bob");
 
