@@ -229,6 +229,21 @@ impl Stack {
             .expect("request")
     }
 
+    /// Route `id` as the routes report shows it now (null when it is not there).
+    async fn route_report(&self, id: &str, admin: &str) -> Value {
+        let report: Value = self
+            .get("/actuator/gateway/routes", admin)
+            .await
+            .json()
+            .await
+            .expect("json");
+        report["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == id))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Retries `path` until it stops answering 503 (the discovery cache caught up).
     async fn get_routed(&self, path: &str, token: &str) -> reqwest::Response {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -627,20 +642,9 @@ async fn load_spreads_over_instances_and_a_removed_instance_gets_nothing_more() 
     // Once the gateway has seen the removal, a receives nothing more.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let routes: Value = s
-            .get(
-                "/actuator/gateway/routes",
-                &s.token("admin", "admin-pw").await,
-            )
-            .await
-            .json()
-            .await
-            .expect("json");
-        let orders = routes["routes"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
-            .cloned()
-            .unwrap_or_default();
+        let orders = s
+            .route_report("orders", &s.token("admin", "admin-pw").await)
+            .await;
         if orders["instances"].as_array().map(Vec::len) == Some(1) {
             break;
         }
@@ -718,17 +722,7 @@ async fn the_routes_report_shows_live_instances_to_admins() {
     s.register("order-service", &up).await;
     let admin = s.token("admin", "admin-pw").await;
     s.get_routed("/orders", &admin).await;
-    let report: Value = s
-        .get("/actuator/gateway/routes", &admin)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let orders = report["routes"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
-        .cloned()
-        .expect("orders route");
+    let orders = s.route_report("orders", &admin).await;
     assert_eq!(orders["uri"], "lb://order-service");
     assert_eq!(orders["instances"][0]["address"], up.addr.to_string());
     assert_eq!(orders["instances"][0]["receivesTraffic"], true);
@@ -777,17 +771,7 @@ async fn instances_outside_the_allowed_networks_get_no_traffic() {
     let admin = s.token("admin", "admin-pw").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let orders = loop {
-        let routes: Value = s
-            .get("/actuator/gateway/routes", &admin)
-            .await
-            .json()
-            .await
-            .expect("json");
-        let orders = routes["routes"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
-            .cloned()
-            .unwrap_or_default();
+        let orders = s.route_report("orders", &admin).await;
         let seen = |key: &str| orders[key].as_array().map_or(0, Vec::len);
         if seen("instances") + seen("refusedInstances") == 2 {
             break orders;
