@@ -172,6 +172,41 @@ pub struct Route {
     /// The round-robin position, per route.
     pub turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub metrics: std::sync::Arc<RouteMetrics>,
+    /// The predicates and filters (defaults first) as written, for the routes report.
+    pub described: RouteDescription,
+}
+
+/// A route's predicates and filters in Spring's shortcut spelling, so the routes
+/// report shows what the file says rather than the compiled form.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteDescription {
+    pub predicates: Vec<String>,
+    pub filters: Vec<String>,
+}
+
+impl RouteDescription {
+    /// The predicates joined as Spring Cloud Gateway's `predicate` field joins them.
+    pub fn predicate(&self) -> String {
+        match self.predicates.as_slice() {
+            [one] => one.clone(),
+            many => format!("({})", many.join(" && ")),
+        }
+    }
+}
+
+/// `value` (a predicate or filter in either spelling) as a shortcut `Name=a, b`.
+fn describe(value: &Value) -> String {
+    match name_and_args(value) {
+        Ok((name, args)) if args.is_empty() => name,
+        Ok((name, args)) if args.keys().all(|k| k.starts_with("_genkey_")) => {
+            format!("{name}={}", values(&args).join(", "))
+        }
+        Ok((name, args)) => {
+            let named: Vec<String> = args.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("{name}={}", named.join(", "))
+        }
+        Err(_) => value.to_string(),
+    }
 }
 
 /// A route's request metrics, with their handles registered once per status instead
@@ -235,12 +270,33 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Parses a YAML route file.
+    /// Parses a YAML route file: ours (`routes`, `default-filters` at the top), or a
+    /// Spring Cloud Gateway `application.yml` whose routes sit under
+    /// `spring.cloud.gateway` or `spring.cloud.gateway.server.webflux`, nested or as
+    /// dotted keys. In a Spring file every other Spring setting is left alone, but a
+    /// gateway setting this gateway does not have is refused by name.
     pub fn from_yaml(text: &str) -> Result<Self, RouteError> {
-        let file: RouteFile = serde_yaml_ng::from_str(text).map_err(|e| RouteError {
+        let refuse = |field: String, message: String| RouteError {
             route: "-".into(),
-            field: "file".into(),
-            message: e.to_string(),
+            field,
+            message,
+        };
+        let document: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| refuse("file".into(), e.to_string()))?;
+        let document = if document.is_null() {
+            Value::Object(Default::default())
+        } else {
+            document
+        };
+        let (prefix, section) = spring_section(&document).map_err(|(f, m)| refuse(f, m))?;
+        let section = normalise_keys(section);
+        let file: RouteFile = serde_json::from_value(section).map_err(|e| {
+            let field = if prefix.is_empty() {
+                "file".to_owned()
+            } else {
+                prefix.clone()
+            };
+            refuse(field, e.to_string())
         })?;
         Self::compile(&file)
     }
@@ -314,6 +370,15 @@ impl RouteTable {
                 response_timeout,
                 turn: Default::default(),
                 metrics: Default::default(),
+                described: RouteDescription {
+                    predicates: spec.predicates.iter().map(describe).collect(),
+                    filters: file
+                        .default_filters
+                        .iter()
+                        .chain(&spec.filters)
+                        .map(describe)
+                        .collect(),
+                },
             });
         }
         // Stable: equal orders keep file order.
@@ -345,6 +410,120 @@ impl RouteTable {
                 .all(|p| p.matches(method, uri, headers))
         })
     }
+}
+
+/// The gateway's part of a route file, with the prefix it was found under (empty for
+/// our own layout). A document is Spring's when it has a `spring` key, nested or
+/// dotted (`spring.cloud.gateway.routes:`).
+fn spring_section(document: &Value) -> Result<(String, Value), (String, String)> {
+    let Some(top) = document.as_object() else {
+        return Err(("file".into(), "must be a map with `routes`".into()));
+    };
+    let is_spring = top
+        .keys()
+        .any(|k| k == "spring" || k.starts_with("spring."));
+    if !is_spring {
+        return Ok((String::new(), document.clone()));
+    }
+    let gateway = subtree(document, &["spring", "cloud", "gateway"])
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    // Spring Cloud Gateway 4.3+ moved the settings under `server.webflux`; both load.
+    let webflux = subtree(&gateway, &["server", "webflux"]);
+    let (prefix, section) = match &webflux {
+        Some(webflux) => ("spring.cloud.gateway.server.webflux", webflux.clone()),
+        None => ("spring.cloud.gateway", gateway.clone()),
+    };
+    const SUPPORTED: [&str; 4] = ["routes", "default-filters", "defaultFilters", "enabled"];
+    let unsupported = |prefix: &str, section: &Value, also: &dyn Fn(&str) -> bool| {
+        let keys = section.as_object().into_iter().flat_map(|m| m.keys());
+        for key in keys {
+            if !SUPPORTED.contains(&key.as_str()) && !also(key) {
+                return Err((
+                    format!("{prefix}.{key}"),
+                    "is a Spring Cloud Gateway setting this gateway does not support".to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    };
+    let servers = subtree(&gateway, &["server"]);
+    let other_server = servers
+        .as_ref()
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .map(|k| k.split('.').next().unwrap_or_default())
+        .find(|k| *k != "webflux");
+    if let Some(other) = other_server {
+        return Err((
+            format!("spring.cloud.gateway.server.{other}"),
+            "is not supported: this gateway is Spring Cloud Gateway Server WebFlux".into(),
+        ));
+    }
+    let is_server = |key: &str| key == "server" || key.starts_with("server.");
+    if webflux.is_some() {
+        // Beside `server.webflux`, only what both layouts share may stay at the top.
+        unsupported("spring.cloud.gateway", &gateway, &|k| is_server(k))?;
+    }
+    unsupported(prefix, &section, &|_| false)?;
+    let mut section = section;
+    if let Some(map) = section.as_object_mut() {
+        map.remove("enabled");
+    }
+    Ok((prefix.into(), section))
+}
+
+/// What lies under `path` in `value`, whether the path is written as nested maps, as
+/// dotted keys (`spring.cloud.gateway: ...`, `spring.cloud.gateway.routes: ...`) or a
+/// mix; several spellings of one path are merged. Keys below the path are kept as
+/// written, so dotted argument names (`redis-rate-limiter.replenishRate`) survive.
+fn subtree(value: &Value, path: &[&str]) -> Option<Value> {
+    if path.is_empty() {
+        return Some(value.clone());
+    }
+    let map = value.as_object()?;
+    let mut found: Option<serde_json::Map<String, Value>> = None;
+    for (key, inner) in map {
+        let parts: Vec<&str> = key.split('.').collect();
+        let common = parts.iter().zip(path).take_while(|(a, b)| a == b).count();
+        if common == parts.len() {
+            // The key is (a part of) the path: look further inside.
+            match subtree(inner, &path[common..]) {
+                Some(Value::Object(more)) => {
+                    merge(found.get_or_insert_with(Default::default), more)
+                }
+                Some(other) => return Some(other),
+                None => {}
+            }
+        } else if common == path.len() {
+            // The path ends inside the key: the rest of the key lives in the section.
+            let mut entry = serde_json::Map::new();
+            entry.insert(parts[common..].join("."), inner.clone());
+            merge(found.get_or_insert_with(Default::default), entry);
+        }
+    }
+    found.map(Value::Object)
+}
+
+fn merge(into: &mut serde_json::Map<String, Value>, from: serde_json::Map<String, Value>) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Object(existing)), Value::Object(more)) => merge(existing, more),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Spring's relaxed binding: `defaultFilters` is `default-filters`.
+fn normalise_keys(mut section: Value) -> Value {
+    if let Some(map) = section.as_object_mut()
+        && let Some(filters) = map.remove("defaultFilters")
+    {
+        map.insert("default-filters".into(), filters);
+    }
+    section
 }
 
 fn parse_uri(uri: &str) -> Result<Upstream, String> {
@@ -790,6 +969,89 @@ routes:
                 .map(|r| r.upstream.clone()),
             Some(Upstream::Service("order-service".into()))
         );
+    }
+
+    #[test]
+    fn a_spring_cloud_gateway_application_yml_loads_unchanged() {
+        // As a Spring Boot app's application.yml has it: other Spring settings around,
+        // SCG 4.3's `server.webflux` prefix, camelCase `defaultFilters`, dotted args.
+        let spring = r#"
+server:
+  port: 8080
+spring:
+  application:
+    name: edge
+  cloud:
+    gateway:
+      server:
+        webflux:
+          defaultFilters: [SecureHeaders]
+          routes:
+            - id: orders
+              uri: lb://order-service
+              order: 1
+              predicates:
+                - Path=/orders/**
+                - Method=GET,POST
+              filters:
+                - name: RequestRateLimiter
+                  args:
+                    redis-rate-limiter.replenishRate: 10
+                    redis-rate-limiter.burstCapacity: 20
+eureka:
+  client:
+    serviceUrl:
+      defaultZone: http://localhost:8761/eureka/
+"#;
+        let t = table(spring);
+        assert_eq!(find(&t, "GET", "/orders/1", &[]), Some("orders"));
+        let route = &t.routes[0];
+        assert!(
+            matches!(route.filters[0], Filter::SecureHeaders),
+            "{:?}",
+            route.filters
+        );
+        assert_eq!(
+            route.described.filters[1],
+            "RequestRateLimiter=redis-rate-limiter.burstCapacity: 20, redis-rate-limiter.replenishRate: 10"
+        );
+        assert_eq!(
+            route.described.predicate(),
+            "(Path=/orders/** && Method=GET, POST)"
+        );
+
+        // The pre-4.3 prefix, written with dotted keys.
+        let dotted = "spring.cloud.gateway.routes: [{id: a, uri: 'lb://x', predicates: [Path=/a]}]\n\
+                      spring.cloud.gateway.default-filters: [SecureHeaders]\n";
+        let t = table(dotted);
+        assert_eq!(find(&t, "GET", "/a", &[]), Some("a"));
+        assert_eq!(t.routes[0].filters.len(), 1);
+    }
+
+    #[test]
+    fn spring_gateway_settings_this_gateway_lacks_are_refused_by_name() {
+        let cases = [
+            (
+                "spring: {cloud: {gateway: {httpclient: {connect-timeout: 1000}, routes: []}}}",
+                "spring.cloud.gateway.httpclient",
+            ),
+            (
+                "spring.cloud.gateway.server.webflux: {discovery: {locator: {enabled: true}}}",
+                "spring.cloud.gateway.server.webflux.discovery",
+            ),
+            (
+                "spring.cloud.gateway.server.webmvc.routes: []",
+                "spring.cloud.gateway.server.webmvc",
+            ),
+            (
+                "spring.cloud.gateway.routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], colour: red}]",
+                "spring.cloud.gateway",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let e = RouteTable::from_yaml(yaml).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}: {e}");
+        }
     }
 
     #[test]
