@@ -16,6 +16,7 @@ pub mod limits;
 pub mod login;
 pub mod openapi;
 pub mod proxy;
+pub mod report;
 pub mod routes;
 pub mod server;
 
@@ -49,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::{GatewayAuthSettings, IdentityProvider},
     proxy::UpstreamSettings,
-    routes::{RouteTable, Upstream},
+    routes::RouteTable,
 };
 
 /// The canonical service name.
@@ -310,7 +311,8 @@ fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
         .with_state(idp)
         .merge(shared::openapi::route(openapi::document()));
     let admin = Router::new()
-        .route("/actuator/gateway/routes", get(routes_report))
+        .route("/actuator/gateway/routes", get(report::routes))
+        .route("/actuator/gateway/routes/{id}", get(report::route))
         .route("/actuator/gateway/refresh", post(refresh))
         .layer(axum::middleware::from_fn_with_state(
             gateway.clone(),
@@ -388,64 +390,4 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
             format!("The new routes were refused and the previous ones stay in force: {reason}"),
         )),
     }
-}
-
-/// `GET /actuator/gateway/routes`: each route with the instances it resolves to now.
-async fn routes_report(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
-    let table = gateway.routes.load();
-    let now = shared::now_ms();
-    let routes: Vec<Value> = table
-        .routes
-        .iter()
-        .map(|route| {
-            let instances: Vec<Value> = match (&route.upstream, &gateway.discovery) {
-                (Upstream::Service(service), Some(discovery)) => discovery
-                    .instances(service)
-                    .iter()
-                    .map(|i| {
-                        let health = gateway.balancer.health(&i.address);
-                        let ejected = health.is_ejected(now);
-                        json!({
-                            "instanceId": i.instance_id,
-                            "address": i.address,
-                            "status": i.status,
-                            "ejected": ejected,
-                            "ejectedUntil": ejected.then(|| health.ejected_until()),
-                            "inFlight": health.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                            "receivesTraffic": i.is_up() && !ejected,
-                        })
-                    })
-                    .collect(),
-                (Upstream::Fixed(base), _) => {
-                    vec![json!({ "address": base, "receivesTraffic": true })]
-                }
-                (Upstream::Service(_), None) => Vec::new(),
-            };
-            let refused: Vec<Value> = match (&route.upstream, &gateway.discovery) {
-                (Upstream::Service(service), Some(discovery)) => discovery
-                    .refused(service)
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "instanceId": r.instance.instance_id,
-                            "address": r.instance.address,
-                            "reason": r.reason,
-                        })
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            json!({
-                "id": route.id,
-                "uri": route.uri,
-                "order": route.order,
-                "predicates": route.predicates.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
-                "filters": route.filters.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>(),
-                "roles": route.roles,
-                "instances": instances,
-                "refusedInstances": refused,
-            })
-        })
-        .collect();
-    Json(json!({ "routes": routes }))
 }

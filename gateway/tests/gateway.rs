@@ -237,9 +237,9 @@ impl Stack {
             .json()
             .await
             .expect("json");
-        report["routes"]
+        report
             .as_array()
-            .and_then(|r| r.iter().find(|r| r["id"] == id))
+            .and_then(|r| r.iter().find(|r| r["route_id"] == id))
             .cloned()
             .unwrap_or_default()
     }
@@ -722,10 +722,36 @@ async fn the_routes_report_shows_live_instances_to_admins() {
     s.register("order-service", &up).await;
     let admin = s.token("admin", "admin-pw").await;
     s.get_routed("/orders", &admin).await;
+    // Spring Cloud Gateway's shape: a list of {route_id, predicate, filters, uri, order}.
     let orders = s.route_report("orders", &admin).await;
     assert_eq!(orders["uri"], "lb://order-service");
+    assert_eq!(orders["order"], 0);
+    assert_eq!(orders["predicate"], "Path=/orders, /orders/**");
+    assert_eq!(
+        orders["filters"],
+        json!([
+            "SecureHeaders",
+            "AddRequestHeader=X-Gateway, storefront",
+            "RemoveRequestHeader=Cookie",
+            "AddResponseHeader=X-Route, orders"
+        ])
+    );
     assert_eq!(orders["instances"][0]["address"], up.addr.to_string());
     assert_eq!(orders["instances"][0]["receivesTraffic"], true);
+    // And one route by its id, as SCG's /actuator/gateway/routes/{id}.
+    let one: Value = s
+        .get("/actuator/gateway/routes/orders", &admin)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["route_id"], "orders");
+    assert_eq!(one["predicate"], orders["predicate"]);
+    let missing = s.get("/actuator/gateway/routes/nope", &admin).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let customer = s.token("alice", "alice-pw").await;
+    let refused = s.get("/actuator/gateway/routes/orders", &customer).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
@@ -926,9 +952,9 @@ async fn a_connection_failure_is_retried_for_any_method() {
             .json()
             .await
             .expect("json");
-        let count = report["routes"]
+        let count = report
             .as_array()
-            .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+            .and_then(|r| r.iter().find(|r| r["route_id"] == "orders"))
             .and_then(|r| r["instances"].as_array().map(Vec::len));
         if count == Some(2) {
             break;
@@ -977,9 +1003,9 @@ async fn a_failing_instance_is_ejected_then_returns_on_its_own() {
         .json()
         .await
         .expect("json");
-    let ejected: Vec<&Value> = report["routes"]
+    let ejected: Vec<&Value> = report
         .as_array()
-        .and_then(|r| r.iter().find(|r| r["id"] == "orders"))
+        .and_then(|r| r.iter().find(|r| r["route_id"] == "orders"))
         .and_then(|r| r["instances"].as_array())
         .map(|i| i.iter().filter(|i| i["ejected"] == true).collect())
         .unwrap_or_default();
@@ -1122,11 +1148,11 @@ async fn route_ids(s: &Stack, admin: &str) -> Vec<String> {
         .json()
         .await
         .expect("json");
-    report["routes"]
+    report
         .as_array()
         .map(|r| {
             r.iter()
-                .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                .filter_map(|r| r["route_id"].as_str().map(str::to_owned))
                 .collect()
         })
         .unwrap_or_default()
