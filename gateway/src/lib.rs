@@ -320,6 +320,7 @@ fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
         ))
         .with_state(gateway.clone());
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .operators(shared::auth::admin_gate(gateway.verifier.clone()))
         .router::<()>()
         .layer(axum::middleware::from_fn_with_state(
             gateway.clone(),
@@ -342,7 +343,11 @@ async fn require_token_except_health(
     request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == "/actuator/health" {
+    // Health and its probe groups answer load balancers and orchestrators, which
+    // carry no token.
+    if request.uri().path() == "/actuator/health"
+        || request.uri().path().starts_with("/actuator/health/")
+    {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();

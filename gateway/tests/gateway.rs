@@ -755,6 +755,58 @@ async fn the_routes_report_shows_live_instances_to_admins() {
 }
 
 #[tokio::test]
+async fn probes_answer_without_a_token_and_only_admins_change_log_levels() {
+    // The process's subscriber, as main installs it (quiet: other tests share it).
+    shared::telemetry::init(&shared::telemetry::LogSettings {
+        level: "error".into(),
+        ..Default::default()
+    });
+    let s = stack(ROUTES, 2000).await;
+    for probe in ["/actuator/health/liveness", "/actuator/health/readiness"] {
+        let response = s
+            .client
+            .get(format!("{}{probe}", s.gateway))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{probe}");
+    }
+    let index = s
+        .client
+        .get(format!("{}/actuator", s.gateway))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        index.status(),
+        StatusCode::UNAUTHORIZED,
+        "the rest needs a token"
+    );
+
+    let level = |token: String| {
+        s.client
+            .post(format!("{}/actuator/loggers/gateway::proxy", s.gateway))
+            .bearer_auth(token)
+            .json(&json!({"configuredLevel": "DEBUG"}))
+            .send()
+    };
+    let customer = level(s.token("alice", "alice-pw").await)
+        .await
+        .expect("request");
+    assert_eq!(customer.status(), StatusCode::FORBIDDEN);
+    let admin = s.token("admin", "admin-pw").await;
+    let changed = level(admin.clone()).await.expect("request");
+    assert_eq!(changed.status(), StatusCode::NO_CONTENT);
+    let now: Value = s
+        .get("/actuator/loggers/gateway::proxy", &admin)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(now["configuredLevel"], "DEBUG");
+}
+
+#[tokio::test]
 async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("routes.yaml");

@@ -176,6 +176,7 @@ impl Application {
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
     let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .operators(shared::auth::admin_gate(verifier.clone()))
         .check("db", move || shared::db::check(checked.clone()));
     let api = api::routes(api::Api {
         pool,

@@ -203,6 +203,7 @@ async fn count_orders_by_status(pool: PgPool, shutdown: CancellationToken) {
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic: String) -> Router {
     let checked = pool.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .operators(shared::auth::admin_gate(verifier.clone()))
         .check("db", move || shared::db::check(checked.clone()));
     let api = orders::routes(orders::Api {
         pool,

@@ -113,6 +113,33 @@ pub async fn require_token(
     }
 }
 
+/// The actuator's operator gate: only the operator's token may change log levels.
+pub fn operator_gate(settings: &AuthSettings) -> shared::actuator::OperatorGate {
+    let token = settings.token.clone().filter(|t| !t.is_empty());
+    Arc::new(move |headers: axum::http::HeaderMap| {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(credential);
+        let verdict = match (&token, presented) {
+            (None, _) => Err(Problem::forbidden(
+                "No operator token is configured for this registry.",
+            )),
+            (Some(_), None) => Err(Problem::unauthorized(
+                "This needs the registry's operator token: `Authorization: Bearer <token>`.",
+            )),
+            (Some(token), Some(presented)) => match caller(token, &presented) {
+                Some(Caller::Operator) => Ok(()),
+                Some(Caller::Service(_)) => Err(Problem::forbidden(
+                    "A service credential may not change log levels; use the operator token.",
+                )),
+                None => Err(Problem::unauthorized("The registry credential is wrong.")),
+            },
+        };
+        Box::pin(async move { verdict })
+    })
+}
+
 /// The caller a presented credential stands for, if it is valid.
 fn caller(token: &str, presented: &str) -> Option<Caller> {
     if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {

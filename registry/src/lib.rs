@@ -186,6 +186,8 @@ fn update_gauges(table: &LeaseTable, now: u64, known: &mut BTreeSet<String>) {
 /// Every route of the registry, with write authentication in front of the APIs.
 pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
     // The dashboard reads the table too, so `protect_reads` covers it.
+    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .operators(auth::operator_gate(&auth));
     let protected = Router::new()
         .merge(api::router(table.clone()))
         .merge(eureka::router(table.clone()))
@@ -194,6 +196,5 @@ pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
             Arc::new(auth),
             auth::require_token,
         ));
-    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
     shared::http::with_problem_fallbacks(Router::new().merge(protected).merge(actuator.router()))
 }

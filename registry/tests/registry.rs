@@ -536,6 +536,43 @@ async fn a_service_credential_writes_only_its_own_service_and_never_overrides() 
 }
 
 #[tokio::test]
+async fn only_the_operator_token_changes_log_levels() {
+    shared::telemetry::init(&shared::telemetry::LogSettings {
+        level: "error".into(),
+        ..Default::default()
+    });
+    let registry = spawn().await;
+    let set = |credential: Option<String>| {
+        let mut request = registry
+            .client
+            .post(registry.url("/actuator/loggers/registry"))
+            .json(&json!({"configuredLevel": "DEBUG"}));
+        if let Some(credential) = credential {
+            request = request.bearer_auth(credential);
+        }
+        request.send()
+    };
+    let anonymous = set(None).await.expect("post");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let service = set(Some(shared::registry::service_credential(TOKEN, "orders")))
+        .await
+        .expect("post");
+    assert_eq!(service.status(), StatusCode::FORBIDDEN);
+    let operator = set(Some(TOKEN.to_owned())).await.expect("post");
+    assert_eq!(operator.status(), StatusCode::NO_CONTENT);
+    let now: Value = registry
+        .client
+        .get(registry.url("/actuator/loggers/registry"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(now["configuredLevel"], "DEBUG");
+}
+
+#[tokio::test]
 async fn protect_reads_covers_every_read_the_dashboard_included() {
     let registry = spawn_with(Settings {
         auth: AuthSettings {

@@ -1,6 +1,10 @@
 //! The actuator routes every process serves, in Spring Boot's shape:
-//! `/actuator/health` (UP, or 503 DOWN when a dependency the process needs is down,
-//! with each dependency's state), `/actuator/info`, and `/actuator/prometheus`.
+//! `/actuator` (the index of the others), `/actuator/health` (UP, or 503 DOWN when a
+//! dependency the process needs is down, with each dependency's state) with its probe
+//! groups `/actuator/health/liveness` (the process answers) and
+//! `/actuator/health/readiness` (it can serve: every dependency is up),
+//! `/actuator/info` (name, version, build), `/actuator/prometheus`, and
+//! `/actuator/loggers` (read every logger's level; operators change one at run time).
 //!
 //! Metrics go through the `metrics` facade into one Prometheus recorder per process,
 //! installed on first use, so every crate can record with `metrics::counter!` and the
@@ -29,6 +33,16 @@ pub type CheckResult = Result<(), String>;
 type CheckFuture = Pin<Box<dyn Future<Output = CheckResult> + Send>>;
 type Check = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 
+/// Decides whether a request comes from an operator (who may change log levels):
+/// `Err` is the problem to answer instead (401 without credentials, 403 with others').
+pub type OperatorGate = Arc<
+    dyn Fn(
+            axum::http::HeaderMap,
+        ) -> Pin<Box<dyn Future<Output = Result<(), crate::Problem>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// How long one dependency may take to answer before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -37,6 +51,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Actuator {
     info: Value,
     checks: BTreeMap<String, Check>,
+    operators: Option<OperatorGate>,
 }
 
 impl std::fmt::Debug for Actuator {
@@ -54,8 +69,17 @@ impl Actuator {
         // Install the recorder now: anything recorded before it exists is lost.
         prometheus_handle();
         Self {
-            info: json!({ "app": { "name": name, "version": version } }),
+            info: json!({
+                "app": { "name": name, "version": version },
+                "build": {
+                    "artifact": name,
+                    "name": name,
+                    "group": "storefront",
+                    "version": version,
+                },
+            }),
             checks: BTreeMap::new(),
+            operators: None,
         }
     }
 
@@ -78,13 +102,24 @@ impl Actuator {
         self
     }
 
+    /// Who may change log levels; without a gate nobody may (403).
+    pub fn operators(mut self, gate: OperatorGate) -> Self {
+        self.operators = Some(gate);
+        self
+    }
+
     /// The `/actuator/*` routes.
     pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
         let state = Arc::new(self);
         Router::new()
+            .route("/actuator", get(index))
             .route("/actuator/health", get(health))
+            .route("/actuator/health/liveness", get(liveness))
+            .route("/actuator/health/readiness", get(health))
             .route("/actuator/info", get(info))
             .route("/actuator/prometheus", get(prometheus))
+            .route("/actuator/loggers", get(loggers))
+            .route("/actuator/loggers/{name}", get(logger).post(set_logger))
             .with_state(state)
     }
 
@@ -143,6 +178,133 @@ async fn health(State(actuator): State<Arc<Actuator>>) -> Response {
         header::HeaderValue::from_static(crate::problem::CONTENT_TYPE),
     );
     response
+}
+
+/// `GET /actuator`: Spring Boot's index, a HAL `_links` map of every endpoint.
+async fn index(headers: header::HeaderMap) -> Json<Value> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        });
+    let base = host.map_or_else(
+        || "/actuator".to_owned(),
+        |h| format!("http://{h}/actuator"),
+    );
+    let link = |path: &str, templated: bool| json!({ "href": format!("{base}{path}"), "templated": templated });
+    Json(json!({ "_links": {
+        "self": link("", false),
+        "health": link("/health", false),
+        "health-path": link("/health/{*path}", true),
+        "info": link("/info", false),
+        "prometheus": link("/prometheus", false),
+        "loggers": link("/loggers", false),
+        "loggers-name": link("/loggers/{name}", true),
+    }}))
+}
+
+/// `GET /actuator/health/liveness`: UP while the process answers at all. It checks
+/// no dependency, so an orchestrator never restarts a process for a database outage.
+async fn liveness() -> Json<Value> {
+    Json(json!({ "status": "UP" }))
+}
+
+/// `GET /actuator/loggers`, in Spring Boot's shape.
+async fn loggers() -> Response {
+    let Some(levels) = crate::telemetry::levels() else {
+        return unmanaged();
+    };
+    Json(json!({
+        "levels": crate::telemetry::LEVEL_NAMES,
+        "loggers": levels.all(),
+        "groups": {},
+    }))
+    .into_response()
+}
+
+/// `GET /actuator/loggers/{name}`: `ROOT` or a tracing target.
+async fn logger(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    let Some(levels) = crate::telemetry::levels() else {
+        return unmanaged();
+    };
+    if !crate::telemetry::is_logger_name(&name) {
+        return bad_logger_name();
+    }
+    Json(levels.get(&name)).into_response()
+}
+
+/// The body of `POST /actuator/loggers/{name}`; a null or absent level removes the
+/// logger's own level.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SetLevel {
+    #[serde(default)]
+    configured_level: Option<String>,
+}
+
+/// `POST /actuator/loggers/{name}` (operators): 204 once the level applies.
+async fn set_logger(
+    State(actuator): State<Arc<Actuator>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: header::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(gate) = actuator.operators.clone() else {
+        return crate::Problem::forbidden("No operator credential is configured for this process.")
+            .into_response();
+    };
+    if let Err(problem) = gate(headers).await {
+        return problem.into_response();
+    }
+    let Some(levels) = crate::telemetry::levels() else {
+        return unmanaged();
+    };
+    if !crate::telemetry::is_logger_name(&name) {
+        return bad_logger_name();
+    }
+    let request: SetLevel = if body.is_empty() {
+        SetLevel {
+            configured_level: None,
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                return crate::Problem::validation(vec![crate::FieldError::new(
+                    "configuredLevel",
+                    format!("send {{\"configuredLevel\": \"DEBUG\"}} or null ({e})"),
+                )])
+                .into_response();
+            }
+        }
+    };
+    match levels.set(&name, request.configured_level.as_deref()) {
+        Ok(()) => {
+            tracing::info!(logger = %name, level = ?request.configured_level, "log level changed");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(message) => {
+            crate::Problem::validation(vec![crate::FieldError::new("configuredLevel", message)])
+                .into_response()
+        }
+    }
+}
+
+fn unmanaged() -> Response {
+    crate::Problem::new(
+        StatusCode::NOT_FOUND,
+        "This process's log levels are not managed here (its subscriber was installed elsewhere).",
+    )
+    .into_response()
+}
+
+fn bad_logger_name() -> Response {
+    crate::Problem::bad_request(
+        "A logger is ROOT or a tracing target such as order_service::orders (letters, digits, _, - and ::).",
+    )
+    .into_response()
 }
 
 async fn info(State(actuator): State<Arc<Actuator>>) -> Json<Value> {

@@ -709,6 +709,36 @@ pub async fn authenticate(
     }
 }
 
+/// The actuator's operator gate for a process that verifies our tokens: a valid token
+/// with the `admin` role.
+pub fn admin_gate(verifier: Arc<JwtVerifier>) -> crate::actuator::OperatorGate {
+    Arc::new(move |headers: axum::http::HeaderMap| {
+        let verifier = verifier.clone();
+        Box::pin(async move {
+            let value = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let token = value
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| crate::Problem::unauthorized(AuthError::Missing.to_string()))?;
+            let claims = verifier
+                .verify(token)
+                .await
+                .map_err(|e| crate::Problem::unauthorized(e.to_string()))?;
+            if claims.is_admin() {
+                Ok(())
+            } else {
+                Err(crate::Problem::forbidden(
+                    "Changing log levels needs the admin role.",
+                ))
+            }
+        })
+    })
+}
+
 /// The bearer token of a request, if it carries one.
 pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;

@@ -1,0 +1,185 @@
+//! The actuator as Spring Boot users know it: the index, the probe groups, build
+//! details, and log levels read by anyone and changed at run time by operators only.
+//! Its own test binary, because the process's subscriber is installed once.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use shared::{
+    Problem,
+    actuator::{Actuator, OperatorGate},
+    telemetry::{LogSettings, init},
+};
+use tower::ServiceExt;
+
+/// Operators present `Bearer operator`; anyone else is refused.
+fn gate() -> OperatorGate {
+    Arc::new(|headers: axum::http::HeaderMap| {
+        let operator = headers
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer operator");
+        Box::pin(async move {
+            if operator {
+                Ok(())
+            } else {
+                Err(Problem::forbidden("operators only"))
+            }
+        })
+    })
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "svc.test:8080");
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            Body::from(body.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = app
+        .clone()
+        .oneshot(request.body(body).expect("request"))
+        .await
+        .expect("answer");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_actuator_speaks_spring_boot_and_operators_change_log_levels_at_run_time() {
+    init(&LogSettings {
+        level: "info,noisy_dependency=warn".into(),
+        ..LogSettings::default()
+    });
+    let app: Router = Actuator::new("svc", "1.2.3")
+        .check("db", || async { Err("connection refused".to_owned()) })
+        .operators(gate())
+        .router();
+
+    let (status, index) = call(&app, "GET", "/actuator", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        index["_links"]["loggers"]["href"],
+        "http://svc.test:8080/actuator/loggers"
+    );
+    assert_eq!(index["_links"]["loggers-name"]["templated"], true);
+    assert!(index["_links"]["health"].is_object() && index["_links"]["prometheus"].is_object());
+
+    // Liveness does not depend on the database; readiness does.
+    let (status, live) = call(&app, "GET", "/actuator/health/liveness", None, None).await;
+    assert_eq!(
+        (status, live["status"].as_str()),
+        (StatusCode::OK, Some("UP"))
+    );
+    let (status, ready) = call(&app, "GET", "/actuator/health/readiness", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["components"]["db"]["status"], "DOWN");
+
+    let (_, info) = call(&app, "GET", "/actuator/info", None, None).await;
+    assert_eq!(info["build"]["artifact"], "svc");
+    assert_eq!(info["build"]["version"], "1.2.3");
+
+    let (status, loggers) = call(&app, "GET", "/actuator/loggers", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        loggers["levels"]
+            .as_array()
+            .is_some_and(|l| l.contains(&json!("DEBUG")))
+    );
+    assert_eq!(loggers["loggers"]["ROOT"]["effectiveLevel"], "INFO");
+    assert_eq!(
+        loggers["loggers"]["noisy_dependency"]["configuredLevel"],
+        "WARN"
+    );
+
+    // Nobody but an operator changes a level.
+    let debug = json!({"configuredLevel": "DEBUG"});
+    assert!(!tracing::enabled!(target: "checkout::pricing", tracing::Level::DEBUG));
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/actuator/loggers/checkout",
+        None,
+        Some(debug.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/actuator/loggers/checkout",
+        Some("Bearer operator"),
+        Some(debug),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The new level applies to the logger and what lies below it, at once.
+    assert!(tracing::enabled!(target: "checkout::pricing", tracing::Level::DEBUG));
+    assert!(!tracing::enabled!(target: "elsewhere", tracing::Level::DEBUG));
+    let (_, one) = call(
+        &app,
+        "GET",
+        "/actuator/loggers/checkout::pricing",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        one,
+        json!({"configuredLevel": null, "effectiveLevel": "DEBUG"})
+    );
+
+    // null gives the logger back to its parent.
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/actuator/loggers/checkout",
+        Some("Bearer operator"),
+        Some(json!({"configuredLevel": null})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!tracing::enabled!(target: "checkout::pricing", tracing::Level::DEBUG));
+
+    // Bad input gets a 4xx that says what to fix.
+    let (status, problem) = call(
+        &app,
+        "POST",
+        "/actuator/loggers/checkout",
+        Some("Bearer operator"),
+        Some(json!({"configuredLevel": "LOUD"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"][0]["field"], "configuredLevel");
+    let (status, _) = call(&app, "GET", "/actuator/loggers/has%20space", None, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
