@@ -201,10 +201,12 @@ async fn count_orders_by_status(pool: PgPool, shutdown: CancellationToken) {
 
 /// The HTTP routes of order-service: the actuator, and the API behind token verification.
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic: String) -> Router {
-    let checked = pool.clone();
-    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .operators(shared::auth::admin_gate(verifier.clone()))
-        .check("db", move || shared::db::check(checked.clone()));
+    let actuator = Actuator::for_service(
+        SERVICE_NAME,
+        env!("CARGO_PKG_VERSION"),
+        &pool,
+        verifier.clone(),
+    );
     let api = orders::routes(orders::Api {
         pool,
         verifier: verifier.clone(),

@@ -70,3 +70,33 @@ async fn health_is_down_with_503_when_the_database_is_unreachable() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn the_scrape_shows_the_pool_and_the_requests_under_spring_names() {
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL names the test database; run the tests with `cargo xtask test`");
+    let (base, shutdown) = spawn(url).await;
+    // A request that reaches a route template, and one the database answers.
+    reqwest::get(format!("{base}/actuator/health"))
+        .await
+        .expect("answers");
+    let text = reqwest::get(format!("{base}/actuator/prometheus"))
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(r#"hikaricp_connections_max{pool="main"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"hikaricp_connections_idle{pool="main"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"http_server_requests_seconds_bucket{method="GET",uri="/actuator/health",status="200""#),
+        "{text}"
+    );
+    shutdown.cancel();
+}

@@ -176,10 +176,12 @@ impl Application {
 
 /// The HTTP routes of payment-service: the actuator, and the API behind token verification.
 pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
-    let checked = pool.clone();
-    let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .operators(shared::auth::admin_gate(verifier.clone()))
-        .check("db", move || shared::db::check(checked.clone()));
+    let actuator = Actuator::for_service(
+        SERVICE_NAME,
+        env!("CARGO_PKG_VERSION"),
+        &pool,
+        verifier.clone(),
+    );
     let api = api::routes(api::Api {
         pool,
         verifier: verifier.clone(),

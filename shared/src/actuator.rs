@@ -52,6 +52,7 @@ pub struct Actuator {
     info: Value,
     checks: BTreeMap<String, Check>,
     operators: Option<OperatorGate>,
+    on_scrape: Vec<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Actuator {
@@ -80,7 +81,26 @@ impl Actuator {
             }),
             checks: BTreeMap::new(),
             operators: None,
+            on_scrape: Vec::new(),
         }
+    }
+
+    /// The actuator of a service that owns a database and verifies our tokens: health
+    /// checks the database, the scrape carries its pool's gauges, and admins are its
+    /// operators.
+    #[cfg(feature = "postgres")]
+    pub fn for_service(
+        name: &str,
+        version: &str,
+        pool: &sqlx::PgPool,
+        verifier: Arc<crate::auth::JwtVerifier>,
+    ) -> Self {
+        let checked = pool.clone();
+        let scraped = pool.clone();
+        Self::new(name, version)
+            .operators(crate::auth::admin_gate(verifier))
+            .check("db", move || crate::db::check(checked.clone()))
+            .on_scrape(move || crate::db::record_pool(&scraped, "main"))
     }
 
     /// Adds a key to `/actuator/info`.
@@ -99,6 +119,13 @@ impl Actuator {
     {
         self.checks
             .insert(component.to_owned(), Arc::new(move || Box::pin(check())));
+        self
+    }
+
+    /// Runs `record` before each scrape, to set gauges read from elsewhere (a
+    /// database pool's connections).
+    pub fn on_scrape(mut self, record: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_scrape.push(Arc::new(record));
         self
     }
 
@@ -311,7 +338,11 @@ async fn info(State(actuator): State<Arc<Actuator>>) -> Json<Value> {
     Json(actuator.info.clone())
 }
 
-async fn prometheus() -> Response {
+async fn prometheus(State(actuator): State<Arc<Actuator>>) -> Response {
+    crate::metrics::record_process();
+    for record in &actuator.on_scrape {
+        record();
+    }
     let handle = prometheus_handle();
     handle.run_upkeep();
     (
@@ -335,7 +366,14 @@ async fn prometheus() -> Response {
 pub fn prometheus_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new();
+        // Every duration is a histogram with buckets, as dashboards built on
+        // Micrometer's `percentiles-histogram` expect, not a summary.
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                &crate::metrics::BUCKETS,
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);

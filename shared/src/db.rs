@@ -64,6 +64,24 @@ pub async fn check(pool: PgPool) -> CheckResult {
 /// The answer to a failed query: 503 when the database cannot be reached (the client
 /// may retry; logged as a warning), else a 500 that is logged and answered without
 /// details. `what` names the database in the answer, e.g. "The order database".
+/// Sets the pool gauges under HikariCP's names (as Spring Boot exposes its pools), with
+/// `pool` as the label: `hikaricp_connections` (open), `_active` (in use), `_idle`,
+/// `_max` and `_min`. For [`crate::actuator::Actuator::on_scrape`].
+pub fn record_pool(pool: &PgPool, name: &str) {
+    let open = pool.size();
+    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+    let options = pool.options();
+    let label = name.to_owned();
+    metrics::gauge!("hikaricp_connections", "pool" => label.clone()).set(f64::from(open));
+    metrics::gauge!("hikaricp_connections_active", "pool" => label.clone())
+        .set(f64::from(open.saturating_sub(idle)));
+    metrics::gauge!("hikaricp_connections_idle", "pool" => label.clone()).set(f64::from(idle));
+    metrics::gauge!("hikaricp_connections_max", "pool" => label.clone())
+        .set(f64::from(options.get_max_connections()));
+    metrics::gauge!("hikaricp_connections_min", "pool" => label)
+        .set(f64::from(options.get_min_connections()));
+}
+
 pub fn problem(what: &str, e: sqlx::Error) -> crate::Problem {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {

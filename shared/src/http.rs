@@ -147,6 +147,7 @@ pub fn with_problem_fallbacks(router: Router) -> Router {
     router
         .fallback(not_found)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
+        .layer(axum::middleware::from_fn(crate::metrics::record_http))
 }
 
 /// A service's whole router: its `api` routes behind token authentication (unknown
@@ -165,6 +166,7 @@ pub fn service_router(
     actuator
         .merge(api)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
+        .layer(axum::middleware::from_fn(crate::metrics::record_http))
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

@@ -13,6 +13,7 @@ pub mod db;
 pub mod events;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod money;
 pub mod networks;
 pub mod openapi;

@@ -183,3 +183,66 @@ async fn the_actuator_speaks_spring_boot_and_operators_change_log_levels_at_run_
     let (status, _) = call(&app, "GET", "/actuator/loggers/has%20space", None, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn requests_pools_and_the_process_are_measured_under_micrometer_names() {
+    let routes = Router::new().route("/things/{id}", axum::routing::get(|| async { "a thing" }));
+    let app = shared::http::with_problem_fallbacks(
+        routes.merge(
+            Actuator::new("svc", "1")
+                .on_scrape(|| metrics::gauge!("scrape_hook_ran").set(1.0))
+                .router(),
+        ),
+    );
+    for path in ["/things/7", "/things/8", "/secret-admin-panel"] {
+        call(&app, "GET", path, None, None).await;
+    }
+    let response = app
+        .clone()
+        .oneshot(
+            Request::get("/actuator/prometheus")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("answer");
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec(),
+    )
+    .expect("utf-8");
+    let series = |needle: &str| text.lines().any(|l| l.contains(needle));
+    // One series per route template, with buckets, not one per path.
+    let things = r#"http_server_requests_seconds_bucket{method="GET",uri="/things/{id}",status="200",outcome="SUCCESS""#;
+    assert!(series(things), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            r#"http_server_requests_seconds_count{method="GET",uri="/things/{id}",status="200""#
+        ) && l.ends_with(" 2")),
+        "{text}"
+    );
+    assert!(
+        series(r#"uri="NOT_FOUND",status="404",outcome="CLIENT_ERROR""#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("secret-admin-panel"),
+        "paths never become labels"
+    );
+    for process in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_files_open_files",
+        "process_threads",
+        "process_uptime_seconds",
+    ] {
+        assert!(series(process), "{process} missing:\n{text}");
+    }
+    assert!(series("scrape_hook_ran 1"), "{text}");
+}
