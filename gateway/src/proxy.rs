@@ -109,6 +109,7 @@ pub async fn forward(
         return response;
     }
     let origin = request.headers().get(header::ORIGIN).cloned();
+    let method = request.method().clone();
     let routes = gateway.routes.load_full();
     let route = routes.find(request.method(), request.uri(), request.headers());
     let route_id = route.map_or("-", |r| r.id.as_str());
@@ -134,8 +135,10 @@ pub async fn forward(
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     match route {
-        Some(route) => route.metrics.record(&route.id, status, elapsed),
-        None => crate::routes::RouteMetrics::record_unrouted(status, elapsed),
+        Some(route) => route
+            .metrics
+            .record(&route.id, &route.uri, &method, status, elapsed),
+        None => crate::routes::RouteMetrics::record_unrouted(&method, status, elapsed),
     }
     tracing::info!(
         target: "access",

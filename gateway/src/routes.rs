@@ -209,49 +209,72 @@ fn describe(value: &Value) -> String {
     }
 }
 
-/// A route's request metrics, with their handles registered once per status instead
-/// of looked up by name and labels on every request.
+/// A route's request metrics, with their handles registered once per method and
+/// status instead of looked up by name and labels on every request.
 #[derive(Debug, Default)]
 pub struct RouteMetrics {
-    requests: std::sync::RwLock<std::collections::HashMap<u16, metrics::Counter>>,
-    duration: std::sync::OnceLock<metrics::Histogram>,
+    requests: std::sync::RwLock<std::collections::HashMap<(Method, u16), metrics::Histogram>>,
 }
 
 impl RouteMetrics {
-    /// `gateway_requests_total{route,status}` and
-    /// `gateway_request_duration_seconds{route}` for one request of route `id`.
-    pub fn record(&self, id: &str, status: u16, elapsed: std::time::Duration) {
+    /// `spring_cloud_gateway_requests_seconds`, labelled as Spring Cloud Gateway labels
+    /// it (`routeId`, `routeUri`, `httpMethod`, `httpStatusCode`, `status`, `outcome`),
+    /// for one request of route `id`.
+    pub fn record(
+        &self,
+        id: &str,
+        uri: &str,
+        method: &Method,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
+        let key = (method.clone(), status);
         let known = self
             .requests
             .read()
             .ok()
-            .and_then(|counters| counters.get(&status).cloned());
-        let counter = known.unwrap_or_else(|| {
-            let counter = requests_counter(id, status);
-            if let Ok(mut counters) = self.requests.write() {
-                counters.insert(status, counter.clone());
+            .and_then(|timers| timers.get(&key).cloned());
+        let timer = known.unwrap_or_else(|| {
+            let timer = requests_timer(id, uri, method, status);
+            if let Ok(mut timers) = self.requests.write() {
+                timers.insert(key, timer.clone());
             }
-            counter
+            timer
         });
-        counter.increment(1);
-        self.duration
-            .get_or_init(|| duration_histogram(id))
-            .record(elapsed.as_secs_f64());
+        timer.record(elapsed.as_secs_f64());
     }
 
-    /// The same metrics for a request no route matched (route `-`).
-    pub fn record_unrouted(status: u16, elapsed: std::time::Duration) {
-        requests_counter("-", status).increment(1);
-        duration_histogram("-").record(elapsed.as_secs_f64());
+    /// The same metric for a request no route matched (route `-`).
+    pub fn record_unrouted(method: &Method, status: u16, elapsed: std::time::Duration) {
+        requests_timer("-", "-", method, status).record(elapsed.as_secs_f64());
     }
 }
 
-fn requests_counter(route: &str, status: u16) -> metrics::Counter {
-    metrics::counter!("gateway_requests_total", "route" => route.to_owned(), "status" => status.to_string())
-}
-
-fn duration_histogram(route: &str) -> metrics::Histogram {
-    metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_owned())
+fn requests_timer(route: &str, uri: &str, method: &Method, status: u16) -> metrics::Histogram {
+    let code = axum::http::StatusCode::from_u16(status).ok();
+    // Spring's HttpStatus names: "OK", "NOT_FOUND", "SERVICE_UNAVAILABLE".
+    let name = code.and_then(|c| c.canonical_reason()).map_or_else(
+        || status.to_string(),
+        |r| r.to_ascii_uppercase().replace([' ', '-'], "_"),
+    );
+    // Spring's HttpStatus.Series names.
+    let outcome = match status {
+        100..=199 => "INFORMATIONAL",
+        200..=299 => "SUCCESSFUL",
+        300..=399 => "REDIRECTION",
+        400..=499 => "CLIENT_ERROR",
+        500..=599 => "SERVER_ERROR",
+        _ => "CUSTOM",
+    };
+    metrics::histogram!(
+        "spring_cloud_gateway_requests_seconds",
+        "routeId" => route.to_owned(),
+        "routeUri" => uri.to_owned(),
+        "httpMethod" => method.as_str().to_owned(),
+        "httpStatusCode" => status.to_string(),
+        "status" => name,
+        "outcome" => outcome,
+    )
 }
 
 /// Why a route file was refused: the route and the field at fault.

@@ -807,6 +807,32 @@ async fn probes_answer_without_a_token_and_only_admins_change_log_levels() {
 }
 
 #[tokio::test]
+async fn routed_requests_are_timed_as_spring_cloud_gateway_names_them() {
+    let s = stack(ROUTES, 2000).await;
+    let up = upstream("orders-1").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/orders", &token).await;
+    let admin = s.token("admin", "admin-pw").await;
+    let text = s
+        .get("/actuator/prometheus", &admin)
+        .await
+        .text()
+        .await
+        .expect("text");
+    let timer = text.lines().find(|l| {
+        l.starts_with("spring_cloud_gateway_requests_seconds_bucket{")
+            && l.contains(r#"routeId="orders""#)
+            && l.contains(r#"routeUri="lb://order-service""#)
+            && l.contains(r#"httpMethod="GET""#)
+            && l.contains(r#"httpStatusCode="200""#)
+            && l.contains(r#"status="OK""#)
+            && l.contains(r#"outcome="SUCCESSFUL""#)
+    });
+    assert!(timer.is_some(), "{text}");
+}
+
+#[tokio::test]
 async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("routes.yaml");
