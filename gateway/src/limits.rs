@@ -182,6 +182,8 @@ pub struct CorsSettings {
     pub allowed_origins: Vec<String>,
     pub allowed_methods: Vec<String>,
     pub allowed_headers: Vec<String>,
+    /// Response headers browser code may read beyond the safelisted ones.
+    pub exposed_headers: Vec<String>,
     pub max_age_seconds: u64,
 }
 
@@ -197,6 +199,16 @@ impl Default for CorsSettings {
                 "content-type",
                 "idempotency-key",
                 "x-request-id",
+            ]
+            .map(String::from)
+            .to_vec(),
+            exposed_headers: [
+                "location",
+                "retry-after",
+                "x-request-id",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
             ]
             .map(String::from)
             .to_vec(),
@@ -252,8 +264,30 @@ impl CorsSettings {
     fn allow_origin(&self, origin: &str, headers: &mut HeaderMap) {
         if let Ok(v) = HeaderValue::from_str(origin) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+            add_vary_origin(headers);
+            if !self.exposed_headers.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&self.exposed_headers.join(", "))
+            {
+                headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+            }
         }
+    }
+}
+
+/// Adds `Origin` to the response's `Vary`, keeping what the upstream varies on
+/// (`Accept-Encoding`, say): caches must key on both.
+fn add_vary_origin(headers: &mut HeaderMap) {
+    let already = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            let v = v.trim();
+            v == "*" || v.eq_ignore_ascii_case("origin")
+        });
+    if !already {
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
 

@@ -82,7 +82,11 @@ async fn upstream(name: &str) -> Upstream {
             "query": request.uri().query(),
         }));
         (
-            [("access-control-allow-origin", "*"), ("x-upstream", "yes")],
+            [
+                ("access-control-allow-origin", "*"),
+                ("x-upstream", "yes"),
+                ("vary", "Accept-Encoding"),
+            ],
             body,
         )
             .into_response()
@@ -1217,6 +1221,31 @@ async fn the_gateway_owns_cors() {
         vec!["https://shop.example.test"],
         "one header, the gateway's"
     );
+    // Caches must vary on what the upstream varies on and on the origin.
+    let vary: Vec<String> = actual
+        .headers()
+        .get_all("vary")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_ascii_lowercase()))
+        .collect();
+    assert!(
+        vary.contains(&"accept-encoding".to_owned()) && vary.contains(&"origin".to_owned()),
+        "{vary:?}"
+    );
+    // Browser code may read the headers it needs: the request id, Location, limits.
+    let exposed = actual.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    for header in [
+        "x-request-id",
+        "location",
+        "retry-after",
+        "ratelimit-remaining",
+    ] {
+        assert!(exposed.contains(header), "{header} not exposed: {exposed}");
+    }
 }
 
 async fn route_ids(s: &Stack, admin: &str) -> Vec<String> {
