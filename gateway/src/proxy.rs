@@ -525,6 +525,25 @@ fn rewrite_path(route: &Route, path: &str) -> String {
     path
 }
 
+/// The scheme clients speak to this gateway's listeners.
+const LISTENER_SCHEME: &str = "http";
+
+/// `X-Forwarded-Proto` for the upstream: the incoming chain when every entry is a
+/// scheme (anything else is dropped, not passed on), with `ours` appended.
+fn forwarded_proto(incoming: Option<&HeaderValue>, ours: &'static str) -> HeaderValue {
+    let chain = incoming.and_then(|v| v.to_str().ok()).filter(|chain| {
+        chain.len() <= 64
+            && chain
+                .split(',')
+                .all(|p| matches!(p.trim(), "http" | "https" | "ws" | "wss"))
+    });
+    match chain {
+        Some(chain) => HeaderValue::from_str(&format!("{chain}, {ours}"))
+            .unwrap_or(HeaderValue::from_static(ours)),
+        None => HeaderValue::from_static(ours),
+    }
+}
+
 fn prepare_headers(
     headers: &mut HeaderMap,
     route: &Route,
@@ -542,7 +561,10 @@ fn prepare_headers(
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // Appended, as Spring Cloud Gateway does, so that behind a load balancer that
+    // ended TLS the service still learns the client spoke https (the first entry).
+    let proto = forwarded_proto(headers.get(&X_FORWARDED_PROTO), LISTENER_SCHEME);
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
@@ -633,6 +655,15 @@ impl UpstreamSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_proto_keeps_a_load_balancers_scheme_and_drops_junk() {
+        let https = HeaderValue::from_static("https");
+        assert_eq!(forwarded_proto(Some(&https), "http"), "https, http");
+        assert_eq!(forwarded_proto(None, "http"), "http");
+        let junk = HeaderValue::from_static("https, javascript");
+        assert_eq!(forwarded_proto(Some(&junk), "http"), "http");
+    }
 
     #[test]
     fn a_new_traceparent_is_a_sampled_w3c_context_with_random_ids() {

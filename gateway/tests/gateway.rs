@@ -502,6 +502,8 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
                 ("cookie", "session=secret"),
                 ("x-user-id", "forged-admin"),
                 ("x-request-id", "req-123"),
+                // As a load balancer that ended TLS in front of the gateway sends it.
+                ("x-forwarded-proto", "https"),
             ],
         )
         .await;
@@ -549,6 +551,11 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
     assert_eq!(
         seen.get("x-forwarded-for").map(String::as_str),
         Some("127.0.0.1")
+    );
+    assert_eq!(
+        seen.get("x-forwarded-proto").map(String::as_str),
+        Some("https, http"),
+        "the client's scheme survives"
     );
 
     let rewritten: Value = s
