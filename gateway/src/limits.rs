@@ -34,8 +34,24 @@ pub struct RateLimiter {
     /// Tokens one request costs.
     pub requested_tokens: f64,
     pub key: LimitKey,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
 }
+
+/// The buckets by key, and when idle ones were last forgotten.
+#[derive(Debug, Default)]
+struct Buckets {
+    by_key: HashMap<String, (f64, Instant)>,
+    last_sweep: Option<Instant>,
+    sweeps: u64,
+}
+
+/// Above this many keys, buckets idle long enough to be full again are forgotten, at
+/// most once per [`SWEEP_EVERY`], so a busy limiter never rescans on every request.
+const SWEEP_ABOVE: usize = 100_000;
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Past this many live keys a new key is judged on a fresh bucket without being kept:
+/// memory stays bounded and a new key gets no more than its first burst anyway.
+const MAX_KEYS: usize = 200_000;
 
 /// What the limiter decided, with the figures for the response headers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -84,21 +100,35 @@ impl RateLimiter {
             burst_capacity,
             requested_tokens,
             key,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         })
     }
 
     /// Takes a request's tokens from `key`'s bucket, if it holds them.
     pub fn check(&self, key: &str, now: Instant) -> Decision {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() > 100_000 {
+        let due = buckets
+            .last_sweep
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+        if buckets.by_key.len() > SWEEP_ABOVE && due {
             // Forget keys idle long enough to have refilled completely.
             let full_after = Duration::from_secs_f64(self.burst_capacity / self.replenish_rate);
-            buckets.retain(|_, (_, at)| now.duration_since(*at) < full_after);
+            buckets
+                .by_key
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < full_after);
+            buckets.last_sweep = Some(now);
+            buckets.sweeps += 1;
         }
-        let (tokens, updated) = buckets
-            .entry(key.to_owned())
-            .or_insert((self.burst_capacity, now));
+        let mut fresh = (self.burst_capacity, now);
+        let (tokens, updated) =
+            if buckets.by_key.len() >= MAX_KEYS && !buckets.by_key.contains_key(key) {
+                &mut fresh
+            } else {
+                buckets
+                    .by_key
+                    .entry(key.to_owned())
+                    .or_insert((self.burst_capacity, now))
+            };
         let refill = now.duration_since(*updated).as_secs_f64() * self.replenish_rate;
         *tokens = (*tokens + refill).min(self.burst_capacity);
         *updated = now;
@@ -309,6 +339,36 @@ mod tests {
         ]
         .into();
         RateLimiter::from_args(&args).unwrap()
+    }
+
+    #[test]
+    fn many_live_keys_are_swept_at_most_once_a_second_and_capped() {
+        let l = limiter("1", "1");
+        let t0 = Instant::now();
+        for i in 0..=SWEEP_ABOVE {
+            l.check(&format!("k{i}"), t0);
+        }
+        // Every key is live (its bucket not yet full again): a sweep frees nothing,
+        // and the requests that follow within the second must not sweep again.
+        for i in 0..100 {
+            l.check(&format!("again{i}"), t0 + Duration::from_millis(10));
+        }
+        assert_eq!(lock_buckets(&l).sweeps, 1);
+        l.check("later", t0 + Duration::from_millis(1100));
+        assert_eq!(lock_buckets(&l).sweeps, 2);
+
+        // At the cap, new keys are judged but not kept.
+        let t1 = t0 + Duration::from_millis(1200);
+        for i in 0..MAX_KEYS {
+            l.check(&format!("more{i}"), t1);
+        }
+        assert!(lock_buckets(&l).by_key.len() <= MAX_KEYS);
+        assert!(l.check("newcomer", t1).allowed, "a fresh bucket's burst");
+        assert!(!lock_buckets(&l).by_key.contains_key("newcomer"));
+    }
+
+    fn lock_buckets(l: &RateLimiter) -> std::sync::MutexGuard<'_, Buckets> {
+        l.buckets.lock().unwrap()
     }
 
     #[test]
