@@ -377,22 +377,46 @@ pub struct JwtVerifier {
 /// the token expires or for [`VerifiedCache::TTL`], whichever is first, so a key
 /// withdrawn from an issuer's JWKS stops being honoured within that time. Expiry is
 /// checked again on every hit.
-#[derive(Default)]
+///
+/// The entries are spread over [`VerifiedCache::SHARDS`] locks by the hash's first
+/// byte, so workers verifying different tokens do not queue on one mutex; a full shard
+/// drops its expired entries, then the one expiring soonest, never everything at once.
 struct VerifiedCache {
-    entries: std::sync::Mutex<HashMap<[u8; 32], (Claims, Instant)>>,
+    shards: Vec<std::sync::Mutex<HashMap<[u8; 32], (Claims, Instant)>>>,
+}
+
+impl Default for VerifiedCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..Self::SHARDS)
+                .map(|_| std::sync::Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
 }
 
 impl VerifiedCache {
     const TTL: Duration = Duration::from_secs(60);
-    const CAPACITY: usize = 4096;
+    const SHARDS: usize = 32;
+    /// Entries per shard: 16,384 tokens in all.
+    const SHARD_CAPACITY: usize = 512;
 
     fn key(token: &str) -> [u8; 32] {
         use sha2::Digest;
         sha2::Sha256::digest(token.as_bytes()).into()
     }
 
+    fn shard(
+        &self,
+        key: &[u8; 32],
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Claims, Instant)>> {
+        self.shards[usize::from(key[0]) % Self::SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn get(&self, key: &[u8; 32]) -> Option<Claims> {
-        let entries = self.entries.lock().ok()?;
+        let entries = self.shard(key);
         let (claims, until) = entries.get(key)?;
         (Instant::now() < *until).then(|| claims.clone())
     }
@@ -403,16 +427,28 @@ impl VerifiedCache {
             .saturating_add(leeway)
             .saturating_sub(crate::now_ms() / 1000);
         let until = Instant::now() + Duration::from_secs(left).min(Self::TTL);
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= Self::CAPACITY {
-                let now = Instant::now();
-                entries.retain(|_, (_, until)| *until > now);
-                if entries.len() >= Self::CAPACITY {
-                    entries.clear();
-                }
+        let mut entries = self.shard(&key);
+        if entries.len() >= Self::SHARD_CAPACITY && !entries.contains_key(&key) {
+            let now = Instant::now();
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= Self::SHARD_CAPACITY
+                && let Some(soonest) = entries
+                    .iter()
+                    .min_by_key(|(_, (_, until))| *until)
+                    .map(|(k, _)| *k)
+            {
+                entries.remove(&soonest);
             }
-            entries.insert(key, (claims.clone(), until));
         }
+        entries.insert(key, (claims.clone(), until));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .sum()
     }
 }
 
@@ -747,4 +783,51 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str, exp_in: u64) -> Claims {
+        let now = crate::now_ms() / 1000;
+        serde_json::from_value(serde_json::json!({
+            "sub": sub, "iss": "i", "aud": "a", "iat": now, "exp": now + exp_in,
+        }))
+        .expect("claims")
+    }
+
+    /// A key in shard 0, distinct by `i`.
+    fn key(i: u32) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key[1..5].copy_from_slice(&i.to_be_bytes());
+        key
+    }
+
+    #[test]
+    fn a_full_shard_drops_the_entry_expiring_soonest_not_everything() {
+        let cache = VerifiedCache::default();
+        let capacity = VerifiedCache::SHARD_CAPACITY as u32;
+        // The first entry expires soonest (10 s); the others live the full minute.
+        cache.put(key(0), &claims("first", 10), 0);
+        for i in 1..capacity {
+            cache.put(key(i), &claims("other", 3600), 0);
+        }
+        cache.put(key(capacity), &claims("newest", 3600), 0);
+        assert_eq!(cache.len(), VerifiedCache::SHARD_CAPACITY);
+        assert!(
+            cache.get(&key(0)).is_none(),
+            "the soonest to expire made room"
+        );
+        assert!(cache.get(&key(1)).is_some(), "the rest stay");
+        assert_eq!(
+            cache.get(&key(capacity)).map(|c| c.sub),
+            Some("newest".into())
+        );
+        // Another shard is untouched by this one's pressure.
+        let mut elsewhere = key(0);
+        elsewhere[0] = 1;
+        cache.put(elsewhere, &claims("elsewhere", 3600), 0);
+        assert!(cache.get(&elsewhere).is_some());
+    }
 }
