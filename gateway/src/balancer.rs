@@ -7,15 +7,17 @@
 //! runs out; one success resets everything. When every instance is ejected they are
 //! all used again: some traffic to a maybe-sick instance beats a certain 503.
 //!
-//! Retries draw on a budget: each request deposits a fifth of a retry, each retry
-//! spends one, with a reserve of ten, so retries never multiply the load of a sick
-//! upstream by more than 20 %.
+//! Retries draw on a budget per service over a sliding window of ten seconds (as
+//! Finagle's): retries may be a fifth of the requests sent to the service within the
+//! window, plus ten, so retries never multiply the load of a sick upstream by more
+//! than about 20 %, one sick service cannot spend another's budget, and a quiet hour
+//! does not bank retries for the next burst.
 
 use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -77,27 +79,89 @@ impl InstanceHealth {
     }
 }
 
-/// Instance health by address, and the retry budget.
+/// Instance health by address, and the retry budgets by service.
 #[derive(Debug)]
 pub struct Balancer {
     /// Read on every request without a lock; copied on the rare insert of a new address.
     health: ArcSwap<HashMap<String, Arc<InstanceHealth>>>,
-    /// Tenths of a retry available.
-    budget: AtomicI64,
+    budgets: ArcSwap<HashMap<String, Arc<RetryBudget>>>,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
         Self {
             health: ArcSwap::from_pointee(HashMap::new()),
-            budget: AtomicI64::new(RESERVE),
+            budgets: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 }
 
-/// Ten retries in reserve, in tenths.
-const RESERVE: i64 = 100;
-const BUDGET_CAP: i64 = 1000;
+/// The window a retry budget counts over, in one-second slots.
+const WINDOW_SECONDS: u64 = 10;
+/// Retries allowed in a window whatever the traffic, so a quiet service can retry.
+const RETRIES_IN_RESERVE: u64 = 10;
+/// Retries allowed per request sent, within the window.
+const RETRY_RATIO: f64 = 0.2;
+
+/// One service's retry budget: requests and retries per second over the window.
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    slots: [BudgetSlot; WINDOW_SECONDS as usize],
+}
+
+#[derive(Debug, Default)]
+struct BudgetSlot {
+    /// The second (since the epoch) this slot counts; older counts are stale.
+    second: AtomicU64,
+    requests: AtomicU32,
+    retries: AtomicU32,
+}
+
+impl RetryBudget {
+    /// The slot for `second`, emptied first when it still holds an older second.
+    /// Counting is approximate under races (a count may land in a slot being reset),
+    /// which a budget can afford.
+    fn slot(&self, second: u64) -> &BudgetSlot {
+        let slot = &self.slots[(second % WINDOW_SECONDS) as usize];
+        let held = slot.second.load(Ordering::Acquire);
+        if held != second
+            && slot
+                .second
+                .compare_exchange(held, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.requests.store(0, Ordering::Release);
+            slot.retries.store(0, Ordering::Release);
+        }
+        slot
+    }
+
+    /// Counts a request sent at `now_ms`.
+    pub fn deposit(&self, now_ms: u64) {
+        self.slot(now_ms / 1000)
+            .requests
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes one retry at `now_ms`, if the window's budget has one.
+    pub fn withdraw(&self, now_ms: u64) -> bool {
+        let second = now_ms / 1000;
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for slot in &self.slots {
+            let at = slot.second.load(Ordering::Acquire);
+            if at <= second && second - at < WINDOW_SECONDS {
+                requests += u64::from(slot.requests.load(Ordering::Acquire));
+                retries += u64::from(slot.retries.load(Ordering::Acquire));
+            }
+        }
+        let allowed = RETRIES_IN_RESERVE + (requests as f64 * RETRY_RATIO) as u64;
+        if retries >= allowed {
+            return false;
+        }
+        self.slot(second).retries.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+}
 
 impl Balancer {
     pub fn health(&self, address: &str) -> Arc<InstanceHealth> {
@@ -157,22 +221,19 @@ impl Balancer {
         Some((chosen.0, chosen.1.clone()))
     }
 
-    /// Every request earns a fifth of a retry.
-    pub fn deposit(&self) {
-        let _ = self
-            .budget
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                Some((b + 2).min(BUDGET_CAP))
-            });
-    }
-
-    /// Takes one retry from the budget, if there is one.
-    pub fn withdraw(&self) -> bool {
-        self.budget
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                (b >= 10).then_some(b - 10)
-            })
-            .is_ok()
+    /// `service`'s retry budget (`service` being the route's upstream).
+    pub fn budget(&self, service: &str) -> Arc<RetryBudget> {
+        if let Some(known) = self.budgets.load().get(service) {
+            return known.clone();
+        }
+        let mut created = None;
+        self.budgets.rcu(|current| {
+            let mut next = (**current).clone();
+            let entry = next.entry(service.to_owned()).or_default().clone();
+            created = Some(entry);
+            next
+        });
+        created.unwrap_or_default()
     }
 }
 
@@ -277,13 +338,36 @@ mod tests {
     }
 
     #[test]
-    fn the_retry_budget_holds_retries_to_a_fifth_of_traffic() {
+    fn the_retry_budget_holds_retries_to_a_fifth_of_traffic_per_service() {
         let b = Balancer::default();
-        let reserve = (0..100).filter(|_| b.withdraw()).count();
-        assert_eq!(reserve, 10);
+        let t = 1_000_000_000_u64;
+        let orders = b.budget("orders");
+        assert_eq!(
+            (0..100).filter(|_| orders.withdraw(t)).count(),
+            10,
+            "reserve"
+        );
         for _ in 0..100 {
-            b.deposit();
+            orders.deposit(t);
         }
-        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 20);
+        assert_eq!((0..100).filter(|_| orders.withdraw(t)).count(), 20);
+        // Another service's budget is its own.
+        let payments = b.budget("payments");
+        assert_eq!((0..100).filter(|_| payments.withdraw(t)).count(), 10);
+        assert!(Arc::ptr_eq(&orders, &b.budget("orders")));
+    }
+
+    #[test]
+    fn the_retry_budget_forgets_what_left_the_window() {
+        let budget = RetryBudget::default();
+        let t = 1_000_000_000_u64;
+        for _ in 0..1000 {
+            budget.deposit(t);
+        }
+        // Within the window, the deposits count...
+        assert!((0..150).all(|_| budget.withdraw(t + 5_000)));
+        // ...and once they left it, a quiet spell has banked nothing but the reserve.
+        let later = t + 16_000;
+        assert_eq!((0..100).filter(|_| budget.withdraw(later)).count(), 10);
     }
 }

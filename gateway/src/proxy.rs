@@ -250,7 +250,6 @@ async fn handle(
     let timeout = route
         .response_timeout
         .unwrap_or_else(|| gateway.upstream.response_timeout());
-    gateway.balancer.deposit();
 
     // The breaker judges the upstream only: everything the client got wrong was
     // refused above.
@@ -284,6 +283,8 @@ async fn handle(
         Upstream::Fixed(_) => route.id.clone(),
         Upstream::Service(service) => service.clone(),
     };
+    let budget = gateway.balancer.budget(&service);
+    budget.deposit(now_ms());
     let mut tried: Vec<String> = Vec::new();
     // The answer of the last failed attempt, given when nothing is left to try.
     let mut last_failure: Option<Response> = None;
@@ -417,7 +418,7 @@ async fn handle(
         let may_retry = retryable
             && tried.len() <= route.retry.retries
             && body.replayable()
-            && gateway.balancer.withdraw();
+            && budget.withdraw(now_ms());
         if !may_retry {
             // Dropping the permit records the failure.
             return Err(answer);
