@@ -382,8 +382,11 @@ pub struct JwtVerifier {
 /// byte, so workers verifying different tokens do not queue on one mutex; a full shard
 /// drops its expired entries, then the one expiring soonest, never everything at once.
 struct VerifiedCache {
-    shards: Vec<std::sync::Mutex<HashMap<[u8; 32], (Claims, Instant)>>>,
+    shards: Vec<std::sync::Mutex<VerifiedShard>>,
 }
+
+/// Claims and until when they may be served, by the token's hash.
+type VerifiedShard = HashMap<[u8; 32], (Claims, Instant)>;
 
 impl Default for VerifiedCache {
     fn default() -> Self {
