@@ -111,7 +111,13 @@ pub async fn forward(
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let routes = gateway.routes.load_full();
-    let route = routes.find(request.method(), request.uri(), request.headers());
+    let facts = crate::routes::RequestFacts::of(
+        request.method(),
+        request.uri(),
+        request.headers(),
+        Some(client.ip()),
+    );
+    let route = routes.find(&facts);
     let route_id = route.map_or("-", |r| r.id.as_str());
     let mut trace = Trace::default();
     let mut response = match route {

@@ -135,6 +135,56 @@ pub enum Predicate {
     Host(Vec<String>),
     /// Query parameter present, and matching the regex when given.
     Query(String, Option<regex::Regex>),
+    /// Requests after, before or between instants (milliseconds since the epoch).
+    After(u64),
+    Before(u64),
+    Between(u64, u64),
+    /// A cookie by name whose value matches the regex.
+    Cookie(String, regex::Regex),
+    /// The client's address (the TCP peer) is in one of the networks.
+    RemoteAddr(Vec<ipnet::IpNet>),
+    /// The address the nearest proxy saw (the last `X-Forwarded-For` entry, else the
+    /// peer) is in one of the networks.
+    XForwardedRemoteAddr(Vec<ipnet::IpNet>),
+    /// This route's share `[from, to)` of its weight group's traffic.
+    Weight {
+        group: String,
+        from: f64,
+        to: f64,
+    },
+}
+
+/// What predicates judge a request by.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub peer: Option<std::net::IpAddr>,
+    /// Milliseconds since the epoch.
+    pub now_ms: u64,
+    /// One random draw per request: every weight group of the request reads it, so a
+    /// request falls in exactly one route of each group.
+    pub draw: u64,
+}
+
+impl<'a> RequestFacts<'a> {
+    /// The facts of a request from `peer`, now, with a fresh draw.
+    pub fn of(
+        method: &'a Method,
+        uri: &'a Uri,
+        headers: &'a HeaderMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Self {
+        Self {
+            method,
+            uri,
+            headers,
+            peer,
+            now_ms: shared::now_ms(),
+            draw: rand::random(),
+        }
+    }
 }
 
 /// A change to the request or the response.
@@ -404,6 +454,7 @@ impl RouteTable {
                 },
             });
         }
+        assign_weights(&mut routes)?;
         // Stable: equal orders keep file order.
         routes.sort_by_key(|r| r.order);
         Ok(Self { routes })
@@ -425,13 +476,10 @@ impl RouteTable {
     }
 
     /// The first route whose predicates all match.
-    pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
-        self.routes.iter().find(|route| {
-            route
-                .predicates
-                .iter()
-                .all(|p| p.matches(method, uri, headers))
-        })
+    pub fn find(&self, facts: &RequestFacts<'_>) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| route.predicates.iter().all(|p| p.matches(facts)))
     }
 }
 
@@ -679,8 +727,62 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
             first("a parameter name")?,
             regex(vals.get(1))?,
         )),
+        "After" => Ok(Predicate::After(
+            parse_instant(&first("an instant")?).map_err(err)?,
+        )),
+        "Before" => Ok(Predicate::Before(
+            parse_instant(&first("an instant")?).map_err(err)?,
+        )),
+        "Between" => {
+            let from = parse_instant(&first("two instants")?).map_err(err)?;
+            let to = vals
+                .get(1)
+                .ok_or_else(|| err("Between needs two instants".into()))
+                .and_then(|t| parse_instant(t).map_err(err))?;
+            if to <= from {
+                return Err(err("Between needs the earlier instant first".into()));
+            }
+            Ok(Predicate::Between(from, to))
+        }
+        "Cookie" => {
+            let name = first("a cookie name")?;
+            let pattern = vals
+                .get(1)
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| err("Cookie needs a name and a regex for its value".into()))?;
+            Ok(Predicate::Cookie(
+                name,
+                regex(Some(pattern))?.expect("a pattern"),
+            ))
+        }
+        "RemoteAddr" | "XForwardedRemoteAddr" => {
+            first("a network such as 192.168.1.0/24")?;
+            let networks = vals
+                .iter()
+                .filter(|v| !v.is_empty())
+                .map(|n| shared::networks::parse_network(n).map_err(err))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(if name == "RemoteAddr" {
+                Predicate::RemoteAddr(networks)
+            } else {
+                Predicate::XForwardedRemoteAddr(networks)
+            })
+        }
+        "Weight" => {
+            let group = first("a group and a weight")?;
+            let weight = vals
+                .get(1)
+                .and_then(|w| w.trim().parse::<u32>().ok())
+                .ok_or_else(|| err("Weight needs a group and a whole number weight".into()))?;
+            Ok(Predicate::Weight {
+                group,
+                from: 0.0,
+                to: f64::from(weight),
+            })
+        }
         other => Err(err(format!(
-            "unknown predicate {other}; use Path, Method, Header, Host or Query"
+            "unknown predicate {other}; use Path, Method, Header, Host, Query, After, Before, \
+             Between, Cookie, RemoteAddr, XForwardedRemoteAddr or Weight"
         ))),
     }
 }
@@ -787,7 +889,8 @@ fn parse_size(raw: &str) -> Result<u64, String> {
 }
 
 impl Predicate {
-    pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    pub fn matches(&self, facts: &RequestFacts<'_>) -> bool {
+        let (method, uri, headers) = (facts.method, facts.uri, facts.headers);
         match self {
             Predicate::Path(patterns) => patterns.iter().any(|p| p.matches(uri.path())),
             Predicate::Method(methods) => methods.contains(method),
@@ -818,8 +921,108 @@ impl Predicate {
                     (k == name).then_some(v)
                 })
                 .any(|v| regex.as_ref().is_none_or(|r| r.is_match(v))),
+            Predicate::After(at) => facts.now_ms > *at,
+            Predicate::Before(at) => facts.now_ms < *at,
+            Predicate::Between(from, to) => facts.now_ms > *from && facts.now_ms < *to,
+            Predicate::Cookie(name, regex) => headers
+                .get_all(axum::http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .any(|(k, v)| k == name && regex.is_match(v)),
+            Predicate::RemoteAddr(networks) => facts
+                .peer
+                .is_some_and(|ip| networks.iter().any(|n| n.contains(&unmapped(ip)))),
+            Predicate::XForwardedRemoteAddr(networks) => {
+                let forwarded = headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .next_back();
+                // Only the last entry counts: an unreadable one matches nothing rather
+                // than letting an earlier, client-written entry stand in for it.
+                let ip = match forwarded {
+                    Some(entry) => entry.trim().parse::<std::net::IpAddr>().ok(),
+                    None => facts.peer,
+                };
+                ip.is_some_and(|ip| networks.iter().any(|n| n.contains(&unmapped(ip))))
+            }
+            Predicate::Weight { group, from, to } => {
+                let x = group_draw(facts.draw, group);
+                *from <= x && x < *to
+            }
         }
     }
+}
+
+/// An IPv4-mapped IPv6 peer as the IPv4 address it is.
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The request's draw for `group`, in `[0, 1)`: groups draw independently.
+fn group_draw(draw: u64, group: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    draw.hash(&mut hasher);
+    group.hash(&mut hasher);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Turns each `Weight` predicate's raw weight (kept in `to` until now) into its share
+/// of the group: routes of a group take consecutive ranges of `[0, 1)` in file order.
+fn assign_weights(routes: &mut [Route]) -> Result<(), RouteError> {
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    for route in routes.iter() {
+        for p in &route.predicates {
+            if let Predicate::Weight { group, to, .. } = p {
+                *totals.entry(group.clone()).or_default() += *to;
+            }
+        }
+    }
+    let mut taken: BTreeMap<String, f64> = BTreeMap::new();
+    for route in routes.iter_mut() {
+        for p in &mut route.predicates {
+            if let Predicate::Weight { group, from, to } = p {
+                let total = totals.get(group.as_str()).copied().unwrap_or(0.0);
+                if total <= 0.0 {
+                    return Err(RouteError {
+                        route: route.id.clone(),
+                        field: "predicates".into(),
+                        message: format!("weight group {group} has no positive weight"),
+                    });
+                }
+                let start = taken.entry(group.clone()).or_default();
+                *from = *start / total;
+                *start += *to;
+                *to = *start / total;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An instant as Spring writes it (`2026-01-20T17:42:47.789-07:00[America/Denver]`,
+/// the zone name in brackets being informative only), or epoch milliseconds.
+fn parse_instant(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let offset_part = text.split('[').next().unwrap_or(text);
+    chrono::DateTime::parse_from_rfc3339(offset_part)
+        .ok()
+        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        .ok_or_else(|| {
+            format!(
+                "{text} is not an instant such as 2026-01-20T17:42:47.789-07:00[America/Denver]"
+            )
+        })
 }
 
 /// `*` matches one label, `**` any number (at least one) of leading labels.
@@ -919,12 +1122,10 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        t.find(
-            &Method::from_bytes(method.as_bytes()).unwrap(),
-            &uri.parse().unwrap(),
-            &map,
-        )
-        .map(|r| r.id.as_str())
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let uri: Uri = uri.parse().unwrap();
+        let facts = RequestFacts::of(&method, &uri, &map, Some([10, 0, 0, 7].into()));
+        t.find(&facts).map(|r| r.id.as_str())
     }
 
     #[test]
@@ -992,6 +1193,100 @@ routes:
                 .map(|r| r.upstream.clone()),
             Some(Upstream::Service("order-service".into()))
         );
+    }
+
+    #[test]
+    fn time_cookie_address_and_weight_predicates_as_spring_cloud_gateway_has_them() {
+        let t = table(
+            r#"
+routes:
+  - {id: after, uri: "lb://a", predicates: ["Path=/t", "After=2026-01-20T17:42:47.789-07:00[America/Denver]"]}
+  - {id: before, uri: "lb://a", predicates: ["Path=/b", "Before=2026-01-20T17:42:47.789-07:00[America/Denver]"]}
+  - {id: between, uri: "lb://a", predicates: ["Path=/w", "Between=2026-01-01T00:00:00Z, 2026-02-01T00:00:00Z"]}
+  - {id: cookie, uri: "lb://a", predicates: ["Path=/c", "Cookie=flavour, ch.p"]}
+  - {id: office, uri: "lb://a", predicates: ["Path=/r", "RemoteAddr=10.0.0.0/24"]}
+  - {id: proxied, uri: "lb://a", predicates: ["Path=/x", "XForwardedRemoteAddr=192.168.0.0/16"]}
+  - {id: blue, uri: "lb://blue", predicates: ["Path=/g", "Weight=canary, 8"]}
+  - {id: green, uri: "lb://green", predicates: ["Path=/g", "Weight=canary, 2"]}
+"#,
+        );
+        let get = Method::GET;
+        let judge = |uri: &str, headers: &[(&str, &str)], now_ms: u64, draw: u64| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let uri: Uri = uri.parse().unwrap();
+            let facts = RequestFacts {
+                method: &get,
+                uri: &uri,
+                headers: &map,
+                peer: Some([10, 0, 0, 7].into()),
+                now_ms,
+                draw,
+            };
+            t.find(&facts).map(|r| r.id.clone())
+        };
+        let instant = parse_instant("2026-01-20T17:42:47.789-07:00").unwrap();
+        assert_eq!(instant, 1_768_956_167_789);
+        assert_eq!(judge("/t", &[], instant + 1, 0).as_deref(), Some("after"));
+        assert_eq!(judge("/t", &[], instant - 1, 0), None);
+        assert_eq!(judge("/b", &[], instant - 1, 0).as_deref(), Some("before"));
+        assert_eq!(judge("/w", &[], instant, 0).as_deref(), Some("between"));
+        assert_eq!(judge("/w", &[], instant + 30 * 86_400_000, 0), None);
+        let cookie = [("cookie", "session=x; flavour=chip")];
+        assert_eq!(judge("/c", &cookie, 0, 0).as_deref(), Some("cookie"));
+        assert_eq!(judge("/c", &[("cookie", "flavour=mint")], 0, 0), None);
+        assert_eq!(
+            judge("/r", &[], 0, 0).as_deref(),
+            Some("office"),
+            "peer 10.0.0.7"
+        );
+        // The nearest proxy's view is the last X-Forwarded-For entry.
+        let via = [("x-forwarded-for", "203.0.113.9, 192.168.4.4")];
+        assert_eq!(judge("/x", &via, 0, 0).as_deref(), Some("proxied"));
+        let spoofed = [("x-forwarded-for", "192.168.4.4, 203.0.113.9")];
+        assert_eq!(judge("/x", &spoofed, 0, 0), None);
+        let junk_last = [("x-forwarded-for", "192.168.4.4, junk")];
+        assert_eq!(judge("/x", &junk_last, 0, 0), None);
+        // Every request lands on exactly one route of the group, 80/20.
+        let blue = (0..10_000u64)
+            .filter(|draw| {
+                judge("/g", &[], 0, draw.wrapping_mul(0x9E37_79B9_7F4A_7C15)).as_deref()
+                    == Some("blue")
+            })
+            .count();
+        assert!((7_600..8_400).contains(&blue), "{blue} of 10000 to blue");
+        assert!((0..1000u64).all(|d| judge("/g", &[], 0, d).is_some()));
+
+        for (yaml, wanted) in [
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Between=2026-02-01T00:00:00Z, 2026-01-01T00:00:00Z']}]",
+                "earlier",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['After=yesterday']}]",
+                "not an instant",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['RemoteAddr=office']}]",
+                "not a network",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Weight=canary']}]",
+                "whole number",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Weight=canary, 0']}]",
+                "no positive weight",
+            ),
+        ] {
+            let e = RouteTable::from_yaml(yaml).unwrap_err();
+            assert!(e.to_string().contains(wanted), "{yaml}: {e}");
+        }
     }
 
     #[test]
