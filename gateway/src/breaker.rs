@@ -37,6 +37,20 @@ enum State {
 
 impl CircuitBreaker {
     pub fn from_args(args: &BTreeMap<String, String>) -> Result<Self, String> {
+        const KNOWN: [&str; 5] = [
+            "name",
+            "failureRateThreshold",
+            "slidingWindowSize",
+            "minimumNumberOfCalls",
+            "waitDurationInOpenState",
+        ];
+        if let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(if unknown == "fallbackUri" {
+                "fallbackUri is not supported: an open breaker answers 503 problem+json".into()
+            } else {
+                format!("unknown argument {unknown}; use {}", KNOWN.join(", "))
+            });
+        }
         let number = |name: &str, default: f64| -> Result<f64, String> {
             match args.get(name) {
                 None => Ok(default),

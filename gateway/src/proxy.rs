@@ -197,6 +197,35 @@ async fn handle(
         .into_response());
     }
 
+    // Filters that answer without an upstream.
+    for filter in &route.filters {
+        match filter {
+            Filter::RequestHeaderSize(max) => {
+                if let Some((name, _)) = parts
+                    .headers
+                    .iter()
+                    .find(|(n, v)| n.as_str().len() + v.len() > *max)
+                {
+                    trace.reason = Some("header too large");
+                    return Err(Problem::new(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        format!("The request header {name} is over {max} bytes."),
+                    )
+                    .into_response());
+                }
+            }
+            Filter::RedirectTo(status, location) => {
+                let mut response = Response::new(Body::empty());
+                *response.status_mut() = *status;
+                response
+                    .headers_mut()
+                    .insert(header::LOCATION, location.clone());
+                return Ok(response);
+            }
+            _ => {}
+        }
+    }
+
     let mut rate_limit = None;
     for filter in &route.filters {
         if let Filter::RequestRateLimiter(limiter) = filter {
@@ -249,7 +278,7 @@ async fn handle(
     };
 
     let path = rewrite_path(route, parts.uri.path());
-    let query = parts.uri.query().map(str::to_owned);
+    let query = rewrite_query(route, parts.uri.query());
     prepare_headers(&mut parts.headers, route, client, request_id);
     let idempotent =
         route.retry.methods.contains(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
@@ -507,6 +536,35 @@ fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Rou
             Filter::AddResponseHeader(name, value) => {
                 parts.headers.append(name.clone(), value.clone());
             }
+            Filter::SetResponseHeader(name, value) => {
+                parts.headers.insert(name.clone(), value.clone());
+            }
+            Filter::RemoveResponseHeader(name) => {
+                parts.headers.remove(name);
+            }
+            Filter::DedupeResponseHeader(names, strategy) => {
+                for name in names {
+                    dedupe(&mut parts.headers, name, *strategy);
+                }
+            }
+            Filter::RewriteResponseHeader(name, regex, replacement) => {
+                let rewritten: Vec<HeaderValue> = parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter_map(|v| {
+                        HeaderValue::from_str(&regex.replace_all(v, replacement.as_str())).ok()
+                    })
+                    .collect();
+                if !rewritten.is_empty() {
+                    parts.headers.remove(name);
+                    for value in rewritten {
+                        parts.headers.append(name.clone(), value);
+                    }
+                }
+            }
+            Filter::SetStatus(status) => parts.status = *status,
             Filter::SecureHeaders => secure_headers(&mut parts.headers),
             _ => {}
         }
@@ -514,11 +572,102 @@ fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Rou
     Response::from_parts(parts, Body::new(body))
 }
 
-/// The upstream path after `StripPrefix` and `RewritePath`.
+/// Keeps one value of `name` (or each distinct one).
+fn dedupe(headers: &mut HeaderMap, name: &HeaderName, strategy: crate::routes::Dedupe) {
+    use crate::routes::Dedupe;
+    // Values may also be comma-joined in one line, as CORS headers often are.
+    let values: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.len() < 2 {
+        return;
+    }
+    let kept: Vec<String> = match strategy {
+        Dedupe::RetainFirst => values.into_iter().take(1).collect(),
+        Dedupe::RetainLast => values.into_iter().last().into_iter().collect(),
+        Dedupe::RetainUnique => {
+            let mut seen = Vec::new();
+            for v in values {
+                if !seen.contains(&v) {
+                    seen.push(v);
+                }
+            }
+            seen
+        }
+    };
+    headers.remove(name);
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(name.clone(), value);
+    }
+}
+
+/// The upstream query after `AddRequestParameter` and `RemoveRequestParameter`.
+fn rewrite_query(route: &Route, query: Option<&str>) -> Option<String> {
+    let edits = route.filters.iter().any(|f| {
+        matches!(
+            f,
+            Filter::AddRequestParameter(..) | Filter::RemoveRequestParameter(_)
+        )
+    });
+    if !edits {
+        return query.map(str::to_owned);
+    }
+    let mut pairs: Vec<String> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for filter in &route.filters {
+        match filter {
+            Filter::AddRequestParameter(name, value) => {
+                pairs.push(format!("{}={}", encode_query(name), encode_query(value)));
+            }
+            Filter::RemoveRequestParameter(name) => {
+                let encoded = encode_query(name);
+                pairs.retain(|p| p.split('=').next() != Some(encoded.as_str()));
+            }
+            _ => {}
+        }
+    }
+    (!pairs.is_empty()).then(|| pairs.join("&"))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The upstream path after `StripPrefix`, `RewritePath`, `SetPath` and `PrefixPath`,
+/// in the order the filters are written.
 fn rewrite_path(route: &Route, path: &str) -> String {
+    let original = path;
     let mut path = path.to_owned();
     for filter in &route.filters {
         match filter {
+            Filter::SetPath(template) => {
+                let mut filled = template.clone();
+                for (name, value) in route.path_variables(original) {
+                    filled = filled.replace(&format!("{{{name}}}"), &value);
+                }
+                path = filled;
+            }
+            Filter::PrefixPath(prefix) => {
+                path = format!("{prefix}{path}");
+            }
             Filter::StripPrefix(n) => {
                 let rest: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).skip(*n).collect();
                 path = format!("/{}", rest.join("/"));
@@ -587,6 +736,30 @@ fn prepare_headers(
             }
             Filter::RemoveRequestHeader(name) => {
                 headers.remove(name);
+            }
+            Filter::SetRequestHeader(name, value) => {
+                headers.insert(name.clone(), value.clone());
+            }
+            Filter::AddRequestHeadersIfNotPresent(pairs) => {
+                for (name, value) in pairs {
+                    if !headers.contains_key(name) {
+                        headers.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+            Filter::MapRequestHeader(from, to) => {
+                let values: Vec<HeaderValue> = headers.get_all(from).iter().cloned().collect();
+                for value in values {
+                    headers.append(to.clone(), value);
+                }
+            }
+            Filter::SetRequestHostHeader(host) => {
+                headers.insert(header::HOST, host.clone());
+            }
+            Filter::PreserveHostHeader => {
+                if let Some(host) = headers.get(&X_FORWARDED_HOST).cloned() {
+                    headers.insert(header::HOST, host);
+                }
             }
             _ => {}
         }

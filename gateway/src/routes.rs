@@ -203,6 +203,44 @@ pub enum Filter {
     CircuitBreaker(std::sync::Arc<crate::breaker::CircuitBreaker>),
     /// Token buckets per user or client IP, shared by every request of the route.
     RequestRateLimiter(std::sync::Arc<crate::limits::RateLimiter>),
+    /// Replaces the request header's values.
+    SetRequestHeader(HeaderName, HeaderValue),
+    /// Adds each header the request does not carry yet.
+    AddRequestHeadersIfNotPresent(Vec<(HeaderName, HeaderValue)>),
+    /// Copies the values of the first header into the second.
+    MapRequestHeader(HeaderName, HeaderName),
+    /// The `Host` the upstream sees.
+    SetRequestHostHeader(HeaderValue),
+    /// The upstream sees the client's `Host` rather than its own address.
+    PreserveHostHeader,
+    /// Puts a prefix before the path.
+    PrefixPath(String),
+    /// Replaces the path with a template filled from the `Path` predicate's
+    /// `{variables}`.
+    SetPath(String),
+    AddRequestParameter(String, String),
+    RemoveRequestParameter(String),
+    /// Replaces the response header's values.
+    SetResponseHeader(HeaderName, HeaderValue),
+    RemoveResponseHeader(HeaderName),
+    /// Keeps one value of each named response header, by the strategy.
+    DedupeResponseHeader(Vec<HeaderName>, Dedupe),
+    /// Rewrites the response header's values with a regex and a replacement.
+    RewriteResponseHeader(HeaderName, regex::Regex, String),
+    /// The status the client gets, whatever the upstream answered.
+    SetStatus(axum::http::StatusCode),
+    /// Answers at once with a redirect; the upstream is never called.
+    RedirectTo(axum::http::StatusCode, HeaderValue),
+    /// Largest size of any one request header (name and value), in bytes.
+    RequestHeaderSize(usize),
+}
+
+/// Which value `DedupeResponseHeader` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedupe {
+    RetainFirst,
+    RetainLast,
+    RetainUnique,
 }
 
 /// A compiled route.
@@ -815,6 +853,16 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             HeaderValue::from_str(value).map_err(|_| err("invalid header value".into()))?,
         ))
     };
+    let first_val = |what: &str| {
+        vals.first()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .ok_or_else(|| err(format!("{name} needs {what}")))
+    };
+    let header_name = |raw: Option<&str>| {
+        raw.and_then(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .ok_or_else(|| err("needs a valid header name".into()))
+    };
     match name.as_str() {
         "StripPrefix" => {
             let parts = vals
@@ -858,6 +906,139 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             Ok(Filter::RequestSize(parse_size(&raw).map_err(err)?))
         }
         "SecureHeaders" => Ok(Filter::SecureHeaders),
+        "SetRequestHeader" => {
+            let (n, v) = header_pair(&vals)?;
+            Ok(Filter::SetRequestHeader(n, v))
+        }
+        "SetResponseHeader" => {
+            let (n, v) = header_pair(&vals)?;
+            Ok(Filter::SetResponseHeader(n, v))
+        }
+        "RemoveResponseHeader" => Ok(Filter::RemoveResponseHeader(header_name(
+            vals.first().map(String::as_str),
+        )?)),
+        "AddRequestHeadersIfNotPresent" => {
+            // Spring's shortcut: `Name-1:value,Name-2:value`.
+            first_val("name:value pairs")?;
+            let pairs = vals
+                .iter()
+                .map(|pair| {
+                    let (name, value) = pair
+                        .split_once(':')
+                        .ok_or_else(|| err(format!("{pair} is not name:value")))?;
+                    header_pair(&[name.trim().to_owned(), value.trim().to_owned()])
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Filter::AddRequestHeadersIfNotPresent(pairs))
+        }
+        "MapRequestHeader" => {
+            let from = args.get("fromHeader").or(vals.first()).map(String::as_str);
+            let to = args.get("toHeader").or(vals.get(1)).map(String::as_str);
+            Ok(Filter::MapRequestHeader(
+                header_name(from)?,
+                header_name(to)?,
+            ))
+        }
+        "SetRequestHostHeader" => {
+            let host = args
+                .get("host")
+                .or(vals.first())
+                .map(String::as_str)
+                .unwrap_or_default();
+            let value = HeaderValue::from_str(host)
+                .ok()
+                .filter(|_| !host.is_empty())
+                .ok_or_else(|| err("SetRequestHostHeader needs a host".into()))?;
+            Ok(Filter::SetRequestHostHeader(value))
+        }
+        "PreserveHostHeader" => Ok(Filter::PreserveHostHeader),
+        "PrefixPath" => {
+            let prefix = first_val("a prefix such as /api")?;
+            if !prefix.starts_with('/') {
+                return Err(err("PrefixPath must start with /".into()));
+            }
+            Ok(Filter::PrefixPath(prefix.trim_end_matches('/').to_owned()))
+        }
+        "SetPath" => {
+            let template = args
+                .get("template")
+                .cloned()
+                .map_or_else(|| first_val("a template such as /{segment}"), Ok)?;
+            if !template.starts_with('/') {
+                return Err(err("SetPath's template must start with /".into()));
+            }
+            Ok(Filter::SetPath(template))
+        }
+        "AddRequestParameter" => {
+            let (Some(name), Some(value)) = (vals.first(), vals.get(1)) else {
+                return Err(err("AddRequestParameter needs a name and a value".into()));
+            };
+            Ok(Filter::AddRequestParameter(name.clone(), value.clone()))
+        }
+        "RemoveRequestParameter" => Ok(Filter::RemoveRequestParameter(first_val(
+            "a parameter name",
+        )?)),
+        "DedupeResponseHeader" => {
+            let names = first_val("header names separated by spaces")?;
+            let names = names
+                .split_whitespace()
+                .map(|n| header_name(Some(n)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let strategy = match vals.get(1).map(|s| s.trim()) {
+                None | Some("" | "RETAIN_FIRST") => Dedupe::RetainFirst,
+                Some("RETAIN_LAST") => Dedupe::RetainLast,
+                Some("RETAIN_UNIQUE") => Dedupe::RetainUnique,
+                Some(other) => {
+                    return Err(err(format!(
+                        "strategy {other}: use RETAIN_FIRST, RETAIN_LAST or RETAIN_UNIQUE"
+                    )));
+                }
+            };
+            Ok(Filter::DedupeResponseHeader(names, strategy))
+        }
+        "RewriteResponseHeader" => {
+            let (Some(name), Some(pattern), Some(replacement)) =
+                (vals.first(), vals.get(1), vals.get(2))
+            else {
+                return Err(err(
+                    "RewriteResponseHeader needs a header, a regex and a replacement".into(),
+                ));
+            };
+            let regex =
+                regex::Regex::new(pattern).map_err(|e| err(format!("invalid regex: {e}")))?;
+            Ok(Filter::RewriteResponseHeader(
+                header_name(Some(name))?,
+                regex,
+                replacement.replace("$\\", "$"),
+            ))
+        }
+        "SetStatus" => Ok(Filter::SetStatus(
+            status_arg(&first_val("a status such as 401 or UNAUTHORIZED")?).map_err(err)?,
+        )),
+        "RedirectTo" => {
+            let status = status_arg(&first_val("a 3xx status and a URL")?).map_err(err)?;
+            if !status.is_redirection() {
+                return Err(err(format!(
+                    "RedirectTo needs a 3xx status, not {}",
+                    status.as_u16()
+                )));
+            }
+            let url = vals
+                .get(1)
+                .and_then(|u| HeaderValue::from_str(u).ok())
+                .ok_or_else(|| err("RedirectTo needs a URL".into()))?;
+            Ok(Filter::RedirectTo(status, url))
+        }
+        "RequestHeaderSize" => {
+            let raw = args
+                .get("maxSize")
+                .cloned()
+                .map_or_else(|| first_val("maxSize, e.g. 1000B"), Ok)?;
+            let size = parse_size(&raw).map_err(err)?;
+            Ok(Filter::RequestHeaderSize(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            ))
+        }
         "Retry" => Ok(Filter::Retry(args)),
         "CircuitBreaker" => Ok(Filter::CircuitBreaker(std::sync::Arc::new(
             crate::breaker::CircuitBreaker::from_args(&args).map_err(err)?,
@@ -867,6 +1048,22 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
         ))),
         other => Err(err(format!("unknown filter {other}"))),
     }
+}
+
+/// A status as a number (`401`) or Spring's `HttpStatus` name (`UNAUTHORIZED`).
+fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
+    let raw = raw.trim();
+    if let Ok(code) = raw.parse::<u16>() {
+        return axum::http::StatusCode::from_u16(code)
+            .map_err(|_| format!("{raw} is not a status"));
+    }
+    (100..600)
+        .filter_map(|c| axum::http::StatusCode::from_u16(c).ok())
+        .find(|c| {
+            c.canonical_reason()
+                .is_some_and(|r| r.to_ascii_uppercase().replace([' ', '-'], "_") == raw)
+        })
+        .ok_or_else(|| format!("{raw} is not a status such as 401 or UNAUTHORIZED"))
 }
 
 /// `5000`, `512KB`, `1MB` (Spring's DataSize units, powers of 1024).
@@ -1047,6 +1244,8 @@ pub struct PathPattern {
 enum Segment {
     Literal(String),
     One,
+    /// One segment, captured under its name for `SetPath`.
+    Var(String),
     Any,
 }
 
@@ -1061,7 +1260,9 @@ impl PathPattern {
             .map(|s| match s {
                 "**" => Segment::Any,
                 "*" => Segment::One,
-                s if s.starts_with('{') && s.ends_with('}') => Segment::One,
+                s if s.starts_with('{') && s.ends_with('}') => {
+                    Segment::Var(s[1..s.len() - 1].to_owned())
+                }
                 s => Segment::Literal(s.to_owned()),
             })
             .collect();
@@ -1080,7 +1281,7 @@ impl PathPattern {
         for segment in &self.segments {
             match segment {
                 Segment::Any => return true,
-                Segment::One => {
+                Segment::One | Segment::Var(_) => {
                     if i >= parts.len() {
                         return false;
                     }
@@ -1096,8 +1297,41 @@ impl PathPattern {
         i == parts.len()
     }
 
+    /// The `{variables}` of `path`, when the pattern matches it.
+    pub fn captures(&self, path: &str) -> Option<Vec<(&str, String)>> {
+        if !self.matches(path) {
+            return None;
+        }
+        let parts = path.split('/').filter(|s| !s.is_empty());
+        Some(
+            self.segments
+                .iter()
+                .zip(parts)
+                .filter_map(|(segment, part)| match segment {
+                    Segment::Var(name) => Some((name.as_str(), part.to_owned())),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
     pub fn as_str(&self) -> &str {
         &self.raw
+    }
+}
+
+impl Route {
+    /// The `{variables}` the route's `Path` predicate captures from `path`.
+    pub fn path_variables<'a>(&'a self, path: &str) -> Vec<(&'a str, String)> {
+        self.predicates
+            .iter()
+            .find_map(|p| match p {
+                Predicate::Path(patterns) => {
+                    patterns.iter().find_map(|pattern| pattern.captures(path))
+                }
+                _ => None,
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -1409,6 +1643,31 @@ eureka:
                 "default-filters: [Nope]\nroutes: []",
                 "-",
                 "default-filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [{name: CircuitBreaker, args: {name: b, fallbackUri: 'forward:/x'}}]}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [SetStatus=LOUD]}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['RedirectTo=200, https://x']}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['DedupeResponseHeader=Vary, KEEP_ALL']}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['AddRequestHeadersIfNotPresent=X-A']}]",
+                "a",
+                "filters[0]",
             ),
         ];
         for (yaml, route, field) in cases {

@@ -843,6 +843,123 @@ async fn routed_requests_are_timed_as_spring_cloud_gateway_names_them() {
     assert!(timer.is_some(), "{text}");
 }
 
+const EDIT_ROUTES: &str = r#"
+routes:
+  - id: edits
+    uri: lb://order-service
+    predicates: ["Path=/edit/{segment}"]
+    filters:
+      - SetPath=/v3/{segment}
+      - PrefixPath=/api
+      - SetRequestHeader=X-Mode, set
+      - AddRequestHeadersIfNotPresent=X-Colour:blue,X-Mode:ignored
+      - MapRequestHeader=X-Tenant, X-Tenant-Copy
+      - AddRequestParameter=source, gate way
+      - RemoveRequestParameter=debug
+      - SetResponseHeader=X-Upstream, replaced
+      - RemoveResponseHeader=Vary
+      - SetStatus=202
+  - id: preserved
+    uri: lb://order-service
+    predicates: ["Path=/host/**"]
+    filters: [PreserveHostHeader]
+  - id: named-host
+    uri: lb://order-service
+    predicates: ["Path=/sethost/**"]
+    filters: ["SetRequestHostHeader=internal.example.org"]
+  - id: moved
+    uri: lb://order-service
+    predicates: ["Path=/old/**"]
+    filters: ["RedirectTo=302, https://shop.example.org/new"]
+  - id: small-headers
+    uri: lb://order-service
+    predicates: ["Path=/tiny/**"]
+    filters: ["RequestHeaderSize=1000B"]
+  - id: responses
+    uri: lb://order-service
+    predicates: ["Path=/rw/**"]
+    filters:
+      - RewriteResponseHeader=X-Upstream, y(es), n$1
+      - AddResponseHeader=X-Dup, a
+      - AddResponseHeader=X-Dup, a
+      - AddResponseHeader=X-Dup, b
+      - DedupeResponseHeader=X-Dup, RETAIN_UNIQUE
+"#;
+
+#[tokio::test]
+async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does() {
+    let s = stack(EDIT_ROUTES, 2000).await;
+    let up = upstream("orders-1").await;
+    s.register("order-service", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/rw/x", &token).await;
+
+    let response = s
+        .get_with(
+            "/edit/books?debug=1&page=2",
+            &token,
+            &[("x-mode", "client"), ("x-tenant", "t-1")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED, "SetStatus");
+    assert_eq!(
+        response.headers()["x-upstream"],
+        "replaced",
+        "SetResponseHeader"
+    );
+    assert!(
+        response.headers().get("vary").is_none(),
+        "RemoveResponseHeader"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["path"], "/api/v3/books", "SetPath then PrefixPath");
+    assert_eq!(body["query"], "page=2&source=gate%20way", "parameters");
+    let seen = up.last_headers.lock().expect("lock").clone();
+    assert_eq!(seen.get("x-mode").map(String::as_str), Some("set"));
+    assert_eq!(seen.get("x-colour").map(String::as_str), Some("blue"));
+    assert_eq!(seen.get("x-tenant-copy").map(String::as_str), Some("t-1"));
+
+    s.get_with("/host/a", &token, &[]).await;
+    let gateway_host = s.gateway.trim_start_matches("http://").to_owned();
+    let host = up.last_headers.lock().expect("lock").get("host").cloned();
+    assert_eq!(host, Some(gateway_host), "PreserveHostHeader");
+    s.get_with("/sethost/a", &token, &[]).await;
+    let host = up.last_headers.lock().expect("lock").get("host").cloned();
+    assert_eq!(host.as_deref(), Some("internal.example.org"));
+
+    let hits = up.hits.load(Ordering::SeqCst);
+    let moved = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(format!("{}/old/page", s.gateway))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(moved.status(), StatusCode::FOUND);
+    assert_eq!(moved.headers()["location"], "https://shop.example.org/new");
+    let big = "x".repeat(2000);
+    let refused = s.get_with("/tiny/a", &token, &[("x-big", &big)]).await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "neither reached the upstream"
+    );
+
+    let rewritten = s.get_with("/rw/x", &token, &[]).await;
+    assert_eq!(
+        rewritten.headers()["x-upstream"],
+        "nes",
+        "RewriteResponseHeader"
+    );
+    assert_eq!(rewritten.headers()["x-dup"], "a, b", "DedupeResponseHeader");
+}
+
 #[tokio::test]
 async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
     let dir = tempfile::tempdir().expect("dir");
