@@ -91,15 +91,58 @@ static SECURE_HEADERS: [(HeaderName, HeaderValue); 7] = [
 pub async fn forward(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    request: Request,
+    mut request: Request,
 ) -> Response {
+    use tracing::Instrument;
     let started = Instant::now();
     let request_id = request
         .headers()
         .get(&X_REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+        .filter(|v| {
+            v.to_str()
+                .ok()
+                .and_then(shared::telemetry::request_id)
+                .is_some()
+        })
         .cloned()
         .unwrap_or_else(new_request_id);
+    // The trace this request belongs to: the caller's, or one started here, decided
+    // before anything logs so that every line of this request names it.
+    let incoming = request
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(shared::telemetry::trace_id)
+        .is_some();
+    if !incoming {
+        request
+            .headers_mut()
+            .insert(TRACEPARENT.clone(), new_traceparent());
+    }
+    let trace_id = request
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(shared::telemetry::trace_id)
+        .unwrap_or_default()
+        .to_owned();
+    let span = tracing::info_span!(
+        "http",
+        trace_id = %trace_id,
+        request_id = request_id.to_str().unwrap_or("-"),
+    );
+    forward_in_span(gateway, client, request, request_id, started)
+        .instrument(span)
+        .await
+}
+
+async fn forward_in_span(
+    gateway: Arc<Gateway>,
+    client: SocketAddr,
+    request: Request,
+    request_id: HeaderValue,
+    started: Instant,
+) -> Response {
     if let Err(response) =
         crate::limits::check_header_size(request.headers(), gateway.max_header_bytes)
     {
@@ -725,10 +768,7 @@ fn prepare_headers(
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if !headers.contains_key(&TRACEPARENT) {
-        // Start a trace when the caller did not: W3C trace context, sampled.
-        headers.insert(TRACEPARENT.clone(), new_traceparent());
-    }
+    // `forward` started a trace when the caller did not.
     for filter in &route.filters {
         match filter {
             Filter::AddRequestHeader(name, value) => {

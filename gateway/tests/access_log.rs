@@ -90,11 +90,20 @@ async fn every_request_gets_one_json_access_line_with_route_instance_status_and_
         .get(format!("{base}/fixed/a"))
         .bearer_auth(&token)
         .header("x-request-id", "trace-me")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .send()
         .await
         .expect("request");
     assert_eq!(ok.status(), 200);
     let line = next("access");
+    // The line names the trace the request belongs to, as every line of it does.
+    assert_eq!(
+        line["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{line}"
+    );
     assert_eq!(line["route"], "fixed");
     assert_eq!(line["status"], 200);
     assert_eq!(line["instance"], upstream.to_string());
@@ -109,6 +118,12 @@ async fn every_request_gets_one_json_access_line_with_route_instance_status_and_
         .expect("request");
     assert_eq!(refused.status(), 401);
     let line = next("access");
+    // Without a traceparent the gateway starts a trace of its own.
+    assert_eq!(
+        line["span"]["trace_id"].as_str().map(str::len),
+        Some(32),
+        "{line}"
+    );
     assert_eq!(
         (line["status"].as_u64(), line["reason"].as_str()),
         (Some(401), Some("unauthenticated"))

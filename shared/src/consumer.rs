@@ -47,6 +47,7 @@ use rdkafka::{
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::kafka::KafkaSettings;
 
@@ -84,6 +85,23 @@ impl Default for ConsumerLoopSettings {
             dedup_retention_hours: 168,
         }
     }
+}
+
+/// The span an event is applied in: its topic, partition and offset, and the trace
+/// id its `traceparent` header carries, so the consumer's log lines join the trace
+/// of the request that caused the event.
+fn event_span(message: &Incoming) -> tracing::Span {
+    let trace = message
+        .header(crate::events::TRACEPARENT_HEADER)
+        .and_then(crate::telemetry::trace_id)
+        .unwrap_or_default();
+    tracing::info_span!(
+        "event",
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        trace_id = %trace,
+    )
 }
 
 /// One message as it came off the topic.
@@ -603,7 +621,12 @@ impl<H: Handler> EventConsumer<H> {
         let mut dead = Vec::new();
         for p in parsed {
             match &p.event {
-                Ok(event) => outcomes.push(self.handler.apply(&mut tx, event, &p.message).await?),
+                Ok(event) => outcomes.push(
+                    self.handler
+                        .apply(&mut tx, event, &p.message)
+                        .instrument(event_span(&p.message))
+                        .await?,
+                ),
                 Err(e) => dead.push(DeadLetter::unreadable(&p.message, e)),
             }
         }
@@ -627,7 +650,12 @@ impl<H: Handler> EventConsumer<H> {
                 }
             };
             let mut tx = self.pool.begin().await?;
-            match self.handler.apply(&mut tx, event, &p.message).await {
+            let applied = self
+                .handler
+                .apply(&mut tx, event, &p.message)
+                .instrument(event_span(&p.message))
+                .await;
+            match applied {
                 Ok(outcome) => {
                     tx.commit().await?;
                     outcomes.push(outcome);

@@ -148,6 +148,7 @@ pub fn with_problem_fallbacks(router: Router) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
         .layer(axum::middleware::from_fn(crate::metrics::record_http))
+        .layer(axum::middleware::from_fn(crate::telemetry::http_span))
 }
 
 /// A service's whole router: its `api` routes behind token authentication (unknown
@@ -167,6 +168,7 @@ pub fn service_router(
         .merge(api)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
         .layer(axum::middleware::from_fn(crate::metrics::record_http))
+        .layer(axum::middleware::from_fn(crate::telemetry::http_span))
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

@@ -73,6 +73,65 @@ pub fn init(settings: &LogSettings) {
     }
 }
 
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), when it
+/// is one: 32 lower-case hex digits, not all zero.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(span, 16)
+        && hex(flags, 2);
+    valid.then_some(trace)
+}
+
+/// A request id as clients may send it: 1 to 128 visible ASCII characters.
+pub fn request_id(value: &str) -> Option<&str> {
+    ((1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic()))
+        .then_some(value)
+}
+
+/// A layer for a whole router: each request runs in an `http` span carrying its
+/// method, route template, `trace_id` (from `traceparent`) and `request_id` (from
+/// `X-Request-Id`), so every log line written while serving it names them.
+pub async fn http_span(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    // In a block: a borrow of the request held across the await would make the
+    // future not Send (the body is not Sync).
+    let (trace, id) = {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let trace = header("traceparent").and_then(trace_id).unwrap_or_default();
+        let id = header("x-request-id")
+            .and_then(request_id)
+            .unwrap_or_default();
+        (trace.to_owned(), id.to_owned())
+    };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("-", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "http",
+        method = %request.method(),
+        route = %route,
+        trace_id = %trace,
+        request_id = %id,
+    );
+    next.run(request).instrument(span).await
+}
+
 static LEVELS: OnceLock<Levels> = OnceLock::new();
 
 /// The process's log levels, when [`init`] installed the subscriber.
@@ -265,6 +324,23 @@ mod tests {
             Some("ERROR")
         );
         assert_eq!(state.level_of("ROOT").effective_level, "WARN");
+    }
+
+    #[test]
+    fn trace_ids_come_only_from_well_formed_traceparents() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(valid), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+        assert_eq!(request_id("req-1"), Some("req-1"));
+        assert_eq!(request_id("has space"), None);
     }
 
     #[test]
