@@ -76,6 +76,11 @@ pub struct Settings {
     pub cors: limits::CorsSettings,
     /// Request headers larger than this together are refused with 431.
     pub max_header_bytes: usize,
+    /// Networks of the proxies in front of the gateway (a load balancer that ends
+    /// TLS). Only from these are `X-Forwarded-For`, `-Proto` and `-Host` believed and
+    /// extended; anyone else's are dropped, as a client could write anything there.
+    /// Empty by default: the gateway is the edge.
+    pub trusted_proxies: Vec<String>,
     /// Worker threads serving requests, each with its own listener and upstream pool;
     /// 0 is one per core.
     pub workers: usize,
@@ -92,6 +97,7 @@ impl Default for Settings {
             upstream: UpstreamSettings::default(),
             cors: limits::CorsSettings::default(),
             max_header_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
             workers: 0,
         }
     }
@@ -127,6 +133,8 @@ pub struct Gateway {
     pub balancer: balancer::Balancer,
     pub cors: limits::CorsSettings,
     pub max_header_bytes: usize,
+    /// Proxies whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where the routes come from; `None` for the built-in ones.
     routes_file: Option<PathBuf>,
     /// Prometheus's static credential for `/actuator/prometheus`.
@@ -244,6 +252,12 @@ impl Application {
             balancer: balancer::Balancer::default(),
             cors: settings.cors.clone(),
             max_header_bytes: settings.max_header_bytes,
+            trusted_proxies: settings
+                .trusted_proxies
+                .iter()
+                .map(|n| shared::networks::parse_network(n))
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
             routes_file: settings.routes_file.clone(),
             metrics_token: settings
                 .auth
@@ -308,8 +322,7 @@ fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
     let identity = Router::new()
         .route("/auth/token", post(auth::token))
         .route("/.well-known/jwks.json", get(auth::jwks))
-        .with_state(idp)
-        .merge(shared::openapi::route(openapi::document()));
+        .with_state(idp);
     let admin = Router::new()
         .route("/actuator/gateway/routes", get(report::routes))
         .route("/actuator/gateway/routes/{id}", get(report::route))

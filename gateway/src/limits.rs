@@ -49,9 +49,10 @@ struct Buckets {
 /// most once per [`SWEEP_EVERY`], so a busy limiter never rescans on every request.
 const SWEEP_ABOVE: usize = 100_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Past this many live keys a new key is judged on a fresh bucket without being kept:
-/// memory stays bounded and a new key gets no more than its first burst anyway.
+/// Past this many live keys, new keys share one overflow bucket: memory stays bounded
+/// and a flood of new keys is limited together rather than not at all.
 const MAX_KEYS: usize = 200_000;
+const OVERFLOW_KEY: &str = "\u{0}overflow";
 
 /// What the limiter decided, with the figures for the response headers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,16 +120,15 @@ impl RateLimiter {
             buckets.last_sweep = Some(now);
             buckets.sweeps += 1;
         }
-        let mut fresh = (self.burst_capacity, now);
-        let (tokens, updated) =
-            if buckets.by_key.len() >= MAX_KEYS && !buckets.by_key.contains_key(key) {
-                &mut fresh
-            } else {
-                buckets
-                    .by_key
-                    .entry(key.to_owned())
-                    .or_insert((self.burst_capacity, now))
-            };
+        let key = if buckets.by_key.len() >= MAX_KEYS && !buckets.by_key.contains_key(key) {
+            OVERFLOW_KEY
+        } else {
+            key
+        };
+        let (tokens, updated) = buckets
+            .by_key
+            .entry(key.to_owned())
+            .or_insert((self.burst_capacity, now));
         let refill = now.duration_since(*updated).as_secs_f64() * self.replenish_rate;
         *tokens = (*tokens + refill).min(self.burst_capacity);
         *updated = now;
@@ -357,13 +357,16 @@ mod tests {
         l.check("later", t0 + Duration::from_millis(1100));
         assert_eq!(lock_buckets(&l).sweeps, 2);
 
-        // At the cap, new keys are judged but not kept.
+        // At the cap, new keys share one overflow bucket: bounded, and still limited.
         let t1 = t0 + Duration::from_millis(1200);
         for i in 0..MAX_KEYS {
             l.check(&format!("more{i}"), t1);
         }
-        assert!(lock_buckets(&l).by_key.len() <= MAX_KEYS);
-        assert!(l.check("newcomer", t1).allowed, "a fresh bucket's burst");
+        assert!(lock_buckets(&l).by_key.len() <= MAX_KEYS + 1);
+        assert!(
+            !l.check("newcomer", t1).allowed,
+            "the overflow bucket is spent by the keys before it"
+        );
         assert!(!lock_buckets(&l).by_key.contains_key("newcomer"));
     }
 

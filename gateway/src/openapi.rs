@@ -1,6 +1,7 @@
 //! The gateway's own OpenAPI document: the token endpoint and the key set. The
 //! services' documents describe everything else reached through the gateway; this one
-//! is kept in `docs/api/gateway.json` and served at `/openapi.json`.
+//! is kept in `docs/api/gateway.json`. It is not served: the contract keeps every
+//! gateway path but the token endpoint, the key set and health behind a token.
 
 use utoipa::OpenApi;
 

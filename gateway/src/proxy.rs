@@ -95,6 +95,7 @@ pub async fn forward(
 ) -> Response {
     use tracing::Instrument;
     let started = Instant::now();
+    drop_untrusted_forwarded(request.headers_mut(), client.ip(), &gateway.trusted_proxies);
     let request_id = request
         .headers()
         .get(&X_REQUEST_ID)
@@ -244,11 +245,13 @@ async fn handle(
     for filter in &route.filters {
         match filter {
             Filter::RequestHeaderSize(max) => {
-                if let Some((name, _)) = parts
-                    .headers
-                    .iter()
-                    .find(|(n, v)| n.as_str().len() + v.len() > *max)
-                {
+                // Per header name, all its values together, as Spring counts: repeating
+                // a header does not get round the limit.
+                let too_large = parts.headers.keys().find(|name| {
+                    let values: usize = parts.headers.get_all(*name).iter().map(|v| v.len()).sum();
+                    name.as_str().len() + values > *max
+                });
+                if let Some(name) = too_large {
                     trace.reason = Some("header too large");
                     return Err(Problem::new(
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -320,7 +323,13 @@ async fn handle(
         RequestBody::Streamed(Some(body))
     };
 
-    let path = rewrite_path(route, parts.uri.path());
+    let Some(path) = rewrite_path(route, parts.uri.path()) else {
+        trace.reason = Some("bad path");
+        return Err(Problem::bad_request(
+            "A path segment of `.` or `..`, or an encoded slash, cannot be placed into this route's path.",
+        )
+        .into_response());
+    };
     let query = rewrite_query(route, parts.uri.query());
     prepare_headers(&mut parts.headers, route, client, request_id);
     let idempotent =
@@ -367,10 +376,13 @@ async fn handle(
     // The answer of the last failed attempt, given when nothing is left to try.
     let mut last_failure: Option<Response> = None;
     loop {
-        let (instance, health) = match &route.upstream {
+        // An instance registered by name is reached at the address its name was
+        // checked and pinned to, and told its name in `Host`.
+        let (instance, health, named_host) = match &route.upstream {
             Upstream::Fixed(base) => (
                 base.trim_start_matches("http://").to_owned(),
                 gateway.balancer.health(base),
+                None,
             ),
             Upstream::Service(name) => {
                 let instances = gateway
@@ -383,7 +395,24 @@ async fn handle(
                     .balancer
                     .pick(&instances, &tried, route.balancing, turn, now_ms())
                 {
-                    Some((instance, health)) => (instance.address.clone(), health),
+                    Some((instance, health)) => {
+                        let named = instance
+                            .host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .parse::<std::net::IpAddr>()
+                            .is_err();
+                        let host = named
+                            .then(|| {
+                                HeaderValue::from_str(&format!(
+                                    "{}:{}",
+                                    instance.host, instance.port
+                                ))
+                                .ok()
+                            })
+                            .flatten();
+                        (instance.address.clone(), health, host)
+                    }
                     None if tried.is_empty() => {
                         trace.reason = Some("no instance");
                         return Err(Problem::unavailable(name)
@@ -416,6 +445,11 @@ async fn handle(
         *attempt.method_mut() = parts.method.clone();
         *attempt.uri_mut() = uri;
         *attempt.headers_mut() = parts.headers.clone();
+        if let Some(host) = named_host
+            && !attempt.headers().contains_key(header::HOST)
+        {
+            attempt.headers_mut().insert(header::HOST, host);
+        }
 
         health.outstanding.fetch_add(1, Ordering::Relaxed);
         let sent = tokio::time::timeout(timeout, gateway.client().request(attempt)).await;
@@ -615,26 +649,19 @@ fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Rou
     Response::from_parts(parts, Body::new(body))
 }
 
-/// Keeps one value of `name` (or each distinct one).
+/// Keeps one value of `name` (or each distinct one), comparing whole values as Spring
+/// does: a value holding commas (a cookie's expiry date) is never cut apart.
 fn dedupe(headers: &mut HeaderMap, name: &HeaderName, strategy: crate::routes::Dedupe) {
     use crate::routes::Dedupe;
-    // Values may also be comma-joined in one line, as CORS headers often are.
-    let values: Vec<String> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
+    let values: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
     if values.len() < 2 {
         return;
     }
-    let kept: Vec<String> = match strategy {
+    let kept: Vec<HeaderValue> = match strategy {
         Dedupe::RetainFirst => values.into_iter().take(1).collect(),
         Dedupe::RetainLast => values.into_iter().last().into_iter().collect(),
         Dedupe::RetainUnique => {
-            let mut seen = Vec::new();
+            let mut seen: Vec<HeaderValue> = Vec::new();
             for v in values {
                 if !seen.contains(&v) {
                     seen.push(v);
@@ -644,8 +671,8 @@ fn dedupe(headers: &mut HeaderMap, name: &HeaderName, strategy: crate::routes::D
         }
     };
     headers.remove(name);
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
-        headers.insert(name.clone(), value);
+    for value in kept {
+        headers.append(name.clone(), value);
     }
 }
 
@@ -672,13 +699,39 @@ fn rewrite_query(route: &Route, query: Option<&str>) -> Option<String> {
                 pairs.push(format!("{}={}", encode_query(name), encode_query(value)));
             }
             Filter::RemoveRequestParameter(name) => {
-                let encoded = encode_query(name);
-                pairs.retain(|p| p.split('=').next() != Some(encoded.as_str()));
+                // Compared decoded, as the upstream will read it: `%64ebug` is `debug`.
+                pairs.retain(|p| decode_query(p.split('=').next().unwrap_or_default()) != *name);
             }
             _ => {}
         }
     }
     (!pairs.is_empty()).then(|| pairs.join("&"))
+}
+
+/// A query component decoded: `+` is a space, `%XX` a byte; bytes that are not UTF-8
+/// are replaced, and a malformed escape is kept as written.
+fn decode_query(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
@@ -696,7 +749,9 @@ fn encode_query(text: &str) -> String {
 
 /// The upstream path after `StripPrefix`, `RewritePath`, `SetPath` and `PrefixPath`,
 /// in the order the filters are written.
-fn rewrite_path(route: &Route, path: &str) -> String {
+/// `None` when a captured variable would change the path's shape (`..`, an encoded
+/// slash): placed into a template it could climb out of the intended prefix.
+fn rewrite_path(route: &Route, path: &str) -> Option<String> {
     let original = path;
     let mut path = path.to_owned();
     for filter in &route.filters {
@@ -704,6 +759,15 @@ fn rewrite_path(route: &Route, path: &str) -> String {
             Filter::SetPath(template) => {
                 let mut filled = template.clone();
                 for (name, value) in route.path_variables(original) {
+                    let lower = value.to_ascii_lowercase();
+                    if value == "."
+                        || value == ".."
+                        || lower.contains("%2f")
+                        || lower.contains("%5c")
+                        || lower.contains("%2e")
+                    {
+                        return None;
+                    }
                     filled = filled.replace(&format!("{{{name}}}"), &value);
                 }
                 path = filled;
@@ -721,7 +785,28 @@ fn rewrite_path(route: &Route, path: &str) -> String {
             _ => {}
         }
     }
-    path
+    Some(path)
+}
+
+/// Drops the `X-Forwarded-*` and `Forwarded` headers unless `peer` is a trusted proxy:
+/// at the edge a client could write any address or scheme there, and predicates
+/// (`XForwardedRemoteAddr`) and services would believe it.
+fn drop_untrusted_forwarded(
+    headers: &mut HeaderMap,
+    peer: std::net::IpAddr,
+    trusted: &[ipnet::IpNet],
+) {
+    let peer = match peer {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    if trusted.iter().any(|n| n.contains(&peer)) {
+        return;
+    }
+    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
+        headers.remove(name);
+    }
+    headers.remove(header::FORWARDED);
 }
 
 /// The scheme clients speak to this gateway's listeners.
@@ -875,6 +960,31 @@ impl UpstreamSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_headers_are_believed_from_trusted_proxies_only() {
+        let forged = || {
+            let mut headers = HeaderMap::new();
+            headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.168.1.1"));
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+            headers
+        };
+        let balancer: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut from_client = forged();
+        drop_untrusted_forwarded(&mut from_client, [203, 0, 113, 9].into(), &[balancer]);
+        assert!(from_client.is_empty(), "{from_client:?}");
+        let mut from_balancer = forged();
+        drop_untrusted_forwarded(&mut from_balancer, [10, 1, 2, 3].into(), &[balancer]);
+        assert_eq!(from_balancer.len(), 2);
+    }
+
+    #[test]
+    fn query_keys_are_compared_decoded() {
+        assert_eq!(decode_query("%64ebug"), "debug");
+        assert_eq!(decode_query("a+b%20c"), "a b c");
+        assert_eq!(decode_query("100%"), "100%");
+        assert_eq!(decode_query("%zz"), "%zz");
+    }
 
     #[test]
     fn forwarded_proto_keeps_a_load_balancers_scheme_and_drops_junk() {

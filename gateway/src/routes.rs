@@ -301,7 +301,7 @@ fn describe(value: &Value) -> String {
 /// status instead of looked up by name and labels on every request.
 #[derive(Debug, Default)]
 pub struct RouteMetrics {
-    requests: std::sync::RwLock<std::collections::HashMap<(Method, u16), metrics::Histogram>>,
+    requests: std::sync::RwLock<std::collections::HashMap<(&'static str, u16), metrics::Histogram>>,
 }
 
 impl RouteMetrics {
@@ -316,7 +316,8 @@ impl RouteMetrics {
         status: u16,
         elapsed: std::time::Duration,
     ) {
-        let key = (method.clone(), status);
+        let method = shared::metrics::method_label(method);
+        let key = (method, status);
         let known = self
             .requests
             .read()
@@ -334,11 +335,12 @@ impl RouteMetrics {
 
     /// The same metric for a request no route matched (route `-`).
     pub fn record_unrouted(method: &Method, status: u16, elapsed: std::time::Duration) {
+        let method = shared::metrics::method_label(method);
         requests_timer("-", "-", method, status).record(elapsed.as_secs_f64());
     }
 }
 
-fn requests_timer(route: &str, uri: &str, method: &Method, status: u16) -> metrics::Histogram {
+fn requests_timer(route: &str, uri: &str, method: &'static str, status: u16) -> metrics::Histogram {
     let code = axum::http::StatusCode::from_u16(status).ok();
     // Spring's HttpStatus names: "OK", "NOT_FOUND", "SERVICE_UNAVAILABLE".
     let name = code.and_then(|c| c.canonical_reason()).map_or_else(
@@ -358,7 +360,7 @@ fn requests_timer(route: &str, uri: &str, method: &Method, status: u16) -> metri
         "spring_cloud_gateway_requests_seconds",
         "routeId" => route.to_owned(),
         "routeUri" => uri.to_owned(),
-        "httpMethod" => method.as_str().to_owned(),
+        "httpMethod" => method,
         "httpStatusCode" => status.to_string(),
         "status" => name,
         "outcome" => outcome,

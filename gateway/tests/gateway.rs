@@ -42,9 +42,12 @@ struct Upstream {
 }
 
 async fn upstream(name: &str) -> Upstream {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    upstream_on("127.0.0.1", name).await
+}
+
+/// [`upstream`] on another loopback address (`127.0.0.2`...).
+async fn upstream_on(ip: &str, name: &str) -> Upstream {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
     let up = Upstream {
         name: name.to_owned(),
         addr: listener.local_addr().expect("addr"),
@@ -150,6 +153,15 @@ routes:
 "#;
 
 async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
+    stack_with(routes, response_timeout_ms, |_| {}).await
+}
+
+/// [`stack`] with the gateway's settings edited by `edit`.
+async fn stack_with(
+    routes: &str,
+    response_timeout_ms: u64,
+    edit: impl FnOnce(&mut Settings),
+) -> Stack {
     let (registry, stop_registry) = registry().await;
     let dir = tempfile::tempdir().expect("dir");
     let routes_file = dir.path().join("routes.yaml");
@@ -165,6 +177,8 @@ async fn stack(routes: &str, response_timeout_ms: u64) -> Stack {
         },
         ..support::gateway_settings(registry, &routes_file)
     };
+    let mut settings = settings;
+    edit(&mut settings);
     let app = Application::build(settings).await.expect("gateway");
     let gateway = format!("http://{}", app.local_addr());
     let stop_gateway = CancellationToken::new();
@@ -502,8 +516,9 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
                 ("cookie", "session=secret"),
                 ("x-user-id", "forged-admin"),
                 ("x-request-id", "req-123"),
-                // As a load balancer that ended TLS in front of the gateway sends it.
+                // Forged: no trusted proxy is configured in front of this gateway.
                 ("x-forwarded-proto", "https"),
+                ("x-forwarded-for", "10.9.9.9"),
             ],
         )
         .await;
@@ -554,8 +569,8 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
     );
     assert_eq!(
         seen.get("x-forwarded-proto").map(String::as_str),
-        Some("https, http"),
-        "the client's scheme survives"
+        Some("http"),
+        "a client's own X-Forwarded-Proto is not believed at the edge"
     );
 
     let rewritten: Value = s
@@ -896,7 +911,7 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
 
     let response = s
         .get_with(
-            "/edit/books?debug=1&page=2",
+            "/edit/books?debug=1&page=2&%64ebug=2",
             &token,
             &[("x-mode", "client"), ("x-tenant", "t-1")],
         )
@@ -945,6 +960,18 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
         refused.status(),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
     );
+    // Repeating a header does not get round the limit.
+    let half = "x".repeat(600);
+    let repeated = s
+        .get_with("/tiny/a", &token, &[("x-big", &half), ("x-big", &half)])
+        .await;
+    assert_eq!(
+        repeated.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    // A variable cannot climb out of SetPath's template.
+    let climbing = s.get_with("/edit/..%2fadmin", &token, &[]).await;
+    assert_eq!(climbing.status(), StatusCode::BAD_REQUEST);
     assert_eq!(
         up.hits.load(Ordering::SeqCst),
         hits,
@@ -957,7 +984,8 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
         "nes",
         "RewriteResponseHeader"
     );
-    assert_eq!(rewritten.headers()["x-dup"], "a, b", "DedupeResponseHeader");
+    let dup: Vec<_> = rewritten.headers().get_all("x-dup").iter().collect();
+    assert_eq!(dup, ["a", "b"], "DedupeResponseHeader keeps whole values");
 }
 
 #[tokio::test]
@@ -983,16 +1011,19 @@ async fn a_bad_route_file_is_refused_at_start_up_naming_route_and_field() {
 
 #[tokio::test]
 async fn instances_outside_the_allowed_networks_get_no_traffic() {
-    // The default networks are loopback and the private ranges.
-    let s = stack(ROUTES, 2000).await;
+    // Only 127.0.0.1 (and ::1) are this gateway's instance networks.
+    let s = stack_with(ROUTES, 2000, |settings| {
+        settings.upstream.instance_networks = vec!["127.0.0.1/32".into(), "::1/128".into()];
+    })
+    .await;
     let good = upstream("orders-good").await;
+    // A live server outside the networks: were the check missing, it would get traffic
+    // (and the users' bearer tokens).
+    let elsewhere = upstream_on("127.0.0.2", "orders-elsewhere").await;
     let settings = registry_settings(s.registry);
     let registry = RegistryClient::new(&settings);
-    // A registration steering the service's traffic (and its users' bearer tokens) to
-    // a public address; the port is the good upstream's, so only the check keeps it out.
-    let mut outside = InstanceRegistration::for_bound("order-service", good.addr, &settings);
+    let mut outside = InstanceRegistration::for_bound("order-service", elsewhere.addr, &settings);
     outside.instance_id = "outside".into();
-    outside.host = "192.0.2.10".into();
     registry.register(&outside, 60).await.expect("register");
     // A registration by host name, admitted once it resolves into the networks.
     let mut named = InstanceRegistration::for_bound("order-service", good.addr, &settings);
@@ -1019,7 +1050,7 @@ async fn instances_outside_the_allowed_networks_get_no_traffic() {
     let refused = &orders["refusedInstances"][0];
     assert_eq!(refused["instanceId"], "outside", "{orders}");
     let reason = refused["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("192.0.2.10 is outside"), "{reason}");
+    assert!(reason.contains("127.0.0.2 is outside"), "{reason}");
 
     let token = s.token("alice", "alice-pw").await;
     for _ in 0..6 {
@@ -1031,6 +1062,10 @@ async fn instances_outside_the_allowed_networks_get_no_traffic() {
         6,
         "every request went to it"
     );
+    assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0, "none outside");
+    // Reached at the address its name was checked to, and told its name.
+    let host = good.last_headers.lock().expect("lock").get("host").cloned();
+    assert_eq!(host, Some(format!("localhost:{}", good.addr.port())));
 }
 
 #[tokio::test]

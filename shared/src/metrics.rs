@@ -38,12 +38,30 @@ pub fn outcome(status: u16) -> &'static str {
     }
 }
 
+/// A method as a label: the standard ones as they are, anything else `OTHER`, so a
+/// client inventing methods cannot mint series.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
 /// A layer for a whole router: records `http_server_requests_seconds` for each
 /// request. A request no route matched is `uri="NOT_FOUND"` (404) or `"UNKNOWN"`, as
 /// Micrometer labels them, so arbitrary paths never become label values.
 pub async fn record_http(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let template = request
         .extensions()
         .get::<MatchedPath>()

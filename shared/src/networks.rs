@@ -60,8 +60,22 @@ pub struct InstanceNetworks {
     names: Mutex<HashMap<String, Verdict>>,
 }
 
-/// A host name's verdict and when it was reached.
-type Verdict = (Result<(), String>, Instant);
+/// A host name's verdict (the address it was pinned to) and when it was reached.
+type Verdict = (Result<IpAddr, String>, Instant);
+
+/// Why a name was not admitted: the resolver failed, or it answered outside.
+enum Resolution {
+    Failed(String),
+    Outside(String),
+}
+
+/// `host` as an IP address, when it is one (IPv6 possibly in brackets).
+fn literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
 
 /// An instance a router will not send traffic to, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,59 +110,97 @@ impl InstanceNetworks {
         self.networks.iter().any(|n| n.contains(&ip))
     }
 
-    /// Splits `instances` into those inside the networks and those refused.
+    /// Splits `instances` into those inside the networks and those refused. An
+    /// instance registered by host name is admitted with its `address` pinned to the
+    /// checked IP (its `host` keeps the name, for the `Host` header), so the connection
+    /// goes where the check looked: a name whose DNS answer changes after the check
+    /// cannot steer traffic elsewhere. Names are resolved concurrently.
     pub async fn admit(
         &self,
         instances: Vec<ServiceInstance>,
     ) -> (Vec<ServiceInstance>, Vec<Refused>) {
+        let now = Instant::now();
+        let mut due: Vec<(String, u16)> = instances
+            .iter()
+            .filter(|i| literal(&i.host).is_none())
+            .filter(|i| {
+                self.lock()
+                    .get(&i.host)
+                    .is_none_or(|(_, at)| now.duration_since(*at) >= NAME_TTL)
+            })
+            .map(|i| (i.host.clone(), i.port))
+            .collect();
+        due.sort();
+        due.dedup_by(|a, b| a.0 == b.0);
+        let resolved = futures::future::join_all(
+            due.iter()
+                .map(|(host, port)| async move { (host, self.resolve(host, *port).await) }),
+        )
+        .await;
+        {
+            let mut names = self.lock();
+            // Bounded: verdicts far past their time are dropped before new ones are kept.
+            names.retain(|_, (_, at)| now.duration_since(*at) < NAME_TTL * 4);
+            for (host, verdict) in resolved {
+                match verdict {
+                    // A resolver that fails keeps the last good answer in force for a
+                    // while: a DNS hiccup must not take every instance away.
+                    Err(Resolution::Failed(_))
+                        if names.get(host.as_str()).is_some_and(|(v, _)| v.is_ok()) => {}
+                    Err(Resolution::Failed(reason) | Resolution::Outside(reason)) => {
+                        names.insert(host.clone(), (Err(reason), now));
+                    }
+                    Ok(ip) => {
+                        names.insert(host.clone(), (Ok(ip), now));
+                    }
+                }
+            }
+        }
         let mut admitted = Vec::with_capacity(instances.len());
         let mut refused = Vec::new();
-        for instance in instances {
-            match self.judge(&instance.host, instance.port).await {
-                Ok(()) => admitted.push(instance),
+        for mut instance in instances {
+            let verdict = match literal(&instance.host) {
+                Some(ip) if self.contains(ip) => Ok(None),
+                Some(ip) => Err(format!("{ip} is outside the allowed instance networks")),
+                None => match self.lock().get(&instance.host) {
+                    Some((Ok(ip), _)) => Ok(Some(*ip)),
+                    Some((Err(reason), _)) => Err(reason.clone()),
+                    None => Err(format!("{} was not resolved", instance.host)),
+                },
+            };
+            match verdict {
+                Ok(pinned) => {
+                    if let Some(ip) = pinned {
+                        instance.address = std::net::SocketAddr::new(ip, instance.port).to_string();
+                    }
+                    admitted.push(instance);
+                }
                 Err(reason) => refused.push(Refused { instance, reason }),
             }
         }
         (admitted, refused)
     }
 
-    async fn judge(&self, host: &str, port: u16) -> Result<(), String> {
-        let literal = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = literal.parse::<IpAddr>() {
-            return if self.contains(ip) {
-                Ok(())
-            } else {
-                Err(format!("{ip} is outside the allowed instance networks"))
-            };
-        }
-        let now = Instant::now();
-        if let Some((verdict, at)) = self.lock().get(host)
-            && now.duration_since(*at) < NAME_TTL
-        {
-            return verdict.clone();
-        }
-        let verdict = self.resolve(host, port).await;
-        let mut names = self.lock();
-        // Bounded: verdicts past their time are dropped before a new one is kept.
-        names.retain(|_, (_, at)| now.duration_since(*at) < NAME_TTL);
-        names.insert(host.to_owned(), (verdict.clone(), now));
-        verdict
-    }
-
-    async fn resolve(&self, host: &str, port: u16) -> Result<(), String> {
+    async fn resolve(&self, host: &str, port: u16) -> Result<IpAddr, Resolution> {
         let lookup = tokio::net::lookup_host((host, port));
         let addresses: Vec<IpAddr> = match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
             Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
-            Ok(Err(e)) => return Err(format!("{host} does not resolve ({e})")),
-            Err(_) => return Err(format!("{host} did not resolve within {RESOLVE_TIMEOUT:?}")),
+            Ok(Err(e)) => return Err(Resolution::Failed(format!("{host} does not resolve ({e})"))),
+            Err(_) => {
+                return Err(Resolution::Failed(format!(
+                    "{host} did not resolve within {RESOLVE_TIMEOUT:?}"
+                )));
+            }
         };
-        match addresses.iter().find(|ip| !self.contains(**ip)) {
-            None if addresses.is_empty() => Err(format!("{host} resolves to no address")),
-            None => Ok(()),
-            Some(outside) => Err(format!(
+        if let Some(outside) = addresses.iter().find(|ip| !self.contains(**ip)) {
+            return Err(Resolution::Outside(format!(
                 "{host} resolves to {outside}, outside the allowed instance networks"
-            )),
+            )));
         }
+        addresses
+            .first()
+            .copied()
+            .ok_or_else(|| Resolution::Failed(format!("{host} resolves to no address")))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Verdict>> {
@@ -219,6 +271,16 @@ mod tests {
             .await;
         let hosts: Vec<&str> = admitted.iter().map(|i| i.host.as_str()).collect();
         assert_eq!(hosts, ["127.0.0.1", "[::1]", "localhost"]);
+        // The name is pinned to the address that was checked.
+        let pinned: std::net::SocketAddr = admitted[2].address.parse().expect("an IP address");
+        assert!(
+            pinned.ip().is_loopback() && pinned.port() == 8080,
+            "{pinned}"
+        );
+        assert_eq!(
+            admitted[0].address, "127.0.0.1:8080",
+            "literals stay as registered"
+        );
         assert_eq!(refused.len(), 2);
         assert!(
             refused[0].reason.contains("10.0.0.1 is outside"),

@@ -256,10 +256,11 @@ impl LevelState {
             let simple = !directive.contains(['[', '{']);
             match directive.split_once('=') {
                 Some((target, level)) if simple && filter_level(level).is_some() => {
-                    targets.insert(target.to_owned(), level.to_ascii_lowercase());
+                    let level = filter_level(level).unwrap_or("info");
+                    targets.insert(target.to_owned(), level.to_owned());
                 }
                 None if filter_level(directive).is_some() => {
-                    root = directive.to_ascii_lowercase();
+                    root = filter_level(directive).unwrap_or("info").to_owned();
                 }
                 _ => other.push(directive.to_owned()),
             }
@@ -324,6 +325,11 @@ mod tests {
             Some("ERROR")
         );
         assert_eq!(state.level_of("ROOT").effective_level, "WARN");
+        let fatal = LevelState::parse("fatal,db=FATAL");
+        assert_eq!(
+            (fatal.root.as_str(), fatal.targets["db"].as_str()),
+            ("error", "error")
+        );
     }
 
     #[test]

@@ -197,6 +197,8 @@ async fn requests_pools_and_the_process_are_measured_under_micrometer_names() {
     for path in ["/things/7", "/things/8", "/secret-admin-panel"] {
         call(&app, "GET", path, None, None).await;
     }
+    // Invented methods cannot mint series either.
+    call(&app, "BREW", "/things/9", None, None).await;
     let response = app
         .clone()
         .oneshot(
@@ -233,6 +235,10 @@ async fn requests_pools_and_the_process_are_measured_under_micrometer_names() {
     assert!(
         !text.contains("secret-admin-panel"),
         "paths never become labels"
+    );
+    assert!(
+        !text.contains("BREW") && series(r#"method="OTHER""#),
+        "{text}"
     );
     for process in [
         "process_cpu_seconds_total",
