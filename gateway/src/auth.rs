@@ -109,6 +109,8 @@ pub struct IdentityProvider {
     /// password and timing does not reveal which names exist.
     decoy: String,
     guard: LoginGuard,
+    /// Proxies whose `X-Forwarded-For` names the client a login is throttled as.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for IdentityProvider {
@@ -156,6 +158,7 @@ impl IdentityProvider {
             users,
             decoy: hash_password(&TokenSigner::generate_seed())?,
             guard: LoginGuard::new(&settings.login),
+            trusted_proxies: Vec::new(),
         })
     }
 
@@ -216,6 +219,7 @@ pub struct TokenResponse {
 pub async fn token(
     State(idp): State<Arc<IdentityProvider>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     shared::http::Json(request): shared::http::Json<TokenRequest>,
 ) -> Response {
     if idp.signer.is_none() {
@@ -225,7 +229,7 @@ pub async fn token(
         )
         .into_response();
     }
-    let address = client.ip();
+    let address = crate::proxy::client_address(client.ip(), &headers, &idp.trusted_proxies);
     let admission = match idp.guard.admit(address, &request.username) {
         Ok(admission) => admission,
         Err(Refusal::Throttled { retry_after }) => {

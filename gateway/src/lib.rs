@@ -220,7 +220,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let table = settings.route_table()?;
-        let idp = IdentityProvider::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
+        let mut idp = IdentityProvider::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
         let mut verifier = JwtVerifier::new(&settings.auth.external)
             .map_err(|e| anyhow::anyhow!("auth.external: {e}"))?;
         if let Some(signer) = &idp.signer {
@@ -271,7 +271,10 @@ impl Application {
         let listeners = server::bind(&settings.http.host, settings.http.port, workers)?;
         Ok(Self {
             listeners,
-            router: router(gateway, Arc::new(idp)),
+            router: {
+                idp.trusted_proxies = gateway.trusted_proxies.clone();
+                router(gateway, Arc::new(idp))
+            },
             registry: settings.registry,
             http_limits: settings.http.limits.clone(),
             background,

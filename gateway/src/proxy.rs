@@ -277,7 +277,10 @@ async fn handle(
         if let Filter::RequestRateLimiter(limiter) = filter {
             let key = match limiter.key {
                 crate::limits::LimitKey::User => format!("user:{}", claims.sub),
-                crate::limits::LimitKey::Ip => format!("ip:{}", client.ip()),
+                crate::limits::LimitKey::Ip => format!(
+                    "ip:{}",
+                    client_address(client.ip(), &parts.headers, &gateway.trusted_proxies)
+                ),
             };
             let decision = limiter.check(&key, Instant::now());
             if !decision.allowed {
@@ -788,6 +791,32 @@ fn rewrite_path(route: &Route, path: &str) -> Option<String> {
     Some(path)
 }
 
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the
+/// address that proxy saw (the last `X-Forwarded-For` entry). Login throttling and
+/// per-address rate limits key on it, so behind a load balancer every client is not
+/// one address.
+pub fn client_address(
+    peer: std::net::IpAddr,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let unmapped = match peer {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    if !trusted.iter().any(|n| n.contains(&unmapped)) {
+        return peer;
+    }
+    headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(peer)
+}
+
 /// Drops the `X-Forwarded-*` and `Forwarded` headers unless `peer` is a trusted proxy:
 /// at the edge a client could write any address or scheme there, and predicates
 /// (`XForwardedRemoteAddr`) and services would believe it.
@@ -976,6 +1005,20 @@ mod tests {
         let mut from_balancer = forged();
         drop_untrusted_forwarded(&mut from_balancer, [10, 1, 2, 3].into(), &[balancer]);
         assert_eq!(from_balancer.len(), 2);
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_names_it() {
+        let balancer: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("203.0.113.5, 198.51.100.7"),
+        );
+        let via_balancer = client_address([10, 0, 0, 2].into(), &headers, &[balancer]);
+        assert_eq!(via_balancer, std::net::IpAddr::from([198, 51, 100, 7]));
+        let direct = client_address([203, 0, 113, 9].into(), &headers, &[balancer]);
+        assert_eq!(direct, std::net::IpAddr::from([203, 0, 113, 9]));
     }
 
     #[test]

@@ -103,6 +103,45 @@ async fn an_address_guessing_many_names_is_throttled() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_each_client_is_throttled_as_itself() {
+    // Every login comes from the load balancer's address (127.0.0.1 here); the
+    // address it names in X-Forwarded-For is the client's.
+    let gateway = support::spawn_gateway(|settings| {
+        settings.auth.login = LoginSettings {
+            max_failures_per_user: 1000,
+            max_failures_per_address: 3,
+            ..LoginSettings::default()
+        };
+        settings.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let login = |client: &'static str, user: &'static str, password: &'static str| {
+        gateway
+            .client
+            .post(format!("{}/auth/token", gateway.base))
+            .header("x-forwarded-for", client)
+            .json(&json!({"username": user, "password": password}))
+            .send()
+    };
+    for name in ["mallory-1", "mallory-2", "mallory-3"] {
+        let answer = login("198.51.100.66", name, "x").await.expect("answer");
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    }
+    let guesser = login("198.51.100.66", "admin", "admin-pw")
+        .await
+        .expect("answer");
+    assert_eq!(guesser.status(), StatusCode::TOO_MANY_REQUESTS);
+    let someone_else = login("198.51.100.7", "admin", "admin-pw")
+        .await
+        .expect("answer");
+    assert_eq!(
+        someone_else.status(),
+        StatusCode::OK,
+        "another client behind the same balancer is not locked out"
+    );
+}
+
+#[tokio::test]
 async fn a_login_flood_is_shed_at_the_check_bound_and_the_user_still_gets_in() {
     let gateway = gateway(LoginSettings {
         max_concurrent_checks: 1,
