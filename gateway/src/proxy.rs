@@ -109,24 +109,22 @@ pub async fn forward(
         .unwrap_or_else(new_request_id);
     // The trace this request belongs to: the caller's, or one started here, decided
     // before anything logs so that every line of this request names it.
-    let incoming = request
-        .headers()
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(shared::telemetry::trace_id)
-        .is_some();
-    if !incoming {
-        request
-            .headers_mut()
-            .insert(TRACEPARENT.clone(), new_traceparent());
-    }
-    let trace_id = request
-        .headers()
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(shared::telemetry::trace_id)
-        .unwrap_or_default()
-        .to_owned();
+    let trace_of = |value: &HeaderValue| {
+        value
+            .to_str()
+            .ok()
+            .and_then(shared::telemetry::trace_id)
+            .map(str::to_owned)
+    };
+    let trace_id = match request.headers().get(&TRACEPARENT).and_then(trace_of) {
+        Some(incoming) => incoming,
+        None => {
+            let started = new_traceparent();
+            let id = trace_of(&started).unwrap_or_default();
+            request.headers_mut().insert(TRACEPARENT.clone(), started);
+            id
+        }
+    };
     let span = tracing::info_span!(
         "http",
         trace_id = %trace_id,
@@ -399,12 +397,7 @@ async fn handle(
                     .pick(&instances, &tried, route.balancing, turn, now_ms())
                 {
                     Some((instance, health)) => {
-                        let named = instance
-                            .host
-                            .trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .parse::<std::net::IpAddr>()
-                            .is_err();
+                        let named = shared::networks::literal(&instance.host).is_none();
                         let host = named
                             .then(|| {
                                 HeaderValue::from_str(&format!(
@@ -711,43 +704,25 @@ fn rewrite_query(route: &Route, query: Option<&str>) -> Option<String> {
     (!pairs.is_empty()).then(|| pairs.join("&"))
 }
 
-/// A query component decoded: `+` is a space, `%XX` a byte; bytes that are not UTF-8
-/// are replaced, and a malformed escape is kept as written.
+/// A query component decoded as the upstream reads it (`+` is a space, `%XX` a byte,
+/// bytes that are not UTF-8 replaced, a malformed escape kept as written).
 fn decode_query(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(text.as_bytes())
+        .next()
+        .map(|(key, _)| key.into_owned())
+        .unwrap_or_default()
 }
+
+/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
 fn encode_query(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(text, NOT_UNRESERVED).to_string()
 }
 
 /// The upstream path after `StripPrefix`, `RewritePath`, `SetPath` and `PrefixPath`,
@@ -800,20 +775,11 @@ pub fn client_address(
     headers: &HeaderMap,
     trusted: &[ipnet::IpNet],
 ) -> std::net::IpAddr {
-    let unmapped = match peer {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
-        v4 => v4,
-    };
-    if !trusted.iter().any(|n| n.contains(&unmapped)) {
+    if !shared::networks::any_contains(trusted, peer) {
         return peer;
     }
-    headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .next_back()
-        .and_then(|last| last.trim().parse().ok())
+    shared::networks::last_forwarded_for(headers)
+        .and_then(|last| last.parse().ok())
         .unwrap_or(peer)
 }
 
@@ -825,11 +791,7 @@ fn drop_untrusted_forwarded(
     peer: std::net::IpAddr,
     trusted: &[ipnet::IpNet],
 ) {
-    let peer = match peer {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
-        v4 => v4,
-    };
-    if trusted.iter().any(|n| n.contains(&peer)) {
+    if shared::networks::any_contains(trusted, peer) {
         return;
     }
     for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {

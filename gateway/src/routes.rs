@@ -341,12 +341,10 @@ impl RouteMetrics {
 }
 
 fn requests_timer(route: &str, uri: &str, method: &'static str, status: u16) -> metrics::Histogram {
-    let code = axum::http::StatusCode::from_u16(status).ok();
-    // Spring's HttpStatus names: "OK", "NOT_FOUND", "SERVICE_UNAVAILABLE".
-    let name = code.and_then(|c| c.canonical_reason()).map_or_else(
-        || status.to_string(),
-        |r| r.to_ascii_uppercase().replace([' ', '-'], "_"),
-    );
+    let name = axum::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(spring_status_name)
+        .unwrap_or_else(|| status.to_string());
     // Spring's HttpStatus.Series names.
     let outcome = match status {
         100..=199 => "INFORMATIONAL",
@@ -1052,6 +1050,12 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
     }
 }
 
+/// Spring's `HttpStatus` name of a status: `OK`, `NOT_FOUND`, `SERVICE_UNAVAILABLE`.
+fn spring_status_name(code: axum::http::StatusCode) -> Option<String> {
+    code.canonical_reason()
+        .map(|r| r.to_ascii_uppercase().replace([' ', '-'], "_"))
+}
+
 /// A status as a number (`401`) or Spring's `HttpStatus` name (`UNAUTHORIZED`).
 fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
     let raw = raw.trim();
@@ -1061,10 +1065,7 @@ fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
     }
     (100..600)
         .filter_map(|c| axum::http::StatusCode::from_u16(c).ok())
-        .find(|c| {
-            c.canonical_reason()
-                .is_some_and(|r| r.to_ascii_uppercase().replace([' ', '-'], "_") == raw)
-        })
+        .find(|c| spring_status_name(*c).is_some_and(|name| name == raw))
         .ok_or_else(|| format!("{raw} is not a status such as 401 or UNAUTHORIZED"))
 }
 
@@ -1132,35 +1133,21 @@ impl Predicate {
                 .any(|(k, v)| k == name && regex.is_match(v)),
             Predicate::RemoteAddr(networks) => facts
                 .peer
-                .is_some_and(|ip| networks.iter().any(|n| n.contains(&unmapped(ip)))),
+                .is_some_and(|ip| shared::networks::any_contains(networks, ip)),
             Predicate::XForwardedRemoteAddr(networks) => {
-                let forwarded = headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(','))
-                    .next_back();
                 // Only the last entry counts: an unreadable one matches nothing rather
                 // than letting an earlier, client-written entry stand in for it.
-                let ip = match forwarded {
-                    Some(entry) => entry.trim().parse::<std::net::IpAddr>().ok(),
+                let ip = match shared::networks::last_forwarded_for(headers) {
+                    Some(entry) => entry.parse::<std::net::IpAddr>().ok(),
                     None => facts.peer,
                 };
-                ip.is_some_and(|ip| networks.iter().any(|n| n.contains(&unmapped(ip))))
+                ip.is_some_and(|ip| shared::networks::any_contains(networks, ip))
             }
             Predicate::Weight { group, from, to } => {
                 let x = group_draw(facts.draw, group);
                 *from <= x && x < *to
             }
         }
-    }
-}
-
-/// An IPv4-mapped IPv6 peer as the IPv4 address it is.
-fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-        v4 => v4,
     }
 }
 

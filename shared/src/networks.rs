@@ -69,8 +69,34 @@ enum Resolution {
     Outside(String),
 }
 
+/// `ip`, or the IPv4 address an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) carries.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` lies in one of `networks`, an IPv4-mapped address judged as IPv4.
+pub fn any_contains(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = unmapped(ip);
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// The last `X-Forwarded-For` entry as written: the address the nearest proxy saw.
+/// Earlier entries are whatever the client wrote.
+pub fn last_forwarded_for(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .map(str::trim)
+}
+
 /// `host` as an IP address, when it is one (IPv6 possibly in brackets).
-fn literal(host: &str) -> Option<IpAddr> {
+pub fn literal(host: &str) -> Option<IpAddr> {
     host.trim_start_matches('[')
         .trim_end_matches(']')
         .parse()
@@ -103,11 +129,7 @@ impl InstanceNetworks {
     /// Whether `ip` is inside one of the networks. An IPv4-mapped IPv6 address is
     /// judged as the IPv4 address it carries.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        self.networks.iter().any(|n| n.contains(&ip))
+        any_contains(&self.networks, ip)
     }
 
     /// Splits `instances` into those inside the networks and those refused. An
