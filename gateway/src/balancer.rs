@@ -50,7 +50,24 @@ pub struct InstanceHealth {
     ejected_until_ms: AtomicU64,
 }
 
+/// One request in flight to an instance, counted while it lives: dropped on every
+/// path, a client that hangs up mid-request included, so the count never leaks.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl InstanceHealth {
+    /// Counts a request to this instance until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.outstanding)
+    }
+
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Acquire) > now_ms
     }
@@ -315,6 +332,31 @@ mod tests {
             Some(1),
             "back by itself after the backoff"
         );
+    }
+
+    #[test]
+    fn an_in_flight_request_is_counted_until_its_guard_drops_even_when_abandoned() {
+        let health = InstanceHealth::default();
+        let first = health.in_flight();
+        {
+            let _second = health.in_flight();
+            assert_eq!(health.outstanding.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(health.outstanding.load(Ordering::Relaxed), 1);
+        // A request future dropped mid-await (the client hung up) drops its guard.
+        let abandoned = async {
+            let _guard = health.in_flight();
+            std::future::pending::<()>().await;
+        };
+        let mut abandoned = Box::pin(abandoned);
+        let waker = std::task::Waker::noop();
+        let _ = abandoned
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker));
+        assert_eq!(health.outstanding.load(Ordering::Relaxed), 2);
+        drop(abandoned);
+        drop(first);
+        assert_eq!(health.outstanding.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub const BUILTIN_ROUTES: &str = include_str!("../config/routes.yaml");
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub tracing: shared::telemetry::TracingSettings,
     pub registry: RegistrySettings,
     /// A YAML route file instead of the built-in routes.
     pub routes_file: Option<PathBuf>,
@@ -91,6 +92,7 @@ impl Default for Settings {
         Self {
             http: HttpSettings::local(DEFAULT_PORT),
             log: LogSettings::default(),
+            tracing: Default::default(),
             registry: RegistrySettings::default(),
             routes_file: None,
             auth: GatewayAuthSettings::default(),
@@ -107,7 +109,7 @@ impl Settings {
     /// Defaults, then `GATEWAY_CONFIG`'s file, then `REGISTRY_URL` / `REGISTRY_TOKEN`,
     /// then `GATEWAY_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
-        Layers::new("GATEWAY_").registry_client().load()
+        Layers::new("GATEWAY_").spans().registry_client().load()
     }
 
     /// The route table these settings name.

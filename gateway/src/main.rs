@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = gateway::Settings::load()?;
-    shared::telemetry::init(&settings.log);
+    let _spans = shared::telemetry::init(gateway::SERVICE_NAME, &settings.log, &settings.tracing);
     let app = gateway::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown::on_signal()).await
 }

@@ -107,29 +107,45 @@ pub async fn forward(
         })
         .cloned()
         .unwrap_or_else(new_request_id);
-    // The trace this request belongs to: the caller's, or one started here, decided
-    // before anything logs so that every line of this request names it.
-    let trace_of = |value: &HeaderValue| {
-        value
+    // The server span, the child of the caller's trace when it sent one, made before
+    // anything logs so that every line of this request names the trace.
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %request.method(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        request_id = request_id.to_str().unwrap_or("-"),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let incoming = request
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| shared::telemetry::trace_id(v).is_some())
+        .map(str::to_owned);
+    shared::telemetry::continue_trace(&span, incoming.as_deref());
+    // Without the span layer (no subscriber installed) the trace is still carried:
+    // the caller's as it came, or one started here.
+    if shared::telemetry::traceparent_of(&span).is_none() {
+        let traceparent = match incoming {
+            Some(_) => request.headers()[&TRACEPARENT].clone(),
+            None => {
+                let started = new_traceparent();
+                request
+                    .headers_mut()
+                    .insert(TRACEPARENT.clone(), started.clone());
+                started
+            }
+        };
+        if let Some(trace) = traceparent
             .to_str()
             .ok()
             .and_then(shared::telemetry::trace_id)
-            .map(str::to_owned)
-    };
-    let trace_id = match request.headers().get(&TRACEPARENT).and_then(trace_of) {
-        Some(incoming) => incoming,
-        None => {
-            let started = new_traceparent();
-            let id = trace_of(&started).unwrap_or_default();
-            request.headers_mut().insert(TRACEPARENT.clone(), started);
-            id
+        {
+            span.record("trace_id", trace);
         }
-    };
-    let span = tracing::info_span!(
-        "http",
-        trace_id = %trace_id,
-        request_id = request_id.to_str().unwrap_or("-"),
-    );
+    }
     forward_in_span(gateway, client, request, request_id, started)
         .instrument(span)
         .await
@@ -182,6 +198,12 @@ async fn forward_in_span(
         .decorate(origin.as_ref(), response.headers_mut());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
+    let span = tracing::Span::current();
+    span.record("otel.name", format!("{method} {route_id}"));
+    span.record("http.response.status_code", status);
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     match route {
         Some(route) => route
             .metrics
@@ -447,9 +469,42 @@ async fn handle(
             attempt.headers_mut().insert(header::HOST, host);
         }
 
-        health.outstanding.fetch_add(1, Ordering::Relaxed);
-        let sent = tokio::time::timeout(timeout, gateway.client().request(attempt)).await;
-        health.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // A client span per attempt: a retry on another instance is a span of its
+        // own, and the upstream's server span is its child.
+        let attempt_span = tracing::info_span!(
+            "upstream",
+            otel.name = %format_args!("{} {service}", parts.method),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            peer.service = %service,
+            server.address = %instance,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if let Some(traceparent) = shared::telemetry::traceparent_of(&attempt_span)
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            attempt
+                .headers_mut()
+                .insert(TRACEPARENT.clone(), traceparent);
+        }
+        let sent = {
+            use tracing::Instrument;
+            let _in_flight = health.in_flight();
+            tokio::time::timeout(timeout, gateway.client().request(attempt))
+                .instrument(attempt_span.clone())
+                .await
+        };
+        match &sent {
+            Ok(Ok(response)) => {
+                attempt_span.record("http.response.status_code", response.status().as_u16());
+                if response.status().is_server_error() {
+                    attempt_span.record("otel.status_code", "error");
+                }
+            }
+            _ => {
+                attempt_span.record("otel.status_code", "error");
+            }
+        }
 
         // What went wrong, if anything, and whether another instance may be tried.
         let (failure, retryable) = match sent {

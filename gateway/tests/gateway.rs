@@ -783,10 +783,14 @@ async fn the_routes_report_shows_live_instances_to_admins() {
 #[tokio::test]
 async fn probes_answer_without_a_token_and_only_admins_change_log_levels() {
     // The process's subscriber, as main installs it (quiet: other tests share it).
-    shared::telemetry::init(&shared::telemetry::LogSettings {
-        level: "error".into(),
-        ..Default::default()
-    });
+    let _telemetry = shared::telemetry::init(
+        "gateway",
+        &shared::telemetry::LogSettings {
+            level: "error".into(),
+            ..Default::default()
+        },
+        &Default::default(),
+    );
     let s = stack(ROUTES, 2000).await;
     for probe in ["/actuator/health/liveness", "/actuator/health/readiness"] {
         let response = s

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use shared::events::PaymentResult;
 use sqlx::{PgPool, Row, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// How the SMTP connection is secured.
@@ -286,7 +287,7 @@ impl Mailer {
     pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, recipient, subject, body, attempts FROM notifications \
+            "SELECT id, recipient, subject, body, attempts, traceparent FROM notifications \
              WHERE status = 'PENDING' AND next_attempt_at <= now() \
              ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -305,10 +306,28 @@ impl Mailer {
                 let recipient: String = row.try_get("recipient")?;
                 let subject: String = row.try_get("subject")?;
                 let body: String = row.try_get("body")?;
-                sends.push(async move {
-                    let outcome = self.send(&recipient, &subject, &body, id).await;
-                    (id, attempts, outcome)
-                });
+                let traceparent: Option<String> = row.try_get("traceparent")?;
+                // A client span per attempt, in the trace of the order it is about.
+                let span = tracing::info_span!(
+                    "mail",
+                    otel.name = "smtp send",
+                    otel.kind = "client",
+                    otel.status_code = tracing::field::Empty,
+                    notification = %id,
+                    attempt = attempts,
+                    trace_id = tracing::field::Empty,
+                );
+                shared::telemetry::continue_trace(&span, traceparent.as_deref());
+                sends.push(
+                    async move {
+                        let outcome = self.send(&recipient, &subject, &body, id).await;
+                        if !matches!(outcome, Sent::Yes) {
+                            tracing::Span::current().record("otel.status_code", "error");
+                        }
+                        (id, attempts, outcome)
+                    }
+                    .instrument(span),
+                );
             }
             let outcomes = futures::future::join_all(sends).await;
             // The relay is unreachable or busy: the rest of the round would only fail

@@ -3,7 +3,11 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = notification_service::Settings::load()?;
-    shared::telemetry::init(&settings.log);
+    let _spans = shared::telemetry::init(
+        notification_service::SERVICE_NAME,
+        &settings.log,
+        &settings.tracing,
+    );
     let app = notification_service::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown::on_signal()).await
 }

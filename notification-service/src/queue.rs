@@ -27,15 +27,15 @@ impl Handler for Queuer {
         &self,
         tx: &mut PgConnection,
         event: &PaymentResult,
-        _message: &Incoming,
+        message: &Incoming,
     ) -> Result<&'static str, Failure> {
         let (subject, body) = compose(event);
         let row = sqlx::query(
             "WITH claimed AS (INSERT INTO processed_events (event_id) VALUES ($1) \
                               ON CONFLICT DO NOTHING RETURNING 1), \
                   queued AS (INSERT INTO notifications \
-                               (id, order_id, user_id, kind, recipient, subject, body, event_id) \
-                             SELECT $2, $3, $4, $5, $6, $7, $8, $1 WHERE EXISTS (SELECT 1 FROM claimed) \
+                               (id, order_id, user_id, kind, recipient, subject, body, event_id, traceparent) \
+                             SELECT $2, $3, $4, $5, $6, $7, $8, $1, $9 WHERE EXISTS (SELECT 1 FROM claimed) \
                              ON CONFLICT (order_id, kind) DO NOTHING RETURNING 1) \
              SELECT EXISTS (SELECT 1 FROM claimed) AS fresh, EXISTS (SELECT 1 FROM queued) AS queued",
         )
@@ -47,6 +47,9 @@ impl Handler for Queuer {
         .bind(self.mail.address_of(&event.user_id))
         .bind(subject)
         .bind(body)
+        .bind(shared::telemetry::traceparent_here(
+            message.header(shared::events::TRACEPARENT_HEADER),
+        ))
         .fetch_one(&mut *tx)
         .await?;
         Ok(

@@ -7,6 +7,7 @@
 pub mod openapi;
 pub mod orders;
 pub mod results;
+pub mod timeline;
 pub mod validation;
 
 use std::net::SocketAddr;
@@ -48,6 +49,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub tracing: shared::telemetry::TracingSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
     pub topics: Topics,
@@ -62,6 +64,7 @@ impl Settings {
     /// `REGISTRY_URL` / `REGISTRY_TOKEN` / `GATEWAY_URL`, then `ORDER_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("ORDER_")
+            .spans()
             .fallback_env("DATABASE_URL", "database.url")
             .fallback_env("KAFKA_BROKERS", "kafka.brokers")
             .registry_client()
@@ -128,6 +131,7 @@ impl Application {
             pool.clone(),
             std::sync::Arc::new(verifier),
             settings.topics.orders,
+            timeline::Notifications::new(&settings.registry),
         );
         Ok(Self {
             listener,
@@ -200,7 +204,12 @@ async fn count_orders_by_status(pool: PgPool, shutdown: CancellationToken) {
 }
 
 /// The HTTP routes of order-service: the actuator, and the API behind token verification.
-pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic: String) -> Router {
+pub fn router(
+    pool: PgPool,
+    verifier: std::sync::Arc<JwtVerifier>,
+    orders_topic: String,
+    notifications: timeline::Notifications,
+) -> Router {
     let actuator = Actuator::for_service(
         SERVICE_NAME,
         env!("CARGO_PKG_VERSION"),
@@ -211,6 +220,7 @@ pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>, orders_topic:
         pool,
         verifier: verifier.clone(),
         orders_topic,
+        notifications,
     });
     shared::http::service_router(
         actuator

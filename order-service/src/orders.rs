@@ -36,6 +36,8 @@ pub struct Api {
     pub verifier: Arc<JwtVerifier>,
     /// Where `order-created` events go.
     pub orders_topic: String,
+    /// Where the timeline asks notification-service when the mail went out.
+    pub notifications: crate::timeline::Notifications,
 }
 
 impl FromRef<Api> for Arc<JwtVerifier> {
@@ -49,11 +51,12 @@ pub fn routes(api: Api) -> Router {
         .route("/orders", get(list).post(create))
         .route("/orders/stats", get(stats))
         .route("/orders/{id}", get(read))
+        .route("/orders/{id}/timeline", get(crate::timeline::timeline))
         .with_state(api)
 }
 
 /// A database failure: 503 when unreachable, else a logged 500.
-fn internal(e: sqlx::Error) -> Problem {
+pub(crate) fn internal(e: sqlx::Error) -> Problem {
     shared::db::problem("The order database", e)
 }
 
@@ -190,21 +193,27 @@ pub(crate) async fn create(
     }
 
     let id = Uuid::now_v7();
+    let event_id = Uuid::now_v7();
+    let received = headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let traceparent = shared::telemetry::traceparent_here(received);
     let row = sqlx::query(&format!(
-        "INSERT INTO orders (id, user_id, items, total, currency) VALUES ($1, $2, $3, $4, $5) \
-         RETURNING {ORDER_COLUMNS}"
+        "INSERT INTO orders (id, user_id, items, total, currency, trace_id, created_event_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {ORDER_COLUMNS}"
     ))
     .bind(id)
     .bind(&claims.sub)
     .bind(&items)
     .bind(order.total)
     .bind(&order.currency)
+    .bind(traceparent.as_deref().and_then(shared::telemetry::trace_id))
+    .bind(event_id)
     .fetch_one(&mut *tx)
     .await
     .map_err(internal)?;
     let stored = order_json(&row).map_err(internal)?;
 
-    let event_id = Uuid::now_v7();
     let event = serde_json::to_value(OrderCreated {
         event_id,
         event_type: ORDER_CREATED.to_owned(),
@@ -217,10 +226,7 @@ pub(crate) async fn create(
     })
     .map_err(|e| Problem::internal(&e))?;
     let mut event_headers = json!({ EVENT_TYPE_HEADER: ORDER_CREATED });
-    if let Some(trace) = headers
-        .get(TRACEPARENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(trace) = &traceparent {
         event_headers[TRACEPARENT_HEADER] = json!(trace);
     }
     sqlx::query(

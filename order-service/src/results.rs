@@ -27,7 +27,7 @@ impl Handler for ResultApplier {
         &self,
         tx: &mut PgConnection,
         event: &PaymentResult,
-        _message: &Incoming,
+        message: &Incoming,
     ) -> Result<&'static str, Failure> {
         let (status, reason) = if event.validated() {
             ("CONFIRMED", None)
@@ -43,7 +43,8 @@ impl Handler for ResultApplier {
         let row = sqlx::query(
             "WITH claimed AS (INSERT INTO processed_events (event_id) VALUES ($1) \
                               ON CONFLICT DO NOTHING RETURNING 1), \
-                  moved AS (UPDATE orders SET status = $3, rejection_reason = $4, updated_at = now() \
+                  moved AS (UPDATE orders SET status = $3, rejection_reason = $4, updated_at = now(), \
+                                   payment_decided_at = $8, result_published_at = $9 \
                             WHERE id = $2 AND status = 'PENDING' AND user_id = $5 \
                               AND total = $6 AND currency = $7 \
                               AND EXISTS (SELECT 1 FROM claimed) RETURNING 1) \
@@ -59,6 +60,18 @@ impl Handler for ResultApplier {
         .bind(&event.user_id)
         .bind(event.amount)
         .bind(&event.currency)
+        // For the order's timeline: when payment-service decided (the event says),
+        // and when the decision reached Kafka (the record's timestamp).
+        .bind(
+            chrono::DateTime::parse_from_rfc3339(&event.occurred_at)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc)),
+        )
+        .bind(
+            message
+                .timestamp_ms
+                .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis),
+        )
         .fetch_one(&mut *tx)
         .await?;
         if !row.try_get::<bool, _>("fresh")? {

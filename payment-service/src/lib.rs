@@ -50,6 +50,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub tracing: shared::telemetry::TracingSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
     pub topics: Topics,
@@ -64,6 +65,7 @@ impl Settings {
     /// `REGISTRY_URL` / `REGISTRY_TOKEN` / `GATEWAY_URL`, then `PAYMENT_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("PAYMENT_")
+            .spans()
             .fallback_env("DATABASE_URL", "database.url")
             .fallback_env("KAFKA_BROKERS", "kafka.brokers")
             .registry_client()

@@ -111,7 +111,8 @@ impl Handler for PaymentProcessor {
         let payload = serde_json::to_value(&result)
             .map_err(|e| Failure::Permanent(format!("cannot encode the result: {e}")))?;
         let mut headers = json!({ EVENT_TYPE_HEADER: event_type });
-        if let Some(trace) = message.header(TRACEPARENT_HEADER) {
+        if let Some(trace) = shared::telemetry::traceparent_here(message.header(TRACEPARENT_HEADER))
+        {
             headers[TRACEPARENT_HEADER] = json!(trace);
         }
         // The debit, the payment and its result event: one statement, one round trip.

@@ -45,6 +45,7 @@ pub const DEFAULT_PORT: u16 = 8761;
 pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub tracing: shared::telemetry::TracingSettings,
     pub leases: LeaseSettings,
     pub auth: AuthSettings,
 }
@@ -54,6 +55,7 @@ impl Default for Settings {
         Self {
             http: HttpSettings::local(DEFAULT_PORT),
             log: LogSettings::default(),
+            tracing: Default::default(),
             leases: LeaseSettings::default(),
             auth: AuthSettings::default(),
         }
@@ -65,6 +67,7 @@ impl Settings {
     /// write token) into `auth.token`, then `REGISTRY_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
         Layers::new("REGISTRY_")
+            .spans()
             .fallback_env("REGISTRY_TOKEN", "auth.token")
             .load()
     }

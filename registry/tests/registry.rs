@@ -537,10 +537,14 @@ async fn a_service_credential_writes_only_its_own_service_and_never_overrides() 
 
 #[tokio::test]
 async fn only_the_operator_token_changes_log_levels() {
-    shared::telemetry::init(&shared::telemetry::LogSettings {
-        level: "error".into(),
-        ..Default::default()
-    });
+    let _telemetry = shared::telemetry::init(
+        "registry",
+        &shared::telemetry::LogSettings {
+            level: "error".into(),
+            ..Default::default()
+        },
+        &Default::default(),
+    );
     let registry = spawn().await;
     let set = |credential: Option<String>| {
         let mut request = registry

@@ -87,21 +87,26 @@ impl Default for ConsumerLoopSettings {
     }
 }
 
-/// The span an event is applied in: its topic, partition and offset, and the trace
-/// id its `traceparent` header carries, so the consumer's log lines join the trace
-/// of the request that caused the event.
+/// The span an event is applied in: a consumer span, the child of the producer span
+/// whose context the record's `traceparent` header carries, so the event's work (and
+/// its log lines) join the trace of the request that caused it. Events the handler
+/// writes in turn carry this span's context on.
 fn event_span(message: &Incoming) -> tracing::Span {
-    let trace = message
-        .header(crate::events::TRACEPARENT_HEADER)
-        .and_then(crate::telemetry::trace_id)
-        .unwrap_or_default();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "event",
+        otel.name = %format_args!("{} process", message.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.destination.name = %message.topic,
+        messaging.destination.partition.id = message.partition,
+        messaging.kafka.offset = message.offset,
         topic = %message.topic,
         partition = message.partition,
         offset = message.offset,
-        trace_id = %trace,
-    )
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, message.header(crate::events::TRACEPARENT_HEADER));
+    span
 }
 
 /// One message as it came off the topic.

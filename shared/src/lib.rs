@@ -26,6 +26,7 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod zipkin;
 
 pub use problem::{FieldError, Problem};
 

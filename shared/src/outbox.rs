@@ -25,7 +25,9 @@ use serde_json::Value;
 use sqlx::{PgPool, Row, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::KafkaSettings;
+use tracing::Instrument;
+
+use crate::{events::TRACEPARENT_HEADER, kafka::KafkaSettings};
 
 /// The `outbox` section of a service that publishes events.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,10 +119,31 @@ impl Relay {
             let key: String = row.try_get("key")?;
             let payload = row.try_get::<Value, _>("payload")?.to_string();
             let headers: Value = row.try_get("headers")?;
+            let written_in = headers
+                .get(TRACEPARENT_HEADER)
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            // A producer span per event, the child of the span the event was written
+            // in: the record carries this span's context, so the consumer's span
+            // follows the publish, not the write.
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = %format_args!("{topic} publish"),
+                otel.kind = "producer",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "kafka",
+                messaging.destination.name = %topic,
+                messaging.kafka.message.key = %key,
+                trace_id = tracing::field::Empty,
+            );
+            crate::telemetry::continue_trace(&span, written_in.as_deref());
+            let traceparent = crate::telemetry::traceparent_of(&span).or(written_in);
             let mut kafka_headers = OwnedHeaders::new();
             if let Some(map) = headers.as_object() {
                 for (name, value) in map {
-                    if let Some(value) = value.as_str() {
+                    if let Some(value) = value.as_str()
+                        && name != TRACEPARENT_HEADER
+                    {
                         kafka_headers = kafka_headers.insert(Header {
                             key: name,
                             value: Some(value),
@@ -128,22 +151,35 @@ impl Relay {
                     }
                 }
             }
+            if let Some(traceparent) = &traceparent {
+                kafka_headers = kafka_headers.insert(Header {
+                    key: TRACEPARENT_HEADER,
+                    value: Some(traceparent),
+                });
+            }
             let producer = self.producer.clone();
             let timeout = self.delivery_timeout;
             // Sent in id order: the idempotent producer keeps that order per partition.
-            sends.push(async move {
-                producer
-                    .send(
-                        FutureRecord::to(&topic)
-                            .key(&key)
-                            .payload(&payload)
-                            .headers(kafka_headers),
-                        timeout,
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| RelayError::Broker(e.to_string()))
-            });
+            sends.push(
+                async move {
+                    let sent = producer
+                        .send(
+                            FutureRecord::to(&topic)
+                                .key(&key)
+                                .payload(&payload)
+                                .headers(kafka_headers),
+                            timeout,
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| RelayError::Broker(e.to_string()));
+                    if sent.is_err() {
+                        tracing::Span::current().record("otel.status_code", "error");
+                    }
+                    sent
+                }
+                .instrument(span),
+            );
         }
         for result in futures::future::join_all(sends).await {
             // Any failure rolls the whole batch back: those rows stay pending.

@@ -1,17 +1,35 @@
-//! Tracing, set up once per process: human-readable for a terminal, JSON lines for a
-//! log pipeline. `RUST_LOG`, when set, overrides the configured level filter.
+//! Tracing, set up once per process: log lines (human-readable for a terminal, JSON
+//! lines for a log pipeline) and spans (OpenTelemetry, exported to Zipkin's API when
+//! an address is configured). `RUST_LOG`, when set, overrides the configured level
+//! filter.
 //!
-//! The level filter stays changeable while the process runs: [`levels`] reads and
-//! sets a logger's level (a tracing target such as `order_service` or `sqlx`, or
-//! `ROOT` for the default), which `/actuator/loggers` exposes as Spring Boot does.
+//! The level filter applies to log lines only, and stays changeable while the process
+//! runs: [`levels`] reads and sets a logger's level (a tracing target such as
+//! `order_service` or `sqlx`, or `ROOT` for the default), which `/actuator/loggers`
+//! exposes as Spring Boot does. Spans are made at `INFO` whatever the log level, so
+//! quieting the logs never breaks a trace.
+//!
+//! Trace context crosses process boundaries as a W3C `traceparent`: HTTP headers and
+//! Kafka record headers alike. [`continue_trace`] makes a span the child of a received
+//! context, and [`traceparent_of`] writes a span's context for the next hop.
 
 use std::{
     collections::BTreeMap,
     sync::{Mutex, OnceLock},
+    time::Duration,
 };
 
+use opentelemetry::{
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
+};
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, prelude::*, reload};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,36 +59,269 @@ impl Default for LogSettings {
     }
 }
 
-/// Installs the global subscriber. A second call (tests start several services in
-/// one process) keeps the first subscriber and returns quietly.
-pub fn init(settings: &LogSettings) {
+/// The `tracing` section of every process's settings: where spans go. `ZIPKIN_URL`
+/// sets `zipkin_url` when the section does not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// The Zipkin server (`http://localhost:9411`); spans are posted to its
+    /// `/api/v2/spans`, as Spring's `management.zipkin.tracing.endpoint` does. Unset:
+    /// spans still carry the trace through logs and to the next hop, and are dropped.
+    pub zipkin_url: Option<String>,
+    /// The share of the traces started here that are recorded, from 0 to 1 (Spring's
+    /// `management.tracing.sampling.probability`). A caller's decision, in the sampled
+    /// flag of its `traceparent`, is followed.
+    pub sampling_probability: f64,
+    /// How often buffered spans are sent.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self {
+            zipkin_url: None,
+            sampling_probability: 1.0,
+            export_interval_ms: 1000,
+        }
+    }
+}
+
+/// Keeps the span exporter running; dropping it sends what is still buffered. Hold
+/// it in `main` until the application has stopped.
+#[must_use = "dropping this stops span export"]
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "spans still buffered could not be sent");
+        }
+    }
+}
+
+/// Installs the global subscriber for the process named `service`. A second call
+/// (tests start several services in one process) keeps the first subscriber and
+/// returns an inert guard.
+pub fn init(service: &str, log: &LogSettings, spans: &TracingSettings) -> Telemetry {
     let directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|d| EnvFilter::try_new(d).is_ok())
-        .or_else(|| Some(settings.level.clone()).filter(|d| EnvFilter::try_new(d).is_ok()))
+        .or_else(|| Some(log.level.clone()).filter(|d| EnvFilter::try_new(d).is_ok()))
         .unwrap_or_else(|| "info".into());
     let state = LevelState::parse(&directives);
-    let (filter, handle) = reload::Layer::new(state.filter());
-    let registry = tracing_subscriber::registry().with(filter);
-    let installed = match settings.format {
-        LogFormat::Pretty => registry
-            .with(fmt::layer().with_target(true).compact())
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
-            .try_init(),
+    let (admit, handle) = reload::Layer::new(Admit {
+        lines: state.filter(),
+    });
+    let registry = tracing_subscriber::registry().with(admit);
+    let lines = match log.format {
+        LogFormat::Pretty => fmt::layer().with_target(true).compact().boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
     };
-    if installed.is_ok() {
-        let _ = LEVELS.set(Levels {
-            handle,
-            state: Mutex::new(state),
-        });
+    let (provider, otel) = span_layer(service, spans);
+    if registry.with(vec![otel, lines]).try_init().is_err() {
+        return Telemetry::default();
     }
+    let _ = LEVELS.set(Levels {
+        reload: Box::new(move |filter| {
+            handle
+                .modify(|admit| admit.lines = filter)
+                .map_err(|e| e.to_string())
+        }),
+        state: Mutex::new(state),
+    });
+    match &spans.zipkin_url {
+        Some(url) => tracing::info!(zipkin = %url, sampling = spans.sampling_probability,
+            "exporting spans to Zipkin"),
+        None => tracing::debug!("no tracing.zipkin_url: spans are not exported"),
+    }
+    Telemetry {
+        provider: Some(provider),
+    }
+}
+
+/// The process's one filter, in front of every layer: spans at `INFO` and above
+/// always (a trace must not depend on the log level), everything else as the log
+/// levels say. One global filter rather than a filter per layer: with per-layer
+/// filters, the first span made after some sqlx queries reached no layer but the
+/// log lines' and so had no trace context, which broke the trace at the outbox.
+#[derive(Debug)]
+struct Admit {
+    lines: EnvFilter,
+}
+
+fn always_traced(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span() && *meta.level() <= tracing::Level::INFO
+}
+
+impl<S> Layer<S> for Admit
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if always_traced(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            Layer::<S>::register_callsite(&self.lines, meta)
+        }
+    }
+
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        always_traced(meta) || Layer::<S>::enabled(&self.lines, meta, ctx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        let lines = Layer::<S>::max_level_hint(&self.lines)
+            .unwrap_or(tracing::level_filters::LevelFilter::TRACE);
+        Some(lines.max(tracing::level_filters::LevelFilter::INFO))
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.lines.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.lines.on_record(id, values, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.lines.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.lines.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.lines.on_close(id, ctx);
+    }
+}
+
+/// The OpenTelemetry layer for `service`: every span the filter admits becomes an
+/// OpenTelemetry span (log events stay log lines), batched to Zipkin when `settings`
+/// name it. Public for tests that install a subscriber of their own.
+pub fn span_layer<S>(
+    service: &str,
+    settings: &TracingSettings,
+) -> (SdkTracerProvider, Box<dyn Layer<S> + Send + Sync>)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    let mut builder = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            settings.sampling_probability.clamp(0.0, 1.0),
+        ))))
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        );
+    if let Some(url) = &settings.zipkin_url {
+        let batches = BatchConfigBuilder::default()
+            .with_scheduled_delay(Duration::from_millis(settings.export_interval_ms.max(10)))
+            .build();
+        builder = builder.with_span_processor(
+            BatchSpanProcessor::builder(crate::zipkin::ZipkinExporter::new(url, service))
+                .with_batch_config(batches)
+                .build(),
+        );
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service.to_owned());
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_counting_event_filter(filter_fn(|_| false))
+        .boxed();
+    (provider, layer)
+}
+
+/// One header, for the propagator.
+struct Carrier<'a>(Option<&'a str>);
+
+impl Extractor for Carrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0).flatten()
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+#[derive(Default)]
+struct Written(Option<String>);
+
+impl Injector for Written {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+/// Makes `span` a child of the trace in `traceparent` (a caller's, or an event's),
+/// and records the trace id in its `trace_id` field for the log lines. Without a
+/// valid context the span starts a trace of its own. Call it before the span is
+/// entered.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(value) = traceparent.filter(|v| trace_id(v).is_some()) {
+        let parent = TraceContextPropagator::new().extract(&Carrier(Some(value)));
+        let _ = span.set_parent(parent);
+    }
+    if let Some(id) = trace_id_of(span) {
+        span.record("trace_id", id.as_str());
+    }
+}
+
+/// The `traceparent` that continues `span`'s trace at the next hop, when the span
+/// layer is installed.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut written = Written::default();
+    TraceContextPropagator::new().inject_context(&context, &mut written);
+    written.0
+}
+
+/// The `traceparent` to store with an event written now: the current span's context
+/// (a request's server span, an event's consumer span), else `received` as it came.
+pub fn traceparent_here(received: Option<&str>) -> Option<String> {
+    traceparent_of(&tracing::Span::current()).or_else(|| received.map(str::to_owned))
+}
+
+/// The trace id of `span`, as 32 hex digits, when the span layer is installed.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 /// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), when it
@@ -99,9 +350,10 @@ pub fn request_id(value: &str) -> Option<&str> {
         .then_some(value)
 }
 
-/// A layer for a whole router: each request runs in an `http` span carrying its
-/// method, route template, `trace_id` (from `traceparent`) and `request_id` (from
-/// `X-Request-Id`), so every log line written while serving it names them.
+/// A layer for a whole router: each request runs in a server span named after its
+/// method and route template, the child of the caller's `traceparent`, carrying
+/// `trace_id` and `request_id` (from `X-Request-Id`), so every log line written while
+/// serving it names them. A 5xx marks the span as an error.
 pub async fn http_span(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -109,27 +361,35 @@ pub async fn http_span(
     use tracing::Instrument;
     // In a block: a borrow of the request held across the await would make the
     // future not Send (the body is not Sync).
-    let (trace, id) = {
+    let span = {
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-        let trace = header("traceparent").and_then(trace_id).unwrap_or_default();
         let id = header("x-request-id")
             .and_then(request_id)
             .unwrap_or_default();
-        (trace.to_owned(), id.to_owned())
+        let route = request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("-", |p| p.as_str());
+        let span = tracing::info_span!(
+            "http",
+            otel.name = %format_args!("{} {route}", request.method()),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            method = %request.method(),
+            route = %route,
+            trace_id = tracing::field::Empty,
+            request_id = %id,
+            http.response.status_code = tracing::field::Empty,
+        );
+        continue_trace(&span, header("traceparent"));
+        span
     };
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or("-", |p| p.as_str())
-        .to_owned();
-    let span = tracing::info_span!(
-        "http",
-        method = %request.method(),
-        route = %route,
-        trace_id = %trace,
-        request_id = %id,
-    );
-    next.run(request).instrument(span).await
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
 }
 
 static LEVELS: OnceLock<Levels> = OnceLock::new();
@@ -143,10 +403,18 @@ pub fn levels() -> Option<&'static Levels> {
 pub const LEVEL_NAMES: [&str; 7] = ["OFF", "FATAL", "ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
 
 /// The live level filter and the directives it was built from.
-#[derive(Debug)]
 pub struct Levels {
-    handle: reload::Handle<EnvFilter, Registry>,
+    /// Replaces the log lines' filter.
+    reload: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
     state: Mutex<LevelState>,
+}
+
+impl std::fmt::Debug for Levels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Levels")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One logger's level, as `/actuator/loggers/{name}` shows it.
@@ -198,8 +466,7 @@ impl Levels {
                 next.targets.remove(target);
             }
         }
-        self.handle
-            .reload(next.filter())
+        (self.reload)(next.filter())
             .map_err(|e| format!("the filter could not be replaced: {e}"))?;
         *state = next;
         Ok(())

@@ -75,10 +75,14 @@ async fn call(
 
 #[tokio::test]
 async fn the_actuator_speaks_spring_boot_and_operators_change_log_levels_at_run_time() {
-    init(&LogSettings {
-        level: "info,noisy_dependency=warn".into(),
-        ..LogSettings::default()
-    });
+    let _telemetry = init(
+        "svc",
+        &LogSettings {
+            level: "info,noisy_dependency=warn".into(),
+            ..LogSettings::default()
+        },
+        &Default::default(),
+    );
     let app: Router = Actuator::new("svc", "1.2.3")
         .check("db", || async { Err("connection refused".to_owned()) })
         .operators(gate())

@@ -12,6 +12,7 @@ pub mod simulate;
 pub mod stack;
 pub mod testrun;
 pub mod tools;
+pub mod zipkin;
 
 use std::path::{Path, PathBuf};
 

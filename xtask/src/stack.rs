@@ -27,6 +27,7 @@ use crate::{
     broker::{Broker, KafkaOptions, Storage},
     postgres::Postgres,
     procs::{Interrupt, Supervised},
+    zipkin::Zipkin,
 };
 
 /// What `up` was asked for.
@@ -191,6 +192,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     build.args(["--package", "kafka-setup"]);
     crate::procs::run("cargo build", &mut build, &interrupt)?;
 
+    say(&format!(
+        "starting Zipkin {} (spans from every process)",
+        crate::zipkin::ZIPKIN_VERSION
+    ));
+    let mut zipkin = Zipkin::spawn(&logs, &interrupt)?;
+
     say("starting PostgreSQL");
     let postgres_dir = if options.durable {
         stack_dir.join("durable").join("postgres")
@@ -244,6 +251,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let mut smtp = SmtpSink::start(&mailbox, &logs, &interrupt)?;
     let smtp_port = smtp.port;
 
+    say("waiting for Zipkin");
+    zipkin.wait_ready(&interrupt)?;
+    let zipkin_url = zipkin.url();
+
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_config = stack_dir.join("gateway.yaml");
     write_gateway_config(&gateway_config)?;
@@ -276,6 +287,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
                 },
             ),
             ("GATEWAY_URL".into(), gateway_url.clone().into()),
+            ("ZIPKIN_URL".into(), zipkin_url.clone().into()),
         ];
         if service.name == "gateway" {
             env.push(("GATEWAY_CONFIG".into(), gateway_config.clone().into()));
@@ -320,7 +332,8 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
              export KAFKA_BROKERS={}\n\
              export DATABASE_URL={}\n\
              export STOREFRONT_MAILDIR={}\n\
-             export STOREFRONT_SMTP_PORT={smtp_port}\n",
+             export STOREFRONT_SMTP_PORT={smtp_port}\n\
+             export ZIPKIN_URL={zipkin_url}\n",
             broker.brokers(),
             postgres.url(),
             mailbox.display()
@@ -361,6 +374,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         "smtp sink",
         mailbox.display()
     );
+    println!(
+        "  {:<21} {zipkin_url}/zipkin/ (traces; API under {zipkin_url}/api/v2)",
+        "zipkin"
+    );
     println!("  {:<21} {}", "logs", logs.display());
     println!(
         "  {:<21} {} (source it from another terminal)",
@@ -375,6 +392,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         &mut postgres,
         &mut broker,
         &mut smtp,
+        &mut zipkin,
         &logs,
         &interrupt,
     );
@@ -383,6 +401,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         process.child.stop();
     }
     drop(smtp);
+    drop(zipkin);
     drop(broker);
     drop(postgres);
     outcome
@@ -396,6 +415,7 @@ fn supervise(
     postgres: &mut Postgres,
     broker: &mut Broker,
     smtp: &mut SmtpSink,
+    zipkin: &mut Zipkin,
     logs: &Path,
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
@@ -437,6 +457,13 @@ fn supervise(
                 &logs.join("smtp.log"),
             )?;
         }
+        if let Some(status) = zipkin.child.take_exit() {
+            restarts.entry("zipkin".into()).or_default().died(
+                &part_name("zipkin"),
+                &status.to_string(),
+                &logs.join("zipkin.log"),
+            )?;
+        }
         for process in running.iter_mut() {
             if let Some(status) = process.child.take_exit() {
                 restarts
@@ -465,6 +492,8 @@ fn supervise(
                 }
             } else if name == "smtp" {
                 smtp.restart(interrupt)
+            } else if name == "zipkin" {
+                zipkin.restart(interrupt)
             } else {
                 match running.iter_mut().find(|p| p.service.name == name) {
                     Some(process) => process.restart(interrupt),
@@ -495,6 +524,7 @@ fn part_name(key: &str) -> String {
     match key {
         "postgres" => "PostgreSQL".to_owned(),
         "smtp" => "the SMTP sink".to_owned(),
+        "zipkin" => "Zipkin".to_owned(),
         other => match other
             .strip_prefix("kafka-")
             .and_then(|i| i.parse::<usize>().ok())

@@ -3,6 +3,8 @@
 //! order confirmed, an order rejected with its reason, the payments, the
 //! notifications, the mail in the SMTP sink — and then the Postman collection under
 //! `docs/postman/`, run by newman, and a short `xtask simulate`, against the same stack.
+//! The confirmed order is also followed through its timeline and, in the stack's
+//! Zipkin, through its one trace.
 
 use std::{
     path::Path,
@@ -54,6 +56,156 @@ impl Client {
     }
 }
 
+/// The trace a test places its order in, and the caller's span in it.
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CALLER_SPAN: &str = "b7ad6b7169203331";
+
+/// Reads `trace` back from Zipkin's API until `complete` accepts its spans.
+fn zipkin_trace(zipkin: &str, trace: &str, complete: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut spans = Vec::new();
+    loop {
+        if let Ok(mut response) = agent.get(format!("{zipkin}/api/v2/trace/{trace}")).call()
+            && response.status() == 200
+        {
+            spans = response.body_mut().read_json().unwrap_or_default();
+            if complete(&spans) {
+                return spans;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace {trace} is incomplete in Zipkin:\n{}",
+            outline(&spans)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One line per span: service, kind, name, id and parent.
+fn outline(spans: &[Value]) -> String {
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {:?} id={} parent={}",
+                s["localEndpoint"]["serviceName"],
+                s["kind"],
+                s["name"].as_str().unwrap_or_default(),
+                s["id"],
+                s["parentId"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The span of `service` of `kind` whose name starts with `name` (Zipkin lowercases
+/// names).
+fn span_of<'a>(spans: &'a [Value], service: &str, kind: &str, name: &str) -> Option<&'a Value> {
+    spans.iter().find(|s| {
+        s["localEndpoint"]["serviceName"] == service
+            && s["kind"] == kind
+            && s["name"].as_str().is_some_and(|n| n.starts_with(name))
+    })
+}
+
+/// The saga's hops, as (service, kind, name, index of the hop it must be the child of).
+const HOPS: [(&str, &str, &str, Option<usize>); 9] = [
+    ("gateway", "SERVER", "post", None),
+    ("gateway", "CLIENT", "post order-service", Some(0)),
+    ("order-service", "SERVER", "post /orders", Some(1)),
+    ("order-service", "PRODUCER", "order-topic publish", Some(2)),
+    (
+        "payment-service",
+        "CONSUMER",
+        "order-topic process",
+        Some(3),
+    ),
+    (
+        "payment-service",
+        "PRODUCER",
+        "payment-result-topic publish",
+        Some(4),
+    ),
+    (
+        "order-service",
+        "CONSUMER",
+        "payment-result-topic process",
+        Some(5),
+    ),
+    (
+        "notification-service",
+        "CONSUMER",
+        "payment-result-topic process",
+        Some(5),
+    ),
+    ("notification-service", "CLIENT", "smtp send", Some(7)),
+];
+
+/// Every hop of one order, each the child of its cause and starting no earlier.
+fn check_trace(spans: &[Value]) {
+    let found: Vec<&Value> = HOPS
+        .iter()
+        .map(|(service, kind, name, _)| {
+            span_of(spans, service, kind, name).unwrap_or_else(|| {
+                panic!("no {kind} span {name:?} of {service}:\n{}", outline(spans))
+            })
+        })
+        .collect();
+    assert_eq!(
+        found[0]["parentId"],
+        CALLER_SPAN,
+        "the gateway continues the caller's trace:\n{}",
+        outline(spans)
+    );
+    for (index, (service, kind, name, parent)) in HOPS.iter().enumerate() {
+        let Some(parent) = parent else { continue };
+        let (span, cause) = (found[index], found[*parent]);
+        assert_eq!(
+            span["parentId"],
+            cause["id"],
+            "{service} {kind} {name:?} is the child of {:?}:\n{}",
+            cause["name"],
+            outline(spans)
+        );
+        assert!(
+            span["timestamp"].as_u64() >= cause["timestamp"].as_u64(),
+            "{name:?} starts after {:?}:\n{}",
+            cause["name"],
+            outline(spans)
+        );
+    }
+}
+
+/// Polls the order's timeline until it holds every step.
+fn full_timeline(client: &Client, token: &str, order: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, timeline) = client.send(
+            "GET",
+            &format!("/orders/{order}/timeline"),
+            Some(token),
+            None,
+            &[],
+        );
+        assert_eq!(status, 200, "{timeline}");
+        if timeline["hops"].as_array().is_some_and(|h| h.len() == 6) {
+            return timeline;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the timeline of {order} stays incomplete: {timeline}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn mail_mentioning(maildir: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -96,7 +248,10 @@ fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_pas
         "/orders",
         Some(&alice),
         Some(json!({"items": [{"sku": "BOOK-1", "quantity": 2, "unitPrice": 1250}], "currency": "EUR"})),
-        &[("idempotency-key", "e2e-alice-1")],
+        &[
+            ("idempotency-key", "e2e-alice-1"),
+            ("traceparent", &format!("00-{TRACE}-{CALLER_SPAN}-01")),
+        ],
     );
     assert_eq!(status, 201, "{order}");
     let confirmed_id = order["id"].as_str().expect("id").to_owned();
@@ -160,6 +315,67 @@ fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_pas
     assert!(mail.contains("alice@storefront.local"), "{mail}");
     let mail = mail_mentioning(maildir, &format!("Order {rejected_id} rejected"));
     assert!(mail.contains("insufficient funds"), "{mail}");
+
+    // The confirmed order's timeline: every hop, in saga order, for its owner and an
+    // admin; nobody else learns the order exists.
+    let timeline = full_timeline(&client, &alice, &confirmed_id);
+    assert_eq!(timeline["orderId"], confirmed_id.as_str());
+    assert_eq!(timeline["traceId"], TRACE);
+    let steps: Vec<(&str, &str)> = timeline["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            (
+                h["step"].as_str().unwrap_or_default(),
+                h["service"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("accepted", "order-service"),
+            ("published", "order-service"),
+            ("payment-decided", "payment-service"),
+            ("result-published", "payment-service"),
+            ("final", "order-service"),
+            ("notification-sent", "notification-service"),
+        ]
+    );
+    for hop in timeline["hops"].as_array().into_iter().flatten() {
+        assert!(hop["durationMs"].as_i64().is_some_and(|d| d >= 0), "{hop}");
+        assert!(
+            hop["at"].as_str().is_some_and(|at| at.ends_with('Z')),
+            "{hop}"
+        );
+    }
+    assert_eq!(timeline["hops"][5]["at"], note["sentAt"], "{timeline}");
+    let admin = client.login("admin");
+    let (status, _) = client.send(
+        "GET",
+        &format!("/orders/{confirmed_id}/timeline"),
+        Some(&admin),
+        None,
+        &[],
+    );
+    assert_eq!(status, 200);
+    let (status, refused) = client.send(
+        "GET",
+        &format!("/orders/{confirmed_id}/timeline"),
+        Some(&bob),
+        None,
+        &[],
+    );
+    assert_eq!(status, 404, "{refused}");
+
+    // The same order as one trace in the stack's Zipkin: the gateway, order-service,
+    // both Kafka hops, payment-service, and the mail, each the child of its cause.
+    let spans = zipkin_trace(stack.var("ZIPKIN_URL"), TRACE, |spans| {
+        HOPS.iter()
+            .all(|(service, kind, name, _)| span_of(spans, service, kind, name).is_some())
+    });
+    check_trace(&spans);
 
     // The simulator, briefly, against this stack.
     let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
