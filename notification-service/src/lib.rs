@@ -12,22 +12,17 @@ pub mod queue;
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
-use axum::Router;
-use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use shared::{
-    actuator::Actuator,
-    auth::{JwtVerifier, ServiceAuthSettings},
+    auth::ServiceAuthSettings,
     config::{DatabaseSettings, HttpSettings, Layers},
-    consumer::{ConsumerLoopSettings, EventConsumer},
+    consumer::ConsumerLoopSettings,
     events::Topics,
     kafka::KafkaSettings,
     registry::RegistrySettings,
+    service::{Service, ServiceBuilder, ServiceParts},
     telemetry::LogSettings,
 };
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -77,120 +72,59 @@ impl Settings {
 
 /// A bound, ready-to-run notification-service.
 #[derive(Debug)]
-pub struct Application {
-    listener: TcpListener,
-    router: Router,
-    registry: RegistrySettings,
-    http_limits: shared::config::ConnectionLimits,
-    mailer: Option<Mailer>,
-    consumer: Option<EventConsumer<Queuer>>,
-}
+pub struct Application(Service);
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_lazy(&settings.database, SCHEMA)
-            .context("database.url is not a valid PostgreSQL URL")?;
-        if settings.database.migrate {
-            shared::db::migrate(&pool, SCHEMA, &MIGRATOR)
-                .await
-                .context("cannot apply notification-service's migrations")?;
-        }
-        let listener = settings.http.bind().await?;
-        let verifier = settings
-            .auth
-            .verifier()
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         settings
             .mail
             .validate()
             .map_err(|e| anyhow::anyhow!("mail: {e}"))?;
-        let mailer = settings
-            .mail
-            .enabled
-            .then(|| Mailer::new(pool.clone(), settings.mail.clone()))
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("mail: {e}"))?;
-        let consumer = settings
-            .consumer
-            .enabled
-            .then(|| {
-                EventConsumer::new(
-                    &settings.kafka,
-                    settings.consumer.clone(),
-                    SERVICE_NAME,
-                    &settings.topics.payment_results,
-                    pool.clone(),
-                    Queuer {
-                        mail: settings.mail.clone(),
-                    },
-                )
-            })
-            .transpose()
-            .context("cannot create the Kafka consumer for payment results")?;
-        let router = router(pool, std::sync::Arc::new(verifier));
-        Ok(Self {
-            listener,
-            router,
-            registry: settings.registry,
-            http_limits: settings.http.limits.clone(),
-            mailer,
-            consumer,
+        let shell = ServiceBuilder::start(ServiceParts {
+            name: SERVICE_NAME,
+            version: env!("CARGO_PKG_VERSION"),
+            schema: SCHEMA,
+            migrator: &MIGRATOR,
+            http: &settings.http,
+            database: &settings.database,
+            auth: &settings.auth,
+            registry: &settings.registry,
         })
+        .await?
+        .consumer(
+            &settings.kafka,
+            &settings.consumer,
+            &settings.topics.payment_results,
+            Queuer {
+                mail: settings.mail.clone(),
+            },
+        )?;
+        let shell = if settings.mail.enabled {
+            let mailer = Mailer::new(shell.pool().clone(), settings.mail.clone())
+                .map_err(|e| anyhow::anyhow!("mail: {e}"))?;
+            shell.worker(move |shutdown| mailer.run(shutdown))
+        } else {
+            shell
+        };
+        let api = api::routes(api::Api {
+            pool: shell.pool().clone(),
+            verifier: shell.verifier(),
+        });
+        Ok(Self(shell.build(api, openapi::document())))
     }
 
     /// The address really bound (port 0 resolved).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.0.local_addr()
     }
 
     pub fn port(&self) -> u16 {
-        self.local_addr().port()
+        self.0.port()
     }
 
     /// Serves, consumes and mails until `shutdown`; then deregisters, finishes the
     /// rounds in flight and commits its offsets.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
-        let mut workers = Vec::new();
-        if let Some(mailer) = self.mailer {
-            workers.push(mailer.run(shutdown.clone()).boxed());
-        }
-        if let Some(consumer) = self.consumer {
-            workers.push(consumer.run(shutdown.clone()).boxed());
-        }
-        shared::registry::serve_registered_with_workers(
-            SERVICE_NAME,
-            self.listener,
-            self.router,
-            &self.http_limits,
-            &self.registry,
-            shutdown,
-            workers,
-        )
-        .await?;
-        Ok(())
+        self.0.run_until_stopped(shutdown).await
     }
-}
-
-/// The HTTP routes of notification-service: the actuator, and the API behind token verification.
-pub fn router(pool: PgPool, verifier: std::sync::Arc<JwtVerifier>) -> Router {
-    let actuator = Actuator::for_service(
-        SERVICE_NAME,
-        env!("CARGO_PKG_VERSION"),
-        &pool,
-        verifier.clone(),
-    );
-    let api = api::routes(api::Api {
-        pool,
-        verifier: verifier.clone(),
-    });
-    shared::http::service_router(
-        actuator
-            .router()
-            .merge(shared::openapi::route(openapi::document())),
-        api,
-        verifier,
-    )
 }

@@ -275,6 +275,10 @@ pub struct HttpSettings {
     pub port: u16,
     /// Timeouts and the connection cap every client connection is held to.
     pub limits: crate::server::ConnectionLimits,
+    /// The store's services (order, payment, notification): the longest a request
+    /// may take before it is answered 503 and its work (a transaction included) is
+    /// abandoned. The gateway and the registry bound their own waits.
+    pub request_timeout_ms: u64,
 }
 
 impl HttpSettings {
@@ -284,6 +288,7 @@ impl HttpSettings {
             host: "127.0.0.1".into(),
             port,
             limits: crate::server::ConnectionLimits::default(),
+            request_timeout_ms: 30_000,
         }
     }
 

@@ -6,7 +6,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::{FromRequest, Request},
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
@@ -153,10 +153,21 @@ pub fn with_problem_fallbacks(router: Router) -> Router {
 
 /// A service's whole router: its `api` routes behind token authentication (unknown
 /// paths there are 404 problems, after authentication), beside the open actuator.
+/// The layers every service shares, outermost first:
+///
+/// - the request id: the caller's `X-Request-Id` when it is one, else a new one,
+///   answered in the response, so a client can quote it;
+/// - the request span (trace and request id on every log line), outside everything
+///   it should time;
+/// - the HTTP metrics, which then see the timeout's 503 too;
+/// - the timeout: a request still running after `timeout` is answered 503 and its
+///   handler dropped (a transaction it held rolls back);
+/// - problem+json for the bare errors axum itself answers.
 pub fn service_router(
     actuator: Router,
     api: Router,
     verifier: std::sync::Arc<crate::auth::JwtVerifier>,
+    timeout: std::time::Duration,
 ) -> Router {
     let api = api
         .fallback(not_found)
@@ -167,8 +178,62 @@ pub fn service_router(
     actuator
         .merge(api)
         .layer(axum::middleware::from_fn(problem_for_bare_errors))
+        .layer(axum::middleware::from_fn_with_state(timeout, time_limit))
         .layer(axum::middleware::from_fn(crate::metrics::record_http))
         .layer(axum::middleware::from_fn(crate::telemetry::http_span))
+        .layer(axum::middleware::from_fn(request_id))
+}
+
+/// Answers 503 when the rest of the stack takes longer than `limit`.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "a request ran out of time"
+            );
+            let mut response = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "The request took longer than {} ms and was abandoned; retry later.",
+                    limit.as_millis()
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            response
+        }
+    }
+}
+
+/// Keeps the caller's `X-Request-Id` when it is one (1 to 128 visible ASCII
+/// characters), else makes one, and answers with it.
+async fn request_id(mut request: Request, next: axum::middleware::Next) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .filter(|v| {
+            v.to_str()
+                .ok()
+                .and_then(crate::telemetry::request_id)
+                .is_some()
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("-"))
+        });
+    request.headers_mut().insert("x-request-id", id.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert("x-request-id", id);
+    response
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

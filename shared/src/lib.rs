@@ -22,6 +22,8 @@ pub mod outbox;
 pub mod problem;
 pub mod registry;
 pub mod server;
+#[cfg(feature = "postgres")]
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]

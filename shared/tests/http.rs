@@ -105,3 +105,72 @@ async fn malformed_json_is_400() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem.detail.contains("not valid JSON"));
 }
+
+/// A service router (as the service shell builds it) whose open part has a route
+/// that takes `slow` to answer, under a `limit` per request.
+fn service(slow: std::time::Duration, limit: std::time::Duration) -> Router {
+    let open = Router::new().route(
+        "/slow",
+        axum::routing::get(move || async move {
+            tokio::time::sleep(slow).await;
+            "done"
+        }),
+    );
+    let verifier = shared::auth::JwtVerifier::new(&Default::default()).expect("verifier");
+    shared::http::service_router(open, Router::new(), std::sync::Arc::new(verifier), limit)
+}
+
+#[tokio::test]
+async fn a_request_over_the_time_limit_is_answered_503_with_a_problem() {
+    use std::time::Duration;
+    let response = service(Duration::from_secs(30), Duration::from_millis(50))
+        .oneshot(Request::get("/slow").body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let problem: Problem = serde_json::from_slice(&bytes).expect("a problem body");
+    assert!(problem.detail.contains("longer than 50 ms"), "{problem:?}");
+
+    let quick = service(Duration::ZERO, Duration::from_secs(5))
+        .oneshot(Request::get("/slow").body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(quick.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_request_id_is_the_callers_or_a_new_one_and_is_answered() {
+    use std::time::Duration;
+    let app = service(Duration::ZERO, Duration::from_secs(5));
+    let kept = app
+        .clone()
+        .oneshot(
+            Request::get("/slow")
+                .header("x-request-id", "req-42")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(kept.headers()["x-request-id"], "req-42");
+    for sent in [None, Some("has space")] {
+        let mut request = Request::get("/slow");
+        if let Some(id) = sent {
+            request = request.header("x-request-id", id);
+        }
+        let made = app
+            .clone()
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let id = made.headers()["x-request-id"].to_str().expect("text");
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
+}

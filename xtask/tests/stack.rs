@@ -238,26 +238,34 @@ fn interrupted_stack_leaves_nothing(signal: Signal, own_infrastructure: bool) {
     assert!(!env_file.exists(), "stack.env removed with the stack");
 }
 
-/// The stack's direct child named `name` (as /proc shows it).
-fn child_named(xtask: u32, name: &str) -> u32 {
+/// The stack's direct child named `name` (as /proc shows it) whose command line
+/// contains `marker` (two JVMs run under the stack: Kafka and Zipkin).
+fn child_named(xtask: u32, name: &str, marker: &str) -> u32 {
     let table = process_table();
     table
         .iter()
-        .find(|(_, info)| info.ppid == xtask && info.name == name && info.state != 'Z')
+        .find(|(pid, info)| {
+            info.ppid == xtask
+                && info.name == name
+                && info.state != 'Z'
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
         .map(|(pid, _)| *pid)
-        .unwrap_or_else(|| panic!("no {name} under xtask"))
+        .unwrap_or_else(|| panic!("no {name} ({marker}) under xtask"))
 }
 
-/// A service, the Kafka node and PostgreSQL are each killed; the supervisor says so,
+/// A service, the Kafka node, Zipkin and PostgreSQL are each killed; the supervisor says so,
 /// restarts each, and the stack serves orders through the gateway again.
 fn parts_that_die_are_restarted(xtask: u32, output: &mpsc::Receiver<String>, gateway: &str) {
-    for (name, signal, said) in [
-        ("order-service", Signal::SIGKILL, "order-service"),
-        ("java", Signal::SIGKILL, "Kafka node 1"),
+    for (name, marker, signal, said) in [
+        ("order-service", "", Signal::SIGKILL, "order-service"),
+        ("java", "kafka.Kafka", Signal::SIGKILL, "Kafka node 1"),
+        ("java", "zipkin", Signal::SIGKILL, "Zipkin"),
         // PostgreSQL's immediate shutdown.
-        ("postgres", Signal::SIGQUIT, "PostgreSQL"),
+        ("postgres", "", Signal::SIGQUIT, "PostgreSQL"),
     ] {
-        let pid = child_named(xtask, name);
+        let pid = child_named(xtask, name, marker);
         kill(Pid::from_raw(pid as i32), signal).expect("kill a part");
         let seen = wait_for_line(output, &format!("{said} exited"), Duration::from_secs(30));
         assert!(
@@ -270,7 +278,7 @@ fn parts_that_die_are_restarted(xtask: u32, output: &mpsc::Receiver<String>, gat
             Duration::from_secs(180),
         );
         assert_ne!(
-            child_named(xtask, name),
+            child_named(xtask, name, marker),
             pid,
             "{name} runs as a new process"
         );
