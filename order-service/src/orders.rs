@@ -25,6 +25,7 @@ use shared::{
     events::{EVENT_TYPE_HEADER, ORDER_CREATED, OrderCreated, TRACEPARENT_HEADER},
 };
 use sqlx::{PgPool, Row, postgres::PgRow};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::validation::{CreateOrder, Item};
@@ -150,7 +151,31 @@ pub(crate) async fn create(
         let canonical = json!({ "items": items, "currency": order.currency }).to_string();
         hex(&Sha256::digest(canonical.as_bytes()))
     };
+    // The transaction in a span of its own: the outbox row keeps its context, so
+    // the event's producer span hangs under the write that made the event.
+    let span = tracing::info_span!(
+        "db",
+        otel.name = "INSERT orders",
+        otel.kind = "client",
+        db.system = "postgresql",
+        db.operation = "INSERT",
+        peer.service = "postgresql",
+    );
+    place(&api, &claims, &headers, order, key, items, fingerprint)
+        .instrument(span)
+        .await
+}
 
+/// The order, its event and its idempotency key, in one transaction.
+async fn place(
+    api: &Api,
+    claims: &shared::auth::Claims,
+    headers: &HeaderMap,
+    order: crate::validation::ValidOrder,
+    key: Option<String>,
+    items: Value,
+    fingerprint: String,
+) -> Result<Response, Problem> {
     let mut tx = api.pool.begin().await.map_err(internal)?;
     if let Some(key) = &key {
         let claimed = sqlx::query(

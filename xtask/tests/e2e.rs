@@ -116,36 +116,37 @@ fn span_of<'a>(spans: &'a [Value], service: &str, kind: &str, name: &str) -> Opt
 }
 
 /// The saga's hops, as (service, kind, name, index of the hop it must be the child of).
-const HOPS: [(&str, &str, &str, Option<usize>); 9] = [
+const HOPS: [(&str, &str, &str, Option<usize>); 10] = [
     ("gateway", "SERVER", "post", None),
     ("gateway", "CLIENT", "post order-service", Some(0)),
     ("order-service", "SERVER", "post /orders", Some(1)),
-    ("order-service", "PRODUCER", "order-topic publish", Some(2)),
+    ("order-service", "CLIENT", "insert orders", Some(2)),
+    ("order-service", "PRODUCER", "order-topic publish", Some(3)),
     (
         "payment-service",
         "CONSUMER",
         "order-topic process",
-        Some(3),
+        Some(4),
     ),
     (
         "payment-service",
         "PRODUCER",
         "payment-result-topic publish",
-        Some(4),
+        Some(5),
     ),
     (
         "order-service",
         "CONSUMER",
         "payment-result-topic process",
-        Some(5),
+        Some(6),
     ),
     (
         "notification-service",
         "CONSUMER",
         "payment-result-topic process",
-        Some(5),
+        Some(6),
     ),
-    ("notification-service", "CLIENT", "smtp send", Some(7)),
+    ("notification-service", "CLIENT", "smtp send", Some(8)),
 ];
 
 /// Every hop of one order, each the child of its cause and starting no earlier.
