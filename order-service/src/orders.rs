@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use shared::{
     FieldError, Problem,
     auth::{AuthUser, JwtVerifier},
-    events::{EVENT_TYPE_HEADER, ORDER_CREATED, OrderCreated, TRACEPARENT_HEADER},
+    events::{
+        EVENT_TYPE_HEADER, ORDER_CREATED, OrderCreated, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+    },
 };
 use sqlx::{PgPool, Row, postgres::PgRow};
 use tracing::Instrument;
@@ -253,6 +255,13 @@ async fn place(
     let mut event_headers = json!({ EVENT_TYPE_HEADER: ORDER_CREATED });
     if let Some(trace) = &traceparent {
         event_headers[TRACEPARENT_HEADER] = json!(trace);
+    }
+    if let Some(id) = headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(shared::telemetry::request_id)
+    {
+        event_headers[REQUEST_ID_HEADER] = json!(id);
     }
     sqlx::query(
         "INSERT INTO outbox (event_id, topic, key, event_type, payload, headers) \

@@ -15,7 +15,7 @@ use shared::{
     consumer::{Failure, Handler, Incoming},
     events::{
         EVENT_TYPE_HEADER, OrderCreated, PAYMENT_DECLINED, PAYMENT_VALIDATED, PaymentResult,
-        TRACEPARENT_HEADER,
+        REQUEST_ID_HEADER, TRACEPARENT_HEADER,
     },
 };
 use sqlx::{PgConnection, Row};
@@ -114,6 +114,12 @@ impl Handler for PaymentProcessor {
         if let Some(trace) = shared::telemetry::traceparent_here(message.header(TRACEPARENT_HEADER))
         {
             headers[TRACEPARENT_HEADER] = json!(trace);
+        }
+        if let Some(id) = message
+            .header(REQUEST_ID_HEADER)
+            .and_then(shared::telemetry::request_id)
+        {
+            headers[REQUEST_ID_HEADER] = json!(id);
         }
         // The debit, the payment and its result event: one statement, one round trip.
         sqlx::query(

@@ -90,7 +90,8 @@ impl Default for ConsumerLoopSettings {
 /// The span an event is applied in: a consumer span, the child of the producer span
 /// whose context the record's `traceparent` header carries, so the event's work (and
 /// its log lines) join the trace of the request that caused it. Events the handler
-/// writes in turn carry this span's context on.
+/// writes in turn carry this span's context on, and the `x-request-id` of the request
+/// that started the saga.
 fn event_span(message: &Incoming) -> tracing::Span {
     let span = tracing::info_span!(
         "event",
@@ -104,6 +105,10 @@ fn event_span(message: &Incoming) -> tracing::Span {
         partition = message.partition,
         offset = message.offset,
         trace_id = tracing::field::Empty,
+        request_id = message
+            .header(crate::events::REQUEST_ID_HEADER)
+            .and_then(crate::telemetry::request_id)
+            .unwrap_or_default(),
     );
     crate::telemetry::continue_trace(&span, message.header(crate::events::TRACEPARENT_HEADER));
     span

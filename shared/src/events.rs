@@ -1,5 +1,6 @@
 //! The events of the public contract, as they travel on Kafka: JSON in UTF-8, key =
-//! the order id, headers `event-type` and (when a trace is active) `traceparent`.
+//! the order id, headers `event-type` and (when known) `traceparent` and
+//! `x-request-id`.
 //!
 //! Parsing checks more than the shape: an event whose values no consumer could act on
 //! (a non-positive amount, an unknown currency, the wrong `eventType` for its topic)
@@ -14,6 +15,9 @@ use crate::money::is_currency;
 pub const EVENT_TYPE_HEADER: &str = "event-type";
 /// The W3C trace context header, carried from the request that caused the event.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// The id of the request that caused the event (its `X-Request-Id`), carried on so
+/// every log line of the saga names it.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub const ORDER_CREATED: &str = "order-created";
 pub const PAYMENT_VALIDATED: &str = "payment-validated";

@@ -135,6 +135,10 @@ impl Relay {
                 messaging.destination.name = %topic,
                 messaging.kafka.message.key = %key,
                 trace_id = tracing::field::Empty,
+                request_id = headers
+                    .get(crate::events::REQUEST_ID_HEADER)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default(),
             );
             crate::telemetry::continue_trace(&span, written_in.as_deref());
             let traceparent = crate::telemetry::traceparent_of(&span).or(written_in);

@@ -59,6 +59,7 @@ impl Client {
 /// The trace a test places its order in, and the caller's span in it.
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
+const REQUEST_ID: &str = "e2e-order-1";
 
 /// Reads `trace` back from Zipkin's API until `complete` accepts its spans.
 fn zipkin_trace(zipkin: &str, trace: &str, complete: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -175,6 +176,10 @@ fn check_trace(spans: &[Value]) {
             cause["name"],
             outline(spans)
         );
+        // The request id travels with the events, so the consumers' log lines name it.
+        if *kind == "CONSUMER" {
+            assert_eq!(span["tags"]["request_id"], REQUEST_ID, "{span}");
+        }
         assert!(
             span["timestamp"].as_u64() >= cause["timestamp"].as_u64(),
             "{name:?} starts after {:?}:\n{}",
@@ -252,6 +257,7 @@ fn the_store_works_end_to_end_through_the_gateway_and_the_postman_collection_pas
         &[
             ("idempotency-key", "e2e-alice-1"),
             ("traceparent", &format!("00-{TRACE}-{CALLER_SPAN}-01")),
+            ("x-request-id", REQUEST_ID),
         ],
     );
     assert_eq!(status, 201, "{order}");
