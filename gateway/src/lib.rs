@@ -232,15 +232,20 @@ impl Application {
         let services = table.services();
         let networks = InstanceNetworks::parse(&settings.upstream.instance_networks)
             .map_err(|e| anyhow::anyhow!("upstream.instance_networks: {e}"))?;
-        let discovery = settings.registry.enabled.then(|| {
-            let names: Vec<&str> = services.iter().map(String::as_str).collect();
-            Discovery::start_within(
-                RegistryClient::new(&settings.registry),
-                &names,
-                background.clone(),
-                Some(Arc::new(networks)),
-            )
-        });
+        let discovery = match settings.registry.enabled {
+            true => {
+                let client =
+                    RegistryClient::new(&settings.registry).map_err(|e| anyhow::anyhow!(e))?;
+                let names: Vec<&str> = services.iter().map(String::as_str).collect();
+                Some(Discovery::start_within(
+                    client,
+                    &names,
+                    background.clone(),
+                    Some(Arc::new(networks)),
+                ))
+            }
+            false => None,
+        };
         let workers = server::worker_count(settings.workers);
         let clients = (0..workers)
             .map(|_| upstream_client(&settings.upstream))

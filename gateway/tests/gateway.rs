@@ -216,6 +216,7 @@ impl Stack {
         let settings = registry_settings(self.registry);
         let registration = InstanceRegistration::for_bound(service, up.addr, &settings);
         RegistryClient::new(&settings)
+            .expect("registry client")
             .register(&registration, 60)
             .await
             .expect("register");
@@ -662,6 +663,7 @@ async fn load_spreads_over_instances_and_a_removed_instance_gets_nothing_more() 
     assert_eq!((da, db), (10, 10), "round robin alternates");
 
     RegistryClient::new(&registry_settings(s.registry))
+        .expect("registry client")
         .deregister("order-service", &reg_a.instance_id)
         .await
         .expect("deregister");
@@ -712,6 +714,7 @@ async fn upstream_failures_are_503_502_and_504_problems_naming_the_service() {
         .expect("free port");
     let settings = registry_settings(s.registry);
     RegistryClient::new(&settings)
+        .expect("registry client")
         .register(
             &InstanceRegistration::for_bound("payment-service", dead, &settings),
             60,
@@ -1025,7 +1028,7 @@ async fn instances_outside_the_allowed_networks_get_no_traffic() {
     // (and the users' bearer tokens).
     let elsewhere = upstream_on("127.0.0.2", "orders-elsewhere").await;
     let settings = registry_settings(s.registry);
-    let registry = RegistryClient::new(&settings);
+    let registry = RegistryClient::new(&settings).expect("registry client");
     let mut outside = InstanceRegistration::for_bound("order-service", elsewhere.addr, &settings);
     outside.instance_id = "outside".into();
     registry.register(&outside, 60).await.expect("register");
@@ -1181,6 +1184,7 @@ async fn a_connection_failure_is_retried_for_any_method() {
         .expect("free port");
     let settings = registry_settings(s.registry);
     RegistryClient::new(&settings)
+        .expect("registry client")
         .register(
             &InstanceRegistration::for_bound("order-service", dead, &settings),
             60,

@@ -197,7 +197,7 @@ async fn a_spring_boot_eureka_client_works_with_our_registry_and_gateway_unchang
         .expect("bind");
     let inventory_addr = inventory.local_addr().expect("addr");
     let settings = registry_settings(registry);
-    let ours = RegistryClient::new(&settings);
+    let ours = RegistryClient::new(&settings).expect("registry client");
     let inventory_instance =
         InstanceRegistration::for_bound("inventory-service", inventory_addr, &settings);
     ours.register(&inventory_instance, 60)

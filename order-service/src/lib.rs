@@ -98,7 +98,8 @@ impl Application {
             pool: pool.clone(),
             verifier: shell.verifier(),
             orders_topic: settings.topics.orders,
-            notifications: timeline::Notifications::new(&settings.registry),
+            notifications: timeline::Notifications::new(&settings.registry)
+                .map_err(|e| anyhow::anyhow!(e))?,
         });
         Ok(Self(
             shell

@@ -80,20 +80,19 @@ pub struct Notifications {
 }
 
 impl Notifications {
-    pub fn new(settings: &RegistrySettings) -> Self {
-        let registry = settings
-            .urls
-            .split(',')
-            .any(|u| !u.trim().is_empty())
-            .then(|| RegistryClient::new(settings));
-        Self {
+    pub fn new(settings: &RegistrySettings) -> Result<Self, String> {
+        let registry = match settings.urls.split(',').any(|u| !u.trim().is_empty()) {
+            true => Some(RegistryClient::new(settings)?),
+            false => None,
+        };
+        Ok(Self {
             registry,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(ASK_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
-        }
+        })
     }
 
     /// When the order's mail was sent, asked with the caller's own credentials (so

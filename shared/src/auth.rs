@@ -229,6 +229,9 @@ pub struct VerifierSettings {
     /// How often an issuer's key set is fetched again even when no unknown key asks
     /// for it, so a key the issuer withdrew stops being trusted.
     pub refresh_interval_ms: u64,
+    /// CA certificates (PEM files) trusted for `https://` JWKS URLs besides the
+    /// system's roots: the CA of an internal Keycloak, say.
+    pub ca_files: Vec<std::path::PathBuf>,
 }
 
 impl Default for VerifierSettings {
@@ -238,6 +241,7 @@ impl Default for VerifierSettings {
             leeway_seconds: 30,
             refetch_interval_ms: 10_000,
             refresh_interval_ms: 300_000,
+            ca_files: Vec::new(),
         }
     }
 }
@@ -496,12 +500,14 @@ impl JwtVerifier {
             );
         }
         // Bounded: 3 s, no redirects (a JWKS URL that redirects elsewhere is refused,
-        // not followed), and at most MAX_JWKS_BYTES read.
-        let http = reqwest::Client::builder()
+        // not followed), and at most MAX_JWKS_BYTES read. HTTPS trusts the system's
+        // roots and `ca_files`.
+        let http = crate::tls::client_builder(&settings.ca_files)
+            .map_err(|e| format!("auth.ca_files: {e}"))?
             .timeout(Duration::from_secs(3))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .unwrap_or_default();
+            .map_err(|e| format!("the JWKS client cannot be made: {e}"))?;
         Ok(Self {
             issuers,
             leeway: settings.leeway_seconds,
@@ -667,7 +673,13 @@ async fn fetch_keys(http: &reqwest::Client, issuer: &Issuer) {
     metrics::counter!("jwks_fetches_total", "issuer" => issuer.settings.issuer.clone())
         .increment(1);
     let fetched = async {
-        let mut response = http.get(url).send().await.map_err(|e| e.to_string())?;
+        // With every cause: "invalid peer certificate: UnknownIssuer" says to
+        // configure `auth.ca_files`, where reqwest's own message says nothing.
+        let mut response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| crate::tls::error_chain(&e))?;
         if !response.status().is_success() {
             return Err(format!("the JWKS URL answered {}", response.status()));
         }

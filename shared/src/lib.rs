@@ -28,6 +28,7 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 pub mod zipkin;
 
 pub use problem::{FieldError, Problem};

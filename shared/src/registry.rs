@@ -45,6 +45,9 @@ pub struct RegistrySettings {
     pub drain_ms: u64,
     /// Extra metadata to register (zone, version...).
     pub metadata: BTreeMap<String, String>,
+    /// CA certificates (PEM files) trusted for `https://` registry URLs besides the
+    /// system's roots.
+    pub ca_files: Vec<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RegistrySettings {
@@ -57,6 +60,7 @@ impl std::fmt::Debug for RegistrySettings {
             .field("advertised_host", &self.advertised_host)
             .field("drain_ms", &self.drain_ms)
             .field("metadata", &self.metadata)
+            .field("ca_files", &self.ca_files)
             .finish()
     }
 }
@@ -71,6 +75,7 @@ impl Default for RegistrySettings {
             advertised_host: None,
             drain_ms: 500,
             metadata: BTreeMap::new(),
+            ca_files: Vec::new(),
         }
     }
 }
@@ -159,23 +164,27 @@ pub struct RegistryClient {
 }
 
 impl RegistryClient {
-    pub fn new(settings: &RegistrySettings) -> Self {
+    /// A client of the registries `settings` name; `https://` URLs are checked
+    /// against the system's roots and `registry.ca_files`. A CA file that cannot be
+    /// used is an error naming it.
+    pub fn new(settings: &RegistrySettings) -> Result<Self, String> {
         let urls: Vec<String> = settings
             .urls
             .split(',')
             .map(|u| u.trim().trim_end_matches('/').to_owned())
             .filter(|u| !u.is_empty())
             .collect();
-        let http = reqwest::Client::builder()
+        let http = crate::tls::client_builder(&settings.ca_files)
+            .map_err(|e| format!("registry.ca_files: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .build()
-            .unwrap_or_default();
-        Self {
+            .map_err(|e| format!("the registry client cannot be made: {e}"))?;
+        Ok(Self {
             http,
             urls: Arc::new(urls),
             token: settings.token.clone().filter(|t| !t.is_empty()),
             preferred: Arc::new(AtomicUsize::new(0)),
-        }
+        })
     }
 
     /// Sends to the preferred registry, then each other one, until one answers with
@@ -633,15 +642,20 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<()>>,
 {
-    let membership = settings.enabled.then(|| {
-        let registration = InstanceRegistration::for_bound(service, bound, settings);
-        Membership::start(
-            RegistryClient::new(settings),
-            registration,
-            settings,
-            shutdown.clone(),
-        )
-    });
+    let membership = match settings.enabled {
+        true => {
+            let client = RegistryClient::new(settings)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let registration = InstanceRegistration::for_bound(service, bound, settings);
+            Some(Membership::start(
+                client,
+                registration,
+                settings,
+                shutdown.clone(),
+            ))
+        }
+        false => None,
+    };
     let server_stop = CancellationToken::new();
     let stopper = server_stop.clone();
     tokio::spawn(async move {
@@ -707,4 +721,24 @@ pub fn service_credential(token: &str, service: &str) -> String {
     let digest = mac.finalize().into_bytes();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("{service}.{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_ca_file_that_cannot_be_used_is_refused_by_name() {
+        let settings = RegistrySettings {
+            urls: "https://registry.internal:8761".into(),
+            ca_files: vec!["/nonexistent/registry-ca.pem".into()],
+            ..RegistrySettings::default()
+        };
+        let refused = RegistryClient::new(&settings).err().unwrap_or_default();
+        assert!(
+            refused.contains("registry.ca_files") && refused.contains("registry-ca.pem"),
+            "{refused}"
+        );
+        assert!(RegistryClient::new(&RegistrySettings::default()).is_ok());
+    }
 }

@@ -81,6 +81,10 @@ impl ServiceBuilder {
                 .await
                 .with_context(|| format!("cannot apply {}'s migrations", parts.name))?;
         }
+        if parts.registry.enabled {
+            // Made here only to refuse unusable settings (a CA file) before serving.
+            crate::registry::RegistryClient::new(parts.registry).map_err(|e| anyhow::anyhow!(e))?;
+        }
         let listener = parts.http.bind().await?;
         let verifier = parts
             .auth

@@ -82,7 +82,12 @@ async fn a_member_registers_its_bound_address_outlives_its_lease_then_drains_and
     let bound: SocketAddr = "127.0.0.1:45678".parse().expect("addr");
     let registration = InstanceRegistration::for_bound("orders", bound, &s);
     let shutdown = CancellationToken::new();
-    let mut member = Membership::start(RegistryClient::new(&s), registration, &s, shutdown.clone());
+    let mut member = Membership::start(
+        RegistryClient::new(&s).expect("registry client"),
+        registration,
+        &s,
+        shutdown.clone(),
+    );
     member.registered().await;
     let listed = listing(addr, "orders").await;
     assert_eq!(listed["instances"][0]["address"], "127.0.0.1:45678");
@@ -117,7 +122,12 @@ async fn a_member_registers_again_after_the_registry_restarts_empty() {
     let registration =
         InstanceRegistration::for_bound("payments", "127.0.0.1:45679".parse().expect("addr"), &s);
     let shutdown = CancellationToken::new();
-    let mut member = Membership::start(RegistryClient::new(&s), registration, &s, shutdown.clone());
+    let mut member = Membership::start(
+        RegistryClient::new(&s).expect("registry client"),
+        registration,
+        &s,
+        shutdown.clone(),
+    );
     member.registered().await;
 
     stop.cancel();
@@ -147,7 +157,7 @@ async fn the_client_fails_over_to_the_next_registry_url() {
         .and_then(|l| l.local_addr())
         .expect("free port");
     let s = settings(format!("http://{dead}, http://{addr}"));
-    let client = RegistryClient::new(&s);
+    let client = RegistryClient::new(&s).expect("registry client");
     let registration = InstanceRegistration::for_bound(
         "notifications",
         "127.0.0.1:45680".parse().expect("addr"),
@@ -171,7 +181,7 @@ async fn the_client_fails_over_to_the_next_registry_url() {
 async fn discovery_follows_changes_and_keeps_the_last_known_instances_when_the_registry_dies() {
     let (addr, stop) = registry(0).await;
     let s = settings(format!("http://{addr}"));
-    let client = RegistryClient::new(&s);
+    let client = RegistryClient::new(&s).expect("registry client");
     let shutdown = CancellationToken::new();
     let discovery = Discovery::start(client.clone(), &["Orders"], shutdown.clone());
     let mut changes = discovery.changes();
