@@ -72,12 +72,32 @@ pub struct Cluster {
     port: u16,
     password: String,
     keep: bool,
+    tls: bool,
+}
+
+/// A certificate and its key (PEM files) for a cluster to serve TLS with.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Cluster {
     /// Initialises (unless `root` already holds a cluster) and starts a cluster whose
     /// files live in `root`, and creates the [`DATABASE`] database.
     pub fn start(root: &Path, keep: bool, interrupt: &Interrupt) -> anyhow::Result<Self> {
+        Self::start_with(root, keep, None, interrupt)
+    }
+
+    /// [`Cluster::start`], serving TLS (`ssl = on`) with `tls` when given: copied into
+    /// the cluster's folder, owned by the server's user, the key readable by it alone
+    /// (PostgreSQL refuses a key others can read).
+    pub fn start_with(
+        root: &Path,
+        keep: bool,
+        tls: Option<&ServerTls>,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<Self> {
         let bin = server_bindir()?;
         let owner = ClusterOwner::current()?;
         let root = owner.usable_root(root)?;
@@ -119,11 +139,23 @@ impl Cluster {
             password
         };
 
+        if let Some(tls) = tls {
+            for (from, to, mode) in [
+                (&tls.certificate, "server.crt", 0o644),
+                (&tls.key, "server.key", 0o600),
+            ] {
+                let to = root.join(to);
+                fs::copy(from, &to)
+                    .with_context(|| format!("cannot copy {} into the cluster", from.display()))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(mode))?;
+                owner.chown(&to)?;
+            }
+        }
         let port = crate::free_port()?;
         // A fresh log per start of the cluster; a restart after a crash appends to it.
         fs::File::create(root.join("postgres.log"))?;
         owner.chown(&root.join("postgres.log"))?;
-        let server = spawn_server(&bin, &owner, &data, &root, port, keep)?;
+        let server = spawn_server(&bin, &owner, &data, &root, port, keep, tls.is_some())?;
         let mut cluster = Self {
             server,
             bin,
@@ -133,6 +165,7 @@ impl Cluster {
             port,
             password,
             keep,
+            tls: tls.is_some(),
         };
         cluster.wait_ready(interrupt)?;
         cluster.create_database(DATABASE)?;
@@ -161,6 +194,7 @@ impl Cluster {
             &self.root,
             self.port,
             self.keep,
+            self.tls,
         )?;
         self.wait_ready(interrupt)
     }
@@ -282,6 +316,7 @@ fn spawn_server(
     root: &Path,
     port: u16,
     keep: bool,
+    tls: bool,
 ) -> anyhow::Result<Supervised> {
     let log = fs::OpenOptions::new()
         .create(true)
@@ -296,6 +331,20 @@ fn spawn_server(
         // No socket file: its path would be long and the cluster is TCP-only.
         .args(["-c", "unix_socket_directories="])
         .args(["-c", "max_connections=300"]);
+    if tls {
+        postgres
+            .args(["-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                root.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                root.join("server.key").display()
+            ));
+    }
     if !keep {
         // A throwaway cluster need not survive the machine crashing, so it skips the
         // disk flushes. It must survive the server crashing, which the chaos scenario

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use xtask::{postgres::Cluster, procs::Interrupt};
+use xtask::{
+    postgres::{Cluster, ServerTls},
+    procs::Interrupt,
+};
 
 fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -129,4 +132,80 @@ async fn a_crashed_throwaway_cluster_restarts_with_every_acknowledged_commit() {
         .await
         .expect("count");
     assert_eq!(kept, 200, "every acknowledged commit survived the crash");
+}
+
+/// A CA, and a certificate it signed for 127.0.0.1, written into `dir`: returns the
+/// CA's file and the server's certificate and key.
+fn pki(dir: &Path, name: &str) -> (std::path::PathBuf, ServerTls) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().expect("key");
+    let certificate = server.signed_by(&key, &ca).expect("signed");
+    let write = |file: &str, text: &str| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    (
+        write("ca.pem", &ca.pem()),
+        ServerTls {
+            certificate: write("server.crt", &certificate.pem()),
+            key: write("server.key", &key.serialize_pem()),
+        },
+    )
+}
+
+#[tokio::test]
+async fn services_connect_with_verify_full_to_a_cluster_serving_a_trusted_certificate() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let (ca, tls) = pki(base.path(), "ours");
+    let (other_ca, _) = pki(base.path(), "other");
+    let interrupt = Interrupt::install().expect("signal handlers");
+    let cluster = Cluster::start_with(&base.path().join("pg"), false, Some(&tls), &interrupt)
+        .expect("a cluster serving TLS starts");
+    let url = cluster.url(xtask::postgres::DATABASE);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let with_root = |root: &Path| {
+        format!(
+            "{url}{separator}sslmode=verify-full&sslrootcert={}",
+            root.display()
+        )
+    };
+    let settings = |url: String| shared::config::DatabaseSettings {
+        url,
+        ..Default::default()
+    };
+
+    // As a service connects: its pool, with the cluster's CA as the root.
+    let pool = shared::db::connect_lazy(&settings(with_root(&ca)), "public").expect("url");
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .expect("connects over verified TLS");
+    assert!(encrypted, "the connection is encrypted");
+    pool.close().await;
+
+    // A server whose certificate another CA signed is refused.
+    let pool = shared::db::connect_lazy(&settings(with_root(&other_ca)), "public").expect("url");
+    let refused = sqlx::query("SELECT 1")
+        .fetch_one(&pool)
+        .await
+        .expect_err("an untrusted certificate is refused");
+    assert!(
+        format!("{refused:?}")
+            .to_lowercase()
+            .contains("certificate"),
+        "the error names the certificate: {refused:?}"
+    );
 }
