@@ -245,6 +245,17 @@ async fn handle(
     trace: &mut Trace,
 ) -> Result<Response, Rejection> {
     let (mut parts, body) = request.into_parts();
+    // What the client asked, before any filter edits it: response filters that put
+    // the gateway's address back (RewriteLocationResponseHeader) need it.
+    let asked = Asked {
+        host: parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .map(str::to_owned),
+        path: parts.uri.path().to_owned(),
+    };
 
     // Authenticate before anything touches an upstream.
     let claims = gateway
@@ -518,7 +529,7 @@ async fn handle(
                 } else {
                     health.succeeded();
                 }
-                let mut response = finish(response, route);
+                let mut response = finish(response, route, &asked);
                 if let Some((limiter, decision)) = &rate_limit {
                     limiter.headers(decision, response.headers_mut());
                 }
@@ -566,7 +577,7 @@ async fn handle(
         )
         .increment(1);
         let answer = match failure {
-            AttemptFailure::Status(response) => finish(response, route),
+            AttemptFailure::Status(response) => finish(response, route, &asked),
             AttemptFailure::Unreachable | AttemptFailure::Broken => Problem::new(
                 StatusCode::BAD_GATEWAY,
                 format!("{service} could not be reached or broke the connection."),
@@ -643,7 +654,17 @@ fn exhausted(service: &str, attempts: usize) -> Response {
 }
 
 /// The upstream's response as the client gets it.
-fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Route) -> Response {
+/// The client's own host and path, as it sent them.
+struct Asked {
+    host: Option<String>,
+    path: String,
+}
+
+fn finish(
+    upstream_response: hyper::Response<hyper::body::Incoming>,
+    route: &Route,
+    asked: &Asked,
+) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
     for name in &HOP_BY_HOP {
         parts.headers.remove(name);
@@ -694,6 +715,9 @@ fn finish(upstream_response: hyper::Response<hyper::body::Incoming>, route: &Rou
             }
             Filter::SetStatus(status) => parts.status = *status,
             Filter::SecureHeaders => secure_headers(&mut parts.headers),
+            Filter::RewriteLocation(rewrite) => {
+                rewrite.apply(&mut parts.headers, asked.host.as_deref(), &asked.path);
+            }
             _ => {}
         }
     }

@@ -233,6 +233,111 @@ pub enum Filter {
     RedirectTo(axum::http::StatusCode, HeaderValue),
     /// Largest size of any one request header (name and value), in bytes.
     RequestHeaderSize(usize),
+    /// Puts the address the client used in place of the upstream's own in a
+    /// redirect's `Location`.
+    RewriteLocation(Box<RewriteLocation>),
+}
+
+/// Spring Cloud Gateway's `RewriteLocationResponseHeader`: an upstream that redirects
+/// to `http://order-service:8081/orders/1` names an address the client cannot reach;
+/// the client gets `http://<the Host it asked>/orders/1`.
+#[derive(Debug, Clone)]
+pub struct RewriteLocation {
+    /// Whether a `/v1`-style segment right after the host is dropped.
+    strip: StripVersion,
+    /// The header rewritten (`Location` by default).
+    header: HeaderName,
+    /// The host put in; by default the request's own `Host`.
+    host: Option<String>,
+    /// `<scheme>://<host[:port]>[/vN]/<rest>`, with the schemes `protocols` allows.
+    pattern: regex::Regex,
+}
+
+/// When `RewriteLocationResponseHeader` drops a version segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripVersion {
+    Never,
+    /// Unless the client's own path starts with one.
+    AsInRequest,
+    Always,
+}
+
+impl RewriteLocation {
+    fn from_args(args: &BTreeMap<String, String>, vals: &[String]) -> Result<Self, String> {
+        // Spring's shortcut order: stripVersion, locationHeaderName, hostValue, protocols.
+        let arg = |name: &str, index: usize| {
+            args.get(name)
+                .or_else(|| vals.get(index))
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let strip = match arg("stripVersion", 0) {
+            None | Some("AS_IN_REQUEST") => StripVersion::AsInRequest,
+            Some("NEVER_STRIP") => StripVersion::Never,
+            Some("ALWAYS_STRIP") => StripVersion::Always,
+            Some(other) => {
+                return Err(format!(
+                    "stripVersion {other}: use NEVER_STRIP, AS_IN_REQUEST or ALWAYS_STRIP"
+                ));
+            }
+        };
+        let header = HeaderName::from_bytes(
+            arg("locationHeaderName", 1)
+                .unwrap_or("Location")
+                .as_bytes(),
+        )
+        .map_err(|_| "locationHeaderName is not a header name".to_owned())?;
+        let host = arg("hostValue", 2).map(str::to_owned);
+        if let Some(host) = &host
+            && HeaderValue::from_str(host).is_err()
+        {
+            return Err(format!("hostValue {host} cannot be put in a header"));
+        }
+        let protocols = arg("protocols", 3).unwrap_or("https?|ftps?");
+        let pattern = regex::Regex::new(&format!(
+            r"^(?P<scheme>(?:{protocols})://)(?P<host>[^:/]+(?::\d+)?)(?P<version>/v\d+)?(?P<rest>/.*)$"
+        ))
+        .map_err(|e| format!("protocols is not a valid regex: {e}"))?;
+        Ok(Self {
+            strip,
+            header,
+            host,
+            pattern,
+        })
+    }
+
+    /// Rewrites `headers`' location for a request that asked `host` for `path`.
+    pub fn apply(&self, headers: &mut HeaderMap, host: Option<&str>, path: &str) {
+        let Some(host) = self.host.as_deref().or(host) else {
+            return;
+        };
+        let Some(location) = headers.get(&self.header).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        let Some(parts) = self.pattern.captures(location) else {
+            return;
+        };
+        let versioned_request = path.starts_with("/v")
+            && path[2..]
+                .split('/')
+                .next()
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && path[2..].contains('/');
+        let strip = match self.strip {
+            StripVersion::Never => false,
+            StripVersion::Always => true,
+            StripVersion::AsInRequest => !versioned_request,
+        };
+        let version = if strip {
+            ""
+        } else {
+            parts.name("version").map_or("", |m| m.as_str())
+        };
+        let rewritten = format!("{}{host}{version}{}", &parts["scheme"], &parts["rest"]);
+        if let Ok(value) = HeaderValue::from_str(&rewritten) {
+            headers.insert(self.header.clone(), value);
+        }
+    }
 }
 
 /// Which value `DedupeResponseHeader` keeps.
@@ -1039,6 +1144,9 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                 usize::try_from(size).unwrap_or(usize::MAX),
             ))
         }
+        "RewriteLocationResponseHeader" => Ok(Filter::RewriteLocation(Box::new(
+            RewriteLocation::from_args(&args, &vals).map_err(err)?,
+        ))),
         "Retry" => Ok(Filter::Retry(args)),
         "CircuitBreaker" => Ok(Filter::CircuitBreaker(std::sync::Arc::new(
             crate::breaker::CircuitBreaker::from_args(&args).map_err(err)?,
@@ -1693,5 +1801,81 @@ routes:
         assert!(matches!(f[1], Filter::StripPrefix(1)));
         assert!(matches!(&f[2], Filter::RewritePath(_, r) if r == "/v1/${rest}"));
         assert!(matches!(f[6], Filter::RequestSize(2048)));
+    }
+}
+
+#[cfg(test)]
+mod rewrite_location_tests {
+    use super::*;
+
+    fn rewrite(shortcut: &str) -> RewriteLocation {
+        match parse_filter("r", 0, &Value::String(shortcut.into())) {
+            Ok(Filter::RewriteLocation(rewrite)) => *rewrite,
+            other => panic!("{shortcut}: {other:?}"),
+        }
+    }
+
+    fn location(rewrite: &RewriteLocation, location: &str, path: &str) -> String {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::LOCATION,
+            HeaderValue::from_str(location).expect("value"),
+        );
+        rewrite.apply(&mut headers, Some("shop.example.org"), path);
+        headers[axum::http::header::LOCATION]
+            .to_str()
+            .expect("text")
+            .to_owned()
+    }
+
+    #[test]
+    fn the_upstreams_address_becomes_the_one_the_client_asked() {
+        let default = rewrite("RewriteLocationResponseHeader");
+        assert_eq!(
+            location(&default, "http://order-service:8081/orders/1", "/orders"),
+            "http://shop.example.org/orders/1"
+        );
+        // As in the request: a client that asked without a version gets none back.
+        assert_eq!(
+            location(&default, "https://10.0.0.7:8443/v2/orders/1", "/orders"),
+            "https://shop.example.org/orders/1"
+        );
+        assert_eq!(
+            location(&default, "https://10.0.0.7:8443/v2/orders/1", "/v2/orders"),
+            "https://shop.example.org/v2/orders/1"
+        );
+        // Relative locations, other schemes and bare hosts are left alone, as Spring
+        // leaves them.
+        for untouched in ["/orders/1", "mailto:a@b.c", "http://order-service:8081"] {
+            assert_eq!(location(&default, untouched, "/orders"), untouched);
+        }
+    }
+
+    #[test]
+    fn the_shortcut_arguments_set_stripping_header_host_and_protocols() {
+        let never = rewrite("RewriteLocationResponseHeader=NEVER_STRIP, Location, , ");
+        assert_eq!(
+            location(&never, "http://svc:1/v1/a", "/a"),
+            "http://shop.example.org/v1/a"
+        );
+        let always =
+            rewrite("RewriteLocationResponseHeader=ALWAYS_STRIP, Location, api.example.org");
+        assert_eq!(
+            location(&always, "http://svc:1/v1/a", "/v1/a"),
+            "http://api.example.org/a"
+        );
+        let ftp_only = rewrite("RewriteLocationResponseHeader=AS_IN_REQUEST, Location, , ftp");
+        assert_eq!(
+            location(&ftp_only, "http://svc:1/a", "/a"),
+            "http://svc:1/a"
+        );
+        assert!(matches!(
+            parse_filter(
+                "r",
+                0,
+                &Value::String("RewriteLocationResponseHeader=SOMETIMES".into())
+            ),
+            Err(e) if e.to_string().contains("NEVER_STRIP")
+        ));
     }
 }

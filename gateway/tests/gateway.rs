@@ -79,6 +79,16 @@ async fn upstream_on(ip: &str, name: &str) -> Upstream {
         if request.uri().path().contains("slow") {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        if request.uri().path().contains("redirecting") {
+            // A redirect naming the upstream's own address, as a service behind a
+            // gateway often answers.
+            let location = format!("http://{}/v1/landed", up.addr);
+            return (
+                axum::http::StatusCode::FOUND,
+                [("location", location.as_str())],
+            )
+                .into_response();
+        }
         let body = Json(json!({
             "upstream": up.name,
             "path": request.uri().path(),
@@ -906,6 +916,10 @@ routes:
       - AddResponseHeader=X-Dup, a
       - AddResponseHeader=X-Dup, b
       - DedupeResponseHeader=X-Dup, RETAIN_UNIQUE
+  - id: relocated
+    uri: lb://order-service
+    predicates: ["Path=/loc/**"]
+    filters: [RewriteLocationResponseHeader]
 "#;
 
 #[tokio::test]
@@ -993,6 +1007,24 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
     );
     let dup: Vec<_> = rewritten.headers().get_all("x-dup").iter().collect();
     assert_eq!(dup, ["a", "b"], "DedupeResponseHeader keeps whole values");
+
+    // The upstream's redirect names the gateway, not the upstream, and drops the
+    // version the client did not ask with.
+    let relocated = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(format!("{}/loc/redirecting", s.gateway))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(relocated.status(), StatusCode::FOUND);
+    assert_eq!(
+        relocated.headers()["location"],
+        format!("{}/landed", s.gateway).as_str(),
+        "RewriteLocationResponseHeader"
+    );
 }
 
 #[tokio::test]
