@@ -255,6 +255,14 @@ async fn handle(
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .map(str::to_owned),
         path: parts.uri.path().to_owned(),
+        // The Path predicate's `{variables}`, which header and parameter values may
+        // name as Spring allows (`AddRequestHeader=X-Segment, {segment}`); matched
+        // only for routes that use them.
+        variables: if route.filters.iter().any(Filter::is_templated) {
+            route.path_variables(parts.uri.path())
+        } else {
+            Vec::new()
+        },
     };
 
     // Authenticate before anything touches an upstream.
@@ -364,8 +372,14 @@ async fn handle(
         )
         .into_response());
     };
-    let query = rewrite_query(route, parts.uri.query());
-    prepare_headers(&mut parts.headers, route, client, request_id);
+    let query = rewrite_query(route, parts.uri.query(), &asked.variables);
+    prepare_headers(
+        &mut parts.headers,
+        route,
+        client,
+        request_id,
+        &asked.variables,
+    );
     let idempotent =
         route.retry.methods.contains(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
     let timeout = route
@@ -654,16 +668,38 @@ fn exhausted(service: &str, attempts: usize) -> Response {
 }
 
 /// The upstream's response as the client gets it.
-/// The client's own host and path, as it sent them.
-struct Asked {
+/// The client's own host and path, as it sent them, and the path's variables.
+struct Asked<'r> {
     host: Option<String>,
     path: String,
+    variables: Vec<(&'r str, String)>,
+}
+
+/// `value` with each `{name}` replaced by that path variable, percent-decoded (a
+/// value that would not be a valid header then keeps the variable as matched).
+fn expand(value: &HeaderValue, variables: &[(&str, String)]) -> HeaderValue {
+    if variables.is_empty() || !value.as_bytes().contains(&b'{') {
+        return value.clone();
+    }
+    let Ok(text) = value.to_str() else {
+        return value.clone();
+    };
+    let mut filled = text.to_owned();
+    for (name, raw) in variables {
+        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        let fits = HeaderValue::from_str(&decoded).is_ok();
+        filled = filled.replace(
+            &format!("{{{name}}}"),
+            if fits { decoded.as_ref() } else { raw.as_str() },
+        );
+    }
+    HeaderValue::from_str(&filled).unwrap_or_else(|_| value.clone())
 }
 
 fn finish(
     upstream_response: hyper::Response<hyper::body::Incoming>,
     route: &Route,
-    asked: &Asked,
+    asked: &Asked<'_>,
 ) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
     for name in &HOP_BY_HOP {
@@ -683,10 +719,14 @@ fn finish(
     for filter in &route.filters {
         match filter {
             Filter::AddResponseHeader(name, value) => {
-                parts.headers.append(name.clone(), value.clone());
+                parts
+                    .headers
+                    .append(name.clone(), expand(value, &asked.variables));
             }
             Filter::SetResponseHeader(name, value) => {
-                parts.headers.insert(name.clone(), value.clone());
+                parts
+                    .headers
+                    .insert(name.clone(), expand(value, &asked.variables));
             }
             Filter::RemoveResponseHeader(name) => {
                 parts.headers.remove(name);
@@ -752,7 +792,11 @@ fn dedupe(headers: &mut HeaderMap, name: &HeaderName, strategy: crate::routes::D
 }
 
 /// The upstream query after `AddRequestParameter` and `RemoveRequestParameter`.
-fn rewrite_query(route: &Route, query: Option<&str>) -> Option<String> {
+fn rewrite_query(
+    route: &Route,
+    query: Option<&str>,
+    variables: &[(&str, String)],
+) -> Option<String> {
     let edits = route.filters.iter().any(|f| {
         matches!(
             f,
@@ -771,7 +815,12 @@ fn rewrite_query(route: &Route, query: Option<&str>) -> Option<String> {
     for filter in &route.filters {
         match filter {
             Filter::AddRequestParameter(name, value) => {
-                pairs.push(format!("{}={}", encode_query(name), encode_query(value)));
+                let mut value = value.clone();
+                for (variable, raw) in variables {
+                    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+                    value = value.replace(&format!("{{{variable}}}"), &decoded);
+                }
+                pairs.push(format!("{}={}", encode_query(name), encode_query(&value)));
             }
             Filter::RemoveRequestParameter(name) => {
                 // Compared decoded, as the upstream will read it: `%64ebug` is `debug`.
@@ -903,6 +952,7 @@ fn prepare_headers(
     route: &Route,
     client: SocketAddr,
     request_id: &HeaderValue,
+    variables: &[(&str, String)],
 ) {
     for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
         headers.remove(name);
@@ -927,13 +977,13 @@ fn prepare_headers(
     for filter in &route.filters {
         match filter {
             Filter::AddRequestHeader(name, value) => {
-                headers.append(name.clone(), value.clone());
+                headers.append(name.clone(), expand(value, variables));
             }
             Filter::RemoveRequestHeader(name) => {
                 headers.remove(name);
             }
             Filter::SetRequestHeader(name, value) => {
-                headers.insert(name.clone(), value.clone());
+                headers.insert(name.clone(), expand(value, variables));
             }
             Filter::AddRequestHeadersIfNotPresent(pairs) => {
                 for (name, value) in pairs {

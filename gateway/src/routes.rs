@@ -238,6 +238,21 @@ pub enum Filter {
     RewriteLocation(Box<RewriteLocation>),
 }
 
+impl Filter {
+    /// Whether its value names a path `{variable}`, to be filled per request.
+    pub fn is_templated(&self) -> bool {
+        let named = |value: &[u8]| value.contains(&b'{') && value.contains(&b'}');
+        match self {
+            Filter::AddRequestHeader(_, value)
+            | Filter::SetRequestHeader(_, value)
+            | Filter::AddResponseHeader(_, value)
+            | Filter::SetResponseHeader(_, value) => named(value.as_bytes()),
+            Filter::AddRequestParameter(_, value) => named(value.as_bytes()),
+            _ => false,
+        }
+    }
+}
+
 /// Spring Cloud Gateway's `RewriteLocationResponseHeader`: an upstream that redirects
 /// to `http://order-service:8081/orders/1` names an address the client cannot reach;
 /// the client gets `http://<the Host it asked>/orders/1`.

@@ -891,6 +891,8 @@ routes:
       - SetResponseHeader=X-Upstream, replaced
       - RemoveResponseHeader=Vary
       - SetStatus=202
+      - AddRequestHeader=X-Segment, seg-{segment}
+      - AddResponseHeader=X-Segment, {segment}
   - id: preserved
     uri: lb://order-service
     predicates: ["Path=/host/**"]
@@ -947,6 +949,11 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
         response.headers().get("vary").is_none(),
         "RemoveResponseHeader"
     );
+    assert_eq!(
+        response.headers()["x-segment"],
+        "books",
+        "a path variable in a response header's value"
+    );
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["path"], "/api/v3/books", "SetPath then PrefixPath");
     assert_eq!(body["query"], "page=2&source=gate%20way", "parameters");
@@ -954,6 +961,20 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
     assert_eq!(seen.get("x-mode").map(String::as_str), Some("set"));
     assert_eq!(seen.get("x-colour").map(String::as_str), Some("blue"));
     assert_eq!(seen.get("x-tenant-copy").map(String::as_str), Some("t-1"));
+    assert_eq!(
+        seen.get("x-segment").map(String::as_str),
+        Some("seg-books"),
+        "a path variable in a request header's value"
+    );
+    // A variable that would break the header (CR LF) is put in as it was matched.
+    let crafted = s.get_with("/edit/a%0D%0AX-Evil:1", &token, &[]).await;
+    assert_eq!(crafted.headers()["x-segment"], "a%0D%0AX-Evil:1");
+    let seen = up.last_headers.lock().expect("lock").clone();
+    assert_eq!(
+        seen.get("x-segment").map(String::as_str),
+        Some("seg-a%0D%0AX-Evil:1")
+    );
+    assert!(!seen.contains_key("x-evil"));
 
     s.get_with("/host/a", &token, &[]).await;
     let gateway_host = s.gateway.trim_start_matches("http://").to_owned();
