@@ -9,7 +9,11 @@
 //! - **half-open**: one trial request goes through; its success closes the breaker,
 //!   its failure opens it again.
 //!
-//! A failure is the upstream's: unreachable, timed out, or a 5xx.
+//! A failure is the upstream's: unreachable, timed out, or a 5xx (and any status in
+//! `statusCodes`). With `fallbackUri: forward:/path`, a request the breaker refuses
+//! or that failed goes through the routes again as if the client had asked `/path`,
+//! as Spring Cloud Gateway forwards it; without one, the client gets the 503 or the
+//! failure itself.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -21,6 +25,10 @@ use std::{
 #[derive(Debug)]
 pub struct CircuitBreaker {
     pub name: String,
+    /// The path of `fallbackUri: forward:<path>`.
+    pub fallback: Option<String>,
+    /// Statuses that count as failures besides the 5xx (`statusCodes`).
+    pub failure_statuses: Vec<u16>,
     failure_rate: f64,
     window: usize,
     minimum_calls: usize,
@@ -37,20 +45,43 @@ enum State {
 
 impl CircuitBreaker {
     pub fn from_args(args: &BTreeMap<String, String>) -> Result<Self, String> {
-        const KNOWN: [&str; 5] = [
+        const KNOWN: [&str; 7] = [
             "name",
+            "fallbackUri",
+            "statusCodes",
             "failureRateThreshold",
             "slidingWindowSize",
             "minimumNumberOfCalls",
             "waitDurationInOpenState",
         ];
         if let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(if unknown == "fallbackUri" {
-                "fallbackUri is not supported: an open breaker answers 503 problem+json".into()
-            } else {
-                format!("unknown argument {unknown}; use {}", KNOWN.join(", "))
-            });
+            return Err(format!(
+                "unknown argument {unknown}; use {}",
+                KNOWN.join(", ")
+            ));
         }
+        let fallback = match args.get("fallbackUri").map(|u| u.trim()) {
+            None | Some("") => None,
+            Some(uri) => match uri.strip_prefix("forward:") {
+                Some(path) if path.starts_with('/') => Some(path.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "fallbackUri {uri}: use forward:/path, as Spring Cloud Gateway forwards only"
+                    ));
+                }
+            },
+        };
+        let failure_statuses = args
+            .get("statusCodes")
+            .map(|codes| {
+                codes
+                    .split(',')
+                    .filter(|c| !c.trim().is_empty())
+                    .map(|c| crate::routes::status_arg(c).map(|s| s.as_u16()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
         let number = |name: &str, default: f64| -> Result<f64, String> {
             match args.get(name) {
                 None => Ok(default),
@@ -69,6 +100,8 @@ impl CircuitBreaker {
         let window = number("slidingWindowSize", 20.0)? as usize;
         let minimum_calls = (number("minimumNumberOfCalls", 10.0)? as usize).min(window);
         Ok(Self {
+            fallback,
+            failure_statuses,
             name: args
                 .get("name")
                 .cloned()
@@ -138,14 +171,29 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether the upstream's answer counts as a failure.
+    pub fn is_failure(&self, status: u16) -> bool {
+        status >= 500 || self.failure_statuses.contains(&status)
+    }
+
+    /// Gives back a permit whose request ended without an outcome (the client hung
+    /// up): nothing is recorded, and a half-open breaker may send its next trial.
+    fn release(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::HalfOpen { trial_running } = &mut *state {
+            *trial_running = false;
+        }
+    }
+
     pub fn is_open(&self, now: Instant) -> bool {
         matches!(&*self.state.lock().unwrap_or_else(|p| p.into_inner()), State::Open(until) if now < *until)
     }
 }
 
 /// A permitted request's obligation to report back. Dropped without
-/// [`Permit::succeeded`] or [`Permit::failed`] (an early return of any kind), it counts
-/// as a failure, so a half-open breaker's trial can never be lost.
+/// [`Permit::succeeded`] or [`Permit::failed`] (the client hung up, or the request
+/// was the client's fault), it records nothing and frees a half-open breaker's trial
+/// slot: a client going away says nothing about the upstream.
 #[derive(Debug)]
 pub struct Permit {
     breaker: std::sync::Arc<CircuitBreaker>,
@@ -158,6 +206,11 @@ impl Permit {
             breaker,
             reported: false,
         }
+    }
+
+    /// The breaker this permit reports to.
+    pub fn breaker(&self) -> std::sync::Arc<CircuitBreaker> {
+        self.breaker.clone()
     }
 
     pub fn succeeded(mut self) {
@@ -174,7 +227,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.reported {
-            self.breaker.record(false, Instant::now());
+            self.breaker.release();
         }
     }
 }
@@ -212,6 +265,42 @@ mod tests {
         assert!(b.permit(later).is_err(), "only one trial at a time");
         b.record(true, later);
         assert!(b.permit(later).is_ok(), "closed again");
+    }
+
+    #[test]
+    fn an_abandoned_permit_records_nothing_and_frees_the_trial() {
+        let b = std::sync::Arc::new(breaker());
+        let t = Instant::now();
+        for _ in 0..4 {
+            b.record(false, t);
+        }
+        let later = t + Duration::from_secs(1);
+        assert!(b.permit(later).is_ok(), "the trial");
+        drop(Permit::new(b.clone()));
+        assert!(!b.is_open(later), "still half-open, not opened again");
+        assert!(b.permit(later).is_ok(), "the next trial may go");
+    }
+
+    #[test]
+    fn fallback_and_status_codes_are_read_as_spring_writes_them() {
+        let args = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let b = CircuitBreaker::from_args(&args(&[
+            ("name", "orders"),
+            ("fallbackUri", "forward:/fallback/orders"),
+            ("statusCodes", "404,TOO_MANY_REQUESTS"),
+        ]))
+        .expect("breaker");
+        assert_eq!(b.fallback.as_deref(), Some("/fallback/orders"));
+        assert!(b.is_failure(404) && b.is_failure(429) && b.is_failure(503));
+        assert!(!b.is_failure(400));
+        let refused = CircuitBreaker::from_args(&args(&[("fallbackUri", "lb://other")]))
+            .expect_err("not forward:");
+        assert!(refused.contains("forward:/path"), "{refused}");
     }
 
     #[test]

@@ -264,6 +264,24 @@ async fn handle(
             Vec::new()
         },
     };
+    // The request as the client sent it, kept only for a route whose breaker has a
+    // `fallbackUri`, and only once: a fallback route's own fallback is not followed.
+    let fallback = route
+        .filters
+        .iter()
+        .find_map(|f| match f {
+            Filter::CircuitBreaker(b) => b.fallback.clone(),
+            _ => None,
+        })
+        .filter(|_| parts.extensions.get::<Forwarded>().is_none())
+        .map(|path| Fallback {
+            uri: match parts.uri.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            },
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+        });
 
     // Authenticate before anything touches an upstream.
     let claims = gateway
@@ -392,11 +410,20 @@ async fn handle(
         Filter::CircuitBreaker(b) => Some(b.clone()),
         _ => None,
     });
+    let breaker_statuses: Vec<u16> = breaker
+        .as_ref()
+        .map(|b| b.failure_statuses.clone())
+        .unwrap_or_default();
     let mut permit = None;
     if let Some(breaker) = &breaker
         && let Err(open_for) = breaker.permit(Instant::now())
     {
         trace.reason = Some("circuit open");
+        if let Some(fallback) = fallback {
+            return fallback
+                .forward(gateway, client, request_id, body.replay(), trace)
+                .await;
+        }
         let seconds = open_for.as_secs().max(1);
         let mut response = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -458,6 +485,14 @@ async fn handle(
                     }
                     None if tried.is_empty() => {
                         trace.reason = Some("no instance");
+                        if let Some(permit) = permit.take() {
+                            permit.failed();
+                        }
+                        if let Some(fallback) = fallback {
+                            return fallback
+                                .forward(gateway, client, request_id, body.replay(), trace)
+                                .await;
+                        }
                         return Err(Problem::unavailable(name)
                             .with_detail(format!(
                                 "No instance of {name} is available right now; retry later."
@@ -465,6 +500,14 @@ async fn handle(
                             .into_response());
                     }
                     None => {
+                        if let Some(permit) = permit.take() {
+                            permit.failed();
+                        }
+                        if let Some(fallback) = fallback {
+                            return fallback
+                                .forward(gateway, client, request_id, body.replay(), trace)
+                                .await;
+                        }
                         return Err(
                             last_failure.unwrap_or_else(|| exhausted(&service, tried.len()))
                         );
@@ -549,11 +592,24 @@ async fn handle(
                 }
                 trace.instance = Some(instance);
                 trace.retries = tried.len();
-                if let Some(permit) = permit {
-                    if response.status().is_server_error() {
+                if let Some(permit) = permit.take() {
+                    let breaker = permit.breaker();
+                    let status = response.status().as_u16();
+                    if breaker.is_failure(status) {
                         permit.failed();
                     } else {
                         permit.succeeded();
+                    }
+                    // As in Spring: an answer is forwarded to the fallback only when
+                    // `statusCodes` names its status; a 5xx still counts against the
+                    // breaker.
+                    if breaker.failure_statuses.contains(&status)
+                        && let Some(fallback) = fallback
+                    {
+                        trace.reason = Some("upstream error status");
+                        return fallback
+                            .forward(gateway, client, request_id, body.replay(), trace)
+                            .await;
                     }
                 }
                 return Ok(response);
@@ -590,6 +646,14 @@ async fn handle(
             "reason" => trace.reason.unwrap_or("-")
         )
         .increment(1);
+        // A failure to get any answer always goes to the fallback; an answer, only
+        // when `statusCodes` names its status.
+        let to_fallback = match &failure {
+            AttemptFailure::Status(response) => {
+                breaker_statuses.contains(&response.status().as_u16())
+            }
+            _ => true,
+        };
         let answer = match failure {
             AttemptFailure::Status(response) => finish(response, route, &asked),
             AttemptFailure::Unreachable | AttemptFailure::Broken => Problem::new(
@@ -608,7 +672,14 @@ async fn handle(
             && body.replayable()
             && budget.withdraw(now_ms());
         if !may_retry {
-            // Dropping the permit records the failure.
+            if let Some(permit) = permit.take() {
+                permit.failed();
+            }
+            if to_fallback && let Some(fallback) = fallback {
+                return fallback
+                    .forward(gateway, client, request_id, body.replay(), trace)
+                    .await;
+            }
             return Err(answer);
         }
         metrics::counter!("gateway_retries_total", "route" => route.id.clone()).increment(1);
@@ -635,6 +706,70 @@ impl RequestBody {
 
     fn replayable(&self) -> bool {
         matches!(self, RequestBody::Buffered(_))
+    }
+
+    /// The body again for a fallback: a buffered one as it was, a streamed one (spent
+    /// on the first attempt) as nothing.
+    fn replay(&self) -> Body {
+        match self {
+            RequestBody::Buffered(bytes) => Body::from(bytes.clone()),
+            RequestBody::Streamed(_) => Body::empty(),
+        }
+    }
+}
+
+/// Marks a request a fallback forwarded, so its own route's fallback is not followed.
+#[derive(Debug, Clone, Copy)]
+struct Forwarded;
+
+/// Where a breaker's `fallbackUri: forward:/path` sends a request, and the request
+/// as the client sent it.
+struct Fallback {
+    uri: String,
+    method: axum::http::Method,
+    headers: HeaderMap,
+}
+
+impl Fallback {
+    /// Runs the request again through the routes, as if the client had asked the
+    /// fallback's path: the route that matches it answers (a cached page, a default,
+    /// a service that degrades gracefully). No route for it is a 503 naming it.
+    async fn forward(
+        self,
+        gateway: &Gateway,
+        client: SocketAddr,
+        request_id: &HeaderValue,
+        body: Body,
+        trace: &mut Trace,
+    ) -> Result<Response, Rejection> {
+        let Ok(uri) = self.uri.parse::<Uri>() else {
+            return Err(Problem::unavailable("fallback").into_response());
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers;
+        request.extensions_mut().insert(Forwarded);
+        let routes = gateway.routes.load_full();
+        let facts = crate::routes::RequestFacts::of(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            Some(client.ip()),
+        );
+        let Some(route) = routes.find(&facts) else {
+            trace.reason = Some("fallback has no route");
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "The upstream failed and its fallback {} matches no route.",
+                    request.uri().path()
+                ),
+            )
+            .into_response());
+        };
+        metrics::counter!("gateway_fallbacks_total", "route" => route.id.clone()).increment(1);
+        Box::pin(handle(gateway, route, client, request_id, request, trace)).await
     }
 }
 

@@ -1180,7 +1180,7 @@ fn spring_status_name(code: axum::http::StatusCode) -> Option<String> {
 }
 
 /// A status as a number (`401`) or Spring's `HttpStatus` name (`UNAUTHORIZED`).
-fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
+pub(crate) fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
     let raw = raw.trim();
     if let Ok(code) = raw.parse::<u16>() {
         return axum::http::StatusCode::from_u16(code)
@@ -1757,7 +1757,7 @@ eureka:
                 "default-filters[0]",
             ),
             (
-                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [{name: CircuitBreaker, args: {name: b, fallbackUri: 'forward:/x'}}]}]",
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [{name: CircuitBreaker, args: {name: b, fallbackUri: 'lb://elsewhere'}}]}]",
                 "a",
                 "filters[0]",
             ),

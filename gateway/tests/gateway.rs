@@ -1613,3 +1613,66 @@ async fn a_circuit_breaker_opens_on_failures_refuses_fast_and_closes_after_a_goo
         assert_eq!(s.get("/guarded/x", &token).await.status(), StatusCode::OK);
     }
 }
+
+const FALLBACK_ROUTES: &str = r#"
+routes:
+  - id: guarded
+    uri: lb://order-service
+    predicates: ["Path=/guarded/**"]
+    filters:
+      - name: CircuitBreaker
+        args:
+          name: orders-breaker
+          fallbackUri: forward:/fallback/orders
+          statusCodes: 418
+          slidingWindowSize: 4
+          minimumNumberOfCalls: 4
+          waitDurationInOpenState: 60000
+  - id: fallback
+    uri: lb://payment-service
+    predicates: ["Path=/fallback/**"]
+    filters: ["AddResponseHeader=X-Fallback, yes"]
+"#;
+
+#[tokio::test]
+async fn a_breakers_fallback_answers_for_a_failed_or_refused_upstream_as_spring_forwards() {
+    let s = stack(FALLBACK_ROUTES, 2000).await;
+    let orders = upstream("orders").await;
+    let spare = upstream("spare").await;
+    s.register("payment-service", &spare).await;
+    let token = s.token("alice", "alice-pw").await;
+    s.get_routed("/fallback/x", &token).await;
+
+    // No instance of the service at all: the fallback route answers, with the
+    // client's query, as if the client had asked its path.
+    let answered = s.get("/guarded/a?page=2", &token).await;
+    assert_eq!(answered.status(), StatusCode::OK);
+    assert_eq!(answered.headers()["x-fallback"], "yes");
+    let body: Value = answered.json().await.expect("json");
+    assert_eq!(body["upstream"], "spare");
+    assert_eq!(body["path"], "/fallback/orders");
+    assert_eq!(body["query"], "page=2");
+
+    // A status that statusCodes names goes to the fallback; a 500 stays the
+    // upstream's answer, as in Spring (it still counts against the breaker).
+    s.register("order-service", &orders).await;
+    s.get_routed("/guarded/b", &token).await;
+    orders.failing_with.store(418, Ordering::SeqCst);
+    let teapot = s.get("/guarded/b", &token).await;
+    assert_eq!(teapot.headers()["x-fallback"], "yes");
+    orders.failing_with.store(500, Ordering::SeqCst);
+    let plain = s.get("/guarded/b", &token).await;
+    assert_eq!(plain.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(plain.headers().get("x-fallback").is_none());
+
+    // Enough failures open the breaker: refused at once, and answered by the fallback
+    // without touching the service.
+    for _ in 0..4 {
+        s.get("/guarded/b", &token).await;
+    }
+    let hits = orders.hits.load(Ordering::SeqCst);
+    let refused = s.get("/guarded/b", &token).await;
+    assert_eq!(refused.status(), StatusCode::OK);
+    assert_eq!(refused.headers()["x-fallback"], "yes");
+    assert_eq!(orders.hits.load(Ordering::SeqCst), hits);
+}
