@@ -506,22 +506,72 @@ impl RouteTable {
     /// `spring.cloud.gateway` or `spring.cloud.gateway.server.webflux`, nested or as
     /// dotted keys. In a Spring file every other Spring setting is left alone, but a
     /// gateway setting this gateway does not have is refused by name.
+    /// The routes of a file, with the Spring profiles of `SPRING_PROFILES_ACTIVE`.
     pub fn from_yaml(text: &str) -> Result<Self, RouteError> {
+        let profiles: Vec<String> = std::env::var("SPRING_PROFILES_ACTIVE")
+            .unwrap_or_default()
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        Self::from_yaml_for(text, &profiles)
+    }
+
+    /// The routes of a file for the active `profiles`. A file of several YAML
+    /// documents (`---`) is read as Spring reads an `application.yml`: a document
+    /// with `spring.config.activate.on-profile` counts only when that profile is
+    /// active (besides those given, a profile-less document may name them in
+    /// `spring.profiles.active`), and a later document's `routes` or
+    /// `default-filters` replace an earlier one's.
+    pub fn from_yaml_for(text: &str, profiles: &[String]) -> Result<Self, RouteError> {
+        use serde::Deserialize as _;
         let refuse = |field: String, message: String| RouteError {
             route: "-".into(),
             field,
             message,
         };
-        let document: Value =
-            serde_yaml_ng::from_str(text).map_err(|e| refuse("file".into(), e.to_string()))?;
-        let document = if document.is_null() {
-            Value::Object(Default::default())
-        } else {
-            document
+        let mut documents = Vec::new();
+        for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let value = Value::deserialize(document).map_err(|e| {
+                let field = if index == 0 {
+                    "file".to_owned()
+                } else {
+                    format!("document {}", index + 1)
+                };
+                refuse(field, e.to_string())
+            })?;
+            if !value.is_null() {
+                documents.push(value);
+            }
+        }
+        let on_profile = |document: &Value| {
+            subtree(document, &["spring", "config", "activate", "on-profile"])
+                .or_else(|| subtree(document, &["spring", "profiles"]).filter(Value::is_string))
         };
-        let (prefix, section) = spring_section(&document).map_err(|(f, m)| refuse(f, m))?;
-        let section = normalise_keys(section);
-        let file: RouteFile = serde_json::from_value(section).map_err(|e| {
+        let mut active: Vec<String> = profiles.to_vec();
+        for document in documents.iter().filter(|d| on_profile(d).is_none()) {
+            if let Some(Value::String(named)) = subtree(document, &["spring", "profiles", "active"])
+            {
+                active.extend(named.split(',').map(|p| p.trim().to_owned()));
+            }
+        }
+        let mut prefix = String::new();
+        let mut merged = serde_json::Map::new();
+        for document in &documents {
+            if let Some(condition) = on_profile(document)
+                && !profile_matches(&condition, &active)
+            {
+                continue;
+            }
+            let (found, section) = spring_section(document).map_err(|(f, m)| refuse(f, m))?;
+            if let Value::Object(section) = normalise_keys(section) {
+                merged.extend(section);
+            }
+            if !found.is_empty() {
+                prefix = found;
+            }
+        }
+        let file: RouteFile = serde_json::from_value(Value::Object(merged)).map_err(|e| {
             let field = if prefix.is_empty() {
                 "file".to_owned()
             } else {
@@ -639,6 +689,24 @@ impl RouteTable {
             .iter()
             .find(|route| route.predicates.iter().all(|p| p.matches(facts)))
     }
+}
+
+/// Whether a document's `on-profile` (`prod`, `prod,eu`, `!prod`, or a list of these)
+/// holds for the `active` profiles: any one entry holding is enough.
+fn profile_matches(condition: &Value, active: &[String]) -> bool {
+    let entries: Vec<String> = match condition {
+        Value::String(text) => text.split(',').map(|e| e.trim().to_owned()).collect(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|e| e.trim().to_owned())
+            .collect(),
+        _ => Vec::new(),
+    };
+    entries.iter().any(|entry| match entry.strip_prefix('!') {
+        Some(name) => !active.iter().any(|a| a == name.trim()),
+        None => active.iter().any(|a| a == entry),
+    })
 }
 
 /// The gateway's part of a route file, with the prefix it was found under (empty for
@@ -1892,5 +1960,51 @@ mod rewrite_location_tests {
             ),
             Err(e) if e.to_string().contains("NEVER_STRIP")
         ));
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    const FILE: &str = r#"
+spring:
+  cloud:
+    gateway:
+      routes:
+        - id: everywhere
+          uri: lb://order-service
+          predicates: [Path=/orders/**]
+---
+spring:
+  config:
+    activate:
+      on-profile: prod
+spring.cloud.gateway.server.webflux.routes:
+  - id: in-prod
+    uri: lb://order-service
+    predicates: [Path=/orders/**]
+---
+spring.config.activate.on-profile: "!prod"
+spring.cloud.gateway.default-filters: [SecureHeaders]
+"#;
+
+    fn ids(profiles: &[&str]) -> (Vec<String>, usize) {
+        let profiles: Vec<String> = profiles.iter().map(|p| (*p).to_owned()).collect();
+        let table = RouteTable::from_yaml_for(FILE, &profiles).expect("loads");
+        let ids = table.routes.iter().map(|r| r.id.clone()).collect();
+        let filters = table.routes[0].filters.len();
+        (ids, filters)
+    }
+
+    #[test]
+    fn documents_count_only_for_their_profiles_and_later_ones_replace_routes() {
+        assert_eq!(ids(&[]), (vec!["everywhere".to_owned()], 1));
+        assert_eq!(ids(&["prod"]), (vec!["in-prod".to_owned()], 0));
+        assert_eq!(ids(&["dev"]).0, ["everywhere"]);
+        // A profile-less document may name the active profiles itself.
+        let named = format!("spring.profiles.active: prod\n---\n{FILE}");
+        let table = RouteTable::from_yaml_for(&named, &[]).expect("loads");
+        assert_eq!(table.routes[0].id, "in-prod");
     }
 }
