@@ -82,6 +82,12 @@ pub struct Settings {
     /// extended; anyone else's are dropped, as a client could write anything there.
     /// Empty by default: the gateway is the edge.
     pub trusted_proxies: Vec<String>,
+    /// Continue the trace a client's `traceparent` names even when the client is not
+    /// a trusted proxy. Off by default: a client could otherwise have every request
+    /// recorded (its sampled flag) or pick the trace id an order is filed under; its
+    /// context is then only linked from a trace the gateway starts. The local stack
+    /// turns it on so developers and tests can follow their own requests.
+    pub client_traces: bool,
     /// Worker threads serving requests, each with its own listener and upstream pool;
     /// 0 is one per core.
     pub workers: usize,
@@ -100,6 +106,7 @@ impl Default for Settings {
             cors: limits::CorsSettings::default(),
             max_header_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
+            client_traces: false,
             workers: 0,
         }
     }
@@ -137,6 +144,8 @@ pub struct Gateway {
     pub max_header_bytes: usize,
     /// Proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether any client's `traceparent` is continued (else only a trusted proxy's).
+    pub client_traces: bool,
     /// Where the routes come from; `None` for the built-in ones.
     routes_file: Option<PathBuf>,
     /// Prometheus's static credential for `/actuator/prometheus`.
@@ -265,6 +274,7 @@ impl Application {
                 .map(|n| shared::networks::parse_network(n))
                 .collect::<Result<_, _>>()
                 .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
+            client_traces: settings.client_traces,
             routes_file: settings.routes_file.clone(),
             metrics_token: settings
                 .auth

@@ -124,6 +124,19 @@ pub async fn forward(
         .and_then(|v| v.to_str().ok())
         .filter(|v| shared::telemetry::trace_id(v).is_some())
         .map(str::to_owned);
+    // The gateway is the edge: a client's trace is continued only when it comes
+    // through a trusted proxy or `client_traces` allows it; otherwise the gateway
+    // starts the trace (and decides its sampling) and links the client's context.
+    let believed = gateway.client_traces
+        || shared::networks::any_contains(&gateway.trusted_proxies, client.ip());
+    let incoming = match incoming {
+        Some(context) if !believed => {
+            shared::telemetry::link_trace(&span, &context);
+            request.headers_mut().remove(&TRACEPARENT);
+            None
+        }
+        other => other,
+    };
     shared::telemetry::continue_trace(&span, incoming.as_deref());
     // Without the span layer (no subscriber installed) the trace is still carried:
     // the caller's as it came, or one started here.

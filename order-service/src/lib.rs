@@ -94,16 +94,22 @@ impl Application {
             results::ResultApplier,
         )?;
         let pool = shell.pool().clone();
+        // The timeline follows notification-service until the service stops.
+        let following = CancellationToken::new();
         let api = orders::routes(orders::Api {
             pool: pool.clone(),
             verifier: shell.verifier(),
             orders_topic: settings.topics.orders,
-            notifications: timeline::Notifications::new(&settings.registry)
+            notifications: timeline::Notifications::new(&settings.registry, following.clone())
                 .map_err(|e| anyhow::anyhow!(e))?,
         });
         Ok(Self(
             shell
                 .worker(move |shutdown| count_orders_by_status(pool, shutdown))
+                .worker(move |shutdown| async move {
+                    shutdown.cancelled().await;
+                    following.cancel();
+                })
                 .build(api, openapi::document()),
         ))
     }

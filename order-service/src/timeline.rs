@@ -17,7 +17,7 @@
 //! its own. Times from other services come from their clocks; a negative difference
 //! (skewed clocks) is shown as 0.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
@@ -29,9 +29,11 @@ use serde::{Deserialize, Serialize};
 use shared::{
     Problem,
     auth::AuthUser,
-    registry::{RegistryClient, RegistrySettings},
+    networks::{InstanceNetworks, PRIVATE_NETWORKS},
+    registry::{Discovery, RegistryClient, RegistrySettings},
 };
 use sqlx::Row;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::orders::{Api, internal};
@@ -72,24 +74,32 @@ pub struct Hop {
 }
 
 /// Asks notification-service, found through the registry, when an order's mail went
-/// out. Without a registry the hop is left out.
+/// out. Without a registry (`registry.enabled` off) the hop is left out.
 #[derive(Debug, Clone)]
 pub struct Notifications {
-    registry: Option<RegistryClient>,
+    /// Follows notification-service's instances, admitting only those inside the
+    /// private networks (as the gateway does): the caller's token is sent to them.
+    discovery: Option<Arc<Discovery>>,
     http: reqwest::Client,
 }
 
 impl Notifications {
-    pub fn new(settings: &RegistrySettings) -> Result<Self, String> {
-        let registry = match settings.urls.split(',').any(|u| !u.trim().is_empty()) {
-            true => Some(RegistryClient::new(settings)?),
+    /// Follows notification-service in the registry until `stop` fires.
+    pub fn new(settings: &RegistrySettings, stop: CancellationToken) -> Result<Self, String> {
+        let configured = settings.enabled && settings.urls.split(',').any(|u| !u.trim().is_empty());
+        let discovery = match configured {
+            true => Some(Arc::new(Discovery::start_within(
+                RegistryClient::new(settings)?,
+                &[NOTIFICATION_SERVICE],
+                stop,
+                Some(Arc::new(InstanceNetworks::parse(&PRIVATE_NETWORKS)?)),
+            ))),
             false => None,
         };
         Ok(Self {
-            registry,
+            discovery,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(ASK_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
         })
@@ -98,12 +108,9 @@ impl Notifications {
     /// When the order's mail was sent, asked with the caller's own credentials (so
     /// notification-service applies its own rule of who may see what).
     async fn sent_at(&self, order: Uuid, authorization: &HeaderValue) -> Option<DateTime<Utc>> {
-        let registry = self.registry.as_ref()?;
+        let discovery = self.discovery.as_ref()?;
         let asked = async {
-            let (_, instances) = registry
-                .instances(NOTIFICATION_SERVICE, None, ASK_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
+            let instances = discovery.instances(NOTIFICATION_SERVICE);
             let up: Vec<_> = instances.iter().filter(|i| i.is_up()).collect();
             let instance = up
                 .get(order.as_u128() as usize % up.len().max(1))
@@ -131,7 +138,10 @@ impl Notifications {
                     .min(),
             )
         };
-        match asked.await {
+        let answer = tokio::time::timeout(ASK_TIMEOUT, asked)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", ASK_TIMEOUT.as_millis())));
+        match answer {
             Ok(sent) => sent,
             Err(e) => {
                 tracing::warn!(order = %order, error = %e,

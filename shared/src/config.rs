@@ -65,13 +65,13 @@ impl Layers {
         self
     }
 
-    /// The stack-wide registry variables, `REGISTRY_URL` and `REGISTRY_TOKEN`, into the
-    /// `registry` section every registering service has.
     /// `ZIPKIN_URL` for `tracing.zipkin_url`: where every process sends its spans.
     pub fn spans(self) -> Self {
         self.fallback_env("ZIPKIN_URL", "tracing.zipkin_url")
     }
 
+    /// The stack-wide registry variables, `REGISTRY_URL` and `REGISTRY_TOKEN`, into the
+    /// `registry` section every registering service has.
     pub fn registry_client(self) -> Self {
         self.fallback_env("REGISTRY_URL", "registry.urls")
             .fallback_env("REGISTRY_TOKEN", "registry.token")

@@ -184,12 +184,17 @@ pub fn service_router(
         .layer(axum::middleware::from_fn(request_id))
 }
 
-/// Answers 503 when the rest of the stack takes longer than `limit`.
+/// Answers 503 when the rest of the stack takes longer than `limit`. The handler may
+/// have been waiting for its COMMIT: a write without an `Idempotency-Key` is told its
+/// outcome is unknown rather than to retry, so a client following the advice never
+/// places an order twice.
 async fn time_limit(
     axum::extract::State(limit): axum::extract::State<std::time::Duration>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let retry_is_safe =
+        request.method().is_idempotent() || request.headers().contains_key("idempotency-key");
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
@@ -197,17 +202,21 @@ async fn time_limit(
                 limit_ms = limit.as_millis() as u64,
                 "a request ran out of time"
             );
-            let mut response = Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            let millis = limit.as_millis();
+            let detail = if retry_is_safe {
+                format!("The request took longer than {millis} ms and was abandoned; retry later.")
+            } else {
                 format!(
-                    "The request took longer than {} ms and was abandoned; retry later.",
-                    limit.as_millis()
-                ),
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+                    "The request took longer than {millis} ms and was abandoned; whether it took effect is unknown. Check before sending it again, or send writes with an Idempotency-Key so a retry is safe."
+                )
+            };
+            let mut response =
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail).into_response();
+            if retry_is_safe {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
             response
         }
     }

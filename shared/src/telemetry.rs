@@ -29,7 +29,7 @@ use opentelemetry_sdk::{
 };
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, prelude::*, reload};
+use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*, reload};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,10 +170,13 @@ where
         &self,
         meta: &'static tracing::Metadata<'static>,
     ) -> tracing::subscriber::Interest {
+        // Always asked first: registering a callsite is where the filter learns its
+        // span directives (`[http]=debug`), which must keep working inside spans.
+        let lines = Layer::<S>::register_callsite(&self.lines, meta);
         if always_traced(meta) {
             tracing::subscriber::Interest::always()
         } else {
-            Layer::<S>::register_callsite(&self.lines, meta)
+            lines
         }
     }
 
@@ -253,11 +256,86 @@ where
     }
     let provider = builder.build();
     let tracer = provider.tracer(service.to_owned());
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_counting_event_filter(filter_fn(|_| false))
-        .boxed();
+    let layer = SpansOnly(tracing_opentelemetry::layer().with_tracer(tracer)).boxed();
     (provider, layer)
+}
+
+/// A layer that sees spans and never events: log lines stay log lines instead of
+/// being copied into every span as span events (which Zipkin's model does not carry
+/// anyway). Everything else, `downcast_raw` above all (how a span's OpenTelemetry
+/// context is found), goes to the inner layer.
+struct SpansOnly<L>(L);
+
+impl<S, L> Layer<S> for SpansOnly<L>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(id, values, ctx);
+    }
+
+    fn on_follows_from(
+        &self,
+        id: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_follows_from(id, follows, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+
+    fn on_id_change(
+        &self,
+        old: &tracing::span::Id,
+        new: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_id_change(old, new, ctx);
+    }
+
+    #[allow(unsafe_code)]
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded unchanged to the inner layer's own implementation, which
+        // answers for its type and the types it exposes (OpenTelemetry's context).
+        unsafe { self.0.downcast_raw(id) }
+    }
 }
 
 /// One header, for the propagator.
@@ -295,6 +373,14 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     if let Some(id) = trace_id_of(span) {
         span.record("trace_id", id.as_str());
     }
+}
+
+/// Links `span` to the trace in `traceparent` without continuing it: the edge's way
+/// to keep a client's context findable while starting (and sampling) its own trace.
+/// Call it before the span is entered.
+pub fn link_trace(span: &tracing::Span, traceparent: &str) {
+    let linked = TraceContextPropagator::new().extract(&Carrier(Some(traceparent)));
+    span.add_link(linked.span().span_context().clone());
 }
 
 /// The `traceparent` that continues `span`'s trace at the next hop, when the span
@@ -614,6 +700,77 @@ mod tests {
         }
         assert_eq!(request_id("req-1"), Some("req-1"));
         assert_eq!(request_id("has space"), None);
+    }
+
+    /// Records the names of new spans and the messages of events it is shown.
+    #[derive(Clone, Default)]
+    struct Seen(std::sync::Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Seen {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push(format!("span {}", attrs.metadata().name()));
+        }
+
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0
+                .lock()
+                .expect("lock")
+                .push(format!("event {}", message.0));
+        }
+    }
+
+    #[test]
+    fn spans_survive_a_quiet_log_level_and_span_directives_still_apply() {
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(Admit {
+                lines: EnvFilter::new("warn,[checkout]=debug"),
+            })
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("quiet at warn");
+            let checkout = tracing::info_span!("checkout");
+            checkout.in_scope(|| tracing::debug!("inside checkout"));
+            let other = tracing::info_span!("other");
+            other.in_scope(|| tracing::debug!("inside other"));
+            tracing::warn!("loud enough");
+        });
+        let seen = seen.0.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [
+                "span checkout",
+                "event inside checkout",
+                "span other",
+                "event loud enough"
+            ]
+        );
     }
 
     #[test]

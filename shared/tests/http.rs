@@ -114,6 +114,10 @@ fn service(slow: std::time::Duration, limit: std::time::Duration) -> Router {
         axum::routing::get(move || async move {
             tokio::time::sleep(slow).await;
             "done"
+        })
+        .post(move || async move {
+            tokio::time::sleep(slow).await;
+            "done"
         }),
     );
     let verifier = shared::auth::JwtVerifier::new(&Default::default()).expect("verifier");
@@ -137,6 +141,17 @@ async fn a_request_over_the_time_limit_is_answered_503_with_a_problem() {
         .to_bytes();
     let problem: Problem = serde_json::from_slice(&bytes).expect("a problem body");
     assert!(problem.detail.contains("longer than 50 ms"), "{problem:?}");
+
+    // A write without an Idempotency-Key is not told to retry: it may have happened.
+    let write = service(Duration::from_secs(30), Duration::from_millis(50))
+        .oneshot(Request::post("/slow").body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(write.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(write.headers().get(header::RETRY_AFTER).is_none());
+    let bytes = write.into_body().collect().await.expect("body").to_bytes();
+    let problem: Problem = serde_json::from_slice(&bytes).expect("a problem body");
+    assert!(problem.detail.contains("unknown"), "{problem:?}");
 
     let quick = service(Duration::ZERO, Duration::from_secs(5))
         .oneshot(Request::get("/slow").body(Body::empty()).expect("request"))

@@ -796,6 +796,8 @@ pub(crate) fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
     let text = format!(
         "# Written by `cargo xtask up` for the local stack only: a generated key and dev users.\n\
          upstream:\n  # Instances run on this machine only.\n  instance_networks: [\"127.0.0.0/8\", \"::1/128\"]\n\
+         # Developers and tests follow their own requests: a client's traceparent is continued.\n\
+         client_traces: true\n\
          auth:\n  signing_key: \"{key}\"\n  users:\n{users}"
     );
     fs::write(path, text)?;

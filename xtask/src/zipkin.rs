@@ -101,9 +101,17 @@ impl Zipkin {
     }
 }
 
-/// The server's executable jar, resolved from Maven Central on first use into the
-/// tools folder, so later runs and clones reuse it.
+/// The server's executable jar: `ZIPKIN_JAR` when set (a machine without Maven
+/// Central), else resolved from Maven Central on first use into the tools folder, so
+/// later runs and clones reuse it.
 pub fn jar(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+    if let Some(given) = std::env::var_os("ZIPKIN_JAR").filter(|j| !j.is_empty()) {
+        let given = PathBuf::from(given);
+        if !given.is_file() {
+            bail!("ZIPKIN_JAR names {}, which is not a file", given.display());
+        }
+        return Ok(given);
+    }
     let tools = crate::tools::tools_dir();
     let root = tools.join(format!("zipkin-{ZIPKIN_VERSION}"));
     let jar = root.join("zipkin-server.jar");
@@ -146,4 +154,27 @@ pub fn jar(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
         },
     )?;
     Ok(jar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pom_resolves_the_version_xtask_names() {
+        let pom = fs::read_to_string(
+            crate::workspace_root()
+                .join("xtask")
+                .join("maven")
+                .join("zipkin")
+                .join("pom.xml"),
+        )
+        .expect("pom.xml");
+        assert!(
+            pom.contains(&format!(
+                "<zipkin.version>{ZIPKIN_VERSION}</zipkin.version>"
+            )),
+            "xtask/maven/zipkin/pom.xml and ZIPKIN_VERSION disagree"
+        );
+    }
 }
