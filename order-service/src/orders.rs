@@ -58,6 +58,15 @@ pub fn routes(api: Api) -> Router {
         .with_state(api)
 }
 
+/// The answer for an order that does not exist or is someone else's: the same, so
+/// nobody learns which order ids exist.
+pub(crate) fn not_yours(id: &str) -> Problem {
+    Problem::not_found(format!(
+        "No order {} is yours to see.",
+        shared::http::echo(id)
+    ))
+}
+
 /// A database failure: 503 when unreachable, else a logged 500.
 pub(crate) fn internal(e: sqlx::Error) -> Problem {
     shared::db::problem("The order database", e)
@@ -309,12 +318,7 @@ pub(crate) async fn read(
     AuthUser(claims): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let not_found = || {
-        Problem::not_found(format!(
-            "No order {} is yours to see.",
-            shared::http::echo(&id)
-        ))
-    };
+    let not_found = || not_yours(&id);
     let Ok(uuid) = Uuid::parse_str(&id) else {
         return Err(not_found());
     };

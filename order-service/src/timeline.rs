@@ -36,7 +36,7 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::orders::{Api, internal};
+use crate::orders::{Api, internal, not_yours};
 
 /// The service the mail's hop is asked of.
 const NOTIFICATION_SERVICE: &str = "notification-service";
@@ -178,12 +178,7 @@ pub(crate) async fn timeline(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Timeline>, Problem> {
-    let not_found = || {
-        Problem::not_found(format!(
-            "No order {} is yours to see.",
-            shared::http::echo(&id)
-        ))
-    };
+    let not_found = || not_yours(&id);
     let Ok(order) = Uuid::parse_str(&id) else {
         return Err(not_found());
     };

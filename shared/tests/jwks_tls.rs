@@ -3,15 +3,13 @@
 //! CA is configured (`auth.ca_files`), and refused, with a log line naming the
 //! certificate problem, when it is not.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use shared::auth::{AuthError, IssuerSettings, JwtVerifier, TokenSigner, VerifierSettings};
+use shared::testing::CapturedLog;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{
     TlsAcceptor,
@@ -21,7 +19,7 @@ use tokio_rustls::{
         pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
     },
 };
-use tracing_subscriber::{fmt::MakeWriter, prelude::*};
+use tracing_subscriber::prelude::*;
 
 const ISSUER: &str = "https://keycloak.example.test/realms/store";
 
@@ -111,27 +109,6 @@ fn verifier(jwks_url: &str, ca_files: Vec<std::path::PathBuf>) -> JwtVerifier {
     .expect("verifier")
 }
 
-/// A writer into a shared buffer, for reading log lines back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn tokens_of_an_https_issuer_are_accepted_only_when_its_ca_is_trusted() {
     let pki = pki();
@@ -147,13 +124,13 @@ async fn tokens_of_an_https_issuer_are_accepted_only_when_its_ca_is_trusted() {
 
     // Without the CA: the fetch fails the handshake, the token is refused, and the
     // log line says why.
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(captured.clone()));
     let _guard = tracing::subscriber::set_default(subscriber);
     let refused = verifier(&url, Vec::new()).verify(&token).await;
     assert!(matches!(refused, Err(AuthError::UnknownKey)), "{refused:?}");
-    let logged = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let logged = captured.text();
     assert!(
         logged.contains("JWKS fetch failed") && logged.contains("certificate"),
         "the log names the certificate problem:\n{logged}"

@@ -1,36 +1,14 @@
 //! Every log line written while a request is served names the request's trace and
 //! request id, so one grep finds a request's whole story across the services.
 
-use std::sync::{Arc, Mutex};
-
 use axum::{Router, body::Body, http::Request, routing::get};
+use shared::testing::CapturedLog;
 use tower::ServiceExt;
-use tracing_subscriber::{Layer, fmt::MakeWriter, prelude::*};
-
-/// A writer into a shared buffer, for reading the log lines back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use tracing_subscriber::{Layer, prelude::*};
 
 /// The process's layers as `telemetry::init` stacks them (spans, then JSON lines),
 /// writing into `captured`, for the current thread only.
-fn subscriber(captured: &Captured) -> impl tracing::Subscriber + Send + Sync {
+fn subscriber(captured: &CapturedLog) -> impl tracing::Subscriber + Send + Sync {
     let (_provider, spans) = shared::telemetry::span_layer("test", &Default::default());
     tracing_subscriber::registry().with(vec![
         spans,
@@ -46,7 +24,7 @@ fn subscriber(captured: &Captured) -> impl tracing::Subscriber + Send + Sync {
 /// Serves one request to a route that logs a line and answers with the
 /// `traceparent` its handler would send to the next hop; returns that line and value.
 async fn serve(traceparent: Option<&str>) -> (serde_json::Value, String) {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     let _guard = tracing::subscriber::set_default(subscriber(&captured));
     let routes = Router::new().route(
         "/orders/{id}",
@@ -67,7 +45,7 @@ async fn serve(traceparent: Option<&str>) -> (serde_json::Value, String) {
     let next_hop = axum::body::to_bytes(answer.into_body(), 1024)
         .await
         .expect("body");
-    let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let text = captured.text();
     let line: serde_json::Value = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -602,11 +602,6 @@ fn maven_kafka(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
     let tools = crate::tools::tools_dir();
     let root = tools.join(format!("kafka-{KAFKA_VERSION}"));
     let libs = root.join("libs");
-    let pom = crate::workspace_root()
-        .join("xtask")
-        .join("maven")
-        .join("kafka")
-        .join("pom.xml");
     crate::tools::install_once_with(
         &root,
         &libs,
@@ -615,24 +610,16 @@ fn maven_kafka(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
             root.display()
         ),
         || {
-            let mvn = crate::tools::debian_tool("mvn", "maven")?;
             // Copied aside first and renamed at the end, so an interrupted copy never
             // looks like a finished one.
             let partial = root.join("libs.partial");
             let _ = fs::remove_dir_all(&partial);
-            let mut resolve = Command::new(mvn);
-            resolve
-                .args(["--batch-mode", "--quiet", "-Dstyle.color=never", "--file"])
-                .arg(&pom)
-                .arg(format!(
-                    "-Dmaven.repo.local={}",
-                    tools.join("maven-repository").display()
-                ))
-                .arg("dependency:copy-dependencies")
-                .arg(format!("-DoutputDirectory={}", partial.display()))
-                .arg("-DincludeScope=runtime")
-                .stdin(Stdio::null());
-            crate::procs::run("mvn dependency:copy-dependencies", &mut resolve, interrupt)?;
+            crate::tools::maven_copy_dependencies(
+                "kafka",
+                &partial,
+                &["-DincludeScope=runtime"],
+                interrupt,
+            )?;
             fs::rename(&partial, &libs)?;
             Ok(())
         },

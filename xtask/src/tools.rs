@@ -70,6 +70,36 @@ pub fn install_once_with(
     Ok(())
 }
 
+/// Resolves the dependencies of the small Maven project `xtask/maven/<project>` from
+/// Maven Central into `out` (`mvn dependency:copy-dependencies`, Maven's own
+/// repository in the tools folder), with any `extra` arguments.
+pub fn maven_copy_dependencies(
+    project: &str,
+    out: &Path,
+    extra: &[&str],
+    interrupt: &Interrupt,
+) -> anyhow::Result<()> {
+    let pom = crate::workspace_root()
+        .join("xtask")
+        .join("maven")
+        .join(project)
+        .join("pom.xml");
+    let mvn = debian_tool("mvn", "maven")?;
+    let mut resolve = Command::new(mvn);
+    resolve
+        .args(["--batch-mode", "--quiet", "-Dstyle.color=never", "--file"])
+        .arg(&pom)
+        .arg(format!(
+            "-Dmaven.repo.local={}",
+            tools_dir().join("maven-repository").display()
+        ))
+        .arg("dependency:copy-dependencies")
+        .arg(format!("-DoutputDirectory={}", out.display()))
+        .args(extra)
+        .stdin(std::process::Stdio::null());
+    procs::run("mvn dependency:copy-dependencies", &mut resolve, interrupt)
+}
+
 /// The pinned aiosmtpd, the SMTP server the local stack and the tests use as a mail
 /// sink (its `Mailbox` handler writes every message into a Maildir).
 pub const AIOSMTPD: &str = "aiosmtpd==1.4.6";

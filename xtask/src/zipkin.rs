@@ -115,11 +115,6 @@ pub fn jar(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
     let tools = crate::tools::tools_dir();
     let root = tools.join(format!("zipkin-{ZIPKIN_VERSION}"));
     let jar = root.join("zipkin-server.jar");
-    let pom = crate::workspace_root()
-        .join("xtask")
-        .join("maven")
-        .join("zipkin")
-        .join("pom.xml");
     crate::tools::install_once_with(
         &root,
         &jar,
@@ -128,21 +123,9 @@ pub fn jar(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
             root.display()
         ),
         || {
-            let mvn = crate::tools::debian_tool("mvn", "maven")?;
             let partial = root.join("partial");
             let _ = fs::remove_dir_all(&partial);
-            let mut resolve = Command::new(mvn);
-            resolve
-                .args(["--batch-mode", "--quiet", "-Dstyle.color=never", "--file"])
-                .arg(&pom)
-                .arg(format!(
-                    "-Dmaven.repo.local={}",
-                    tools.join("maven-repository").display()
-                ))
-                .arg("dependency:copy-dependencies")
-                .arg(format!("-DoutputDirectory={}", partial.display()))
-                .stdin(Stdio::null());
-            crate::procs::run("mvn dependency:copy-dependencies", &mut resolve, interrupt)?;
+            crate::tools::maven_copy_dependencies("zipkin", &partial, &[], interrupt)?;
             // Renamed at the end, so an interrupted copy never looks like a finished one.
             let copied = partial.join(format!("zipkin-server-{ZIPKIN_VERSION}-exec.jar"));
             if !copied.is_file() {
