@@ -267,6 +267,7 @@ mod tests {
             address: format!("127.0.0.1:{port}"),
             status: status.into(),
             metadata: Default::default(),
+            secure_port: None,
         }
     }
 

@@ -31,6 +31,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -137,7 +138,9 @@ pub struct Gateway {
     pub verifier: Arc<JwtVerifier>,
     /// One upstream pool per worker: a pooled connection is driven by the worker that
     /// opened it, so a request never waits on another thread's connection.
-    clients: Vec<Client<HttpConnector, axum::body::Body>>,
+    clients: Vec<UpstreamClient>,
+    /// The checked addresses of discovered instances' host names.
+    pub pins: Pins,
     pub upstream: UpstreamSettings,
     pub balancer: balancer::Balancer,
     pub cors: limits::CorsSettings,
@@ -162,7 +165,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// The upstream pool of the worker this runs on.
-    pub fn client(&self) -> &Client<HttpConnector, axum::body::Body> {
+    pub fn client(&self) -> &UpstreamClient {
         &self.clients[server::current_worker() % self.clients.len()]
     }
 
@@ -222,6 +225,7 @@ async fn watch_routes(gateway: Arc<Gateway>, path: PathBuf, stop: CancellationTo
 pub struct Application {
     /// One per worker, all on the same port.
     listeners: Vec<std::net::TcpListener>,
+    tls: Option<shared::tls::TlsAcceptor>,
     router: Router,
     registry: RegistrySettings,
     http_limits: shared::config::ConnectionLimits,
@@ -256,14 +260,19 @@ impl Application {
             false => None,
         };
         let workers = server::worker_count(settings.workers);
+        let upstream_tls = shared::tls::client_config(&settings.upstream.ca_files)
+            .map_err(|e| anyhow::anyhow!("upstream.ca_files: {e}"))?;
+        let pins = Pins::default();
         let clients = (0..workers)
-            .map(|_| upstream_client(&settings.upstream))
+            .map(|_| upstream_client(&settings.upstream, upstream_tls.clone(), &pins))
             .collect();
+        let tls = settings.http.tls_acceptor()?;
         let gateway = Arc::new(Gateway {
             routes: ArcSwap::from_pointee(table),
             discovery,
             verifier: Arc::new(verifier),
             clients,
+            pins,
             upstream: settings.upstream.clone(),
             balancer: balancer::Balancer::default(),
             cors: settings.cors.clone(),
@@ -288,6 +297,7 @@ impl Application {
         let listeners = server::bind(&settings.http.host, settings.http.port, workers)?;
         Ok(Self {
             listeners,
+            tls,
             router: {
                 idp.trusted_proxies = gateway.trusted_proxies.clone();
                 router(gateway, Arc::new(idp))
@@ -312,13 +322,15 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
         let bound = self.local_addr();
-        let (listeners, router, limits) = (self.listeners, self.router, self.http_limits);
+        let (listeners, router, limits, tls) =
+            (self.listeners, self.router, self.http_limits, self.tls);
         let result = shared::registry::serve_registered_by(
             SERVICE_NAME,
             bound,
+            tls.is_some(),
             &self.registry,
             shutdown,
-            |stop| server::serve(listeners, router, stop, limits),
+            |stop| server::serve(listeners, router, stop, limits, tls),
         )
         .await;
         self.background.cancel();
@@ -327,11 +339,95 @@ impl Application {
     }
 }
 
-/// A pool of upstream connections with the configured timeouts.
-fn upstream_client(settings: &UpstreamSettings) -> Client<HttpConnector, axum::body::Body> {
-    let mut connector = HttpConnector::new();
+/// The upstream pool: `http://` and `https://` (certificates always verified).
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector<PinningResolver>>, axum::body::Body>;
+
+/// Host names of discovered instances, pinned to the address discovery checked
+/// against `upstream.instance_networks`. An `https://` instance is dialled by name (its
+/// certificate must name it), and this makes the name lead to the checked address,
+/// not to whatever DNS says at connect time.
+#[derive(Debug, Clone, Default)]
+pub struct Pins(Arc<std::sync::RwLock<std::collections::HashMap<String, std::net::IpAddr>>>);
+
+impl Pins {
+    /// Pins `host` to `ip` (the latest check wins).
+    pub fn pin(&self, host: &str, ip: std::net::IpAddr) {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied();
+        if known != Some(ip) {
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(host.to_owned(), ip);
+        }
+    }
+
+    fn get(&self, host: &str) -> Option<std::net::IpAddr> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied()
+    }
+}
+
+/// The upstream connector's resolver: pinned names first, the system's resolver for
+/// every other name (the hosts of fixed `uri`s, the operator's own).
+#[derive(Debug, Clone)]
+pub struct PinningResolver {
+    pins: Pins,
+    system: hyper_util::client::legacy::connect::dns::GaiResolver,
+}
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PinningResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        if let Some(ip) = self.pins.get(name.as_str()) {
+            return Box::pin(std::future::ready(Ok(
+                vec![SocketAddr::new(ip, 0)].into_iter()
+            )));
+        }
+        let lookup = self.system.call(name);
+        Box::pin(async move { Ok(lookup.await?.collect::<Vec<_>>().into_iter()) })
+    }
+}
+
+/// A pool of upstream connections with the configured timeouts, verifying `https://`
+/// upstreams against the system roots and `upstream.ca_files`.
+fn upstream_client(
+    settings: &UpstreamSettings,
+    tls: shared::tls::ClientConfig,
+    pins: &Pins,
+) -> UpstreamClient {
+    let mut connector = HttpConnector::new_with_resolver(PinningResolver {
+        pins: pins.clone(),
+        system: hyper_util::client::legacy::connect::dns::GaiResolver::new(),
+    });
     connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
     connector.set_nodelay(true);
+    // The TLS layer above it handles `https://`; this one only opens the socket.
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
         .build(connector)

@@ -404,12 +404,17 @@ async fn handle(
         .into_response());
     };
     let query = rewrite_query(route, parts.uri.query(), &asked.variables);
+    let scheme = parts
+        .extensions
+        .get::<shared::server::Scheme>()
+        .map_or("http", |s| s.0);
     prepare_headers(
         &mut parts.headers,
         route,
         client,
         request_id,
         &asked.variables,
+        scheme,
     );
     let idempotent =
         route.retry.methods.contains(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
@@ -466,12 +471,16 @@ async fn handle(
     loop {
         // An instance registered by name is reached at the address its name was
         // checked and pinned to, and told its name in `Host`.
-        let (instance, health, named_host) = match &route.upstream {
-            Upstream::Fixed(base) => (
-                base.trim_start_matches("http://").to_owned(),
-                gateway.balancer.health(base),
-                None,
-            ),
+        let (scheme, instance, health, named_host) = match &route.upstream {
+            Upstream::Fixed(base) => {
+                let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+                (
+                    if scheme == "https" { "https" } else { "http" },
+                    authority.to_owned(),
+                    gateway.balancer.health(base),
+                    None,
+                )
+            }
             Upstream::Service(name) => {
                 let instances = gateway
                     .discovery
@@ -483,6 +492,22 @@ async fn handle(
                     .balancer
                     .pick(&instances, &tried, route.balancing, turn, now_ms())
                 {
+                    // An instance that registered a secure port is reached there over
+                    // https, by its registered name so that its certificate can be
+                    // checked against it; the name still leads to the address
+                    // discovery checked (the connector's pins).
+                    Some((instance, health)) if instance.secure_port.is_some() => {
+                        let port = instance.secure_port.unwrap_or(instance.port);
+                        if let Ok(pinned) = instance.address.parse::<SocketAddr>() {
+                            gateway.pins.pin(&instance.host, pinned.ip());
+                        }
+                        let authority = if instance.host.contains(':') {
+                            format!("[{}]:{port}", instance.host)
+                        } else {
+                            format!("{}:{port}", instance.host)
+                        };
+                        ("https", authority, health, None)
+                    }
                     Some((instance, health)) => {
                         let named = shared::networks::literal(&instance.host).is_none();
                         let host = named
@@ -494,7 +519,7 @@ async fn handle(
                                 .ok()
                             })
                             .flatten();
-                        (instance.address.clone(), health, host)
+                        ("http", instance.address.clone(), health, host)
                     }
                     None if tried.is_empty() => {
                         trace.reason = Some("no instance");
@@ -529,8 +554,8 @@ async fn handle(
             }
         };
         let target = match &query {
-            Some(query) => format!("http://{instance}{path}?{query}"),
-            None => format!("http://{instance}{path}"),
+            Some(query) => format!("{scheme}://{instance}{path}?{query}"),
+            None => format!("{scheme}://{instance}{path}"),
         };
         let Ok(uri) = target.parse::<Uri>() else {
             return Err(
@@ -1076,9 +1101,6 @@ fn drop_untrusted_forwarded(
     headers.remove(header::FORWARDED);
 }
 
-/// The scheme clients speak to this gateway's listeners.
-const LISTENER_SCHEME: &str = "http";
-
 /// `X-Forwarded-Proto` for the upstream: the incoming chain when every entry is a
 /// scheme (anything else is dropped, not passed on), with `ours` appended.
 fn forwarded_proto(incoming: Option<&HeaderValue>, ours: &'static str) -> HeaderValue {
@@ -1101,6 +1123,7 @@ fn prepare_headers(
     client: SocketAddr,
     request_id: &HeaderValue,
     variables: &[(&str, String)],
+    scheme: &'static str,
 ) {
     for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
         headers.remove(name);
@@ -1115,7 +1138,7 @@ fn prepare_headers(
     }
     // Appended, as Spring Cloud Gateway does, so that behind a load balancer that
     // ended TLS the service still learns the client spoke https (the first entry).
-    let proto = forwarded_proto(headers.get(&X_FORWARDED_PROTO), LISTENER_SCHEME);
+    let proto = forwarded_proto(headers.get(&X_FORWARDED_PROTO), scheme);
     headers.insert(X_FORWARDED_PROTO.clone(), proto);
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
@@ -1204,6 +1227,9 @@ pub struct UpstreamSettings {
     /// are resolved when discovery sees them. Routes with a fixed `uri` are the
     /// operator's own and are not checked.
     pub instance_networks: Vec<String>,
+    /// CA files (PEM) trusted for `https://` upstreams besides the system's roots.
+    /// Upstream certificates are always verified.
+    pub ca_files: Vec<std::path::PathBuf>,
 }
 
 impl Default for UpstreamSettings {
@@ -1215,6 +1241,7 @@ impl Default for UpstreamSettings {
             instance_networks: shared::networks::PRIVATE_NETWORKS
                 .map(str::to_owned)
                 .to_vec(),
+            ca_files: Vec::new(),
         }
     }
 }

@@ -832,10 +832,12 @@ fn parse_uri(uri: &str) -> Result<Upstream, String> {
     }
     let parsed: Uri = uri
         .parse()
-        .map_err(|_| "must be lb://service or http://host:port".to_owned())?;
+        .map_err(|_| "must be lb://service, http://host:port or https://host:port".to_owned())?;
     match (parsed.scheme_str(), parsed.authority()) {
-        (Some("http"), Some(authority)) => Ok(Upstream::Fixed(format!("http://{authority}"))),
-        _ => Err("must be lb://service or http://host:port".into()),
+        (Some(scheme @ ("http" | "https")), Some(authority)) => {
+            Ok(Upstream::Fixed(format!("{scheme}://{authority}")))
+        }
+        _ => Err("must be lb://service, http://host:port or https://host:port".into()),
     }
 }
 

@@ -95,12 +95,14 @@ pub async fn serve(
     router: Router,
     stop: CancellationToken,
     limits: shared::config::ConnectionLimits,
+    tls: Option<shared::tls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let listeners_count = listeners.len().max(1);
     let mut finished = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
         let (done, finish) = tokio::sync::oneshot::channel();
         let router = router.clone();
+        let tls = tls.clone();
         let worker_stop = stop.clone();
         // Each worker holds its own share of the connection cap.
         let limits = shared::config::ConnectionLimits {
@@ -114,7 +116,7 @@ pub async fn serve(
                 // too: a gateway on fewer cores than configured is not what was asked.
                 let _stop_all = worker_stop.clone().drop_guard();
                 WORKER.with(|w| w.set(Some(index)));
-                let _ = done.send(run_worker(listener, router, worker_stop, &limits));
+                let _ = done.send(run_worker(listener, router, worker_stop, &limits, tls));
             });
         if let Err(e) = spawned {
             stop.cancel();
@@ -139,13 +141,14 @@ fn run_worker(
     router: Router,
     stop: CancellationToken,
     limits: &shared::config::ConnectionLimits,
+    tls: Option<shared::tls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        shared::server::serve(listener, router, stop, limits).await
+        shared::server::serve(listener, router, stop, limits, tls).await
     })
 }
 

@@ -69,6 +69,7 @@ pub fn instance_json(instance: &Instance, now: u64) -> Value {
         "instanceId": r.instance_id,
         "host": r.host,
         "port": r.port,
+        "securePort": r.eureka.secure_port.filter(|_| r.eureka.secure_port_enabled),
         "address": r.address(),
         "status": instance.status(),
         "reportedStatus": r.status,
@@ -147,6 +148,9 @@ struct RegisterBody {
     metadata: BTreeMap<String, String>,
     lease_seconds: Option<u32>,
     status: Option<String>,
+    /// The port that serves TLS, when the instance has one: routers then reach it
+    /// there over `https`, as Eureka's `securePort` with `@enabled`.
+    secure_port: Option<u32>,
 }
 
 async fn register(
@@ -166,6 +170,16 @@ async fn register(
         }),
     };
     let lease_seconds = lease_field(&table, body.lease_seconds, "leaseSeconds", &mut errors);
+    let secure_port = match body.secure_port {
+        None => None,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) if p > 0 => Some(p),
+            _ => {
+                errors.push(FieldError::new("securePort", "must be a port, 1 to 65535"));
+                None
+            }
+        },
+    };
     let registration = Registration {
         instance_id: body
             .instance_id
@@ -177,7 +191,11 @@ async fn register(
         lease_seconds,
         health_url: body.health_url,
         metadata: body.metadata,
-        eureka: EurekaDetails::default(),
+        eureka: EurekaDetails {
+            secure_port,
+            secure_port_enabled: secure_port.is_some(),
+            ..EurekaDetails::default()
+        },
     };
     if let Err(more) = registration.validate() {
         errors.extend(more);

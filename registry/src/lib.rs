@@ -80,6 +80,7 @@ pub struct Application {
     router: Router,
     table: Arc<LeaseTable>,
     http_limits: shared::config::ConnectionLimits,
+    tls: Option<shared::tls::TlsAcceptor>,
 }
 
 impl Application {
@@ -96,6 +97,7 @@ impl Application {
                 "auth.open_writes: no registry token, anyone who can reach the registry can change it"
             );
         }
+        let tls = settings.http.tls_acceptor()?;
         let listener = settings.http.bind().await?;
         let table = Arc::new(LeaseTable::new(settings.leases.clone()));
         let router = router(table.clone(), settings.auth);
@@ -104,6 +106,7 @@ impl Application {
             router,
             table,
             http_limits: settings.http.limits.clone(),
+            tls,
         })
     }
 
@@ -137,6 +140,7 @@ impl Application {
             self.router,
             shutdown.clone(),
             &self.http_limits,
+            self.tls,
         )
         .await?;
         shutdown.cancel();

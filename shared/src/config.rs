@@ -279,6 +279,9 @@ pub struct HttpSettings {
     /// may take before it is answered 503 and its work (a transaction included) is
     /// abandoned. The gateway and the registry bound their own waits.
     pub request_timeout_ms: u64,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with this certificate instead of plain
+    /// HTTP; renewed files are picked up without a restart.
+    pub tls: Option<crate::tls::ServerTlsSettings>,
 }
 
 impl HttpSettings {
@@ -289,7 +292,18 @@ impl HttpSettings {
             port,
             limits: crate::server::ConnectionLimits::default(),
             request_timeout_ms: 30_000,
+            tls: None,
         }
+    }
+
+    /// The TLS acceptor of `tls`, when set; unreadable or mismatched files are an
+    /// error naming them.
+    pub fn tls_acceptor(&self) -> anyhow::Result<Option<crate::tls::TlsAcceptor>> {
+        self.tls
+            .as_ref()
+            .map(crate::tls::server_acceptor)
+            .transpose()
+            .map_err(anyhow::Error::msg)
     }
 
     /// Binds the listener, naming the address when that fails.

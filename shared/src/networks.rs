@@ -243,6 +243,7 @@ mod tests {
             address: format!("{host}:8080"),
             status: "UP".into(),
             metadata: Default::default(),
+            secure_port: None,
         }
     }
 

@@ -103,6 +103,10 @@ pub struct ServiceInstance {
     pub status: String,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// The port serving TLS, when the instance registered one: reach it there, over
+    /// `https`.
+    #[serde(default, rename = "securePort")]
+    pub secure_port: Option<u16>,
 }
 
 impl ServiceInstance {
@@ -120,6 +124,8 @@ pub struct InstanceRegistration {
     pub port: u16,
     pub health_url: String,
     pub metadata: BTreeMap<String, String>,
+    /// The port serving TLS, when the instance serves HTTPS.
+    pub secure_port: Option<u16>,
 }
 
 impl InstanceRegistration {
@@ -149,7 +155,18 @@ impl InstanceRegistration {
             host,
             port,
             metadata: settings.metadata.clone(),
+            secure_port: None,
         }
+    }
+
+    /// The same, serving HTTPS on its port: routers reach it over `https`, and its
+    /// health URL says so.
+    pub fn secure(mut self) -> Self {
+        self.secure_port = Some(self.port);
+        if let Some(rest) = self.health_url.strip_prefix("http://") {
+            self.health_url = format!("https://{rest}");
+        }
+        self
     }
 }
 
@@ -238,6 +255,7 @@ impl RegistryClient {
             "healthUrl": registration.health_url,
             "metadata": registration.metadata,
             "leaseSeconds": lease_seconds,
+            "securePort": registration.secure_port,
         });
         let path = format!("/api/v1/services/{}/instances", registration.service);
         let response = self
@@ -615,15 +633,20 @@ impl Discovery {
 /// accepting and finish what is in flight.
 pub async fn serve_registered(
     service: &str,
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    limits: &crate::config::ConnectionLimits,
+    server: crate::server::Server,
     settings: &RegistrySettings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let bound = listener.local_addr()?;
-    serve_registered_by(service, bound, settings, shutdown, |stop| {
-        crate::server::serve(listener, router, stop, limits)
+    let bound = server.listener.local_addr()?;
+    let secure = server.tls.is_some();
+    serve_registered_by(service, bound, secure, settings, shutdown, |stop| {
+        crate::server::serve(
+            server.listener,
+            server.router,
+            stop,
+            &server.limits,
+            server.tls,
+        )
     })
     .await
 }
@@ -634,6 +657,7 @@ pub async fn serve_registered(
 pub async fn serve_registered_by<F, Fut>(
     service: &str,
     bound: std::net::SocketAddr,
+    secure: bool,
     settings: &RegistrySettings,
     shutdown: CancellationToken,
     serve: F,
@@ -646,7 +670,10 @@ where
         true => {
             let client = RegistryClient::new(settings)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let registration = InstanceRegistration::for_bound(service, bound, settings);
+            let mut registration = InstanceRegistration::for_bound(service, bound, settings);
+            if secure {
+                registration = registration.secure();
+            }
             Some(Membership::start(
                 client,
                 registration,
@@ -674,9 +701,7 @@ where
 /// before the process exits.
 pub async fn serve_registered_with_workers(
     service: &str,
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    limits: &crate::config::ConnectionLimits,
+    server: crate::server::Server,
     settings: &RegistrySettings,
     shutdown: CancellationToken,
     workers: Vec<futures::future::BoxFuture<'static, ()>>,
@@ -686,15 +711,7 @@ pub async fn serve_registered_with_workers(
     for worker in workers {
         running.spawn(worker);
     }
-    let served = serve_registered(
-        service,
-        listener,
-        router,
-        limits,
-        settings,
-        shutdown.clone(),
-    )
-    .await;
+    let served = serve_registered(service, server, settings, shutdown.clone()).await;
     // If the server failed on its own, the workers stop too.
     shutdown.cancel();
     while let Some(done) = running.join_next().await {

@@ -15,6 +15,11 @@
 //!
 //! Requests in progress are never cut by these limits: a long poll or an event stream
 //! counts as busy until its response ends.
+//!
+//! With a TLS acceptor (`http.tls`, see [`crate::tls`]) the same loop serves HTTPS:
+//! the handshake must finish within the header timeout, and the protocol the client
+//! chose by ALPN decides between HTTP/2 and HTTP/1.1. Every request carries a
+//! [`Scheme`] extension saying which the connection was.
 
 use std::{
     collections::BTreeMap,
@@ -35,7 +40,7 @@ use axum::{
 };
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -66,14 +71,32 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// A bound listener, what it serves and how: the arguments of [`serve`], for the
+/// callers that pass them on.
+#[derive(Debug)]
+pub struct Server {
+    pub listener: TcpListener,
+    pub router: Router,
+    pub limits: ConnectionLimits,
+    pub tls: Option<crate::tls::TlsAcceptor>,
+}
+
+/// The scheme the client used to reach this server: a request extension, for the
+/// headers and links that must name it (`X-Forwarded-Proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheme(pub &'static str);
+
 /// Serves `router` on `listener` within `limits` until `shutdown` is cancelled; then
 /// stops accepting, closes idle connections and lets requests in progress finish.
+/// With `tls`, every connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     limits: &ConnectionLimits,
+    tls: Option<crate::tls::TlsAcceptor>,
 ) -> std::io::Result<()> {
+    let scheme = Scheme(if tls.is_some() { "https" } else { "http" });
     let table = Arc::new(Table::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms.max(1));
@@ -100,6 +123,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let busy = slot.busy.clone();
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -107,6 +131,38 @@ pub async fn serve(
                 let mut request =
                     request.map(|body| Body::new(ReadTimeout::new(body, body_timeout)));
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(scheme);
+                // HTTP/2 may split `Cookie` into several fields; HTTP/1.1 upstreams
+                // and handlers expect one, joined with "; " (RFC 9113, 8.2.3).
+                if request.version() == axum::http::Version::HTTP_2
+                    && request
+                        .headers()
+                        .get_all(axum::http::header::COOKIE)
+                        .iter()
+                        .count()
+                        > 1
+                {
+                    let joined = request
+                        .headers()
+                        .get_all(axum::http::header::COOKIE)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if let Ok(value) = axum::http::HeaderValue::from_str(&joined) {
+                        request
+                            .headers_mut()
+                            .insert(axum::http::header::COOKIE, value);
+                    }
+                }
+                // HTTP/2 names the host in the `:authority` pseudo-header; the routing
+                // and forwarding code reads `Host`, as for HTTP/1.1.
+                if !request.headers().contains_key(axum::http::header::HOST)
+                    && let Some(authority) = request.uri().authority()
+                    && let Ok(host) = axum::http::HeaderValue::from_str(authority.as_str())
+                {
+                    request.headers_mut().insert(axum::http::header::HOST, host);
+                }
                 let router = router.clone();
                 async move {
                     let response = router
@@ -121,19 +177,30 @@ pub async fn serve(
                     }))
                 }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = slot.evicted.cancelled() => {}
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        () = slot.evicted.cancelled() => {}
+            match tls {
+                None => drive(stream, false, service, header_timeout, &slot, &shutdown).await,
+                Some(acceptor) => {
+                    // The handshake counts against the header timeout: a client that
+                    // never finishes its hello is dropped like one that never sends
+                    // its headers.
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        () = slot.evicted.cancelled() => return,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            drive(stream, h2, service, header_timeout, &slot, &shutdown).await;
+                        }
+                        Ok(Err(e)) => {
+                            metrics::counter!("http_tls_handshakes_failed_total").increment(1);
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("http_tls_handshakes_failed_total").increment(1);
+                        }
                     }
                 }
             }
@@ -144,6 +211,63 @@ pub async fn serve(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Serves one connection until it ends, is evicted, or (gracefully) until shutdown.
+async fn drive<I, S>(
+    io: I,
+    h2: bool,
+    service: S,
+    header_timeout: Duration,
+    slot: &Slot,
+    shutdown: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(io);
+    if h2 {
+        // HTTP/2 has no header timeout; pings find the peers that are gone. (An idle
+        // but live HTTP/2 connection stays until the connection cap evicts it.)
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(header_timeout))
+            .keep_alive_timeout(header_timeout)
+            .serve_connection(io, service);
+        until_done(connection, slot, shutdown).await;
+    } else {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(io, service);
+        until_done(connection, slot, shutdown).await;
+    }
+}
+
+/// Runs `connection` until it ends or its slot is evicted; at shutdown, it finishes
+/// the requests in progress and takes no more.
+async fn until_done<C>(connection: C, slot: &Slot, shutdown: &CancellationToken)
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = slot.evicted.cancelled() => {}
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = slot.evicted.cancelled() => {}
+            }
+        }
+    }
 }
 
 /// The open connections, oldest first, each with its count of requests in progress.

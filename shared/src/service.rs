@@ -56,10 +56,14 @@ pub struct ServiceBuilder {
     pool: PgPool,
     verifier: Arc<JwtVerifier>,
     listener: TcpListener,
+    tls: Option<crate::tls::TlsAcceptor>,
     registry: RegistrySettings,
     limits: ConnectionLimits,
     request_timeout: std::time::Duration,
     workers: Vec<Worker>,
+    /// The Kafka settings of the relay and consumers, checked against the brokers
+    /// before the service serves.
+    kafka: Option<KafkaSettings>,
 }
 
 impl std::fmt::Debug for ServiceBuilder {
@@ -85,6 +89,7 @@ impl ServiceBuilder {
             // Made here only to refuse unusable settings (a CA file) before serving.
             crate::registry::RegistryClient::new(parts.registry).map_err(|e| anyhow::anyhow!(e))?;
         }
+        let tls = parts.http.tls_acceptor()?;
         let listener = parts.http.bind().await?;
         let verifier = parts
             .auth
@@ -96,11 +101,21 @@ impl ServiceBuilder {
             pool,
             verifier: Arc::new(verifier),
             listener,
+            tls,
             registry: parts.registry.clone(),
             limits: parts.http.limits.clone(),
             request_timeout: std::time::Duration::from_millis(parts.http.request_timeout_ms.max(1)),
             workers: Vec::new(),
+            kafka: None,
         })
+    }
+
+    /// Refuses Kafka settings this build cannot honour, and keeps them for the
+    /// connection check at start.
+    fn uses_kafka(&mut self, kafka: &KafkaSettings) -> anyhow::Result<()> {
+        kafka.check().map_err(|e| anyhow::anyhow!(e))?;
+        self.kafka = Some(kafka.clone());
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -113,7 +128,7 @@ impl ServiceBuilder {
 
     /// The outbox relay for the rows whose trigger notifies `channel`, when enabled.
     pub fn relay(
-        self,
+        mut self,
         kafka: &KafkaSettings,
         settings: &RelaySettings,
         channel: &str,
@@ -121,6 +136,7 @@ impl ServiceBuilder {
         if !settings.enabled {
             return Ok(self);
         }
+        self.uses_kafka(kafka)?;
         let relay = Relay::new(self.pool.clone(), kafka, channel, settings.clone())
             .context("cannot create the Kafka producer for the outbox")?;
         Ok(self.worker(move |shutdown| relay.run(shutdown)))
@@ -128,7 +144,7 @@ impl ServiceBuilder {
 
     /// A consumer of `topic` applying its events with `handler`, when enabled.
     pub fn consumer<H: Handler>(
-        self,
+        mut self,
         kafka: &KafkaSettings,
         settings: &ConsumerLoopSettings,
         topic: &str,
@@ -137,6 +153,7 @@ impl ServiceBuilder {
         if !settings.enabled {
             return Ok(self);
         }
+        self.uses_kafka(kafka)?;
         let consumer = EventConsumer::new(
             kafka,
             settings.clone(),
@@ -174,10 +191,12 @@ impl ServiceBuilder {
         Service {
             name: self.name,
             listener: self.listener,
+            tls: self.tls,
             router,
             registry: self.registry,
             limits: self.limits,
             workers: self.workers,
+            kafka: self.kafka,
         }
     }
 }
@@ -186,10 +205,12 @@ impl ServiceBuilder {
 pub struct Service {
     name: &'static str,
     listener: TcpListener,
+    tls: Option<crate::tls::TlsAcceptor>,
     router: Router,
     registry: RegistrySettings,
     limits: ConnectionLimits,
     workers: Vec<Worker>,
+    kafka: Option<KafkaSettings>,
 }
 
 impl std::fmt::Debug for Service {
@@ -217,7 +238,26 @@ impl Service {
     /// Serves and runs the workers until `shutdown`; then deregisters, and waits for
     /// every worker to finish its round in flight (offsets committed, outbox rows
     /// settled).
+    ///
+    /// Kafka that refuses this service's credentials or certificate stops it here,
+    /// with the broker's reason: no retry can mend that. Kafka that does not answer
+    /// only gets a warning, since the clients keep trying and a broker may be
+    /// starting.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if let Some(kafka) = &self.kafka {
+            match kafka.verify_connection().await {
+                Ok(()) => {}
+                Err(refused @ crate::kafka::ConnectError::Refused(_)) => {
+                    return Err(anyhow::anyhow!(refused).context(format!(
+                        "{} cannot use Kafka at {}",
+                        self.name, kafka.brokers
+                    )));
+                }
+                Err(unreachable) => {
+                    tracing::warn!(brokers = %kafka.brokers, "{unreachable}; starting anyway, the Kafka clients keep trying");
+                }
+            }
+        }
         tracing::info!(service = self.name, addr = %self.local_addr(), "listening");
         let workers = self
             .workers
@@ -226,9 +266,12 @@ impl Service {
             .collect();
         crate::registry::serve_registered_with_workers(
             self.name,
-            self.listener,
-            self.router,
-            &self.limits,
+            crate::server::Server {
+                listener: self.listener,
+                router: self.router,
+                limits: self.limits,
+                tls: self.tls,
+            },
             &self.registry,
             shutdown,
             workers,

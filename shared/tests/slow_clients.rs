@@ -32,7 +32,9 @@ async fn server(limits: ConnectionLimits) -> Server {
         );
     let stop = CancellationToken::new();
     let serving = stop.clone();
-    tokio::spawn(async move { shared::server::serve(listener, router, serving, &limits).await });
+    tokio::spawn(
+        async move { shared::server::serve(listener, router, serving, &limits, None).await },
+    );
     Server {
         addr,
         _stop: stop.drop_guard(),

@@ -60,6 +60,10 @@ pub struct KafkaOptions {
     pub storage: Storage,
     /// The folder for the nodes' logs (`kafka-<node id>.log`).
     pub logs: PathBuf,
+    /// A `SASL_SSL` listener on every node besides the plain one, serving this PEM
+    /// file (private key, then certificate) and accepting SCRAM-SHA-256 and
+    /// SCRAM-SHA-512 users made with [`Cluster::add_scram_user`].
+    pub secure: Option<PathBuf>,
 }
 
 impl KafkaOptions {
@@ -69,7 +73,14 @@ impl KafkaOptions {
             nodes: 1,
             storage: Storage::Throwaway,
             logs: logs.into(),
+            secure: None,
         }
+    }
+
+    /// The same with a `SASL_SSL` listener serving `key_and_certificate`.
+    pub fn with_secure_listener(mut self, key_and_certificate: impl Into<PathBuf>) -> Self {
+        self.secure = Some(key_and_certificate.into());
+        self
     }
 
     /// The same with `nodes` nodes.
@@ -142,6 +153,7 @@ impl Broker {
 struct Node {
     id: u32,
     port: u16,
+    secure_port: Option<u16>,
     config: PathBuf,
     log: PathBuf,
     server: Option<Supervised>,
@@ -199,6 +211,16 @@ impl Cluster {
             .iter()
             .map(|_| Ok((crate::free_port()?, crate::free_port()?)))
             .collect::<std::io::Result<Vec<(u16, u16)>>>()?;
+        let secure_ports = ids
+            .iter()
+            .map(|_| {
+                options
+                    .secure
+                    .as_ref()
+                    .map(|_| crate::free_port())
+                    .transpose()
+            })
+            .collect::<std::io::Result<Vec<Option<u16>>>>()?;
         let voters = ids
             .iter()
             .zip(&ports)
@@ -206,21 +228,31 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut nodes = Vec::new();
-        for (&id, &(port, controller_port)) in ids.iter().zip(&ports) {
+        for ((&id, &(port, controller_port)), &secure_port) in
+            ids.iter().zip(&ports).zip(&secure_ports)
+        {
             let dir = base.join(format!("node-{id}"));
             let data = dir.join("data");
             fs::create_dir_all(&data)?;
             let config = dir.join("server.properties");
-            fs::write(
-                &config,
-                server_properties(id, port, controller_port, &voters, &data, options.nodes),
-            )?;
+            let mut properties =
+                server_properties(id, port, controller_port, &voters, &data, options.nodes);
+            if let (Some(keystore), Some(secure_port)) = (&options.secure, secure_port) {
+                properties.push_str(&secure_listener(
+                    port,
+                    controller_port,
+                    secure_port,
+                    keystore,
+                ));
+            }
+            fs::write(&config, properties)?;
             if !data.join("meta.properties").exists() {
                 installation.format(&config, &cluster_id, &log4j, interrupt)?;
             }
             nodes.push(Node {
                 id,
                 port,
+                secure_port,
                 config,
                 log: options.logs.join(format!("kafka-{id}.log")),
                 server: None,
@@ -249,6 +281,111 @@ impl Cluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// `127.0.0.1:<port>` of every node's `SASL_SSL` listener, when it has one.
+    pub fn secure_bootstrap(&self) -> Option<String> {
+        let ports: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.secure_port)
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        (!ports.is_empty()).then(|| ports.join(","))
+    }
+
+    /// Creates (or resets the password of) a SCRAM user for `mechanism`
+    /// (`SCRAM-SHA-512` or `SCRAM-SHA-256`) with Kafka's own admin tool
+    /// (`kafka-configs.sh`) over the plain listener. The password goes to the tool in
+    /// a file, never on its command line.
+    pub fn add_scram_user(
+        &self,
+        user: &str,
+        password: &str,
+        mechanism: &str,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<()> {
+        if user.is_empty()
+            || !user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            bail!("a SCRAM user name here is letters, digits, '-', '_' and '.', not {user:?}");
+        }
+        if password.contains([',', ']', '\n']) {
+            bail!("a SCRAM password here cannot hold ',', ']' or a line break");
+        }
+        if !matches!(mechanism, "SCRAM-SHA-512" | "SCRAM-SHA-256") {
+            bail!("{mechanism} is not SCRAM-SHA-512 or SCRAM-SHA-256");
+        }
+        // A properties file: unlike `--add-config`, its values keep no brackets.
+        let mut file = tempfile::NamedTempFile::new()?;
+        std::io::Write::write_all(
+            &mut file,
+            format!("{mechanism}=iterations=8192,password={password}\n").as_bytes(),
+        )?;
+        // The tool's complaints can quote the value: kept aside, and shown redacted.
+        let errors = tempfile::NamedTempFile::new()?;
+        let mut command = Command::new(&self.java);
+        command
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                self.log4j.display()
+            ))
+            .arg("-cp")
+            .arg(&self.classpath)
+            .arg(CONFIG_COMMAND)
+            .args(["--bootstrap-server", &self.bootstrap()])
+            .args(["--alter", "--entity-type", "users", "--entity-name", user])
+            .arg("--add-config-file")
+            .arg(file.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors.reopen()?);
+        crate::procs::run("kafka-configs (SCRAM user)", &mut command, interrupt).map_err(|e| {
+            let said = fs::read_to_string(errors.path())
+                .unwrap_or_default()
+                .replace(password, "<redacted>");
+            anyhow::anyhow!("cannot create the SCRAM user {user}: {e}\n{}", said.trim())
+        })?;
+        self.wait_authenticates(user, password, mechanism, interrupt)
+    }
+
+    /// Waits until the SASL_SSL listener accepts `user`: a new credential reaches the
+    /// brokers through the cluster's metadata, a moment after the tool returns. (The
+    /// check trusts any certificate: it is xtask's own broker, whose certificate the
+    /// caller made.)
+    fn wait_authenticates(
+        &self,
+        user: &str,
+        password: &str,
+        mechanism: &str,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<()> {
+        let bootstrap = self
+            .secure_bootstrap()
+            .context("the cluster has no SASL_SSL listener")?;
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("security.protocol", "sasl_ssl")
+            .set("sasl.mechanism", mechanism)
+            .set("sasl.username", user)
+            .set("sasl.password", password)
+            .set("enable.ssl.certificate.verification", "false")
+            .set("reconnect.backoff.max.ms", "500")
+            .set("log_level", "0")
+            .create()
+            .context("cannot create a Kafka client to check the SCRAM user")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            interrupt.check()?;
+            if client.fetch_metadata(None, Duration::from_secs(1)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the SASL_SSL listener at {bootstrap} did not accept {user} within 60 s");
+            }
+        }
     }
 
     /// How many nodes the cluster has (running or not).
@@ -499,6 +636,27 @@ fn server_properties(
     text
 }
 
+/// Kafka's `kafka-configs.sh` tool.
+const CONFIG_COMMAND: &str = "org.apache.kafka.tools.ConfigCommand";
+
+/// The lines that add a `SASL_SSL` listener named SECURE to a node's properties
+/// (later keys override the plain listener's lines above them).
+fn secure_listener(port: u16, controller_port: u16, secure_port: u16, keystore: &Path) -> String {
+    let scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;";
+    format!(
+        "# A SASL_SSL listener for clients that authenticate (SCRAM) over TLS.\n\
+         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},SECURE://127.0.0.1:{secure_port}\n\
+         advertised.listeners=PLAINTEXT://127.0.0.1:{port},SECURE://127.0.0.1:{secure_port}\n\
+         listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SECURE:SASL_SSL\n\
+         listener.name.secure.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512\n\
+         listener.name.secure.scram-sha-256.sasl.jaas.config={scram}\n\
+         listener.name.secure.scram-sha-512.sasl.jaas.config={scram}\n\
+         listener.name.secure.ssl.keystore.type=PEM\n\
+         listener.name.secure.ssl.keystore.location={}\n",
+        keystore.display()
+    )
+}
+
 /// The cluster id stored in `base`, or a new one (Kafka's format: 16 random bytes in
 /// URL-safe base64 without padding) stored there for the next start.
 fn cluster_id(base: &Path) -> anyhow::Result<String> {
@@ -600,7 +758,8 @@ pub(crate) fn java_binary() -> anyhow::Result<PathBuf> {
 /// folder (Maven's own repository there too), so later runs and clones reuse them.
 fn maven_kafka(interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
     let tools = crate::tools::tools_dir();
-    let root = tools.join(format!("kafka-{KAFKA_VERSION}"));
+    // "-2": the jars since the admin tools (kafka-tools) joined the broker's.
+    let root = tools.join(format!("kafka-{KAFKA_VERSION}-2"));
     let libs = root.join("libs");
     crate::tools::install_once_with(
         &root,

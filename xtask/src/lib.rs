@@ -11,6 +11,7 @@ pub mod procs;
 pub mod simulate;
 pub mod stack;
 pub mod testrun;
+pub mod tls;
 pub mod tools;
 pub mod zipkin;
 

@@ -37,6 +37,10 @@ enum Cmd {
         /// factor 3 and min.insync.replicas=2).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
         brokers: u8,
+        /// Serve the gateway, the registry, the broker (SASL_SSL with a SCRAM user)
+        /// and PostgreSQL over TLS, with certificates from a throwaway CA.
+        #[arg(long)]
+        tls: bool,
     },
     /// Simulated customers shopping through the gateway of a running `xtask up` stack.
     Simulate {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
             env_file,
             release,
             brokers,
+            tls,
         } => xtask::stack::up(&xtask::stack::UpOptions {
             durable,
             gateway_port,
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             env_file,
             release,
             brokers: brokers.into(),
+            tls,
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
         Cmd::Chaos {

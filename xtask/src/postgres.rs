@@ -35,12 +35,23 @@ impl Postgres {
     /// Uses `DATABASE_URL` when set, else starts a cluster in `dir` (kept afterwards
     /// when `keep`).
     pub fn provide(dir: &Path, keep: bool, interrupt: &Interrupt) -> anyhow::Result<Self> {
+        Self::provide_with(dir, keep, None, interrupt)
+    }
+
+    /// [`Postgres::provide`], the cluster serving TLS with `tls` when given (a
+    /// `DATABASE_URL` from outside is used as it is).
+    pub fn provide_with(
+        dir: &Path,
+        keep: bool,
+        tls: Option<ServerTls>,
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<Self> {
         if let Ok(url) = std::env::var("DATABASE_URL")
             && !url.is_empty()
         {
             return Ok(Self { url, cluster: None });
         }
-        let cluster = Cluster::start(dir, keep, interrupt)?;
+        let cluster = Cluster::start_with(dir, keep, tls.as_ref(), interrupt)?;
         Ok(Self {
             url: cluster.url(DATABASE),
             cluster: Some(cluster),

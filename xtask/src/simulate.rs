@@ -54,13 +54,24 @@ enum Outcome {
     Failed(String),
 }
 
+/// A client of the gateway; a stack started with `--tls` is trusted through its CA
+/// (`STOREFRONT_CA_FILE`, from the environment or the stack's env file).
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let mut config = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(30)))
         .http_status_as_error(false)
-        .max_idle_connections_per_host(256)
-        .build()
-        .into()
+        .max_idle_connections_per_host(256);
+    let ca = std::env::var("STOREFRONT_CA_FILE").ok().or_else(|| {
+        std::fs::read_to_string(crate::stack::stack_env_path())
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("export STOREFRONT_CA_FILE="))
+            .map(str::to_owned)
+    });
+    if let Some(tls) = ca.and_then(|ca| crate::stack::trusting(std::path::Path::new(&ca))) {
+        config = config.tls_config(tls);
+    }
+    config.build().into()
 }
 
 /// The gateway URL: given, or from the running stack's env file.

@@ -46,6 +46,99 @@ pub struct UpOptions {
     /// Kafka nodes to run: 1, or 3 for a replicated cluster (topics then get
     /// replication factor 3 and `min.insync.replicas=2`).
     pub brokers: usize,
+    /// Serve the gateway, the registry, the broker and PostgreSQL over TLS.
+    pub tls: bool,
+}
+
+/// The throwaway PKI of `up --tls`: one CA, a certificate per server, and the SCRAM
+/// user the services authenticate to Kafka as.
+#[derive(Debug)]
+struct StackTls {
+    /// `target/stack/tls-*`, removed when the stack stops: a new CA per start, and
+    /// one per stack when several run at once.
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    gateway: crate::tls::ServerFiles,
+    registry: crate::tls::ServerFiles,
+    kafka: crate::tls::ServerFiles,
+    postgres: crate::tls::ServerFiles,
+    scram_user: &'static str,
+    scram_password: String,
+}
+
+impl StackTls {
+    fn create(stack_dir: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tls-")
+            .tempdir_in(stack_dir)?;
+        let path = dir.path().to_path_buf();
+        let authority = crate::tls::Authority::generate("storefront local stack CA")?;
+        Ok(Self {
+            ca: authority.write_pem(&path.join("ca.pem"))?,
+            gateway: authority.issue(&path, "gateway")?,
+            registry: authority.issue(&path, "registry")?,
+            kafka: authority.issue(&path, "kafka")?,
+            postgres: authority.issue(&path, "postgres")?,
+            scram_user: "storefront",
+            scram_password: crate::random_token(24),
+            dir,
+        })
+    }
+
+    /// A kcat configuration file (`KCAT_CONFIG`) for the SASL_SSL listener, so that
+    /// `kcat -b $KAFKA_BROKERS -L` works as it is and the password stays off the
+    /// command line.
+    fn write_kcat_config(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("kcat.conf");
+        fs::write(
+            &path,
+            format!(
+                "security.protocol=SASL_SSL\n\
+                 sasl.mechanisms=SCRAM-SHA-512\n\
+                 sasl.username={}\n\
+                 sasl.password={}\n\
+                 ssl.ca.location={}\n",
+                self.scram_user,
+                self.scram_password,
+                self.ca.display()
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        Ok(path)
+    }
+
+    /// `["<ca>"]`: a one-element list setting, as the config layers parse it.
+    fn ca_list(&self) -> String {
+        format!("[\"{}\"]", self.ca.display())
+    }
+}
+
+/// The stack's CA, once `up --tls` made one: every readiness check trusts it.
+static STACK_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// An HTTP client for the stack's own readiness checks, trusting the stack's CA when
+/// it has one.
+fn agent(timeout: Duration, status_as_error: bool) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(status_as_error);
+    if let Some(tls) = STACK_CA.get().and_then(|ca| trusting(ca)) {
+        config = config.tls_config(tls);
+    }
+    config.build().into()
+}
+
+/// A ureq TLS configuration trusting only the CA in `ca` (PEM); `None` when the file
+/// cannot be read as one.
+pub(crate) fn trusting(ca: &Path) -> Option<ureq::tls::TlsConfig> {
+    let pem = fs::read(ca).ok()?;
+    let certificate = ureq::tls::Certificate::from_pem(&pem).ok()?.to_owned();
+    Some(
+        ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&[certificate]))
+            .build(),
+    )
 }
 
 /// A service of the stack and the environment prefix of its settings.
@@ -179,6 +272,15 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     remove_abandoned_clusters(&stack_dir);
     let gateway_port = pick_port(options.gateway_port, "--gateway-port")?;
     let registry_port = pick_port(options.registry_port, "--registry-port")?;
+    let tls = match options.tls {
+        true => {
+            let tls = StackTls::create(&stack_dir)?;
+            let _ = STACK_CA.set(tls.ca.clone());
+            Some(tls)
+        }
+        false => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
 
     say("building the services");
     let mut build = crate::cargo();
@@ -204,7 +306,28 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     } else {
         stack_dir.join(format!("postgres-{}", std::process::id()))
     };
-    let mut postgres = Postgres::provide(&postgres_dir, options.durable, &interrupt)?;
+    let mut postgres = Postgres::provide_with(
+        &postgres_dir,
+        options.durable,
+        tls.as_ref().map(|t| crate::postgres::ServerTls {
+            certificate: t.postgres.certificate.clone(),
+            key: t.postgres.key.clone(),
+        }),
+        &interrupt,
+    )?;
+    // verify-full: the server's certificate must name the host and chain to the CA.
+    let database_url = match &tls {
+        // A database from outside (DATABASE_URL) is used as its URL says.
+        Some(tls) if postgres.cluster().is_some() => {
+            let url = postgres.url();
+            let separator = if url.contains('?') { '&' } else { '?' };
+            format!(
+                "{url}{separator}sslmode=verify-full&sslrootcert={}",
+                tls.ca.display()
+            )
+        }
+        _ => postgres.url().to_owned(),
+    };
 
     say(&match options.brokers {
         1 => format!("starting Apache Kafka {}", crate::broker::KAFKA_VERSION),
@@ -218,17 +341,56 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     } else {
         Storage::Throwaway
     };
-    let mut broker = Broker::provide(
-        &KafkaOptions::single(&logs)
-            .with_nodes(options.brokers)
-            .with_storage(storage),
-        &interrupt,
-    )?;
+    let mut kafka_options = KafkaOptions::single(&logs)
+        .with_nodes(options.brokers)
+        .with_storage(storage);
+    if let Some(tls) = &tls {
+        kafka_options = kafka_options.with_secure_listener(&tls.kafka.key_and_certificate);
+    }
+    let mut broker = Broker::provide(&kafka_options, &interrupt)?;
+    // Under --tls every client uses the SASL_SSL listener; the plain one stays for
+    // the broker's own traffic between nodes and for the admin tool.
+    let kafka_brokers = match &tls {
+        Some(tls) => {
+            let Some(cluster) = broker.cluster() else {
+                bail!("--tls needs the stack's own Kafka: unset KAFKA_BROKERS");
+            };
+            cluster.add_scram_user(
+                tls.scram_user,
+                &tls.scram_password,
+                "SCRAM-SHA-512",
+                &interrupt,
+            )?;
+            cluster
+                .secure_bootstrap()
+                .context("the cluster has no SASL_SSL listener")?
+        }
+        None => broker.brokers().to_owned(),
+    };
+    // Kafka's client settings as environment variables: `prefix` is a service's
+    // settings prefix (`ORDER_KAFKA__`), or "" for kafka-setup's own variables.
+    let kafka_env = |service_prefix: Option<&str>| -> Vec<(String, std::ffi::OsString)> {
+        let Some(tls) = &tls else {
+            return Vec::new();
+        };
+        let name = |key: &str| match service_prefix {
+            Some(prefix) => format!("{prefix}KAFKA__{}", key.replace('.', "__")),
+            None => format!("KAFKA_{}", key.replace('.', "_")),
+        };
+        vec![
+            (name("SECURITY_PROTOCOL"), "SASL_SSL".into()),
+            (name("SASL.MECHANISM"), "SCRAM-SHA-512".into()),
+            (name("SASL.USERNAME"), tls.scram_user.into()),
+            (name("SASL.PASSWORD"), tls.scram_password.clone().into()),
+            (name("SSL.CA_FILE"), tls.ca.clone().into()),
+        ]
+    };
 
     say("creating the topics");
     let bin = crate::target_dir().join(if options.release { "release" } else { "debug" });
     let mut topics = Command::new(bin.join("kafka-setup"));
-    topics.env("KAFKA_BROKERS", broker.brokers());
+    topics.env("KAFKA_BROKERS", &kafka_brokers);
+    topics.envs(kafka_env(None));
     if options.brokers >= 3 {
         // What docs/kafka-configs.md recommends for production: three copies of every
         // partition, and a write acknowledged once two of them have it.
@@ -255,10 +417,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     zipkin.wait_ready(&interrupt)?;
     let zipkin_url = zipkin.url();
 
-    let registry_url = format!("http://127.0.0.1:{registry_port}");
+    let registry_url = format!("{scheme}://127.0.0.1:{registry_port}");
     let gateway_config = stack_dir.join("gateway.yaml");
     write_gateway_config(&gateway_config)?;
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let gateway_url = format!("{scheme}://127.0.0.1:{gateway_port}");
     let registry_token = crate::random_token(32);
     let mut running: Vec<ServiceProcess> = Vec::new();
     for service in SERVICES {
@@ -273,8 +435,8 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
                 format!("{}HTTP__PORT", service.env_prefix),
                 port.to_string().into(),
             ),
-            ("DATABASE_URL".into(), postgres.url().into()),
-            ("KAFKA_BROKERS".into(), broker.brokers().into()),
+            ("DATABASE_URL".into(), database_url.clone().into()),
+            ("KAFKA_BROKERS".into(), kafka_brokers.clone().into()),
             ("REGISTRY_URL".into(), registry_url.clone().into()),
             // The registry holds the operator's token; every other process gets its
             // own service's credential, which writes only its own instances.
@@ -292,6 +454,36 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         if service.name == "gateway" {
             env.push(("GATEWAY_CONFIG".into(), gateway_config.clone().into()));
         }
+        if let Some(tls) = &tls {
+            let prefix = service.env_prefix;
+            let served = match service.name {
+                "registry" => Some(&tls.registry),
+                "gateway" => Some(&tls.gateway),
+                _ => None,
+            };
+            if let Some(files) = served {
+                env.push((
+                    format!("{prefix}HTTP__TLS__CERTIFICATE_FILE"),
+                    files.certificate.clone().into(),
+                ));
+                env.push((
+                    format!("{prefix}HTTP__TLS__KEY_FILE"),
+                    files.key.clone().into(),
+                ));
+            }
+            if service.name != "registry" {
+                // Every other process is a client of the registry, and the services
+                // fetch the gateway's key set: both over https now.
+                env.push((format!("{prefix}REGISTRY__CA_FILES"), tls.ca_list().into()));
+            }
+            if !matches!(service.name, "registry" | "gateway") {
+                env.push((
+                    format!("{prefix}AUTH__EXTRA__CA_FILES"),
+                    tls.ca_list().into(),
+                ));
+                env.extend(kafka_env(Some(prefix)));
+            }
+        }
         if service.name == "notification-service" {
             env.push((
                 "NOTIFICATION_MAIL__SMTP_PORT".into(),
@@ -300,9 +492,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         }
         let log = logs.join(format!("{}.log", service.name));
         fs::File::create(&log)?;
+        let served_tls = tls.is_some() && matches!(service.name, "registry" | "gateway");
         running.push(ServiceProcess::start(
             service,
             port,
+            served_tls,
             bin.join(service.name),
             env,
             log,
@@ -322,33 +516,63 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     wait_through_gateway(&gateway_url, &mut running, &interrupt)?;
 
     let env_file = options.env_file.clone().unwrap_or_else(stack_env_path);
-    fs::write(
-        &env_file,
-        format!(
-            "# Written by `cargo xtask up` while the stack runs; removed when it stops.\n\
-             export GATEWAY_URL={gateway_url}\n\
-             export REGISTRY_URL={registry_url}\n\
-             export REGISTRY_TOKEN={registry_token}\n\
-             export KAFKA_BROKERS={}\n\
-             export DATABASE_URL={}\n\
-             export STOREFRONT_MAILDIR={}\n\
-             export STOREFRONT_SMTP_PORT={smtp_port}\n\
-             export ZIPKIN_URL={zipkin_url}\n",
-            broker.brokers(),
-            postgres.url(),
-            mailbox.display()
-        ),
-    )?;
+    let mut env_text = format!(
+        "# Written by `cargo xtask up` while the stack runs; removed when it stops.\n\
+         export GATEWAY_URL={gateway_url}\n\
+         export REGISTRY_URL={registry_url}\n\
+         export REGISTRY_TOKEN={registry_token}\n\
+         export KAFKA_BROKERS={kafka_brokers}\n\
+         export DATABASE_URL={database_url}\n\
+         export STOREFRONT_MAILDIR={}\n\
+         export STOREFRONT_SMTP_PORT={smtp_port}\n\
+         export ZIPKIN_URL={zipkin_url}\n",
+        mailbox.display()
+    );
+    if let Some(tls) = &tls {
+        // curl reads CURL_CA_BUNDLE; psql reads sslrootcert from DATABASE_URL; kcat
+        // and kafka-setup read the KAFKA_* variables (see the printout).
+        let kcat_config = tls.write_kcat_config()?;
+        env_text.push_str(&format!(
+            "# --tls: the stack's throwaway CA, and the SCRAM user of the SASL_SSL listener.\n\
+             export STOREFRONT_CA_FILE={ca}\n\
+             export CURL_CA_BUNDLE={ca}\n\
+             export KCAT_CONFIG={}\n\
+             export KAFKA_SECURITY_PROTOCOL=SASL_SSL\n\
+             export KAFKA_SASL_MECHANISM=SCRAM-SHA-512\n\
+             export KAFKA_SASL_USERNAME={}\n\
+             export KAFKA_SASL_PASSWORD={}\n\
+             export KAFKA_SSL_CA_FILE={ca}\n",
+            kcat_config.display(),
+            tls.scram_user,
+            tls.scram_password,
+            ca = tls.ca.display(),
+        ));
+    }
+    fs::write(&env_file, env_text)?;
     let _remove_env_file = RemoveOnDrop(env_file.clone());
 
     println!();
     for process in &running {
-        println!(
-            "  {:<21} http://127.0.0.1:{}",
-            process.service.name, process.port
-        );
+        println!("  {:<21} {}", process.service.name, process.url());
     }
-    println!("  {:<21} {}", "kafka", broker.brokers());
+    match &tls {
+        Some(tls) => {
+            println!(
+                "  {:<21} {kafka_brokers} (SASL_SSL, SCRAM-SHA-512)",
+                "kafka"
+            );
+            println!(
+                "  {:<21} {} (every part above but the services speaks TLS with it; after\n\
+                 {:<23}`. target/stack.env`, curl, psql \"$DATABASE_URL\" and kcat -b $KAFKA_BROKERS\n\
+                 {:<23}work as they are)",
+                "ca",
+                tls.ca.display(),
+                "",
+                ""
+            );
+        }
+        None => println!("  {:<21} {}", "kafka", broker.brokers()),
+    }
     println!(
         "  {:<21} {} (POST {gateway_url}/auth/token)",
         "dev users",
@@ -603,6 +827,8 @@ impl Restarts {
 struct ServiceProcess {
     service: Service,
     port: u16,
+    /// Whether it serves HTTPS.
+    tls: bool,
     program: PathBuf,
     env: Vec<(String, std::ffi::OsString)>,
     log: PathBuf,
@@ -614,6 +840,7 @@ impl ServiceProcess {
     fn start(
         service: Service,
         port: u16,
+        tls: bool,
         program: PathBuf,
         env: Vec<(String, std::ffi::OsString)>,
         log: PathBuf,
@@ -623,13 +850,21 @@ impl ServiceProcess {
         let mut process = Self {
             service,
             port,
+            tls,
             program,
             env,
             log,
             child,
         };
-        wait_healthy(&mut process.child, port, &process.log, interrupt)?;
+        let url = process.url();
+        wait_healthy(&mut process.child, &url, &process.log, interrupt)?;
         Ok(process)
+    }
+
+    /// Where it serves.
+    fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn spawn(
@@ -652,7 +887,8 @@ impl ServiceProcess {
     fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
         self.child = Self::spawn(self.service, &self.program, &self.env, &self.log)?;
-        wait_healthy(&mut self.child, self.port, &self.log, interrupt)
+        let url = self.url();
+        wait_healthy(&mut self.child, &url, &self.log, interrupt)
     }
 }
 
@@ -830,15 +1066,12 @@ fn pick_port(requested: u16, flag: &str) -> anyhow::Result<u16> {
 /// Polls `/actuator/health` until it answers 200, the child exits, or a minute passes.
 fn wait_healthy(
     child: &mut Supervised,
-    port: u16,
+    base: &str,
     log: &Path,
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
-    let url = format!("http://127.0.0.1:{port}/actuator/health");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(2)))
-        .build()
-        .into();
+    let url = format!("{base}/actuator/health");
+    let agent = agent(Duration::from_secs(2), true);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         interrupt.check()?;
@@ -871,10 +1104,7 @@ fn wait_registered(
     running: &mut [ServiceProcess],
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
+    let agent = agent(Duration::from_secs(5), true);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut index = 0_u64;
     loop {
@@ -921,11 +1151,7 @@ fn wait_through_gateway(
     running: &mut [ServiceProcess],
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = agent(Duration::from_secs(5), false);
     let deadline = Instant::now() + Duration::from_secs(60);
     let login: serde_json::Value = agent
         .post(&format!("{gateway_url}/auth/token"))

@@ -63,10 +63,31 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         "starting Apache Kafka {} (one node)",
         crate::broker::KAFKA_VERSION
     ));
+    // Beside the plain listener, a SASL_SSL one with a throwaway CA's certificate and
+    // a SCRAM user, for the tests of production's connection settings.
+    let tls = tempfile::Builder::new()
+        .prefix("storefront-tls-")
+        .tempdir()?;
+    let authority = crate::tls::Authority::generate("storefront test CA")?;
+    let ca_file = authority.write_pem(&tls.path().join("ca.pem"))?;
+    let keystore = authority.issue(tls.path(), "kafka")?.key_and_certificate;
     let broker = Broker::provide(
-        &KafkaOptions::single(dir.join(format!("kafka-{pid}"))),
+        &KafkaOptions::single(dir.join(format!("kafka-{pid}"))).with_secure_listener(keystore),
         &interrupt,
     )?;
+    let scram_password = format!("{:032x}", rand::random::<u128>());
+    let secure = match broker.cluster() {
+        Some(cluster) => {
+            cluster.add_scram_user(
+                SCRAM_TEST_USER,
+                &scram_password,
+                "SCRAM-SHA-512",
+                &interrupt,
+            )?;
+            cluster.secure_bootstrap()
+        }
+        None => None,
+    };
 
     step("installing the Python tools the tests use (a Eureka client, an SMTP sink)");
     let python_path = crate::tools::python_path(&interrupt)?;
@@ -95,11 +116,21 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("STOREFRONT_SCHEMATHESIS", &schemathesis)
         .env("STOREFRONT_KCAT", &kcat)
         .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client);
+    if let Some(secure) = secure {
+        tests
+            .env("STOREFRONT_KAFKA_SASL_SSL_BROKERS", secure)
+            .env("STOREFRONT_KAFKA_CA_FILE", &ca_file)
+            .env("STOREFRONT_KAFKA_SCRAM_USER", SCRAM_TEST_USER)
+            .env("STOREFRONT_KAFKA_SCRAM_PASSWORD", &scram_password);
+    }
     let result = procs::run("the tests", &mut tests, &interrupt);
     drop(broker);
     drop(postgres);
     result
 }
+
+/// The SCRAM user the tests authenticate as on the broker's SASL_SSL listener.
+const SCRAM_TEST_USER: &str = "storefront-test";
 
 fn has_nextest() -> bool {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))

@@ -137,30 +137,14 @@ async fn a_crashed_throwaway_cluster_restarts_with_every_acknowledged_commit() {
 /// A CA, and a certificate it signed for 127.0.0.1, written into `dir`: returns the
 /// CA's file and the server's certificate and key.
 fn pki(dir: &Path, name: &str) -> (std::path::PathBuf, ServerTls) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
-        SanType,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
-    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let key = KeyPair::generate().expect("key");
-    let certificate = server.signed_by(&key, &ca).expect("signed");
-    let write = |file: &str, text: &str| {
-        let path = dir.join(format!("{name}-{file}"));
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let ca = xtask::tls::Authority::generate(name).expect("CA");
+    let server = ca.issue(dir, &format!("{name}-server")).expect("issued");
     (
-        write("ca.pem", &ca.pem()),
+        ca.write_pem(&dir.join(format!("{name}-ca.pem")))
+            .expect("CA file"),
         ServerTls {
-            certificate: write("server.crt", &certificate.pem()),
-            key: write("server.key", &key.serialize_pem()),
+            certificate: server.certificate,
+            key: server.key,
         },
     )
 }

@@ -78,6 +78,8 @@ impl Drop for Running {
 }
 
 pub struct Saga {
+    /// How both services and the test reach Kafka.
+    pub kafka: KafkaSettings,
     pub tag: String,
     pub topics: Topics,
     pub database: String,
@@ -91,6 +93,11 @@ pub struct Saga {
 impl Saga {
     /// Both services running, with their relays and consumers.
     pub async fn start() -> Saga {
+        Self::start_with(kafka()).await
+    }
+
+    /// The same, reaching Kafka as `kafka` says.
+    pub async fn start_with(kafka: KafkaSettings) -> Saga {
         // `RUST_LOG=info` shows the services' logs in a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -100,7 +107,7 @@ impl Saga {
         let file = kafka_setup::TopicFile::builtin()
             .expect("topics.toml")
             .tagged(&tag);
-        kafka_setup::apply(&kafka(), &file, kafka_setup::Mode::Apply)
+        kafka_setup::apply(&kafka, &file, kafka_setup::Mode::Apply)
             .await
             .expect("topics applied");
         let topics = Topics {
@@ -119,6 +126,7 @@ impl Saga {
         );
         let jwks = shared::testing::gateway_jwks(key.clone()).await;
         let mut saga = Saga {
+            kafka,
             tag,
             topics,
             database,
@@ -173,7 +181,7 @@ impl Saga {
         let settings = order_service::Settings {
             http: HttpSettings::local(0),
             database: self.database_settings(),
-            kafka: kafka(),
+            kafka: self.kafka.clone(),
             topics: self.topics.clone(),
             registry: Self::no_registry(),
             auth: self.auth(),
@@ -221,7 +229,7 @@ impl Saga {
                 url: format!("{database}{separator}application_name={name}"),
                 ..self.database_settings()
             },
-            kafka: kafka(),
+            kafka: self.kafka.clone(),
             topics: self.topics.clone(),
             registry: Self::no_registry(),
             auth: self.auth(),
@@ -400,7 +408,7 @@ impl Saga {
         event_type: &str,
         partition: Option<i32>,
     ) {
-        let producer: FutureProducer = kafka().producer_config().create().expect("producer");
+        let producer: FutureProducer = self.kafka.producer_config().create().expect("producer");
         let mut record = FutureRecord::to(topic).key(key).payload(payload).headers(
             rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: "event-type",

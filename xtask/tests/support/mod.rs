@@ -14,11 +14,16 @@ pub struct Stack(UpProcess);
 
 impl Stack {
     pub fn start(dir: &Path) -> Stack {
+        Self::start_with(dir, &[])
+    }
+
+    /// The stack started with `xtask up`'s further `args`.
+    pub fn start_with(dir: &Path, args: &[&str]) -> Stack {
         let interrupt = Interrupt::install().expect("signal handlers");
         let log = dir.join("stack.log");
         let up = UpProcess::start(
             Path::new(env!("CARGO_BIN_EXE_xtask")),
-            &[],
+            args,
             &dir.join("stack.env"),
             &log,
             &interrupt,
@@ -91,15 +96,33 @@ impl Client {
 }
 
 impl Client {
-    /// A client of the stack's gateway that reads every status as an answer.
+    /// A client of the stack's gateway that reads every status as an answer (and
+    /// trusts the stack's CA when it runs with `--tls`).
     pub fn of(stack: &Stack) -> Client {
+        let ca = stack.0.var("STOREFRONT_CA_FILE").ok().map(Path::new);
         Client {
-            agent: ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(10)))
-                .http_status_as_error(false)
-                .build()
-                .into(),
+            agent: agent(ca),
             gateway: stack.var("GATEWAY_URL").to_owned(),
         }
     }
+}
+
+/// An HTTP client that reads every status as an answer, trusting only `ca` (PEM)
+/// when given.
+pub fn agent(ca: Option<&Path>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).expect("the stack's CA file");
+        let certificate = ureq::tls::Certificate::from_pem(&pem)
+            .expect("a PEM certificate")
+            .to_owned();
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[certificate]))
+                .build(),
+        );
+    }
+    config.build().into()
 }
