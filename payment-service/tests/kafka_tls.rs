@@ -68,6 +68,65 @@ async fn the_saga_runs_over_sasl_ssl_with_scram_and_zstd() {
         1,
     )
     .await;
+
+    // What the broker stored for the order's event: zstd record batches (the broker
+    // keeps the producer's codec), read from its log segments.
+    let codecs = stored_codecs(&saga.topics.orders);
+    assert!(
+        !codecs.is_empty(),
+        "the order's event is in the broker's log"
+    );
+    assert!(
+        codecs.iter().all(|codec| *codec == ZSTD),
+        "every batch is zstd-compressed: {codecs:?}"
+    );
+}
+
+/// The codec number of zstd in a record batch's attributes.
+const ZSTD: u16 = 4;
+
+/// The compression codec of every record batch of `topic` in the test broker's log
+/// segments (record batch format v2: the attributes are bytes 21-22 of a batch, the
+/// codec their lowest three bits).
+fn stored_codecs(topic: &str) -> Vec<u16> {
+    let dirs = std::env::var_os("STOREFRONT_KAFKA_DATA_DIRS").expect(
+        "STOREFRONT_KAFKA_DATA_DIRS names the test broker's data; run the tests with `cargo xtask test`",
+    );
+    let mut codecs = Vec::new();
+    for dir in std::env::split_paths(&dirs) {
+        for partition in std::fs::read_dir(&dir)
+            .expect("the broker's data folder")
+            .flatten()
+        {
+            let name = partition.file_name().to_string_lossy().into_owned();
+            let is_topic = name
+                .strip_prefix(topic)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !is_topic {
+                continue;
+            }
+            for segment in std::fs::read_dir(partition.path())
+                .expect("partition")
+                .flatten()
+            {
+                if segment.path().extension().is_none_or(|e| e != "log") {
+                    continue;
+                }
+                let bytes = std::fs::read(segment.path()).expect("segment");
+                let mut at = 0;
+                while at + 23 <= bytes.len() {
+                    let length =
+                        i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+                    let attributes =
+                        u16::from_be_bytes(bytes[at + 21..at + 23].try_into().expect("2 bytes"));
+                    codecs.push(attributes & 0x7);
+                    at += 12 + usize::try_from(length).expect("a batch length");
+                }
+            }
+        }
+    }
+    codecs
 }
 
 fn env_or_empty(name: &str) -> String {

@@ -388,6 +388,15 @@ impl Cluster {
         }
     }
 
+    /// Every node's data folder (`log.dirs`): one folder per partition, holding its
+    /// log segments.
+    pub fn data_dirs(&self) -> Vec<PathBuf> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.config.parent().map(|dir| dir.join("data")))
+            .collect()
+    }
+
     /// How many nodes the cluster has (running or not).
     pub fn len(&self) -> usize {
         self.nodes.len()

@@ -76,6 +76,9 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         &interrupt,
     )?;
     let scram_password = format!("{:032x}", rand::random::<u128>());
+    let data_dirs = broker
+        .cluster()
+        .map(|c| std::env::join_paths(c.data_dirs()));
     let secure = match broker.cluster() {
         Some(cluster) => {
             cluster.add_scram_user(
@@ -116,6 +119,10 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("STOREFRONT_SCHEMATHESIS", &schemathesis)
         .env("STOREFRONT_KCAT", &kcat)
         .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client);
+    if let Some(Ok(dirs)) = data_dirs {
+        // For tests that read what the broker stored (the codec of a record batch).
+        tests.env("STOREFRONT_KAFKA_DATA_DIRS", dirs);
+    }
     if let Some(secure) = secure {
         tests
             .env("STOREFRONT_KAFKA_SASL_SSL_BROKERS", secure)
