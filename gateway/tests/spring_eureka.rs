@@ -42,6 +42,15 @@ struct SpringApp {
 
 impl SpringApp {
     fn start(registry: SocketAddr, dir: &std::path::Path) -> SpringApp {
+        Self::start_with(
+            &format!("http://eureka:{REGISTRY_TOKEN}@{registry}/eureka/"),
+            dir,
+        )
+    }
+
+    /// With `default_zone` as its `eureka.client.service-url.defaultZone`: one URL, or
+    /// several peers separated by commas.
+    fn start_with(default_zone: &str, dir: &std::path::Path) -> SpringApp {
         let jar = std::env::var("STOREFRONT_SPRING_EUREKA_CLIENT").expect(
             "STOREFRONT_SPRING_EUREKA_CLIENT names the Spring client's jar; run the tests with `cargo xtask test`",
         );
@@ -59,7 +68,7 @@ impl SpringApp {
             .arg(format!("--server.port={port}"))
             .arg("--spring.application.name=spring-demo")
             .arg(format!(
-                "--eureka.client.service-url.defaultZone=http://eureka:{REGISTRY_TOKEN}@{registry}/eureka/"
+                "--eureka.client.service-url.defaultZone={default_zone}"
             ))
             .arg("--eureka.instance.hostname=127.0.0.1")
             .arg("--eureka.instance.lease-renewal-interval-in-seconds=1")
@@ -343,4 +352,207 @@ async fn a_spring_boot_eureka_client_works_with_our_registry_and_gateway_unchang
         "gone at once, not after a lease expired (exit {status}):\n{}",
         spring.said()
     );
+}
+
+/// Two registry peers in-process, each given both URLs; stopped when its token is
+/// cancelled.
+async fn two_peers() -> Vec<(SocketAddr, CancellationToken)> {
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        })
+        .collect();
+    let urls = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut peers = Vec::new();
+    for port in ports {
+        let settings = registry::Settings {
+            http: shared::config::HttpSettings::local(port),
+            auth: registry::auth::AuthSettings {
+                token: Some(REGISTRY_TOKEN.into()),
+                ..Default::default()
+            },
+            peers: registry::peers::PeerSettings {
+                urls: urls.clone(),
+                ..Default::default()
+            },
+            ..registry::Settings::default()
+        };
+        let app = registry::Application::build(settings)
+            .await
+            .expect("registry peer");
+        let addr = app.local_addr();
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        peers.push((addr, stop));
+    }
+    peers
+}
+
+/// The client heartbeats this peer received itself in the last minute (replicated
+/// ones are not counted).
+async fn own_renewals(client: &reqwest::Client, peer: SocketAddr) -> u64 {
+    let state: Value = client
+        .get(format!("http://{peer}/api/v1/state"))
+        .send()
+        .await
+        .expect("state")
+        .json()
+        .await
+        .expect("state json");
+    state["renewalsLastMinute"].as_u64().unwrap_or(0)
+}
+
+/// A Spring client given two peers in `defaultZone`, as Eureka users list theirs:
+/// stopping the peer it talks to costs it nothing: its heartbeats and fetches move to
+/// the other peer, which already lists it, and the gateway keeps routing to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spring_boot_eureka_client_with_two_peers_survives_losing_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut peers = two_peers().await;
+    let zone = peers
+        .iter()
+        .map(|(addr, _)| format!("http://eureka:{REGISTRY_TOKEN}@{addr}/eureka/"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, ROUTES).expect("routes");
+    let mut settings = support::gateway_settings(peers[0].0, &routes_file);
+    settings.registry.urls = peers
+        .iter()
+        .map(|(addr, _)| format!("http://{addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let app = Application::build(settings).await.expect("gateway");
+    let gateway = format!("http://{}", app.local_addr());
+    let stop_gateway = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop_gateway.clone()));
+    let _stop_gateway = stop_gateway.drop_guard();
+    let client = reqwest::Client::new();
+    let token: Value = client
+        .post(format!("{gateway}/auth/token"))
+        .json(&json!({"username": "alice", "password": "alice-pw"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("token");
+    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    let routed = async || -> bool {
+        client
+            .get(format!("{gateway}/spring/hello"))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    };
+
+    let spring = SpringApp::start_with(&zone, dir.path());
+    for (peer, _) in &peers {
+        eventually(
+            Duration::from_secs(120),
+            "both peers list the Spring app UP",
+            async || {
+                eureka_instance(&client, *peer)
+                    .await
+                    .filter(|i| i["status"] == "UP")
+            },
+        )
+        .await;
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the gateway routes to it",
+        async || routed().await.then_some(()),
+    )
+    .await;
+
+    // The peer it heartbeats is the one whose own renewal count grows.
+    let before: Vec<u64> =
+        futures::future::join_all(peers.iter().map(|(peer, _)| own_renewals(&client, *peer))).await;
+    let talker = eventually(
+        Duration::from_secs(15),
+        "the Spring app heartbeats one of the peers",
+        async || {
+            for (i, (peer, _)) in peers.iter().enumerate() {
+                if own_renewals(&client, *peer).await > before[i] + 1 {
+                    return Some(i);
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let (stopped, stop) = peers.remove(talker);
+    let (survivor, _keep) = peers.remove(0);
+    stop.cancel();
+    eventually(
+        Duration::from_secs(10),
+        "the stopped peer no longer answers",
+        async || {
+            client
+                .get(format!("http://{stopped}/api/v1/state"))
+                .send()
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Its heartbeats move to the survivor, which knew it by replication.
+    let at_survivor = own_renewals(&client, survivor).await;
+    eventually(
+        Duration::from_secs(30),
+        "the Spring app heartbeats the surviving peer",
+        async || (own_renewals(&client, survivor).await > at_survivor + 1).then_some(()),
+    )
+    .await;
+    assert!(routed().await, "the gateway still routes to it");
+
+    // Its DiscoveryClient fetches from the survivor now: it sees what registers there.
+    let inventory = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let settings = registry_settings(survivor);
+    RegistryClient::new(&settings)
+        .expect("registry client")
+        .register(
+            &InstanceRegistration::for_bound(
+                "inventory-service",
+                inventory.local_addr().expect("addr"),
+                &settings,
+            ),
+            60,
+        )
+        .await
+        .expect("register inventory-service");
+    eventually(
+        Duration::from_secs(30),
+        "Spring's DiscoveryClient lists inventory-service, registered at the survivor",
+        async || {
+            spring.get(&client, "/services").await.filter(|s| {
+                s.as_array()
+                    .is_some_and(|a| a.contains(&json!("inventory-service")))
+            })
+        },
+    )
+    .await;
+    // Well past its 5 s lease, it is still listed and routed to.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        eureka_instance(&client, survivor)
+            .await
+            .is_some_and(|i| i["status"] == "UP"),
+        "the survivor still lists it:\n{}",
+        spring.said()
+    );
+    assert!(routed().await, "the gateway still routes to it");
 }

@@ -115,6 +115,9 @@ pub fn state_json(table: &LeaseTable, snapshot: &Snapshot, now: u64) -> Value {
         "selfPreservation": preservation,
         "lastSelfPreservationEnd": snapshot.last_preservation_end.map(|(at, why)| json!({"at": at, "why": why})),
         "watchers": table.watchers(),
+        "node": table.node(),
+        "ready": table.is_ready(),
+        "peers": table.peers(),
     })
 }
 
@@ -374,9 +377,9 @@ async fn list_instances(
             }
         } else if let Some(meta_key) = key.strip_prefix("meta.") {
             metadata.push((meta_key.to_owned(), value.clone()));
-        } else if key != "index" && key != "wait" {
+        } else if !matches!(key.as_str(), "index" | "wait" | "node") {
             return Err(Problem::bad_request(format!(
-                "Unknown query parameter `{key}`: use status, meta.<key>, index or wait."
+                "Unknown query parameter `{key}`: use status, meta.<key>, index, wait or node."
             )));
         }
     }
@@ -404,10 +407,13 @@ async fn state(State(table): State<Arc<LeaseTable>>) -> Json<Value> {
 }
 
 /// A blocking query's `index` and `wait`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Blocking {
     index: Option<u64>,
     wait: Duration,
+    /// The node whose index `index` is; another node answers at once, since its
+    /// indexes count its own changes.
+    node: Option<String>,
 }
 
 impl Blocking {
@@ -415,6 +421,7 @@ impl Blocking {
         let mut blocking = Blocking {
             index: None,
             wait: Duration::from_secs(30),
+            node: None,
         };
         for (key, value) in params {
             match key.as_str() {
@@ -427,6 +434,7 @@ impl Blocking {
                     })?);
                 }
                 "wait" => blocking.wait = parse_wait(value)?,
+                "node" => blocking.node = Some(value.clone()),
                 _ => {}
             }
         }
@@ -439,6 +447,9 @@ impl Blocking {
         let Some(seen) = self.index else {
             return table.snapshot();
         };
+        if self.node.as_deref().is_some_and(|n| n != table.node()) {
+            return table.snapshot();
+        }
         let mut index = table.watch_index();
         tokio::select! {
             _ = tokio::time::timeout(self.wait, index.wait_for(|&i| i > seen)) => {}

@@ -30,7 +30,10 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::model::{Registration, ServiceName, Status};
+use crate::{
+    model::{Registration, ServiceName, Status},
+    peers::{Fanout, Outcome, Record, ReplicaAction},
+};
 
 /// Limits and timings of the table; the `leases` section of the registry's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +125,19 @@ impl LeaseClock {
         self.expires_at
             .store(now.saturating_add(duration_ms), Ordering::Release);
     }
+
+    /// A peer's record says exactly when the lease ends (it may have been shortened).
+    fn set(&self, expires_at: u64, last_renewal: u64) {
+        self.last_renewal.store(last_renewal, Ordering::Release);
+        self.expires_at.store(expires_at, Ordering::Release);
+    }
+
+    /// A peer's renewal: the lease ends at the later of the two ends, so renewals
+    /// that arrive out of order never shorten it.
+    fn extend_to(&self, expires_at: u64, last_renewal: u64) {
+        self.last_renewal.fetch_max(last_renewal, Ordering::AcqRel);
+        self.expires_at.fetch_max(expires_at, Ordering::AcqRel);
+    }
 }
 
 /// One version of an instance's record. Immutable but for its [`LeaseClock`].
@@ -135,6 +151,9 @@ pub struct Instance {
     pub registered_at: u64,
     /// Epoch milliseconds of the last change other than a renewal.
     pub updated_at: u64,
+    /// The record's version, Eureka's "last dirty time": a stamp in microseconds,
+    /// unique on the node that made the change. Between peers the higher one wins.
+    pub dirty: u64,
     pub clock: Arc<LeaseClock>,
 }
 
@@ -152,7 +171,12 @@ impl Instance {
         self.clock.expires_at()
     }
 
-    fn with(&self, f: impl FnOnce(&mut Registration, &mut Option<Status>), now: u64) -> Instance {
+    fn with(
+        &self,
+        f: impl FnOnce(&mut Registration, &mut Option<Status>),
+        now: u64,
+        dirty: u64,
+    ) -> Instance {
         let mut registration = self.registration.clone();
         let mut override_status = self.override_status;
         f(&mut registration, &mut override_status);
@@ -161,7 +185,30 @@ impl Instance {
             override_status,
             registered_at: self.registered_at,
             updated_at: now,
+            dirty,
             clock: self.clock.clone(),
+        }
+    }
+
+    /// The whole record, as peers exchange it.
+    pub fn record(&self) -> Record {
+        let r = &self.registration;
+        Record {
+            service: r.service.to_string(),
+            instance_id: r.instance_id.clone(),
+            host: r.host.clone(),
+            port: r.port,
+            status: r.status,
+            override_status: self.override_status,
+            lease_seconds: r.lease_seconds,
+            health_url: r.health_url.clone(),
+            metadata: r.metadata.clone(),
+            eureka: r.eureka.clone(),
+            registered_at: self.registered_at,
+            updated_at: self.updated_at,
+            dirty: self.dirty,
+            expires_at: self.clock.expires_at(),
+            last_renewal: self.clock.last_renewal(),
         }
     }
 }
@@ -319,6 +366,91 @@ struct WriterState {
     recent_expiries: VecDeque<u64>,
     /// No new self-preservation before this time (after one ended by its time limit).
     cooldown_until: u64,
+    /// Deregistered instances, by key, with the deletion's dirty stamp: a peer's
+    /// record older than the deletion arriving late must not bring the instance back.
+    tombstones: std::collections::HashMap<(ServiceName, String), u64>,
+    /// When each tombstone was laid, with its stamp, oldest first, for pruning.
+    tombstone_order: VecDeque<(u64, (ServiceName, String), u64)>,
+}
+
+/// How long a deregistration is remembered against late peer records: far longer
+/// than any replication delay while peers are up.
+const TOMBSTONE_MS: u64 = 300_000;
+
+impl WriterState {
+    fn bury(&mut self, key: (ServiceName, String), dirty: u64, now: u64) {
+        let stamp = self.tombstones.entry(key.clone()).or_insert(0);
+        *stamp = (*stamp).max(dirty);
+        self.tombstone_order.push_back((now, key, dirty));
+        self.prune_tombstones(now);
+    }
+
+    /// Forgets deletions older than [`TOMBSTONE_MS`]; a key buried again since keeps
+    /// its newer stamp.
+    fn prune_tombstones(&mut self, now: u64) {
+        while let Some((at, _, _)) = self.tombstone_order.front()
+            && at + TOMBSTONE_MS <= now
+        {
+            if let Some((_, old, dirty)) = self.tombstone_order.pop_front()
+                && self.tombstones.get(&old) == Some(&dirty)
+            {
+                self.tombstones.remove(&old);
+            }
+        }
+    }
+
+    /// The stamp a deletion of `key` must beat.
+    fn tombstone(&self, key: &(ServiceName, String)) -> u64 {
+        self.tombstones.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Stamps that order an instance's versions, a hybrid logical clock: epoch
+/// microseconds in the high bits, never behind any stamp this node has made or seen
+/// from a peer, and this node's own bits in the low ten, so stamps of two nodes never
+/// tie and a change made here after one from a peer always wins, whatever the two
+/// wall clocks say.
+#[derive(Debug)]
+struct DirtyClock {
+    /// The highest microsecond part made or seen.
+    last: AtomicU64,
+    node_bits: u64,
+}
+
+const NODE_BITS: u32 = 10;
+
+impl DirtyClock {
+    fn new(node_bits: u64) -> Self {
+        Self {
+            last: AtomicU64::new(0),
+            node_bits: node_bits & ((1 << NODE_BITS) - 1),
+        }
+    }
+
+    /// A stamp above every stamp made or seen here, and above `floor`.
+    fn next_above(&self, floor: u64) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or_default();
+        let floor_micros = floor >> NODE_BITS;
+        let mut last = self.last.load(Ordering::Acquire);
+        loop {
+            let next = now.max(last + 1).max(floor_micros + 1);
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return (next << NODE_BITS) | self.node_bits,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// A peer's stamp: later stamps made here are above it.
+    fn observe(&self, stamp: u64) {
+        self.last.fetch_max(stamp >> NODE_BITS, Ordering::AcqRel);
+    }
 }
 
 /// The registry's instances and leases.
@@ -333,12 +465,28 @@ pub struct LeaseTable {
     /// Cancelled when the registry shuts down, so long polls and streams end instead
     /// of holding the graceful shutdown open.
     closing: tokio_util::sync::CancellationToken,
+    /// This node's name among its peers, new at every start.
+    node: String,
+    dirty: DirtyClock,
+    /// Where the writes clients make here go, to reach every peer.
+    fanout: Option<Arc<Fanout>>,
+    /// Whether the table is complete: false while a node that has peers copies the
+    /// table from one of them at start-up.
+    ready: watch::Sender<bool>,
 }
 
 impl LeaseTable {
     pub fn new(settings: LeaseSettings) -> Self {
+        Self::replicating(settings, None)
+    }
+
+    /// A table whose client writes are also queued, by `fanout`, for every peer. It
+    /// is not ready until [`LeaseTable::mark_ready`] (after the start-up sync).
+    pub fn replicating(settings: LeaseSettings, fanout: Option<Arc<Fanout>>) -> Self {
         let (index, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
+        let (ready, _) = watch::channel(fanout.is_none());
+        let node_bits = rand_bits();
         Self {
             settings,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -347,6 +495,45 @@ impl LeaseTable {
             events,
             renewals: RenewalWindow::new(),
             closing: tokio_util::sync::CancellationToken::new(),
+            node: format!("{:08x}{:08x}", std::process::id(), node_bits & 0xffff_ffff),
+            dirty: DirtyClock::new(node_bits),
+            fanout,
+            ready,
+        }
+    }
+
+    /// This node's name among its peers.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the table is complete enough to answer reads.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// The start-up sync is over: reads may be answered.
+    pub fn mark_ready(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Follows readiness.
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// The peers and how replication to each goes.
+    pub fn peers(&self) -> Vec<serde_json::Value> {
+        self.fanout
+            .iter()
+            .flat_map(|f| f.links())
+            .map(|link| link.view())
+            .collect()
+    }
+
+    fn replicate(&self, action: impl FnOnce() -> ReplicaAction) {
+        if let Some(fanout) = &self.fanout {
+            fanout.push(action());
         }
     }
 
@@ -421,12 +608,21 @@ impl LeaseTable {
     pub fn register(&self, mut registration: Registration, now: u64) -> Arc<Instance> {
         registration.lease_seconds = self.clamp_lease(Some(registration.lease_seconds));
         let lease_ms = u64::from(registration.lease_seconds) * 1000;
-        self.write(now, |snapshot| {
-            let previous = snapshot
+        self.write(now, |snapshot, state| {
+            let key = (
+                registration.service.clone(),
+                registration.instance_id.clone(),
+            );
+            let listed = snapshot
                 .services
                 .get(&registration.service)
-                .and_then(|instances| instances.get(&registration.instance_id))
-                .filter(|i| snapshot.visible(i, now));
+                .and_then(|instances| instances.get(&registration.instance_id));
+            // Stamped under the lock, above the version it replaces and any deletion
+            // of it, so the newest write here is the newest everywhere.
+            let dirty = self
+                .dirty
+                .next_above(listed.map_or(0, |i| i.dirty).max(state.tombstone(&key)));
+            let previous = listed.filter(|i| snapshot.visible(i, now));
             let (instance, action) = match previous {
                 Some(previous) => {
                     previous.clock.renew(now, lease_ms);
@@ -435,6 +631,7 @@ impl LeaseTable {
                         override_status: previous.override_status,
                         registered_at: previous.registered_at,
                         updated_at: now,
+                        dirty,
                         clock: previous.clock.clone(),
                     };
                     (instance, Action::Modified)
@@ -445,6 +642,7 @@ impl LeaseTable {
                         override_status: None,
                         registered_at: now,
                         updated_at: now,
+                        dirty,
                         clock: Arc::new(LeaseClock::new(now, lease_ms)),
                     },
                     Action::Added,
@@ -452,6 +650,10 @@ impl LeaseTable {
             };
             metrics::counter!("registry_registrations_total").increment(1);
             let instance = Arc::new(instance);
+            state.tombstones.remove(&key);
+            // Queued under the write lock, so peers get this node's writes in the
+            // order it applied them.
+            self.replicate(|| ReplicaAction::upsert(&instance, "registered", now));
             (instance.clone(), vec![(instance, action, "registered")])
         })
     }
@@ -472,6 +674,14 @@ impl LeaseTable {
         instance.clock.renew(now, instance.lease_ms());
         self.renewals.record(now);
         metrics::counter!("registry_renewals_total").increment(1);
+        self.replicate(|| ReplicaAction::Renew {
+            service: service.to_string(),
+            instance_id: id.to_owned(),
+            dirty: instance.dirty,
+            expires_at: instance.clock.expires_at(),
+            last_renewal: instance.clock.last_renewal(),
+            at: now,
+        });
         Ok(instance)
     }
 
@@ -482,8 +692,27 @@ impl LeaseTable {
         id: &str,
         now: u64,
     ) -> Result<Arc<Instance>, LeaseError> {
-        let result = self.update(service, id, now, |current| {
-            Some((current.clone(), Action::Deleted, "deregistered"))
+        let result = self.write(now, |snapshot, state| {
+            match snapshot.instance(service, id, now) {
+                None => (Err(unknown(service, id)), Vec::new()),
+                Some(current) => {
+                    // A deletion has a stamp of its own, so a peer's older record
+                    // arriving late loses to it; stamped and queued under the lock,
+                    // so a re-registration racing it is ordered after it everywhere.
+                    let dirty = self.dirty.next_above(current.dirty);
+                    state.bury((service.clone(), id.to_owned()), dirty, now);
+                    self.replicate(|| ReplicaAction::Delete {
+                        service: service.to_string(),
+                        instance_id: id.to_owned(),
+                        dirty,
+                        at: now,
+                    });
+                    (
+                        Ok(current.clone()),
+                        vec![(current.clone(), Action::Deleted, "deregistered")],
+                    )
+                }
+            }
         });
         if result.is_ok() {
             metrics::counter!("registry_deregistrations_total").increment(1);
@@ -503,7 +732,11 @@ impl LeaseTable {
             if current.registration.status == status {
                 return None;
             }
-            let next = current.with(|r, _| r.status = status, now);
+            let next = current.with(
+                |r, _| r.status = status,
+                now,
+                self.dirty.next_above(current.dirty),
+            );
             Some((Arc::new(next), Action::Modified, "status"))
         })
     }
@@ -520,7 +753,11 @@ impl LeaseTable {
             if current.override_status == status {
                 return None;
             }
-            let next = current.with(|_, o| *o = status, now);
+            let next = current.with(
+                |_, o| *o = status,
+                now,
+                self.dirty.next_above(current.dirty),
+            );
             Some((Arc::new(next), Action::Modified, "override"))
         })
     }
@@ -533,13 +770,188 @@ impl LeaseTable {
         now: u64,
         change: impl FnOnce(&Arc<Instance>) -> Option<(Arc<Instance>, Action, &'static str)>,
     ) -> Result<Arc<Instance>, LeaseError> {
-        self.write(now, |snapshot| match snapshot.instance(service, id, now) {
-            None => (Err(unknown(service, id)), Vec::new()),
-            Some(current) => match change(current) {
-                None => (Ok(current.clone()), Vec::new()),
-                Some(changed) => (Ok(changed.0.clone()), vec![changed]),
-            },
+        self.write(now, |snapshot, _| {
+            match snapshot.instance(service, id, now) {
+                None => (Err(unknown(service, id)), Vec::new()),
+                Some(current) => match change(current) {
+                    None => (Ok(current.clone()), Vec::new()),
+                    Some(changed) => {
+                        self.replicate(|| ReplicaAction::upsert(&changed.0, changed.2, now));
+                        (Ok(changed.0.clone()), vec![changed])
+                    }
+                },
+            }
         })
+    }
+
+    /// Applies what a peer replicated, in order, as one write: records newer than
+    /// what this node holds replace it (the higher dirty stamp wins, as Eureka's last
+    /// dirty time does), renewals extend leases, deletions remove older records and
+    /// are remembered against late ones. Nothing applied here is replicated again, so
+    /// peers never echo each other. Returns one outcome per action.
+    pub fn apply_replicated(&self, actions: &[ReplicaAction], now: u64) -> Vec<Outcome> {
+        self.apply_from_peer(actions, now).0
+    }
+
+    /// [`LeaseTable::apply_replicated`], with what this node holds that beat the
+    /// peer's writes (its newer record, or the deletion), for every `Stale` outcome:
+    /// the peer applies them, so both end with the winner.
+    pub fn apply_from_peer(
+        &self,
+        actions: &[ReplicaAction],
+        now: u64,
+    ) -> (Vec<Outcome>, Vec<ReplicaAction>) {
+        type Key = (ServiceName, String);
+        self.write(now, |snapshot, state| {
+            // What this batch changed so far, over the snapshot it started from.
+            let mut overlay: std::collections::HashMap<Key, Option<Arc<Instance>>> =
+                std::collections::HashMap::new();
+            let lookup = |overlay: &std::collections::HashMap<Key, Option<Arc<Instance>>>,
+                          key: &Key| {
+                match overlay.get(key) {
+                    Some(seen) => seen.clone(),
+                    None => snapshot
+                        .services
+                        .get(&key.0)
+                        .and_then(|m| m.get(&key.1))
+                        .cloned(),
+                }
+            };
+            let mut changes = Vec::new();
+            let mut outcomes = Vec::with_capacity(actions.len());
+            let mut newer = Vec::new();
+            for action in actions {
+                let Some(key) = action.key() else {
+                    outcomes.push(Outcome::Invalid);
+                    continue;
+                };
+                let existing = lookup(&overlay, &key);
+                if let Some(stamp) = action.dirty() {
+                    self.dirty.observe(stamp);
+                }
+                let outcome = match action {
+                    ReplicaAction::Upsert { record, cause, .. } => {
+                        if state.tombstone(&key) >= record.dirty {
+                            newer.push(ReplicaAction::Delete {
+                                service: key.0.to_string(),
+                                instance_id: key.1.clone(),
+                                dirty: state.tombstone(&key),
+                                at: now,
+                            });
+                            Outcome::Stale
+                        } else if let Some(e) =
+                            existing.as_ref().filter(|e| e.dirty >= record.dirty)
+                        {
+                            if e.dirty == record.dirty {
+                                e.clock.extend_to(record.expires_at, record.last_renewal);
+                                Outcome::Applied
+                            } else {
+                                newer.push(ReplicaAction::upsert(e, "registered", now));
+                                Outcome::Stale
+                            }
+                        } else if record.expires_at <= now && snapshot.preservation.is_none() {
+                            Outcome::Expired
+                        } else {
+                            match record.registration(&key.0) {
+                                None => Outcome::Invalid,
+                                Some(registration) => {
+                                    let visible =
+                                        existing.as_ref().is_some_and(|e| snapshot.visible(e, now));
+                                    let clock = match &existing {
+                                        Some(e) => {
+                                            // A record renewed no later than here
+                                            // carries an older lease end: it extends
+                                            // the lease, never shortens it. A newer
+                                            // one (a re-registration, perhaps with a
+                                            // shorter lease) is copied exactly.
+                                            if record.last_renewal >= e.clock.last_renewal() {
+                                                e.clock.set(record.expires_at, record.last_renewal);
+                                            } else {
+                                                e.clock.extend_to(
+                                                    record.expires_at,
+                                                    record.last_renewal,
+                                                );
+                                            }
+                                            e.clock.clone()
+                                        }
+                                        None => Arc::new(LeaseClock {
+                                            expires_at: AtomicU64::new(record.expires_at),
+                                            last_renewal: AtomicU64::new(record.last_renewal),
+                                        }),
+                                    };
+                                    let instance = Arc::new(Instance {
+                                        registration,
+                                        override_status: record.override_status,
+                                        registered_at: record.registered_at,
+                                        updated_at: record.updated_at,
+                                        dirty: record.dirty,
+                                        clock,
+                                    });
+                                    state.tombstones.remove(&key);
+                                    overlay.insert(key.clone(), Some(instance.clone()));
+                                    let action = if visible {
+                                        Action::Modified
+                                    } else {
+                                        Action::Added
+                                    };
+                                    changes.push((instance, action, known_cause(cause)));
+                                    Outcome::Applied
+                                }
+                            }
+                        }
+                    }
+                    ReplicaAction::Renew {
+                        dirty,
+                        expires_at,
+                        last_renewal,
+                        ..
+                    } => match existing.filter(|e| snapshot.visible(e, now)) {
+                        None => Outcome::Unknown,
+                        Some(e) => {
+                            e.clock.extend_to(*expires_at, *last_renewal);
+                            metrics::counter!("registry_replicated_renewals_total").increment(1);
+                            if e.dirty < *dirty {
+                                Outcome::Outdated
+                            } else {
+                                Outcome::Applied
+                            }
+                        }
+                    },
+                    ReplicaAction::Delete { dirty, .. } => match existing {
+                        Some(e) if e.dirty > *dirty => {
+                            newer.push(ReplicaAction::upsert(&e, "registered", now));
+                            Outcome::Stale
+                        }
+                        found => {
+                            state.bury(key.clone(), *dirty, now);
+                            if let Some(e) = found {
+                                overlay.insert(key.clone(), None);
+                                changes.push((e, Action::Deleted, "deregistered"));
+                            }
+                            Outcome::Applied
+                        }
+                    },
+                };
+                outcomes.push(outcome);
+            }
+            ((outcomes, newer), changes)
+        })
+    }
+
+    /// Every listed instance's record and every remembered deletion: what a peer
+    /// that starts copies.
+    pub fn export(&self, now: u64) -> (Vec<Record>, Vec<(String, String, u64)>) {
+        // Under the write lock, so the records and deletions are of one moment.
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.prune_tombstones(now);
+        let snapshot = self.snapshot();
+        let records = snapshot.all(now).map(|i| i.record()).collect();
+        let tombstones = writer
+            .tombstones
+            .iter()
+            .map(|((service, id), dirty)| (service.to_string(), id.clone(), *dirty))
+            .collect();
+        (records, tombstones)
     }
 
     /// The reaper's tick: removes instances whose lease ended, unless self-preservation
@@ -641,11 +1053,14 @@ impl LeaseTable {
     fn write<R>(
         &self,
         now: u64,
-        produce: impl FnOnce(&Snapshot) -> (R, Vec<(Arc<Instance>, Action, &'static str)>),
+        produce: impl FnOnce(
+            &Snapshot,
+            &mut WriterState,
+        ) -> (R, Vec<(Arc<Instance>, Action, &'static str)>),
     ) -> R {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.snapshot.load_full();
-        let (result, changes) = produce(&current);
+        let (result, changes) = produce(&current, &mut writer);
         let preservation = current.preservation.clone();
         self.publish(&current, changes, preservation, None, now, &mut writer);
         result
@@ -754,6 +1169,26 @@ impl LeaseTable {
         }
         self.index.send_replace(index);
         published
+    }
+}
+
+/// Bits no other process shares: the standard library seeds its hasher keys from the
+/// operating system's randomness.
+fn rand_bits() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms());
+    hasher.finish()
+}
+
+/// A peer's word for why a record changed, as one of ours (watchers see the same
+/// causes on every node).
+fn known_cause(cause: &str) -> &'static str {
+    match cause {
+        "registered" => "registered",
+        "status" => "status",
+        "override" => "override",
+        _ => "replicated",
     }
 }
 
@@ -932,6 +1367,122 @@ mod tests {
             s.last_preservation_end.map(|e| e.1),
             Some("time limit reached")
         );
+    }
+
+    fn upsert(instance: &Instance, at: u64) -> ReplicaAction {
+        ReplicaAction::upsert(instance, "registered", at)
+    }
+
+    #[test]
+    fn a_peer_record_is_applied_once_and_an_older_one_loses() {
+        let origin = table();
+        let peer = table();
+        let orders = service("orders");
+        let first = origin.register(registration("orders", "a", 10), 1_000);
+        let second = origin
+            .set_override(&orders, "a", Some(Status::OutOfService), 1_500)
+            .unwrap();
+        assert!(second.dirty > first.dirty, "every change has a newer stamp");
+        // Out of order: the newer record first, then the older one.
+        assert_eq!(
+            peer.apply_replicated(&[upsert(&second, 1_500)], 2_000),
+            [Outcome::Applied]
+        );
+        assert_eq!(
+            peer.apply_replicated(&[upsert(&first, 1_000)], 2_000),
+            [Outcome::Stale]
+        );
+        let s = peer.snapshot();
+        let a = s.instance(&orders, "a", 2_000).unwrap();
+        assert_eq!(a.status(), Status::OutOfService);
+        assert_eq!(a.expires_at(), 11_000, "the origin's lease end, exactly");
+        // The same record again changes nothing and tells no watcher.
+        let index = s.index;
+        peer.apply_replicated(&[upsert(&second, 1_500)], 2_100);
+        assert_eq!(peer.snapshot().index, index);
+    }
+
+    #[test]
+    fn a_deregistration_beats_an_older_record_that_arrives_after_it() {
+        let origin = table();
+        let peer = table();
+        let orders = service("orders");
+        let a = origin.register(registration("orders", "a", 10), 1_000);
+        let delete = ReplicaAction::Delete {
+            service: "orders".into(),
+            instance_id: "a".into(),
+            dirty: a.dirty + 1,
+            at: 1_100,
+        };
+        assert_eq!(peer.apply_replicated(&[delete], 1_200), [Outcome::Applied]);
+        assert_eq!(
+            peer.apply_replicated(&[upsert(&a, 1_000)], 1_300),
+            [Outcome::Stale],
+            "the late registration does not resurrect it"
+        );
+        assert!(peer.snapshot().instance(&orders, "a", 1_300).is_none());
+        // A registration made after the deregistration is a new one and wins.
+        let again = origin.register(registration("orders", "a", 10), 2_000);
+        assert_eq!(
+            peer.apply_replicated(&[upsert(&again, 2_000)], 2_100),
+            [Outcome::Applied]
+        );
+    }
+
+    #[test]
+    fn a_renewal_of_an_unknown_or_newer_record_asks_for_the_record() {
+        let origin = table();
+        let peer = table();
+        let orders = service("orders");
+        let a = origin.register(registration("orders", "a", 10), 1_000);
+        let renew = |dirty: u64, expires_at: u64| ReplicaAction::Renew {
+            service: "orders".into(),
+            instance_id: "a".into(),
+            dirty,
+            expires_at,
+            last_renewal: expires_at - 10_000,
+            at: 0,
+        };
+        assert_eq!(
+            peer.apply_replicated(&[renew(a.dirty, 15_000)], 5_000),
+            [Outcome::Unknown]
+        );
+        peer.apply_replicated(&[upsert(&a, 1_000)], 5_000);
+        assert_eq!(
+            peer.apply_replicated(&[renew(a.dirty, 15_000)], 5_000),
+            [Outcome::Applied]
+        );
+        // Renewals that arrive out of order never shorten the lease.
+        peer.apply_replicated(&[renew(a.dirty, 13_000)], 5_100);
+        let s = peer.snapshot();
+        assert_eq!(s.instance(&orders, "a", 0).unwrap().expires_at(), 15_000);
+        assert_eq!(
+            peer.apply_replicated(&[renew(a.dirty + 5, 16_000)], 5_200),
+            [Outcome::Outdated]
+        );
+    }
+
+    #[test]
+    fn client_writes_are_queued_for_peers_and_replicated_ones_are_not() {
+        let fanout = Arc::new(Fanout::new(&crate::peers::PeerSettings {
+            urls: "http://peer-b:8761".into(),
+            ..Default::default()
+        }));
+        let t = LeaseTable::replicating(LeaseSettings::default(), Some(fanout.clone()));
+        assert!(!t.is_ready(), "not ready before the start-up copy");
+        let orders = service("orders");
+        let a = t.register(registration("orders", "a", 10), 1_000);
+        t.renew(&orders, "a", 2_000).unwrap();
+        t.set_status(&orders, "a", Status::Draining, 3_000).unwrap();
+        t.deregister(&orders, "a", 4_000).unwrap();
+        let queued = |link: &crate::peers::PeerLink| link.view()["queued"].as_u64();
+        assert_eq!(queued(&fanout.links()[0]), Some(4));
+        // What a peer sends is applied, and never sent on.
+        let other = table();
+        let b = other.register(registration("orders", "b", 10), 1_000);
+        t.apply_replicated(&[upsert(&b, 1_000)], 1_100);
+        assert_eq!(queued(&fanout.links()[0]), Some(4));
+        assert_eq!(a.registration.instance_id, "a");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod eureka;
 pub mod leases;
 pub mod model;
+pub mod peers;
 
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::AuthSettings,
     leases::{LeaseSettings, LeaseTable, now_ms},
+    peers::{PeerSettings, Peers},
 };
 
 /// The canonical service name.
@@ -48,6 +50,8 @@ pub struct Settings {
     pub tracing: shared::telemetry::TracingSettings,
     pub leases: LeaseSettings,
     pub auth: AuthSettings,
+    /// Other registry nodes that share this one's table.
+    pub peers: PeerSettings,
 }
 
 impl Default for Settings {
@@ -58,6 +62,7 @@ impl Default for Settings {
             tracing: Default::default(),
             leases: LeaseSettings::default(),
             auth: AuthSettings::default(),
+            peers: PeerSettings::default(),
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct Application {
     table: Arc<LeaseTable>,
     http_limits: shared::config::ConnectionLimits,
     tls: Option<shared::tls::TlsAcceptor>,
+    peers: Option<Peers>,
 }
 
 impl Application {
@@ -99,7 +105,11 @@ impl Application {
         }
         let tls = settings.http.tls_acceptor()?;
         let listener = settings.http.bind().await?;
-        let table = Arc::new(LeaseTable::new(settings.leases.clone()));
+        let peers = Peers::new(&settings.peers, settings.auth.token.as_deref())?;
+        let table = Arc::new(LeaseTable::replicating(
+            settings.leases.clone(),
+            peers.as_ref().map(Peers::fanout),
+        ));
         let router = router(table.clone(), settings.auth);
         Ok(Self {
             listener,
@@ -107,6 +117,7 @@ impl Application {
             table,
             http_limits: settings.http.limits.clone(),
             tls,
+            peers,
         })
     }
 
@@ -127,7 +138,17 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
+        tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), node = self.table.node(), "listening");
+        if let Some(peers) = self.peers.clone() {
+            // Serve at once (peers and clients hear "starting" until the copy is
+            // done), copy the table from a peer, then start sending writes to them.
+            let table = self.table.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                peers.sync(&table, &stop).await;
+                peers.spawn_senders(table, stop);
+            });
+        }
         let reaper = tokio::spawn(reap(self.table.clone(), shutdown.clone()));
         let table = self.table.clone();
         let closer = shutdown.clone();
@@ -195,13 +216,27 @@ pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
     // The dashboard reads the table too, so `protect_reads` covers it.
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .operators(auth::operator_gate(&auth));
-    let protected = Router::new()
+    // Until a node has copied the table from its peers, what it would answer is
+    // incomplete: 503, which clients take as "ask another peer". Peers' own
+    // replication is accepted meanwhile.
+    let served = Router::new()
         .merge(api::router(table.clone()))
         .merge(eureka::router(table.clone()))
-        .merge(dashboard::router(table))
+        .merge(dashboard::router(table.clone()))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(auth),
-            auth::require_token,
+            table.clone(),
+            peers::require_ready,
         ));
+    let protected =
+        served
+            .merge(peers::router(table.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(auth),
+                auth::require_token,
+            ));
     shared::http::with_problem_fallbacks(Router::new().merge(protected).merge(actuator.router()))
+        .layer(axum::middleware::from_fn_with_state(
+            table,
+            peers::name_node,
+        ))
 }

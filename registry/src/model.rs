@@ -117,7 +117,8 @@ pub struct Registration {
 }
 
 /// Fields only Eureka clients care about, kept so the Eureka API can echo them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EurekaDetails {
     pub ip_addr: Option<String>,
     pub secure_port: Option<u16>,

@@ -310,17 +310,25 @@ impl RegistryClient {
     }
 
     /// `service`'s instances; with `after`, waits (up to `wait`) until the registry's
-    /// index passes it. Returns the new index too.
+    /// index passes it. Returns where the answer stands, for the next call.
+    ///
+    /// With registry peers, each node counts its own index: the cursor names the node
+    /// it came from, and another node (the client failed over, or a balancer sent the
+    /// call elsewhere) answers at once with its whole list rather than wait for an
+    /// index of another node's count, so no change is missed across a failover.
     pub async fn instances(
         &self,
         service: &str,
-        after: Option<u64>,
+        after: Option<&Cursor>,
         wait: Duration,
-    ) -> Result<(u64, Vec<ServiceInstance>), RegistryError> {
+    ) -> Result<(Cursor, Vec<ServiceInstance>), RegistryError> {
         let path = match after {
-            Some(index) => format!(
-                "/api/v1/services/{service}/instances?index={index}&wait={}ms",
-                wait.as_millis()
+            Some(Cursor { index, node }) => format!(
+                "/api/v1/services/{service}/instances?index={index}&wait={}ms{}",
+                wait.as_millis(),
+                node.as_deref()
+                    .map(|n| format!("&node={n}"))
+                    .unwrap_or_default()
             ),
             None => format!("/api/v1/services/{service}/instances"),
         };
@@ -335,6 +343,12 @@ impl RegistryClient {
         if !response.status().is_success() {
             return Err(refused(response).await);
         }
+        let node = response
+            .headers()
+            .get("x-registry-node")
+            .and_then(|v| v.to_str().ok())
+            .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric()))
+            .map(str::to_owned);
         #[derive(Deserialize)]
         struct Listing {
             index: u64,
@@ -344,8 +358,22 @@ impl RegistryClient {
             .json()
             .await
             .map_err(|e| RegistryError::Unreachable(format!("unreadable answer: {e}")))?;
-        Ok((listing.index, listing.instances))
+        Ok((
+            Cursor {
+                index: listing.index,
+                node,
+            },
+            listing.instances,
+        ))
     }
+}
+
+/// Where a blocking query stands: the index of the answer and the registry node that
+/// counted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub index: u64,
+    pub node: Option<String>,
 }
 
 fn connection_error(e: &reqwest::Error) -> &'static str {
@@ -539,10 +567,10 @@ impl Discovery {
         tokio::spawn(async move {
             let client = &follower.client;
             let shutdown = &follower.shutdown;
-            let mut index = None;
+            let mut index: Option<Cursor> = None;
             let mut backoff = Duration::from_millis(100);
             loop {
-                let poll = client.instances(&service, index, Duration::from_secs(30));
+                let poll = client.instances(&service, index.as_ref(), Duration::from_secs(30));
                 let result = tokio::select! {
                     r = poll => r,
                     () = shutdown.cancelled() => return,
@@ -583,9 +611,14 @@ impl Discovery {
                     }
                     Err(e) => {
                         // Keep serving the last known instances; try again soon.
+                        // A blocking query cut off (the registry node it waited on
+                        // died) is asked again at once, of whichever node answers:
+                        // with several peers the next one knows every change.
                         tracing::warn!(%service, error = %e, "discovery poll failed; keeping the last known instances");
                         follower.failures.send_modify(|n| *n += 1);
-                        index = None;
+                        if index.take().is_some() {
+                            continue;
+                        }
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = shutdown.cancelled() => return,

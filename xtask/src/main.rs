@@ -41,6 +41,10 @@ enum Cmd {
         /// and PostgreSQL over TLS, with certificates from a throwaway CA.
         #[arg(long)]
         tls: bool,
+        /// Registry peers: 1, or 3 that replicate every write to each other (up to
+        /// 5); every service and the gateway is given all of them.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        registries: u8,
     },
     /// Simulated customers shopping through the gateway of a running `xtask up` stack.
     Simulate {
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
             release,
             brokers,
             tls,
+            registries,
         } => xtask::stack::up(&xtask::stack::UpOptions {
             durable,
             gateway_port,
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
             release,
             brokers: brokers.into(),
             tls,
+            registries: registries.into(),
         }),
         Cmd::Test { args } => xtask::testrun::test(&args),
         Cmd::Chaos {

@@ -48,6 +48,9 @@ pub struct UpOptions {
     pub brokers: usize,
     /// Serve the gateway, the registry, the broker and PostgreSQL over TLS.
     pub tls: bool,
+    /// Registry peers to run: 1, or 3 (or up to 5) that replicate to each other; every
+    /// service and the gateway is given all of them.
+    pub registries: usize,
 }
 
 /// The throwaway PKI of `up --tls`: one CA, a certificate per server, and the SCRAM
@@ -144,9 +147,15 @@ pub(crate) fn trusting(ca: &Path) -> Option<ureq::tls::TlsConfig> {
 /// A service of the stack and the environment prefix of its settings.
 #[derive(Debug, Clone, Copy)]
 struct Service {
+    /// Its name in the printout, the logs and the supervisor.
     name: &'static str,
     env_prefix: &'static str,
+    /// The binary it runs.
+    program: &'static str,
 }
+
+/// The names of registry peers after the first (`registry`).
+const REGISTRY_PEERS: [&str; 4] = ["registry-2", "registry-3", "registry-4", "registry-5"];
 
 /// In start order: the registry first (everyone registers with it), the gateway last
 /// (it routes to the others).
@@ -154,22 +163,27 @@ const SERVICES: [Service; 5] = [
     Service {
         name: "registry",
         env_prefix: "REGISTRY_",
+        program: "registry",
     },
     Service {
         name: "order-service",
         env_prefix: "ORDER_",
+        program: "order-service",
     },
     Service {
         name: "payment-service",
         env_prefix: "PAYMENT_",
+        program: "payment-service",
     },
     Service {
         name: "notification-service",
         env_prefix: "NOTIFICATION_",
+        program: "notification-service",
     },
     Service {
         name: "gateway",
         env_prefix: "GATEWAY_",
+        program: "gateway",
     },
 ];
 
@@ -289,7 +303,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         build.arg("--release");
     }
     for service in SERVICES {
-        build.args(["--package", service.name]);
+        build.args(["--package", service.program]);
     }
     build.args(["--package", "kafka-setup"]);
     crate::procs::run("cargo build", &mut build, &interrupt)?;
@@ -417,16 +431,39 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     zipkin.wait_ready(&interrupt)?;
     let zipkin_url = zipkin.url();
 
-    let registry_url = format!("{scheme}://127.0.0.1:{registry_port}");
+    // Every peer is given every peer's URL, itself included (it recognises itself),
+    // and every client all of them: losing one costs no route.
+    let registries = options.registries.clamp(1, 1 + REGISTRY_PEERS.len());
+    let mut registry_ports = vec![registry_port];
+    for _ in 1..registries {
+        registry_ports.push(crate::free_port()?);
+    }
+    let registry_urls: Vec<String> = registry_ports
+        .iter()
+        .map(|port| format!("{scheme}://127.0.0.1:{port}"))
+        .collect();
+    let registry_url = registry_urls[0].clone();
+    let all_registries = registry_urls.join(",");
+    let mut services: Vec<(Service, u16)> = Vec::new();
+    for service in SERVICES {
+        if service.program != "registry" {
+            services.push((service, 0));
+        } else {
+            services.push((service, registry_port));
+            for (name, port) in REGISTRY_PEERS.iter().zip(&registry_ports[1..]) {
+                services.push((Service { name, ..service }, *port));
+            }
+        }
+    }
     let gateway_config = stack_dir.join("gateway.yaml");
     write_gateway_config(&gateway_config)?;
     let gateway_url = format!("{scheme}://127.0.0.1:{gateway_port}");
     let registry_token = crate::random_token(32);
     let mut running: Vec<ServiceProcess> = Vec::new();
-    for service in SERVICES {
+    for (service, port) in services {
         let port = match service.name {
-            "registry" => registry_port,
             "gateway" => gateway_port,
+            _ if port != 0 => port,
             _ => crate::free_port()?,
         };
         say(&format!("starting {}", service.name));
@@ -437,12 +474,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             ),
             ("DATABASE_URL".into(), database_url.clone().into()),
             ("KAFKA_BROKERS".into(), kafka_brokers.clone().into()),
-            ("REGISTRY_URL".into(), registry_url.clone().into()),
+            ("REGISTRY_URL".into(), all_registries.clone().into()),
             // The registry holds the operator's token; every other process gets its
             // own service's credential, which writes only its own instances.
             (
                 "REGISTRY_TOKEN".into(),
-                if service.name == "registry" {
+                if service.program == "registry" {
                     registry_token.clone().into()
                 } else {
                     shared::registry::service_credential(&registry_token, service.name).into()
@@ -454,9 +491,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         if service.name == "gateway" {
             env.push(("GATEWAY_CONFIG".into(), gateway_config.clone().into()));
         }
+        if service.program == "registry" && registries > 1 {
+            env.push(("REGISTRY_PEERS__URLS".into(), all_registries.clone().into()));
+        }
         if let Some(tls) = &tls {
             let prefix = service.env_prefix;
-            let served = match service.name {
+            let served = match service.program {
                 "registry" => Some(&tls.registry),
                 "gateway" => Some(&tls.gateway),
                 _ => None,
@@ -471,12 +511,15 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
                     files.key.clone().into(),
                 ));
             }
-            if service.name != "registry" {
+            if service.program == "registry" && registries > 1 {
+                env.push((format!("{prefix}PEERS__CA_FILES"), tls.ca_list().into()));
+            }
+            if service.program != "registry" {
                 // Every other process is a client of the registry, and the services
                 // fetch the gateway's key set: both over https now.
                 env.push((format!("{prefix}REGISTRY__CA_FILES"), tls.ca_list().into()));
             }
-            if !matches!(service.name, "registry" | "gateway") {
+            if !matches!(service.program, "registry" | "gateway") {
                 env.push((
                     format!("{prefix}AUTH__EXTRA__CA_FILES"),
                     tls.ca_list().into(),
@@ -492,12 +535,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         }
         let log = logs.join(format!("{}.log", service.name));
         fs::File::create(&log)?;
-        let served_tls = tls.is_some() && matches!(service.name, "registry" | "gateway");
+        let served_tls = tls.is_some() && matches!(service.program, "registry" | "gateway");
         running.push(ServiceProcess::start(
             service,
             port,
             served_tls,
-            bin.join(service.name),
+            bin.join(service.program),
             env,
             log,
             &interrupt,
@@ -510,7 +553,11 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         .map(|s| s.name)
         .filter(|name| *name != "registry")
         .collect();
-    wait_registered(&registry_url, &registering, &mut running, &interrupt)?;
+    // Every peer lists every service: replication works, whichever peer a service
+    // registered with.
+    for url in &registry_urls {
+        wait_registered(url, &registering, &mut running, &interrupt)?;
+    }
 
     say("checking that a request through the gateway reaches every service");
     wait_through_gateway(&gateway_url, &mut running, &interrupt)?;
@@ -520,6 +567,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         "# Written by `cargo xtask up` while the stack runs; removed when it stops.\n\
          export GATEWAY_URL={gateway_url}\n\
          export REGISTRY_URL={registry_url}\n\
+         export REGISTRY_URLS={all_registries}\n\
          export REGISTRY_TOKEN={registry_token}\n\
          export KAFKA_BROKERS={kafka_brokers}\n\
          export DATABASE_URL={database_url}\n\

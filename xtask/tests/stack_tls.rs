@@ -2,7 +2,8 @@
 //! SASL_SSL with a SCRAM user, PostgreSQL with `verify-full`, all with a throwaway
 //! CA that `target/stack.env` names; an order goes through the whole saga that way,
 //! and kcat (Debian's, a client nobody here wrote) reads the broker with the env
-//! file's settings.
+//! file's settings. It runs three registry peers (`--registries 3`), which replicate
+//! to each other over HTTPS too.
 
 use std::{
     path::Path,
@@ -18,7 +19,7 @@ use support::{Client, Stack};
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stack_over_tls_serves_every_part_with_its_ca_and_runs_the_saga() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let stack = Stack::start_with(dir.path(), &["--tls"]);
+    let stack = Stack::start_with(dir.path(), &["--tls", "--registries", "3"]);
     let ca = stack.var("STOREFRONT_CA_FILE").to_owned();
     assert_eq!(stack.var("CURL_CA_BUNDLE"), ca, "curl trusts the CA");
     for url in ["GATEWAY_URL", "REGISTRY_URL"] {
@@ -45,6 +46,81 @@ async fn the_stack_over_tls_serves_every_part_with_its_ca_and_runs_the_saga() {
         .status()
         .as_u16();
     assert_eq!(registry, 200);
+
+    // Three peers, each of which found itself in the list, reaches the two others
+    // over https, and lists every service, whichever peer it registered with.
+    let peers: Vec<String> = stack
+        .var("REGISTRY_URLS")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    assert_eq!(peers[0], stack.var("REGISTRY_URL"));
+    let trusting = support::agent(Some(Path::new(&ca)));
+    for peer in &peers {
+        assert!(peer.starts_with("https://"), "{peer}");
+        let state: Value = trusting
+            .get(&format!("{peer}/api/v1/state"))
+            .call()
+            .expect("a peer over https")
+            .body_mut()
+            .read_json()
+            .expect("state");
+        let states: Vec<&str> = state["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter_map(|p| p["state"].as_str())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut listed: Value;
+        loop {
+            listed = trusting
+                .get(&format!("{peer}/api/v1/services"))
+                .call()
+                .expect("services")
+                .body_mut()
+                .read_json()
+                .expect("services json");
+            let names: Vec<&str> = listed["services"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+                .unwrap_or_default();
+            let all = [
+                "gateway",
+                "order-service",
+                "payment-service",
+                "notification-service",
+            ]
+            .iter()
+            .all(|n| names.contains(n));
+            if all || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(state["ready"], true, "{state}");
+        assert_eq!(
+            states.iter().filter(|s| **s == "self").count(),
+            1,
+            "{state}"
+        );
+        assert!(
+            !states.contains(&"down"),
+            "{peer} reaches its peers over https: {state}"
+        );
+        for service in [
+            "gateway",
+            "order-service",
+            "payment-service",
+            "notification-service",
+        ] {
+            assert!(
+                listed.to_string().contains(&format!("\"{service}\"")),
+                "{peer} lists {service}: {listed}"
+            );
+        }
+    }
 
     // Through the gateway over https: a deposit and an order, paid by payment-service
     // reading and writing Kafka over SASL_SSL.

@@ -31,7 +31,8 @@ pub fn run(name: &str) -> anyhow::Result<()> {
         "gateway" => vec![gateway::run(&interrupt)?],
         // On one Kafka node and on a replicated cluster of three.
         "saga" => vec![saga::run(&interrupt, 1)?, saga::run(&interrupt, 3)?],
-        "registry" => vec![registry::run(&interrupt)?],
+        // One node, then three peers that replicate to each other.
+        "registry" => vec![registry::run(&interrupt)?, registry::run_peers(&interrupt)?],
         "footprint" => vec![footprint::run(&interrupt)?],
         "failover" => vec![failover::run(&interrupt)?],
         other => bail!("no benchmark `{other}`: gateway, saga, registry, footprint or failover"),
