@@ -377,28 +377,80 @@ async fn list_instances(
             }
         } else if let Some(meta_key) = key.strip_prefix("meta.") {
             metadata.push((meta_key.to_owned(), value.clone()));
-        } else if !matches!(key.as_str(), "index" | "wait" | "node") {
+        } else if !matches!(key.as_str(), "index" | "wait" | "node" | "digest") {
             return Err(Problem::bad_request(format!(
-                "Unknown query parameter `{key}`: use status, meta.<key>, index, wait or node."
+                "Unknown query parameter `{key}`: use status, meta.<key>, index, wait, node or \
+                 digest."
             )));
         }
     }
-    let snapshot = wait.until_changed(&table).await;
+    let selected = |snapshot: &Snapshot, now: u64| -> Vec<Arc<Instance>> {
+        snapshot
+            .instances(&service, now)
+            .filter(|i| statuses.is_empty() || statuses.contains(&i.status()))
+            .filter(|i| {
+                metadata
+                    .iter()
+                    .all(|(k, v)| i.registration.metadata.get(k) == Some(v))
+            })
+            .cloned()
+            .collect()
+    };
+    let snapshot = match (&wait.digest, wait.foreign(&table)) {
+        // Another node's index means nothing here, but the list the client holds
+        // does: wait until this node's list differs from it. A balancer in front of
+        // the peers then costs no busy loop, and a failover misses nothing.
+        (Some(held), true) => {
+            let deadline = tokio::time::Instant::now() + wait.wait;
+            let mut index = table.watch_index();
+            loop {
+                let snapshot = table.snapshot();
+                if digest(&selected(&snapshot, now_ms())) != *held {
+                    break snapshot;
+                }
+                let seen = snapshot.index;
+                let changed = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, index.wait_for(|&i| i > seen)) => r.is_ok_and(|r| r.is_ok()),
+                    () = table.closed() => false,
+                };
+                if !changed {
+                    break table.snapshot();
+                }
+            }
+        }
+        _ => wait.until_changed(&table).await,
+    };
     let now = now_ms();
-    let instances: Vec<Value> = snapshot
-        .instances(&service, now)
-        .filter(|i| statuses.is_empty() || statuses.contains(&i.status()))
-        .filter(|i| {
-            metadata
-                .iter()
-                .all(|(k, v)| i.registration.metadata.get(k) == Some(v))
-        })
-        .map(|i| instance_json(i, now))
-        .collect();
-    Ok(with_index(
+    let chosen = selected(&snapshot, now);
+    let instances: Vec<Value> = chosen.iter().map(|i| instance_json(i, now)).collect();
+    let mut response = with_index(
         snapshot.index,
         json!({ "index": snapshot.index, "service": service.as_str(), "instances": instances }),
-    ))
+    );
+    if let Ok(value) = HeaderValue::from_str(&digest(&chosen)) {
+        response.headers_mut().insert("x-registry-digest", value);
+    }
+    Ok(response)
+}
+
+/// A list's fingerprint, the same on every peer that holds the same versions: each
+/// instance's id and dirty stamp (lease timings left out: they move with every
+/// heartbeat).
+fn digest(instances: &[Arc<Instance>]) -> String {
+    // FNV-1a: the same on every node, whatever its build.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for instance in instances {
+        feed(instance.registration.instance_id.as_bytes());
+        feed(&[0]);
+        feed(&instance.dirty.to_le_bytes());
+    }
+    format!("{hash:016x}")
 }
 
 async fn state(State(table): State<Arc<LeaseTable>>) -> Json<Value> {
@@ -414,6 +466,8 @@ struct Blocking {
     /// The node whose index `index` is; another node answers at once, since its
     /// indexes count its own changes.
     node: Option<String>,
+    /// The fingerprint of the list the client holds (`X-Registry-Digest`).
+    digest: Option<String>,
 }
 
 impl Blocking {
@@ -422,6 +476,7 @@ impl Blocking {
             index: None,
             wait: Duration::from_secs(30),
             node: None,
+            digest: None,
         };
         for (key, value) in params {
             match key.as_str() {
@@ -435,10 +490,16 @@ impl Blocking {
                 }
                 "wait" => blocking.wait = parse_wait(value)?,
                 "node" => blocking.node = Some(value.clone()),
+                "digest" => blocking.digest = Some(value.clone()),
                 _ => {}
             }
         }
         Ok(blocking)
+    }
+
+    /// Whether the index is another node's.
+    fn foreign(&self, table: &LeaseTable) -> bool {
+        self.node.as_deref().is_some_and(|n| n != table.node())
     }
 
     /// The current snapshot, once its index has passed the requested one (or the
@@ -447,7 +508,7 @@ impl Blocking {
         let Some(seen) = self.index else {
             return table.snapshot();
         };
-        if self.node.as_deref().is_some_and(|n| n != table.node()) {
+        if self.foreign(table) {
             return table.snapshot();
         }
         let mut index = table.watch_index();

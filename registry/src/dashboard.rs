@@ -1,6 +1,6 @@
 //! The dashboard at `GET /`: services, instances (address, status, metadata, last
-//! heartbeat, time left on the lease), self-preservation, and renewals in the last
-//! minute.
+//! heartbeat, time left on the lease), self-preservation, renewals in the last
+//! minute, and this node's peers with how replication to each goes.
 //!
 //! The page is rendered here with the live table, so it shows the truth without
 //! JavaScript. A small inline script then follows `/api/v1/watch` and re-renders on
@@ -84,13 +84,50 @@ async fn page(State(table): State<Arc<LeaseTable>>) -> Html<String> {
         None => "<p id=\"preservation\">Self-preservation is off: expired leases are removed at once.</p>"
             .to_owned(),
     };
+    let peers = peers_line(&state["node"], &state["peers"]);
     Html(
         PAGE.replace("{{services}}", &services.to_string())
+            .replace("{{peers}}", &peers)
             .replace("{{instances}}", &state["instances"].to_string())
             .replace("{{renewals}}", &state["renewalsLastMinute"].to_string())
             .replace("{{index}}", &snapshot.index.to_string())
             .replace("{{preservation}}", &preservation)
             .replace("{{rows}}", &rows),
+    )
+}
+
+/// "node a1b2…; peers: http://…:8762 up, http://…:8763 down (12 queued: connection
+/// refused)", or nothing without peers.
+fn peers_line(node: &serde_json::Value, peers: &serde_json::Value) -> String {
+    let Some(peers) = peers.as_array().filter(|p| !p.is_empty()) else {
+        return "<p id=\"peers\"></p>".to_owned();
+    };
+    let described: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            let state = p["state"].as_str().unwrap_or("?");
+            let mut text = format!(
+                "{} <span class=\"p-{state}\">{state}</span>",
+                esc(p["url"].as_str().unwrap_or_default())
+            );
+            if state == "down" {
+                let _ = write!(
+                    text,
+                    " ({} queued{})",
+                    p["queued"],
+                    p["lastError"]
+                        .as_str()
+                        .map(|e| format!(": {}", esc(e)))
+                        .unwrap_or_default()
+                );
+            }
+            text
+        })
+        .collect();
+    format!(
+        "<p id=\"peers\">Node {} with peers: {}</p>",
+        esc(node.as_str().unwrap_or_default()),
+        described.join(", ")
     )
 }
 
@@ -125,6 +162,9 @@ const PAGE: &str = r##"<!doctype html>
   .s-DRAINING, .s-STARTING { color: #9a6700; font-weight: 600; }
   .warn { background: #fff4e5; border-left: 4px solid #9a6700; padding: .5rem .8rem; }
   #live { color: #5f6b7a; }
+  .p-up { color: #137333; font-weight: 600; }
+  .p-down { color: #b3261e; font-weight: 600; }
+  .p-self { color: #5f6b7a; }
 </style>
 </head>
 <body>
@@ -137,6 +177,7 @@ const PAGE: &str = r##"<!doctype html>
   <span id="live">static</span>
 </p>
 {{preservation}}
+{{peers}}
 <table>
   <thead><tr><th>service</th><th>instance</th><th>address</th><th>status</th>
   <th>metadata</th><th>last heartbeat</th><th>lease left</th></tr></thead>
@@ -169,6 +210,11 @@ const PAGE: &str = r##"<!doctype html>
       $("preservation").textContent = p
         ? `Self-preservation is ON: ${p.reason}. It ends by itself within ${secs(p.until - now)}.`
         : "Self-preservation is off: expired leases are removed at once.";
+      if (state.peers && state.peers.length) {
+        $("peers").innerHTML = `Node ${esc(state.node)} with peers: ` + state.peers.map((p) =>
+          `${esc(p.url)} <span class="p-${esc(p.state)}">${esc(p.state)}</span>` +
+          (p.state === "down" ? ` (${p.queued} queued${p.lastError ? ": " + esc(p.lastError) : ""})` : "")).join(", ");
+      }
     } catch (e) { $("live").textContent = "registry unreachable, retrying"; }
   }
   const events = new EventSource("/api/v1/watch");

@@ -1056,3 +1056,70 @@ async fn prometheus_shows_registrations_renewals_and_instances_per_service() {
             .await;
     }
 }
+
+/// With registry peers each node counts its own index. A blocking query naming another
+/// node answers at once when this node's list differs from the one the client holds
+/// (a failover misses nothing), and waits while it is the same (a balancer in front of
+/// the peers costs no busy loop).
+#[tokio::test]
+async fn a_blocking_query_with_another_nodes_index_waits_on_the_list_it_holds() {
+    let registry = spawn().await;
+    assert_eq!(
+        registry
+            .register("orders", instance("10.0.0.1", 8080, 60))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let first = registry
+        .client
+        .get(registry.url("/api/v1/services/orders/instances"))
+        .send()
+        .await
+        .expect("list");
+    let header = |name: &str| first.headers()[name].to_str().expect("ascii").to_owned();
+    let (node, digest) = (header("x-registry-node"), header("x-registry-digest"));
+    assert_ne!(node, "elsewhere");
+    let ask = async |query: &str| {
+        let started = std::time::Instant::now();
+        let response = registry
+            .client
+            .get(registry.url(&format!("/api/v1/services/orders/instances?{query}")))
+            .send()
+            .await
+            .expect("blocking query");
+        assert_eq!(response.status(), StatusCode::OK);
+        let digest = response.headers()["x-registry-digest"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        (started.elapsed(), digest)
+    };
+    // Another node's index, far above this node's: this node cannot wait on it.
+    let (took, _) = ask("index=999999&node=elsewhere&wait=30s").await;
+    assert!(
+        took < Duration::from_secs(10),
+        "answered at once, not after {took:?}"
+    );
+    let (took, _) = ask("index=999999&node=elsewhere&digest=0&wait=30s").await;
+    assert!(
+        took < Duration::from_secs(10),
+        "a different list: answered at once, not after {took:?}"
+    );
+    // The list the client holds is this node's: nothing to tell until it changes.
+    let (took, same) = ask(&format!(
+        "index=999999&node=elsewhere&digest={digest}&wait=1s"
+    ))
+    .await;
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited out the wait, not {took:?}"
+    );
+    assert_eq!(same, digest, "the same list");
+    // This node's own index: the usual blocking query.
+    let (took, _) = ask(&format!("index=999999&node={node}&digest=0&wait=1s")).await;
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited for the index, not {took:?}"
+    );
+}

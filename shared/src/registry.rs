@@ -323,11 +323,19 @@ impl RegistryClient {
         wait: Duration,
     ) -> Result<(Cursor, Vec<ServiceInstance>), RegistryError> {
         let path = match after {
-            Some(Cursor { index, node }) => format!(
-                "/api/v1/services/{service}/instances?index={index}&wait={}ms{}",
+            Some(Cursor {
+                index,
+                node,
+                digest,
+            }) => format!(
+                "/api/v1/services/{service}/instances?index={index}&wait={}ms{}{}",
                 wait.as_millis(),
                 node.as_deref()
                     .map(|n| format!("&node={n}"))
+                    .unwrap_or_default(),
+                digest
+                    .as_deref()
+                    .map(|d| format!("&digest={d}"))
                     .unwrap_or_default()
             ),
             None => format!("/api/v1/services/{service}/instances"),
@@ -343,12 +351,16 @@ impl RegistryClient {
         if !response.status().is_success() {
             return Err(refused(response).await);
         }
-        let node = response
-            .headers()
-            .get("x-registry-node")
-            .and_then(|v| v.to_str().ok())
-            .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric()))
-            .map(str::to_owned);
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric()))
+                .map(str::to_owned)
+        };
+        let node = header("x-registry-node");
+        let digest = header("x-registry-digest");
         #[derive(Deserialize)]
         struct Listing {
             index: u64,
@@ -362,18 +374,21 @@ impl RegistryClient {
             Cursor {
                 index: listing.index,
                 node,
+                digest,
             },
             listing.instances,
         ))
     }
 }
 
-/// Where a blocking query stands: the index of the answer and the registry node that
-/// counted it.
+/// Where a blocking query stands: the index of the answer, the registry node that
+/// counted it, and the fingerprint of the list it held (so another node, behind a
+/// balancer, waits until its own list differs instead of answering at once).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub index: u64,
     pub node: Option<String>,
+    pub digest: Option<String>,
 }
 
 fn connection_error(e: &reqwest::Error) -> &'static str {
