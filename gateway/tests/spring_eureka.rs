@@ -101,6 +101,28 @@ impl SpringApp {
     }
 }
 
+/// The gateway on `settings`, running until the guard is dropped, and alice's
+/// `Authorization` header for it.
+async fn gateway_for_alice(
+    settings: gateway::Settings,
+) -> (String, String, tokio_util::sync::DropGuard) {
+    let app = Application::build(settings).await.expect("gateway");
+    let gateway = format!("http://{}", app.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    let token: Value = reqwest::Client::new()
+        .post(format!("{gateway}/auth/token"))
+        .json(&json!({"username": "alice", "password": "alice-pw"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("token");
+    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    (gateway, bearer, stop.drop_guard())
+}
+
 /// The app's instance as our Eureka API lists it (JSON), if it is listed.
 async fn eureka_instance(client: &reqwest::Client, registry: SocketAddr) -> Option<Value> {
     let response = client
@@ -122,24 +144,9 @@ async fn a_spring_boot_eureka_client_works_with_our_registry_and_gateway_unchang
     let (registry, _stop_registry) = registry().await;
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, ROUTES).expect("routes");
-    let app = Application::build(support::gateway_settings(registry, &routes_file))
-        .await
-        .expect("gateway");
-    let gateway = format!("http://{}", app.local_addr());
-    let stop_gateway = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop_gateway.clone()));
-    let _stop_gateway = stop_gateway.drop_guard();
+    let (gateway, bearer, _stop_gateway) =
+        gateway_for_alice(support::gateway_settings(registry, &routes_file)).await;
     let client = reqwest::Client::new();
-    let token: Value = client
-        .post(format!("{gateway}/auth/token"))
-        .json(&json!({"username": "alice", "password": "alice-pw"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("token");
-    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
     let through_gateway = async |path: &str| -> (StatusCode, Option<Value>) {
         let response = client
             .get(format!("{gateway}{path}"))
@@ -429,22 +436,8 @@ async fn a_spring_boot_eureka_client_with_two_peers_survives_losing_one() {
         .map(|(addr, _)| format!("http://{addr}"))
         .collect::<Vec<_>>()
         .join(",");
-    let app = Application::build(settings).await.expect("gateway");
-    let gateway = format!("http://{}", app.local_addr());
-    let stop_gateway = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop_gateway.clone()));
-    let _stop_gateway = stop_gateway.drop_guard();
+    let (gateway, bearer, _stop_gateway) = gateway_for_alice(settings).await;
     let client = reqwest::Client::new();
-    let token: Value = client
-        .post(format!("{gateway}/auth/token"))
-        .json(&json!({"username": "alice", "password": "alice-pw"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("token");
-    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
     let routed = async || -> bool {
         client
             .get(format!("{gateway}/spring/hello"))

@@ -524,24 +524,8 @@ impl Peers {
                         link.succeeded();
                         let count = copy.records.len();
                         let now = now_ms();
-                        let mut actions: Vec<ReplicaAction> = copy
-                            .tombstones
-                            .into_iter()
-                            .map(|(service, instance_id, dirty)| ReplicaAction::Delete {
-                                service,
-                                instance_id,
-                                dirty,
-                                at: now,
-                            })
-                            .collect();
-                        actions.extend(copy.records.into_iter().map(|record| {
-                            ReplicaAction::Upsert {
-                                record: Box::new(record),
-                                cause: "registered".into(),
-                                at: now,
-                            }
-                        }));
-                        table.apply_replicated(&actions, now);
+                        let mut actions = as_writes(copy.records, copy.tombstones, now);
+                        table.apply_replicated(actions.make_contiguous(), now);
                         tracing::info!(peer = %link.url, instances = count, "copied the table from a peer");
                         table.mark_ready();
                         return;
@@ -702,10 +686,20 @@ async fn send_to(
     }
 }
 
-/// The whole table as writes: deletions first, then every record.
+/// This node's whole table as writes.
 fn whole_table(table: &LeaseTable) -> VecDeque<ReplicaAction> {
     let now = now_ms();
     let (records, tombstones) = table.export(now);
+    as_writes(records, tombstones, now)
+}
+
+/// A table's records and deletions as the writes that make a peer's table the same:
+/// deletions first, so a record they beat is refused.
+fn as_writes(
+    records: Vec<Record>,
+    tombstones: Vec<(String, String, u64)>,
+    now: u64,
+) -> VecDeque<ReplicaAction> {
     tombstones
         .into_iter()
         .map(|(service, instance_id, dirty)| ReplicaAction::Delete {

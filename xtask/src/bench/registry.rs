@@ -54,39 +54,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         .http_status_as_error(false)
         .build()
         .into();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..4)
-            .map(|w| {
-                let agent = agent.clone();
-                let (base, token) = (&base, &token);
-                scope.spawn(move || -> anyhow::Result<()> {
-                    for s in (w..SERVICES).step_by(4) {
-                        for i in 0..PER_SERVICE {
-                            let status = agent
-                                .post(&format!("{base}/api/v1/services/svc-{s:02}/instances"))
-                                .header("authorization", &format!("Bearer {token}"))
-                                .send_json(json!({
-                                    "instanceId": format!("svc-{s:02}-{i:02}"),
-                                    "host": format!("10.0.{s}.{i}"),
-                                    "port": 8080,
-                                    "leaseSeconds": 120,
-                                }))?
-                                .status();
-                            if status != 201 {
-                                bail!("registering svc-{s:02}-{i:02} answered {status}");
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("a register thread panicked"))??;
-        }
-        Ok(())
-    })?;
+    register_all(&agent, std::slice::from_ref(&base), &token)?;
     interrupt.check()?;
 
     eprintln!("bench: heartbeats at saturation (wrk, 2 threads, 64 connections, 15 s)");
@@ -155,6 +123,44 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
          {CHANGES} registrations is timed from just before its POST to its arrival at each watcher."
     ));
     Ok(report)
+}
+
+/// Registers the 10,000 instances (`svc-NN` / `svc-NN-MM`) from four threads, each
+/// service at the next of `bases` in turn.
+fn register_all(agent: &ureq::Agent, bases: &[String], token: &str) -> anyhow::Result<()> {
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let agent = agent.clone();
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for s in (w..SERVICES).step_by(4) {
+                        let base = &bases[s % bases.len()];
+                        for i in 0..PER_SERVICE {
+                            let status = agent
+                                .post(&format!("{base}/api/v1/services/svc-{s:02}/instances"))
+                                .header("authorization", &format!("Bearer {token}"))
+                                .send_json(json!({
+                                    "instanceId": format!("svc-{s:02}-{i:02}"),
+                                    "host": format!("10.0.{s}.{i}"),
+                                    "port": 8080,
+                                    "leaseSeconds": 120,
+                                }))?
+                                .status();
+                            if status != 201 {
+                                bail!("registering svc-{s:02}-{i:02} answered {status}");
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a register thread panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 /// Opens the watchers, makes the changes, returns every delivery's latency in ms.
@@ -286,40 +292,7 @@ pub fn run_peers(interrupt: &Interrupt) -> anyhow::Result<Report> {
         "bench: registering {} instances across {PEERS} peers",
         SERVICES * PER_SERVICE
     );
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..4)
-            .map(|w| {
-                let agent = agent.clone();
-                let (bases, token) = (&bases, &token);
-                scope.spawn(move || -> anyhow::Result<()> {
-                    for s in (w..SERVICES).step_by(4) {
-                        let base = &bases[s % PEERS];
-                        for i in 0..PER_SERVICE {
-                            let status = agent
-                                .post(&format!("{base}/api/v1/services/svc-{s:02}/instances"))
-                                .header("authorization", &format!("Bearer {token}"))
-                                .send_json(json!({
-                                    "instanceId": format!("svc-{s:02}-{i:02}"),
-                                    "host": format!("10.0.{s}.{i}"),
-                                    "port": 8080,
-                                    "leaseSeconds": 120,
-                                }))?
-                                .status();
-                            if status != 201 {
-                                bail!("registering svc-{s:02}-{i:02} answered {status}");
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("a register thread panicked"))??;
-        }
-        Ok(())
-    })?;
+    register_all(&agent, &bases, &token)?;
     // Every peer lists all of them before the load starts.
     let deadline = Instant::now() + Duration::from_secs(60);
     for base in &bases {
