@@ -1123,3 +1123,79 @@ async fn a_blocking_query_with_another_nodes_index_waits_on_the_list_it_holds() 
         "waited for the index, not {took:?}"
     );
 }
+
+/// What a peer sends: only the operator's token may, a batch is applied once however
+/// often it is retried, and what it applies is visible like any registration.
+#[tokio::test]
+async fn a_replicated_batch_needs_the_operator_token_and_is_applied_once() {
+    let registry = spawn().await;
+    let now = shared::now_ms();
+    let batch = json!({
+        "node": "peer-b",
+        "stream": 0,
+        "seq": 1,
+        "actions": [{
+            "op": "upsert",
+            "cause": "registered",
+            "at": now,
+            "record": {
+                "service": "orders",
+                "instanceId": "orders-b-1",
+                "host": "10.0.0.7",
+                "port": 8080,
+                "status": "UP",
+                "overrideStatus": null,
+                "leaseSeconds": 30,
+                "healthUrl": null,
+                "metadata": {"zone": "b"},
+                "registeredAt": now,
+                "updatedAt": now,
+                "dirty": now * 1024,
+                "expiresAt": now + 30_000,
+                "lastRenewal": now,
+            },
+        }],
+    });
+    let send = async |credential: &str| {
+        let response = registry
+            .client
+            .post(registry.url("/api/v1/replication"))
+            .bearer_auth(credential)
+            .json(&batch)
+            .send()
+            .await
+            .expect("replicate");
+        let status = response.status();
+        (status, response.json::<Value>().await.unwrap_or_default())
+    };
+    let orders = shared::registry::service_credential(TOKEN, "orders");
+    assert_eq!(
+        send(&orders).await.0,
+        StatusCode::FORBIDDEN,
+        "a service may not replicate"
+    );
+    let (status, first) = send(TOKEN).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        first,
+        json!({"duplicate": false, "outcomes": ["applied"], "newer": []})
+    );
+    let index = registry.get("/api/v1/state").await["index"].clone();
+    // The answer was lost on the way back, so the peer sends the batch again.
+    let (_, again) = send(TOKEN).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(
+        registry.get("/api/v1/state").await["index"],
+        index,
+        "nothing changed twice"
+    );
+    let listed = registry
+        .get("/api/v1/services/orders/instances/orders-b-1")
+        .await;
+    assert_eq!(listed["metadata"]["zone"], "b", "{listed}");
+    assert_eq!(
+        listed["leaseExpiresAt"],
+        json!(now + 30_000),
+        "the peer's lease end, exactly"
+    );
+}
