@@ -258,6 +258,12 @@ async fn handle(
     trace: &mut Trace,
 ) -> Result<Response, Rejection> {
     let (mut parts, body) = request.into_parts();
+    // A WebSocket handshake: its `Upgrade` is a hop-by-hop header, dropped with the
+    // others below, so it is kept aside, with the client's side of the connection.
+    let upgrade = websocket_upgrade(&parts.headers);
+    let mut client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // What the client asked, before any filter edits it: response filters that put
     // the gateway's address back (RewriteLocationResponseHeader) need it.
     let asked = Asked {
@@ -569,6 +575,13 @@ async fn handle(
         *attempt.method_mut() = parts.method.clone();
         *attempt.uri_mut() = uri;
         *attempt.headers_mut() = parts.headers.clone();
+        if let Some(upgrade) = &upgrade
+            && client_upgrade.is_some()
+        {
+            let headers = attempt.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, upgrade.clone());
+        }
         if let Some(host) = named_host
             && !attempt.headers().contains_key(header::HOST)
         {
@@ -617,6 +630,23 @@ async fn handle(
             Ok(Ok(response)) if route.retry.statuses.contains(&response.status().as_u16()) => {
                 health.failed(now_ms());
                 (AttemptFailure::Status(response), idempotent)
+            }
+            Ok(Ok(response))
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && client_upgrade.is_some() =>
+            {
+                // The upstream took the WebSocket: from here on the two connections
+                // are joined byte for byte, outside any timeout.
+                health.succeeded();
+                trace.instance = Some(instance);
+                trace.retries = tried.len();
+                if let Some(permit) = permit.take() {
+                    permit.succeeded();
+                }
+                let Some(client_side) = client_upgrade.take() else {
+                    return Err(exhausted(&service, tried.len()));
+                };
+                return Ok(join_upgrade(response, client_side, &service));
             }
             Ok(Ok(response)) => {
                 if response.status().is_server_error() {
@@ -867,6 +897,51 @@ fn expand(value: &HeaderValue, variables: &[(&str, String)]) -> HeaderValue {
         );
     }
     HeaderValue::from_str(&filled).unwrap_or_else(|_| value.clone())
+}
+
+/// The `Upgrade` value of a WebSocket handshake (`Connection: upgrade` and
+/// `Upgrade: websocket`), else `None`.
+fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    let connection_upgrades = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    (connection_upgrades && upgrade.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .then(|| upgrade.clone())
+}
+
+/// Answers the client `101` with the upstream's handshake headers, and joins the two
+/// upgraded connections until either side closes.
+fn join_upgrade(
+    mut upstream: hyper::Response<hyper::body::Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    service: &str,
+) -> Response {
+    let upstream_side = hyper::upgrade::on(&mut upstream);
+    let service = service.to_owned();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream_side) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::warn!(%service, %error, "a WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        metrics::gauge!("gateway_websockets_open", "service" => service.clone()).increment(1.0);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(%service, %error, "a WebSocket connection ended");
+        }
+        metrics::gauge!("gateway_websockets_open", "service" => service).decrement(1.0);
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = upstream.headers().clone();
+    response
 }
 
 fn finish(

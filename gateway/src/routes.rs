@@ -823,21 +823,31 @@ fn normalise_keys(mut section: Value) -> Value {
     section
 }
 
+/// `lb://service`, `http://` or `https://host:port`; and Spring's WebSocket forms,
+/// `lb:ws://service`, `lb:wss://service`, `ws://` and `wss://host:port`, which name the
+/// same upstreams (an upgrade is passed through on any route, as it is in Spring).
 fn parse_uri(uri: &str) -> Result<Upstream, String> {
-    if let Some(service) = uri.strip_prefix("lb://") {
+    const EXPECTED: &str =
+        "must be lb://service, http://host:port or https://host:port (or ws://, wss://, lb:ws://)";
+    let balanced = uri
+        .strip_prefix("lb://")
+        .or_else(|| uri.strip_prefix("lb:ws://"))
+        .or_else(|| uri.strip_prefix("lb:wss://"));
+    if let Some(service) = balanced {
         if service.is_empty() || service.contains('/') {
             return Err("lb:// needs a service name, e.g. lb://order-service".into());
         }
         return Ok(Upstream::Service(service.to_ascii_lowercase()));
     }
-    let parsed: Uri = uri
-        .parse()
-        .map_err(|_| "must be lb://service, http://host:port or https://host:port".to_owned())?;
-    match (parsed.scheme_str(), parsed.authority()) {
-        (Some(scheme @ ("http" | "https")), Some(authority)) => {
-            Ok(Upstream::Fixed(format!("{scheme}://{authority}")))
-        }
-        _ => Err("must be lb://service, http://host:port or https://host:port".into()),
+    let parsed: Uri = uri.parse().map_err(|_| EXPECTED.to_owned())?;
+    let scheme = match parsed.scheme_str() {
+        Some("http" | "ws") => "http",
+        Some("https" | "wss") => "https",
+        _ => return Err(EXPECTED.into()),
+    };
+    match parsed.authority() {
+        Some(authority) => Ok(Upstream::Fixed(format!("{scheme}://{authority}"))),
+        None => Err(EXPECTED.into()),
     }
 }
 
@@ -1520,6 +1530,27 @@ impl Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_uris_name_the_same_upstreams_as_springs() {
+        assert_eq!(
+            parse_uri("lb:ws://Chat"),
+            Ok(Upstream::Service("chat".into()))
+        );
+        assert_eq!(
+            parse_uri("lb:wss://chat"),
+            Ok(Upstream::Service("chat".into()))
+        );
+        assert_eq!(
+            parse_uri("ws://127.0.0.1:9000"),
+            Ok(Upstream::Fixed("http://127.0.0.1:9000".into()))
+        );
+        assert_eq!(
+            parse_uri("wss://chat.internal:443"),
+            Ok(Upstream::Fixed("https://chat.internal:443".into()))
+        );
+        assert!(parse_uri("ftp://files:21").unwrap_err().contains("ws://"));
+    }
 
     fn table(yaml: &str) -> RouteTable {
         RouteTable::from_yaml(yaml).unwrap()

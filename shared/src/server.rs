@@ -240,28 +240,35 @@ async fn drive<I, S>(
             .keep_alive_interval(Some(header_timeout))
             .keep_alive_timeout(header_timeout)
             .serve_connection(io, service);
-        until_done(connection, slot, shutdown).await;
+        until_done(connection, |c| c.graceful_shutdown(), slot, shutdown).await;
     } else {
+        // With upgrades: a WebSocket handshake hands the connection over to whoever
+        // answered it `101` (the gateway, which joins it to the upstream's).
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
-            .serve_connection(io, service);
-        until_done(connection, slot, shutdown).await;
+            .serve_connection(io, service)
+            .with_upgrades();
+        until_done(connection, |c| c.graceful_shutdown(), slot, shutdown).await;
     }
 }
 
 /// Runs `connection` until it ends or its slot is evicted; at shutdown, it finishes
 /// the requests in progress and takes no more.
-async fn until_done<C>(connection: C, slot: &Slot, shutdown: &CancellationToken)
-where
-    C: hyper_util::server::graceful::GracefulConnection,
+async fn until_done<C>(
+    connection: C,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    slot: &Slot,
+    shutdown: &CancellationToken,
+) where
+    C: std::future::Future,
 {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}
         () = slot.evicted.cancelled() => {}
         () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             tokio::select! {
                 _ = connection.as_mut() => {}
                 () = slot.evicted.cancelled() => {}

@@ -1,0 +1,197 @@
+//! WebSocket upgrades through the gateway, as Spring Cloud Gateway passes them: on an
+//! `lb:ws://` route, on a plain `lb://` route and on a fixed `ws://` one, the client's
+//! handshake (with its bearer token) reaches an instance with the route's filters
+//! applied and the gateway's forwarding headers set, and frames then flow both ways;
+//! a handshake without a token is refused like any request.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use shared::{
+    registry::{InstanceRegistration, RegistryClient},
+    testing::eventually,
+};
+use support::{registry, registry_settings};
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use tokio_util::sync::CancellationToken;
+
+/// What the upstream saw of each handshake: its path, `X-Forwarded-For` and
+/// `X-Request-Id`.
+type Seen = Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>;
+
+/// A WebSocket upstream that echoes every text frame, prefixed with `name`.
+async fn echo_upstream(name: &'static str, seen: Seen) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let record =
+                    |request: &tungstenite::handshake::server::Request,
+                     response: tungstenite::handshake::server::Response| {
+                        let header = |n: &str| {
+                            request
+                                .headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        seen.lock().expect("lock").push((
+                            request.uri().path().to_owned(),
+                            header("x-forwarded-for"),
+                            header("x-request-id"),
+                        ));
+                        Ok(response)
+                    };
+                let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, record).await
+                else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Text(text) = message {
+                        let reply = format!("{name}: {text}");
+                        if socket.send(Message::text(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+const ROUTES: &str = r#"
+routes:
+  - id: chat
+    uri: lb:ws://chat
+    predicates: ["Path=/chat/**"]
+    filters: [StripPrefix=1]
+  - id: chat-plain
+    uri: lb://chat
+    predicates: ["Path=/plain/**"]
+    filters: ["RewritePath=/plain/(?<rest>.*), /room/${rest}"]
+  - id: fixed
+    uri: ws://FIXED
+    predicates: ["Path=/fixed/**"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_to_the_instance() {
+    let seen: Seen = Arc::default();
+    let upstream = echo_upstream("chat-1", seen.clone()).await;
+    let fixed_seen: Seen = Arc::default();
+    let fixed = echo_upstream("fixed", fixed_seen.clone()).await;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (registry, _stop_registry) = registry().await;
+    let settings = registry_settings(registry);
+    RegistryClient::new(&settings)
+        .expect("registry client")
+        .register(
+            &InstanceRegistration::for_bound("chat", upstream, &settings),
+            60,
+        )
+        .await
+        .expect("register chat");
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, ROUTES.replace("FIXED", &fixed.to_string())).expect("routes");
+    let app = gateway::Application::build(support::gateway_settings(registry, &routes_file))
+        .await
+        .expect("gateway");
+    let gateway = app.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
+    let _stop = stop.drop_guard();
+    let token: Value = reqwest::Client::new()
+        .post(format!("http://{gateway}/auth/token"))
+        .json(&json!({"username": "alice", "password": "alice-pw"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("token");
+    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    let connect = async |path: &str, bearer: Option<&str>| {
+        let mut request = format!("ws://{gateway}{path}")
+            .into_client_request()
+            .expect("a request");
+        if let Some(bearer) = bearer {
+            request
+                .headers_mut()
+                .insert("authorization", bearer.parse().expect("header"));
+        }
+        tokio_tungstenite::connect_async(request).await
+    };
+
+    // The gateway learns of the instance through the registry.
+    let (mut socket, response) = eventually(
+        Duration::from_secs(10),
+        "the gateway upgrades /chat to the chat instance",
+        async || connect("/chat/lobby", Some(&bearer)).await.ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "again"] {
+        socket.send(Message::text(text)).await.expect("send");
+        let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a reply in time")
+            .expect("the socket stays open")
+            .expect("a frame");
+        assert_eq!(reply, Message::text(format!("chat-1: {text}")));
+    }
+    socket.close(None).await.expect("close");
+    {
+        let seen = seen.lock().expect("lock");
+        let (path, forwarded_for, request_id) = seen.last().expect("a handshake");
+        assert_eq!(path, "/lobby", "StripPrefix ran on the handshake");
+        assert_eq!(
+            forwarded_for.as_deref(),
+            Some("127.0.0.1"),
+            "the gateway's X-Forwarded-For"
+        );
+        assert!(request_id.is_some(), "a request id");
+    }
+
+    // An upgrade on a plain lb:// route passes too, through its filters.
+    let (mut socket, _) = connect("/plain/kitchen", Some(&bearer))
+        .await
+        .expect("upgrade on lb://");
+    socket.send(Message::text("hi")).await.expect("send");
+    let reply = socket.next().await.expect("open").expect("frame");
+    assert_eq!(reply, Message::text("chat-1: hi"));
+    assert_eq!(
+        seen.lock().expect("lock").last().map(|s| s.0.clone()),
+        Some("/room/kitchen".to_owned()),
+        "RewritePath ran on the handshake"
+    );
+
+    // A fixed ws:// route.
+    let (mut socket, _) = connect("/fixed/x", Some(&bearer))
+        .await
+        .expect("upgrade on ws://");
+    socket.send(Message::text("yo")).await.expect("send");
+    let reply = socket.next().await.expect("open").expect("frame");
+    assert_eq!(reply, Message::text("fixed: yo"));
+
+    // Without a token the handshake is refused like any request, and nothing reaches
+    // the upstream.
+    let before = seen.lock().expect("lock").len();
+    match connect("/chat/lobby", None).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("a handshake without a token got {other:?}"),
+    }
+    assert_eq!(seen.lock().expect("lock").len(), before);
+}
