@@ -76,6 +76,9 @@ pub struct Settings {
     pub auth: GatewayAuthSettings,
     pub upstream: UpstreamSettings,
     pub cors: limits::CorsSettings,
+    /// A Redis server for `RequestRateLimiter`'s buckets, so that every gateway
+    /// instance counts against one limit (`REDIS_URL`); none: each counts alone.
+    pub redis: limits::RedisSettings,
     /// Request headers larger than this together are refused with 431.
     pub max_header_bytes: usize,
     /// Networks of the proxies in front of the gateway (a load balancer that ends
@@ -105,6 +108,7 @@ impl Default for Settings {
             auth: GatewayAuthSettings::default(),
             upstream: UpstreamSettings::default(),
             cors: limits::CorsSettings::default(),
+            redis: limits::RedisSettings::default(),
             max_header_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
             client_traces: false,
@@ -114,10 +118,14 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Defaults, then `GATEWAY_CONFIG`'s file, then `REGISTRY_URL` / `REGISTRY_TOKEN`,
-    /// then `GATEWAY_*` variables.
+    /// Defaults, then `GATEWAY_CONFIG`'s file, then `REGISTRY_URL` / `REGISTRY_TOKEN`
+    /// and `REDIS_URL`, then `GATEWAY_*` variables.
     pub fn load() -> Result<Self, shared::config::ConfigError> {
-        Layers::new("GATEWAY_").spans().registry_client().load()
+        Layers::new("GATEWAY_")
+            .spans()
+            .registry_client()
+            .fallback_env("REDIS_URL", "redis.url")
+            .load()
     }
 
     /// The route table these settings name.
@@ -144,6 +152,8 @@ pub struct Gateway {
     pub upstream: UpstreamSettings,
     pub balancer: balancer::Balancer,
     pub cors: limits::CorsSettings,
+    /// `RequestRateLimiter`'s buckets in Redis, when configured.
+    pub shared_buckets: Option<limits::SharedBuckets>,
     pub max_header_bytes: usize,
     /// Proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -276,6 +286,8 @@ impl Application {
             upstream: settings.upstream.clone(),
             balancer: balancer::Balancer::default(),
             cors: settings.cors.clone(),
+            shared_buckets: limits::SharedBuckets::new(&settings.redis)
+                .map_err(|e| anyhow::anyhow!(e))?,
             max_header_bytes: settings.max_header_bytes,
             trusted_proxies: settings
                 .trusted_proxies

@@ -410,3 +410,162 @@ mod tests {
         );
     }
 }
+
+/// Where `RequestRateLimiter` keeps its buckets when several gateway instances must
+/// share one limit: a Redis server (`redis.url`, or `REDIS_URL`), as Spring Cloud
+/// Gateway's `redis-rate-limiter` does. Without one, each gateway counts for itself.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: Option<String>,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: only where it points is shown.
+        let shown = self.url.as_deref().map(|u| match u.rsplit_once('@') {
+            Some((_, host)) => format!("<credentials>@{host}"),
+            None => u.to_owned(),
+        });
+        f.debug_struct("RedisSettings")
+            .field("url", &shown)
+            .finish()
+    }
+}
+
+/// One token bucket check, atomic in Redis, on Redis's clock so that every gateway
+/// agrees on time: the bucket refills at `rate` tokens a second up to `capacity`;
+/// a request takes `requested` tokens when the bucket holds them. Both keys expire
+/// once a bucket would be full again twice over, so idle keys cost nothing.
+/// Returns `{allowed, tokens left (whole), seconds until enough tokens}`.
+const BUCKET_SCRIPT: &str = r"
+local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local requested = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local tokens = tonumber(redis.call('GET', KEYS[1])) or capacity
+local refreshed = tonumber(redis.call('GET', KEYS[2])) or now
+local filled = math.min(capacity, tokens + math.max(0, now - refreshed) * rate)
+local allowed = 0
+local wait = 0
+if filled >= requested then
+  filled = filled - requested
+  allowed = 1
+else
+  wait = math.ceil((requested - filled) / rate)
+end
+local ttl = math.max(1, math.ceil(capacity / rate * 2))
+redis.call('SET', KEYS[1], tostring(filled), 'EX', ttl)
+redis.call('SET', KEYS[2], tostring(now), 'EX', ttl)
+return { allowed, math.floor(filled), wait }
+";
+
+/// Token buckets in Redis, shared by every gateway that points at the same server.
+pub struct SharedBuckets {
+    client: redis::Client,
+    script: redis::Script,
+    /// Connected on first use, so a gateway starts while Redis is down.
+    connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    /// No new connection attempt before this, after one failed.
+    retry_at: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for SharedBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBuckets").finish_non_exhaustive()
+    }
+}
+
+impl SharedBuckets {
+    /// Buckets on the server `settings` names, or `None` without one. A URL that
+    /// cannot be a Redis address is an error naming the setting.
+    pub fn new(settings: &RedisSettings) -> Result<Option<Self>, String> {
+        let Some(url) = settings.url.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("redis.url is not a Redis URL (redis://host:port): {e}"))?;
+        Ok(Some(Self {
+            client,
+            script: redis::Script::new(BUCKET_SCRIPT),
+            connection: tokio::sync::Mutex::new(None),
+            retry_at: Mutex::new(None),
+        }))
+    }
+
+    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
+        let mut connection = self.connection.lock().await;
+        if let Some(connection) = connection.as_ref() {
+            return Some(connection.clone());
+        }
+        let now = Instant::now();
+        if self
+            .retry_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| now < at)
+        {
+            return None;
+        }
+        // A request waits for at most one short attempt; later reconnects (once one
+        // connection was made) are the manager's, in the background.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        });
+        match attempt {
+            Ok(made) => {
+                *connection = Some(made.clone());
+                Some(made)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Redis cannot be reached: rate limits are not enforced until it can");
+                *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + Duration::from_secs(1));
+                None
+            }
+        }
+    }
+
+    /// Takes a request's tokens from the bucket of `key` on `route`. `None` when Redis
+    /// cannot answer: the request is let through, as Spring's limiter does, since a
+    /// limiter that is down must not take the routes down with it.
+    pub async fn check(&self, limiter: &RateLimiter, route: &str, key: &str) -> Option<Decision> {
+        let mut connection = self.connection().await?;
+        let bucket = format!("request_rate_limiter.{{{route}:{key}}}");
+        let answer: Result<(i64, i64, i64), redis::RedisError> = self
+            .script
+            .key(format!("{bucket}.tokens"))
+            .key(format!("{bucket}.timestamp"))
+            .arg(limiter.replenish_rate)
+            .arg(limiter.burst_capacity)
+            .arg(limiter.requested_tokens)
+            .invoke_async(&mut connection)
+            .await;
+        match answer {
+            Ok((allowed, remaining, wait)) => Some(Decision {
+                allowed: allowed == 1,
+                remaining: u64::try_from(remaining).unwrap_or(0),
+                retry_after: u64::try_from(wait).unwrap_or(0),
+            }),
+            Err(error) => {
+                metrics::counter!("gateway_rate_limiter_errors_total").increment(1);
+                tracing::warn!(%error, "Redis did not answer a rate limit check: the request is let through");
+                None
+            }
+        }
+    }
+}

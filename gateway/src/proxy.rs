@@ -358,7 +358,14 @@ async fn handle(
                     client_address(client.ip(), &parts.headers, &gateway.trusted_proxies)
                 ),
             };
-            let decision = limiter.check(&key, Instant::now());
+            let decision = match &gateway.shared_buckets {
+                Some(shared) => shared.check(limiter, &route.id, &key).await,
+                None => Some(limiter.check(&key, Instant::now())),
+            };
+            // Redis did not answer: let it through, unlimited and unlabelled.
+            let Some(decision) = decision else {
+                continue;
+            };
             if !decision.allowed {
                 metrics::counter!("gateway_rate_limited_total", "route" => route.id.clone())
                     .increment(1);

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod chaos;
 pub mod postgres;
 pub mod procs;
+pub mod redis;
 pub mod simulate;
 pub mod stack;
 pub mod testrun;

@@ -92,6 +92,9 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         None => None,
     };
 
+    step("starting Redis (Debian), which shares the gateway's rate limits between instances");
+    let redis = crate::redis::Redis::start(&dir.join(format!("redis-{pid}")), &interrupt)?;
+
     step("installing the Python tools the tests use (a Eureka client, an SMTP sink)");
     let python_path = crate::tools::python_path(&interrupt)?;
     step("installing schemathesis, which fuzzes every OpenAPI document through the gateway");
@@ -118,7 +121,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("STOREFRONT_NEWMAN", &newman)
         .env("STOREFRONT_SCHEMATHESIS", &schemathesis)
         .env("STOREFRONT_KCAT", &kcat)
-        .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client);
+        .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client)
+        .env("STOREFRONT_REDIS_URL", redis.url());
     if let Some(Ok(dirs)) = data_dirs {
         // For tests that read what the broker stored (the codec of a record batch).
         tests.env("STOREFRONT_KAFKA_DATA_DIRS", dirs);
@@ -131,6 +135,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
             .env("STOREFRONT_KAFKA_SCRAM_PASSWORD", &scram_password);
     }
     let result = procs::run("the tests", &mut tests, &interrupt);
+    drop(redis);
     drop(broker);
     drop(postgres);
     result
