@@ -364,14 +364,15 @@ async fn a_spring_boot_eureka_client_works_with_our_registry_and_gateway_unchang
 /// Two registry peers in-process, each given both URLs; stopped when its token is
 /// cancelled.
 async fn two_peers() -> Vec<(SocketAddr, CancellationToken)> {
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port()
-        })
+    // Held together while chosen, so the two are not the same.
+    let held: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
         .collect();
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect();
+    drop(held);
     let urls = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))

@@ -85,13 +85,6 @@ impl Peer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
     let response = client.get(url).send().await.ok()?;
     if response.status() != StatusCode::OK {
@@ -263,13 +256,20 @@ async fn three_peers_lose_one_without_losing_a_route() {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client");
-    let mut peers: Vec<Peer> = (0..3)
-        .map(|i| Peer {
-            port: free_port(),
+    // Held together while chosen, so no two are the same.
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let mut peers: Vec<Peer> = held
+        .iter()
+        .enumerate()
+        .map(|(i, listener)| Peer {
+            port: listener.local_addr().expect("addr").port(),
             child: None,
             log: dir.path().join(format!("registry-{i}.log")),
         })
         .collect();
+    drop(held);
     let all = peers.iter().map(Peer::url).collect::<Vec<_>>().join(",");
     for peer in &mut peers {
         peer.start(&all);

@@ -42,6 +42,17 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// `count` distinct free ports: each is held until all are chosen, so two calls of
+/// [`free_port`] in a row cannot hand out the same one.
+pub fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
 /// `len` random letters and digits, for passwords and tokens.
 pub fn random_token(len: usize) -> String {
     rand::rng()

@@ -427,6 +427,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let mut smtp = SmtpSink::start(&mailbox, &logs, &interrupt)?;
     let smtp_port = smtp.port;
 
+    say("starting Redis (Debian), where the gateway keeps its rate limits");
+    let redis = crate::redis::Redis::start(&stack_dir.join("redis"), &interrupt)?;
+    let redis_url = redis.url();
+
     say("waiting for Zipkin");
     zipkin.wait_ready(&interrupt)?;
     let zipkin_url = zipkin.url();
@@ -435,9 +439,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     // and every client all of them: losing one costs no route.
     let registries = options.registries.clamp(1, 1 + REGISTRY_PEERS.len());
     let mut registry_ports = vec![registry_port];
-    for _ in 1..registries {
-        registry_ports.push(crate::free_port()?);
-    }
+    registry_ports.extend(
+        crate::free_ports(registries)?
+            .into_iter()
+            .filter(|p| *p != registry_port)
+            .take(registries - 1),
+    );
     let registry_urls: Vec<String> = registry_ports
         .iter()
         .map(|port| format!("{scheme}://127.0.0.1:{port}"))
@@ -490,6 +497,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         ];
         if service.name == "gateway" {
             env.push(("GATEWAY_CONFIG".into(), gateway_config.clone().into()));
+            env.push(("GATEWAY_REDIS__URL".into(), redis_url.clone().into()));
         }
         if service.program == "registry" && registries > 1 {
             env.push(("REGISTRY_PEERS__URLS".into(), all_registries.clone().into()));
@@ -573,6 +581,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
          export DATABASE_URL={database_url}\n\
          export STOREFRONT_MAILDIR={}\n\
          export STOREFRONT_SMTP_PORT={smtp_port}\n\
+         export REDIS_URL={redis_url}\n\
          export ZIPKIN_URL={zipkin_url}\n",
         mailbox.display()
     );
@@ -647,6 +656,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         mailbox.display()
     );
     println!(
+        "  {:<21} {redis_url} (the gateway's rate limits; redis-cli -u \"$REDIS_URL\")",
+        "redis"
+    );
+    println!(
         "  {:<21} {zipkin_url}/zipkin/ (traces; API under {zipkin_url}/api/v2)",
         "zipkin"
     );
@@ -673,6 +686,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         process.child.stop();
     }
     drop(smtp);
+    drop(redis);
     drop(zipkin);
     drop(broker);
     drop(postgres);

@@ -252,9 +252,7 @@ pub fn run_peers(interrupt: &Interrupt) -> anyhow::Result<Report> {
     let dir = scratch("registry-peers")?;
     let bin = build_release(&["registry"], &[], interrupt)?;
     let token = crate::random_token(32);
-    let ports: Vec<u16> = (0..PEERS)
-        .map(|_| crate::free_port())
-        .collect::<Result<_, _>>()?;
+    let ports = crate::free_ports(PEERS)?;
     let bases: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
