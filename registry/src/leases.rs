@@ -472,7 +472,7 @@ pub struct LeaseTable {
     fanout: Option<Arc<Fanout>>,
     /// Whether the table is complete: false while a node that has peers copies the
     /// table from one of them at start-up.
-    ready: watch::Sender<bool>,
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseTable {
@@ -485,7 +485,7 @@ impl LeaseTable {
     pub fn replicating(settings: LeaseSettings, fanout: Option<Arc<Fanout>>) -> Self {
         let (index, _) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
-        let (ready, _) = watch::channel(fanout.is_none());
+        let ready = std::sync::atomic::AtomicBool::new(fanout.is_none());
         let node_bits = rand_bits();
         Self {
             settings,
@@ -509,17 +509,12 @@ impl LeaseTable {
 
     /// Whether the table is complete enough to answer reads.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.ready.load(Ordering::Acquire)
     }
 
     /// The start-up sync is over: reads may be answered.
     pub fn mark_ready(&self) {
-        self.ready.send_replace(true);
-    }
-
-    /// Follows readiness.
-    pub fn watch_ready(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
+        self.ready.store(true, Ordering::Release);
     }
 
     /// The peers and how replication to each goes.

@@ -451,15 +451,18 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         .collect();
     let registry_url = registry_urls[0].clone();
     let all_registries = registry_urls.join(",");
-    let mut services: Vec<(Service, u16)> = Vec::new();
+    // Each part with its fixed port, or `None` for a free one picked as it starts.
+    let mut services: Vec<(Service, Option<u16>)> = Vec::new();
     for service in SERVICES {
-        if service.program != "registry" {
-            services.push((service, 0));
-        } else {
-            services.push((service, registry_port));
-            for (name, port) in REGISTRY_PEERS.iter().zip(&registry_ports[1..]) {
-                services.push((Service { name, ..service }, *port));
+        match service.program {
+            "registry" => {
+                services.push((service, Some(registry_port)));
+                for (name, port) in REGISTRY_PEERS.iter().zip(&registry_ports[1..]) {
+                    services.push((Service { name, ..service }, Some(*port)));
+                }
             }
+            "gateway" => services.push((service, Some(gateway_port))),
+            _ => services.push((service, None)),
         }
     }
     let gateway_config = stack_dir.join("gateway.yaml");
@@ -468,10 +471,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let registry_token = crate::random_token(32);
     let mut running: Vec<ServiceProcess> = Vec::new();
     for (service, port) in services {
-        let port = match service.name {
-            "gateway" => gateway_port,
-            _ if port != 0 => port,
-            _ => crate::free_port()?,
+        let port = match port {
+            Some(port) => port,
+            None => crate::free_port()?,
         };
         say(&format!("starting {}", service.name));
         let mut env: Vec<(String, std::ffi::OsString)> = vec![
