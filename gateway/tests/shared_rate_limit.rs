@@ -8,9 +8,8 @@ mod support;
 use std::net::SocketAddr;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use support::registry;
-use tokio_util::sync::CancellationToken;
+use serde_json::Value;
+use support::{alice_bearer, registry, start_gateway};
 
 async fn upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -39,30 +38,6 @@ routes:
     )
 }
 
-/// A gateway on `settings`, stopped when the guard drops.
-async fn start(settings: gateway::Settings) -> (String, tokio_util::sync::DropGuard) {
-    let app = gateway::Application::build(settings)
-        .await
-        .expect("gateway");
-    let base = format!("http://{}", app.local_addr());
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop.clone()));
-    (base, stop.drop_guard())
-}
-
-async fn bearer(client: &reqwest::Client, gateway: &str) -> String {
-    let token: Value = client
-        .post(format!("{gateway}/auth/token"))
-        .json(&json!({"username": "alice", "password": "alice-pw"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("token");
-    format!("Bearer {}", token["access_token"].as_str().expect("token"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_with_redis_share_one_limit() {
     let redis = std::env::var("STOREFRONT_REDIS_URL")
@@ -77,10 +52,10 @@ async fn two_gateways_with_redis_share_one_limit() {
     // either, as behind a load balancer.
     let mut settings = support::gateway_settings(registry, &routes_file);
     settings.redis.url = Some(redis);
-    let (first, _a) = start(settings.clone()).await;
-    let (second, _b) = start(settings).await;
+    let (first, _a) = start_gateway(settings.clone()).await;
+    let (second, _b) = start_gateway(settings).await;
     let client = reqwest::Client::new();
-    let bearer = bearer(&client, &first).await;
+    let bearer = alice_bearer(&first).await;
     let get = async |gateway: &str| {
         client
             .get(format!("{gateway}/limited/x"))
@@ -118,9 +93,9 @@ async fn a_redis_that_cannot_be_reached_lets_requests_through() {
         .expect("a free port");
     let mut settings = support::gateway_settings(registry, &routes_file);
     settings.redis.url = Some(format!("redis://{closed}"));
-    let (gateway, _stop) = start(settings).await;
+    let (gateway, _stop) = start_gateway(settings).await;
     let client = reqwest::Client::new();
-    let bearer = bearer(&client, &gateway).await;
+    let bearer = alice_bearer(&gateway).await;
     // Past the burst of three, all pass: the limiter is down, the route is not.
     for n in 0..5 {
         let response = client

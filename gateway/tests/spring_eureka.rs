@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::Application;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::{
@@ -101,28 +100,6 @@ impl SpringApp {
     }
 }
 
-/// The gateway on `settings`, running until the guard is dropped, and alice's
-/// `Authorization` header for it.
-async fn gateway_for_alice(
-    settings: gateway::Settings,
-) -> (String, String, tokio_util::sync::DropGuard) {
-    let app = Application::build(settings).await.expect("gateway");
-    let gateway = format!("http://{}", app.local_addr());
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop.clone()));
-    let token: Value = reqwest::Client::new()
-        .post(format!("{gateway}/auth/token"))
-        .json(&json!({"username": "alice", "password": "alice-pw"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("token");
-    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
-    (gateway, bearer, stop.drop_guard())
-}
-
 /// The app's instance as our Eureka API lists it (JSON), if it is listed.
 async fn eureka_instance(client: &reqwest::Client, registry: SocketAddr) -> Option<Value> {
     let response = client
@@ -144,8 +121,9 @@ async fn a_spring_boot_eureka_client_works_with_our_registry_and_gateway_unchang
     let (registry, _stop_registry) = registry().await;
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, ROUTES).expect("routes");
-    let (gateway, bearer, _stop_gateway) =
-        gateway_for_alice(support::gateway_settings(registry, &routes_file)).await;
+    let (gateway, _stop_gateway) =
+        support::start_gateway(support::gateway_settings(registry, &routes_file)).await;
+    let bearer = support::alice_bearer(&gateway).await;
     let client = reqwest::Client::new();
     let through_gateway = async |path: &str| -> (StatusCode, Option<Value>) {
         let response = client
@@ -437,7 +415,8 @@ async fn a_spring_boot_eureka_client_with_two_peers_survives_losing_one() {
         .map(|(addr, _)| format!("http://{addr}"))
         .collect::<Vec<_>>()
         .join(",");
-    let (gateway, bearer, _stop_gateway) = gateway_for_alice(settings).await;
+    let (gateway, _stop_gateway) = support::start_gateway(settings).await;
+    let bearer = support::alice_bearer(&gateway).await;
     let client = reqwest::Client::new();
     let routed = async || -> bool {
         client

@@ -13,14 +13,12 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
 use shared::{
     registry::{InstanceRegistration, RegistryClient},
     testing::eventually,
 };
 use support::{registry, registry_settings};
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
-use tokio_util::sync::CancellationToken;
 
 /// What the upstream saw of each handshake: its path, `X-Forwarded-For` and
 /// `X-Request-Id`.
@@ -106,25 +104,12 @@ async fn websocket_upgrades_pass_through_to_the_instance() {
         .expect("register chat");
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, ROUTES.replace("FIXED", &fixed.to_string())).expect("routes");
-    let app = gateway::Application::build(support::gateway_settings(registry, &routes_file))
-        .await
-        .expect("gateway");
-    let gateway = app.local_addr();
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(stop.clone()));
-    let _stop = stop.drop_guard();
-    let token: Value = reqwest::Client::new()
-        .post(format!("http://{gateway}/auth/token"))
-        .json(&json!({"username": "alice", "password": "alice-pw"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("token");
-    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    let (base, _stop) =
+        support::start_gateway(support::gateway_settings(registry, &routes_file)).await;
+    let bearer = support::alice_bearer(&base).await;
+    let gateway = base.replacen("http://", "ws://", 1);
     let connect = async |path: &str, bearer: Option<&str>| {
-        let mut request = format!("ws://{gateway}{path}")
+        let mut request = format!("{gateway}{path}")
             .into_client_request()
             .expect("a request");
         if let Some(bearer) = bearer {

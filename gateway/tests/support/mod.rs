@@ -97,16 +97,37 @@ pub async fn spawn_gateway(edit: impl FnOnce(&mut Settings)) -> RunningGateway {
     std::fs::write(&routes, "routes: []\n").expect("routes");
     let mut settings = gateway_settings(registry, &routes);
     edit(&mut settings);
+    let (base, stop) = start_gateway(settings).await;
+    RunningGateway {
+        base,
+        client: reqwest::Client::new(),
+        _stop: vec![stop, stop_registry.drop_guard()],
+        _dir: dir,
+    }
+}
+
+/// A gateway on `settings`, running in-process until the guard is dropped; its base
+/// URL.
+pub async fn start_gateway(settings: Settings) -> (String, tokio_util::sync::DropGuard) {
     let app = gateway::Application::build(settings)
         .await
         .expect("gateway");
     let base = format!("http://{}", app.local_addr());
     let stop = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(stop.clone()));
-    RunningGateway {
-        base,
-        client: reqwest::Client::new(),
-        _stop: vec![stop.drop_guard(), stop_registry.drop_guard()],
-        _dir: dir,
-    }
+    (base, stop.drop_guard())
+}
+
+/// `alice`'s `Authorization` header at the gateway `base` (see [`gateway_settings`]).
+pub async fn alice_bearer(base: &str) -> String {
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/auth/token"))
+        .json(&serde_json::json!({"username": "alice", "password": "alice-pw"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("token");
+    format!("Bearer {}", token["access_token"].as_str().expect("token"))
 }
