@@ -71,7 +71,18 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     )?;
 
     eprintln!("bench: {CHANGES} changes seen by {WATCHERS} watchers");
-    let latencies = watch_latencies(&base, &token, &agent)?;
+    let latencies: Vec<f64> = deliveries(
+        &vec![base.clone(); WATCHERS],
+        "watched",
+        CHANGES,
+        |_| base.clone(),
+        Duration::from_millis(50),
+        &token,
+        &agent,
+    )?
+    .into_iter()
+    .map(|(_, _, ms)| ms)
+    .collect();
     let rss = memory_mib(registry.pid(), "VmRSS");
     let peak = memory_mib(registry.pid(), "VmHWM");
     drop(registry);
@@ -161,81 +172,6 @@ fn register_all(agent: &ureq::Agent, bases: &[String], token: &str) -> anyhow::R
         }
         Ok(())
     })
-}
-
-/// Opens the watchers, makes the changes, returns every delivery's latency in ms.
-fn watch_latencies(base: &str, token: &str, agent: &ureq::Agent) -> anyhow::Result<Vec<f64>> {
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; CHANGES]));
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let (lat_tx, lat_rx) = mpsc::channel::<f64>();
-    let stream_agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    for _ in 0..WATCHERS {
-        let url = format!("{base}/api/v1/watch?service=watched");
-        let (ready_tx, lat_tx, sent) = (ready_tx.clone(), lat_tx.clone(), sent.clone());
-        let agent = stream_agent.clone();
-        std::thread::spawn(move || {
-            let Ok(response) = agent.get(&url).call() else {
-                return;
-            };
-            let mut lines = BufReader::new(response.into_body().into_reader()).lines();
-            let mut seen = 0;
-            let mut announced = false;
-            while let Some(Ok(line)) = lines.next() {
-                if !announced && line.starts_with("data:") {
-                    // The snapshot: this watcher is in place.
-                    announced = true;
-                    let _ = ready_tx.send(());
-                    continue;
-                }
-                let Some(k) = (0..CHANGES).find(|k| line.contains(&format!("\"watched-{k:02}\"")))
-                else {
-                    continue;
-                };
-                let at = Instant::now();
-                if let Some(Some(t0)) = sent.lock().ok().map(|s| s[k]) {
-                    let _ = lat_tx.send(at.duration_since(t0).as_secs_f64() * 1000.0);
-                }
-                seen += 1;
-                if seen == CHANGES {
-                    return;
-                }
-            }
-        });
-    }
-    drop(lat_tx);
-    for _ in 0..WATCHERS {
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("a watcher did not get its snapshot")?;
-    }
-    for k in 0..CHANGES {
-        if let Ok(mut s) = sent.lock() {
-            s[k] = Some(Instant::now());
-        }
-        agent
-            .post(&format!("{base}/api/v1/services/watched/instances"))
-            .header("authorization", &format!("Bearer {token}"))
-            .send_json(json!({
-                "instanceId": format!("watched-{k:02}"),
-                "host": "10.9.9.9",
-                "port": 9000 + k,
-                "leaseSeconds": 120,
-            }))?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut latencies = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while latencies.len() < WATCHERS * CHANGES {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lat_rx.recv_timeout(left) {
-            Ok(ms) => latencies.push(ms),
-            Err(_) => break,
-        }
-    }
-    Ok(latencies)
 }
 
 /// Registry peers in the three-peer run.
@@ -338,7 +274,15 @@ pub fn run_peers(interrupt: &Interrupt) -> anyhow::Result<Report> {
             .collect();
         // Let the load settle before timing writes under it.
         std::thread::sleep(Duration::from_secs(2));
-        let latencies = peer_latencies(&bases, &token, &agent);
+        let latencies = deliveries(
+            &bases,
+            "replicated",
+            PEER_CHANGES,
+            |k| bases[k % bases.len()].clone(),
+            Duration::from_millis(40),
+            &token,
+            &agent,
+        );
         let mut beats = Vec::new();
         for load in loads {
             beats.push(
@@ -429,24 +373,30 @@ pub fn run_peers(interrupt: &Interrupt) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Writes `PEER_CHANGES` registrations round the peers, each watched at every peer;
-/// returns `(write, watching peer, ms from just before the POST)` for every delivery.
-fn peer_latencies(
-    bases: &[String],
+/// Opens an SSE watcher of `service` at each of `watchers` (base URLs), then makes
+/// `changes` registrations `pause` apart, the `k`th at `origin(k)`; returns `(k,
+/// watcher, ms from just before its POST)` for every delivery.
+fn deliveries(
+    watchers: &[String],
+    service: &str,
+    changes: usize,
+    origin: impl Fn(usize) -> String,
+    pause: Duration,
     token: &str,
     agent: &ureq::Agent,
 ) -> anyhow::Result<Vec<(usize, usize, f64)>> {
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; PEER_CHANGES]));
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; changes]));
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let (lat_tx, lat_rx) = mpsc::channel::<(usize, usize, f64)>();
     let stream_agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    for (peer, base) in bases.iter().enumerate() {
-        let url = format!("{base}/api/v1/watch?service=replicated");
+    let marker = format!("\"{service}-");
+    for (watcher, base) in watchers.iter().enumerate() {
+        let url = format!("{base}/api/v1/watch?service={service}");
         let (ready_tx, lat_tx, sent) = (ready_tx.clone(), lat_tx.clone(), sent.clone());
-        let agent = stream_agent.clone();
+        let (agent, marker) = (stream_agent.clone(), marker.clone());
         std::thread::spawn(move || {
             let Ok(response) = agent.get(&url).call() else {
                 return;
@@ -456,12 +406,13 @@ fn peer_latencies(
             let mut announced = false;
             while let Some(Ok(line)) = lines.next() {
                 if !announced && line.starts_with("data:") {
+                    // The snapshot: this watcher is in place.
                     announced = true;
                     let _ = ready_tx.send(());
                     continue;
                 }
                 let Some(k) = line
-                    .split("\"replicated-")
+                    .split(marker.as_str())
                     .nth(1)
                     .and_then(|rest| rest.split('"').next())
                     .and_then(|k| k.parse::<usize>().ok())
@@ -470,40 +421,40 @@ fn peer_latencies(
                 };
                 let at = Instant::now();
                 if let Some(Some(t0)) = sent.lock().ok().and_then(|s| s.get(k).copied()) {
-                    let _ = lat_tx.send((k, peer, at.duration_since(t0).as_secs_f64() * 1000.0));
+                    let _ = lat_tx.send((k, watcher, at.duration_since(t0).as_secs_f64() * 1000.0));
                 }
                 seen += 1;
-                if seen == PEER_CHANGES {
+                if seen == changes {
                     return;
                 }
             }
         });
     }
     drop(lat_tx);
-    for _ in bases {
+    for _ in watchers {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
             .context("a watcher did not get its snapshot")?;
     }
-    for k in 0..PEER_CHANGES {
-        let base = &bases[k % bases.len()];
+    for k in 0..changes {
+        let base = origin(k);
         if let Ok(mut s) = sent.lock() {
             s[k] = Some(Instant::now());
         }
         agent
-            .post(&format!("{base}/api/v1/services/replicated/instances"))
+            .post(&format!("{base}/api/v1/services/{service}/instances"))
             .header("authorization", &format!("Bearer {token}"))
             .send_json(json!({
-                "instanceId": format!("replicated-{k}"),
+                "instanceId": format!("{service}-{k}"),
                 "host": "10.9.9.9",
                 "port": 9000 + k,
                 "leaseSeconds": 120,
             }))?;
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(pause);
     }
     let mut latencies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while latencies.len() < PEER_CHANGES * bases.len() {
+    while latencies.len() < changes * watchers.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         match lat_rx.recv_timeout(left) {
             Ok(delivery) => latencies.push(delivery),
