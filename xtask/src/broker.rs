@@ -207,19 +207,20 @@ impl Cluster {
         fs::write(&log4j, LOG4J2_CONFIG)?;
 
         let ids: Vec<u32> = (1..=options.nodes as u32).collect();
+        // Every port at once: free_port() calls in a row can hand out one port twice,
+        // and a node then fails to bind.
+        let mut free = crate::free_ports(ids.len() * 3)?.into_iter();
+        let mut next = || {
+            free.next()
+                .ok_or_else(|| std::io::Error::other("no free port"))
+        };
         let ports = ids
             .iter()
-            .map(|_| Ok((crate::free_port()?, crate::free_port()?)))
+            .map(|_| Ok((next()?, next()?)))
             .collect::<std::io::Result<Vec<(u16, u16)>>>()?;
         let secure_ports = ids
             .iter()
-            .map(|_| {
-                options
-                    .secure
-                    .as_ref()
-                    .map(|_| crate::free_port())
-                    .transpose()
-            })
+            .map(|_| options.secure.as_ref().map(|_| next()).transpose())
             .collect::<std::io::Result<Vec<Option<u16>>>>()?;
         let voters = ids
             .iter()
