@@ -15,6 +15,7 @@ pub mod breaker;
 pub mod limits;
 pub mod login;
 pub mod openapi;
+pub mod plan;
 pub mod proxy;
 pub mod report;
 pub mod routes;

@@ -1,18 +1,31 @@
-//! The request path, in the order it runs:
+//! The request path. A request runs through named phases, each a small method of
+//! [`Exchange`] over the route's compiled [`Plan`], in the order a demanding
+//! operator would want them:
 //!
-//! 1. **route**: the first route whose predicates match (404 when none does);
-//! 2. **authenticate**: a valid bearer token (401), and one of the route's roles (403),
-//!    so a rejected request never reaches a service;
-//! 3. **limit**: the route's `RequestSize` (413);
-//! 4. **pick**: an `UP` instance of the route's service from the discovery cache,
-//!    round robin (503 when there is none);
-//! 5. **rewrite**: identity headers a client could forge are dropped, the route's
-//!    request filters run, `X-Forwarded-*`, `X-Request-Id` and `traceparent` are set;
-//! 6. **forward** with the route's timeouts (502 when the instance cannot be reached,
-//!    504 when it does not answer in time), streaming both bodies;
-//! 7. **respond**: hop-by-hop and upstream CORS headers dropped, response filters run.
+//! 1. **edge** (`forward`): the request id, the trace (continued only from trusted
+//!    callers), forged `X-Forwarded-*` dropped; then the header size cap and CORS
+//!    preflights, which need no route;
+//! 2. **match**: the first route whose predicates hold (404 when none does);
+//! 3. **authenticate**: a valid bearer token (401) and one of the route's roles (403),
+//!    first, so a rejected request never costs a limit, a body read or an upstream;
+//! 4. **answer without upstream**: `RequestHeaderSize` (431), `RedirectTo`;
+//! 5. **limit**: the route's rate limiters (429), keyed by the caller now known;
+//! 6. **read the body**: `RequestSize` (413); small bodies are kept so a retry can
+//!    send them again;
+//! 7. **edit the request**: the gateway's own headers, then the route's path, query
+//!    and header edits in the order written;
+//! 8. **admit**: the route's circuit breaker (503 while open);
+//! 9. **attempt and retry**: an instance from discovery (503 when there is none), the
+//!    attempt with the route's timeout (502, 504), and further instances while the
+//!    retry policy and the service's retry budget allow;
+//! 10. **edit the response**: hop-by-hop and upstream CORS headers dropped, then the
+//!     route's response edits; a breaker's `fallbackUri` answers instead when the
+//!     attempts failed;
+//! 11. **log** (`forward_in_span`): CORS headers, metrics, the access line.
 //!
-//! Every failure is a problem+json that names the service.
+//! In-flight counts and breaker permits are guards: a client that disconnects
+//! mid-request drops them, and with them its count. Every failure is a problem+json
+//! that names the service.
 
 use std::{
     net::SocketAddr,
@@ -23,14 +36,21 @@ use std::{
 use axum::{
     body::Body,
     extract::{ConnectInfo, Request, State},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header},
+    http::{
+        HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header, uri::PathAndQuery,
+    },
     response::{IntoResponse, Response},
 };
-use shared::{Problem, auth::AuthError, now_ms};
+use shared::{
+    Problem,
+    auth::{AuthError, Claims},
+    now_ms,
+};
 
 use crate::{
     Gateway,
-    routes::{Filter, Route, Upstream},
+    plan::{Asked, FailureKind, HeaderEdit, PathEdit, Plan, QueryEdit, ResponseEdit},
+    routes::{Route, Upstream},
 };
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -56,36 +76,9 @@ static FORGEABLE: [HeaderName; 4] = [
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// Spring Cloud Gateway's `SecureHeaders` defaults, each set where the response has
-/// none.
-static SECURE_HEADERS: [(HeaderName, HeaderValue); 7] = [
-    (
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    ),
-    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
-    (
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    ),
-    (header::X_XSS_PROTECTION, HeaderValue::from_static("0")),
-    (
-        header::STRICT_TRANSPORT_SECURITY,
-        HeaderValue::from_static("max-age=631138519"),
-    ),
-    (
-        HeaderName::from_static("x-download-options"),
-        HeaderValue::from_static("noopen"),
-    ),
-    (
-        HeaderName::from_static("x-permitted-cross-domain-policies"),
-        HeaderValue::from_static("none"),
-    ),
-];
 
 /// The fallback handler: everything that is not the gateway's own endpoint.
 pub async fn forward(
@@ -249,6 +242,57 @@ struct Trace {
 
 type Rejection = Response;
 
+/// A request that got no usable answer: what the client gets, and whether a breaker's
+/// `fallbackUri` should answer instead.
+struct Failed {
+    answer: Response,
+    to_fallback: bool,
+}
+
+impl Failed {
+    /// A failure to get any answer, which always goes to the fallback.
+    fn no_answer(answer: Response) -> Self {
+        Self {
+            answer,
+            to_fallback: true,
+        }
+    }
+}
+
+/// One request on its way through its route: what every phase reads.
+struct Exchange<'a> {
+    gateway: &'a Gateway,
+    route: &'a Route,
+    plan: &'a Plan,
+    client: SocketAddr,
+    request_id: &'a HeaderValue,
+}
+
+/// The request as the upstream gets it, built once and sent to each instance tried.
+struct Outgoing {
+    method: Method,
+    /// The edited path and query.
+    target: PathAndQuery,
+    headers: HeaderMap,
+    /// Whether it may be sent again after it may have reached an instance.
+    idempotent: bool,
+    timeout: Duration,
+    /// The `Upgrade` value of a WebSocket handshake, with the client's side of the
+    /// connection.
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+}
+
+/// An instance to send an attempt to.
+struct Target {
+    scheme: &'static str,
+    authority: String,
+    health: Arc<crate::balancer::InstanceHealth>,
+    /// The `Host` an instance registered by name is told.
+    named_host: Option<HeaderValue>,
+}
+
+/// Runs `request` through `route`'s phases; the response, or the refusal the client
+/// gets.
 async fn handle(
     gateway: &Gateway,
     route: &Route,
@@ -257,109 +301,182 @@ async fn handle(
     request: Request,
     trace: &mut Trace,
 ) -> Result<Response, Rejection> {
-    let (mut parts, body) = request.into_parts();
-    // A WebSocket handshake: its `Upgrade` is a hop-by-hop header, dropped with the
-    // others below, so it is kept aside, with the client's side of the connection.
-    let upgrade = websocket_upgrade(&parts.headers);
-    let mut client_upgrade = upgrade
-        .as_ref()
-        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    // What the client asked, before any filter edits it: response filters that put
-    // the gateway's address back (RewriteLocationResponseHeader) need it.
-    let asked = Asked {
-        host: parts
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-            .map(str::to_owned),
-        path: parts.uri.path().to_owned(),
-        // The Path predicate's `{variables}`, which header and parameter values may
-        // name as Spring allows (`AddRequestHeader=X-Segment, {segment}`); matched
-        // only for routes that use them.
-        variables: if route.filters.iter().any(Filter::is_templated) {
-            route.path_variables(parts.uri.path())
-        } else {
-            Vec::new()
-        },
+    let exchange = Exchange {
+        gateway,
+        route,
+        plan: &route.plan,
+        client,
+        request_id,
     };
-    // The request as the client sent it, kept only for a route whose breaker has a
-    // `fallbackUri`, and only once: a fallback route's own fallback is not followed.
-    let fallback = route
-        .filters
-        .iter()
-        .find_map(|f| match f {
-            Filter::CircuitBreaker(b) => b.fallback.clone(),
-            _ => None,
-        })
-        .filter(|_| parts.extensions.get::<Forwarded>().is_none())
-        .map(|path| Fallback {
-            uri: match parts.uri.query() {
-                Some(query) => format!("{path}?{query}"),
-                None => path,
-            },
-            method: parts.method.clone(),
-            headers: parts.headers.clone(),
-        });
+    exchange.run(request, trace).await
+}
 
-    // Authenticate before anything touches an upstream.
-    let claims = gateway
-        .verifier
-        .verify_request(&parts)
-        .await
-        .map_err(|e| reject_auth(trace, e))?;
-    if !route.roles.is_empty() && !route.roles.iter().any(|r| claims.has_role(r)) {
-        trace.reason = Some("forbidden");
-        return Err(Problem::forbidden(format!(
-            "This route needs one of the roles: {}.",
-            route.roles.join(", ")
-        ))
-        .into_response());
-    }
+impl Exchange<'_> {
+    /// The phases, in order. Each returns early with the client's answer when the
+    /// request goes no further, so a later phase never runs for a request an earlier
+    /// one refused.
+    async fn run(&self, request: Request, trace: &mut Trace) -> Result<Response, Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let asked = self.asked(&parts);
+        // Kept before any edit, and only for a route with a fallback.
+        let fallback = self.fallback(&parts);
 
-    // Filters that answer without an upstream.
-    for filter in &route.filters {
-        match filter {
-            Filter::RequestHeaderSize(max) => {
-                // Per header name, all its values together, as Spring counts: repeating
-                // a header does not get round the limit.
-                let too_large = parts.headers.keys().find(|name| {
-                    let values: usize = parts.headers.get_all(*name).iter().map(|v| v.len()).sum();
-                    name.as_str().len() + values > *max
-                });
-                if let Some(name) = too_large {
-                    trace.reason = Some("header too large");
-                    return Err(Problem::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        format!("The request header {name} is over {max} bytes."),
-                    )
-                    .into_response());
-                }
+        // Who is asking comes first: nothing below touches an upstream, a limit or a
+        // body for a caller the route does not admit.
+        let claims = self.authenticate(&parts, trace).await?;
+        // Answers that need no upstream: cheap checks of what was already read.
+        if let Some(answer) = self.answer_without_upstream(&parts, trace)? {
+            return Ok(answer);
+        }
+        // Limits count only admitted callers, keyed by who they are.
+        let quota = self.limit(&parts, &claims, trace).await?;
+        // The body last among the client's parts: reading it is what costs the most.
+        let mut body = self.read_body(&parts.headers, body).await?;
+        let outgoing = self.edit_request(&mut parts, &asked, trace)?;
+
+        let outcome = match self.admit(trace) {
+            Ok(permit) => {
+                self.attempts(outgoing, &mut body, permit, &asked, quota.as_ref(), trace)
+                    .await
             }
-            Filter::RedirectTo(status, location) => {
-                let mut response = Response::new(Body::empty());
-                *response.status_mut() = *status;
-                response
-                    .headers_mut()
-                    .insert(header::LOCATION, location.clone());
-                return Ok(response);
+            Err(refused) => Err(refused),
+        };
+        match (outcome, fallback) {
+            (Ok(response), Some(fallback))
+                if self
+                    .plan
+                    .breaker
+                    .as_ref()
+                    .is_some_and(|b| b.failure_statuses.contains(&response.status().as_u16())) =>
+            {
+                // As in Spring: an answer goes to the fallback only when `statusCodes`
+                // names its status.
+                trace.reason = Some("upstream error status");
+                fallback.forward(self, body.replay(), trace).await
             }
-            _ => {}
+            (Ok(response), _) => Ok(response),
+            (Err(failed), Some(fallback)) if failed.to_fallback => {
+                fallback.forward(self, body.replay(), trace).await
+            }
+            (Err(failed), _) => Err(failed.answer),
         }
     }
 
-    let mut rate_limit = None;
-    for filter in &route.filters {
-        if let Filter::RequestRateLimiter(limiter) = filter {
+    /// What the client asked, before any filter edits it.
+    fn asked(&self, parts: &axum::http::request::Parts) -> Asked<'_> {
+        Asked {
+            host: parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+                .map(str::to_owned),
+            path: parts.uri.path().to_owned(),
+            variables: if self.plan.templated {
+                self.route.path_variables(parts.uri.path())
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The request as the client sent it, for a route whose breaker has a
+    /// `fallbackUri`; not for a request a fallback forwarded, whose own fallback is
+    /// not followed.
+    fn fallback(&self, parts: &axum::http::request::Parts) -> Option<Fallback> {
+        let path = self.plan.fallback()?;
+        if parts.extensions.get::<Forwarded>().is_some() {
+            return None;
+        }
+        Some(Fallback {
+            uri: match parts.uri.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_owned(),
+            },
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+        })
+    }
+
+    /// A valid bearer token (401), and one of the route's roles (403).
+    async fn authenticate(
+        &self,
+        parts: &axum::http::request::Parts,
+        trace: &mut Trace,
+    ) -> Result<Claims, Rejection> {
+        let claims = self
+            .gateway
+            .verifier
+            .verify_request(parts)
+            .await
+            .map_err(|e| reject_auth(trace, e))?;
+        let roles = &self.route.roles;
+        if !roles.is_empty() && !roles.iter().any(|r| claims.has_role(r)) {
+            trace.reason = Some("forbidden");
+            return Err(Problem::forbidden(format!(
+                "This route needs one of the roles: {}.",
+                roles.join(", ")
+            ))
+            .into_response());
+        }
+        Ok(claims)
+    }
+
+    /// `RequestHeaderSize` (431) and `RedirectTo`.
+    fn answer_without_upstream(
+        &self,
+        parts: &axum::http::request::Parts,
+        trace: &mut Trace,
+    ) -> Result<Option<Response>, Rejection> {
+        if let Some(max) = self.plan.header_size {
+            // Per header name, all its values together, as Spring counts: repeating a
+            // header does not get round the limit.
+            let too_large = parts.headers.keys().find(|name| {
+                let values: usize = parts.headers.get_all(*name).iter().map(|v| v.len()).sum();
+                name.as_str().len() + values > max
+            });
+            if let Some(name) = too_large {
+                trace.reason = Some("header too large");
+                return Err(Problem::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    format!("The request header {name} is over {max} bytes."),
+                )
+                .into_response());
+            }
+        }
+        Ok(self.plan.redirect.as_ref().map(|(status, location)| {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = *status;
+            response
+                .headers_mut()
+                .insert(header::LOCATION, location.clone());
+            response
+        }))
+    }
+
+    /// The route's `RequestRateLimiter`s (429). What the last one decided is told to
+    /// the client in `RateLimit-*` headers.
+    async fn limit(
+        &self,
+        parts: &axum::http::request::Parts,
+        claims: &Claims,
+        trace: &mut Trace,
+    ) -> Result<Option<Quota>, Rejection> {
+        let mut quota = None;
+        for limiter in &self.plan.limiters {
             let key = match limiter.key {
                 crate::limits::LimitKey::User => format!("user:{}", claims.sub),
                 crate::limits::LimitKey::Ip => format!(
                     "ip:{}",
-                    client_address(client.ip(), &parts.headers, &gateway.trusted_proxies)
+                    client_address(
+                        self.client.ip(),
+                        &parts.headers,
+                        &self.gateway.trusted_proxies
+                    )
                 ),
             };
-            let decision = match &gateway.shared_buckets {
-                Some(shared) => shared.check(limiter, &route.id, &key).await,
+            let decision = match &self.gateway.shared_buckets {
+                Some(shared) => shared.check(limiter, &self.route.id, &key).await,
                 None => Some(limiter.check(&key, Instant::now())),
             };
             // Redis did not answer: let it through, unlimited and unlabelled.
@@ -367,400 +484,454 @@ async fn handle(
                 continue;
             };
             if !decision.allowed {
-                metrics::counter!("gateway_rate_limited_total", "route" => route.id.clone())
+                metrics::counter!("gateway_rate_limited_total", "route" => self.route.id.clone())
                     .increment(1);
                 trace.reason = Some("rate limited");
                 return Err(limiter.refusal(&decision));
             }
-            rate_limit = Some((limiter.clone(), decision));
+            quota = Some((limiter.clone(), decision));
         }
+        Ok(quota)
     }
 
-    // The body: refused when over the route's limit, buffered (and so replayable on
-    // another instance) when small or of unknown length under a limit, else streamed.
-    let limit = route.filters.iter().find_map(|f| match f {
-        Filter::RequestSize(max) => Some(*max),
-        _ => None,
-    });
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let (Some(len), Some(max)) = (declared, limit)
-        && len > max
-    {
-        return Err(too_large(max));
-    }
-    // Without Content-Length or Transfer-Encoding an HTTP/1.1 request has no body.
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let bufferable = match (declared, limit) {
-        (Some(len), _) => len <= MAX_REPLAY_BYTES,
-        (None, Some(_)) => true,
-        (None, None) => !chunked,
-    };
-    let mut body = if bufferable {
+    /// The body: refused when over the route's limit (413), buffered (and so
+    /// replayable on another instance) when small or of unknown length under a
+    /// limit, else streamed.
+    async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<RequestBody, Rejection> {
+        let limit = self.plan.body_limit;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(len), Some(max)) = (declared, limit)
+            && len > max
+        {
+            return Err(too_large(max));
+        }
+        // An HTTP/1.1 request without Content-Length or Transfer-Encoding has no body.
+        if axum::body::HttpBody::is_end_stream(&body) {
+            return Ok(RequestBody::Buffered(axum::body::Bytes::new()));
+        }
+        // Of unknown length (chunked, or HTTP/2 without Content-Length), a body is
+        // read into memory only up to the route's limit; without one it streams.
+        let bufferable = match (declared, limit) {
+            (Some(len), _) => len <= MAX_REPLAY_BYTES,
+            (None, Some(_)) => true,
+            (None, None) => false,
+        };
+        if !bufferable {
+            return Ok(RequestBody::Streamed(Some(body)));
+        }
         let cap = limit.unwrap_or(MAX_REPLAY_BYTES).max(declared.unwrap_or(0)) as usize;
         let bytes = axum::body::to_bytes(body, cap)
             .await
             .map_err(|_| too_large(cap as u64))?;
-        RequestBody::Buffered(bytes)
-    } else {
-        RequestBody::Streamed(Some(body))
-    };
-
-    let Some(path) = rewrite_path(route, parts.uri.path()) else {
-        trace.reason = Some("bad path");
-        return Err(Problem::bad_request(
-            "A path segment of `.` or `..`, or an encoded slash, cannot be placed into this route's path.",
-        )
-        .into_response());
-    };
-    let query = rewrite_query(route, parts.uri.query(), &asked.variables);
-    let scheme = parts
-        .extensions
-        .get::<shared::server::Scheme>()
-        .map_or("http", |s| s.0);
-    prepare_headers(
-        &mut parts.headers,
-        route,
-        client,
-        request_id,
-        &asked.variables,
-        scheme,
-    );
-    let idempotent =
-        route.retry.methods.contains(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
-    let timeout = route
-        .response_timeout
-        .unwrap_or_else(|| gateway.upstream.response_timeout());
-
-    // The breaker judges the upstream only: everything the client got wrong was
-    // refused above.
-    let breaker = route.filters.iter().find_map(|f| match f {
-        Filter::CircuitBreaker(b) => Some(b.clone()),
-        _ => None,
-    });
-    let breaker_statuses: Vec<u16> = breaker
-        .as_ref()
-        .map(|b| b.failure_statuses.clone())
-        .unwrap_or_default();
-    let mut permit = None;
-    if let Some(breaker) = &breaker
-        && let Err(open_for) = breaker.permit(Instant::now())
-    {
-        trace.reason = Some("circuit open");
-        if let Some(fallback) = fallback {
-            return fallback
-                .forward(gateway, client, request_id, body.replay(), trace)
-                .await;
-        }
-        let seconds = open_for.as_secs().max(1);
-        let mut response = Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "Requests to this route are paused for {seconds}s after repeated upstream failures (circuit breaker {}).",
-                breaker.name
-            ),
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        return Err(response);
-    } else if let Some(breaker) = breaker {
-        permit = Some(crate::breaker::Permit::new(breaker));
+        Ok(RequestBody::Buffered(bytes))
     }
 
-    let service = match &route.upstream {
-        Upstream::Fixed(_) => route.id.clone(),
-        Upstream::Service(service) => service.clone(),
-    };
-    let budget = gateway.balancer.budget(&service);
-    budget.deposit(now_ms());
-    let mut tried: Vec<String> = Vec::new();
-    // The answer of the last failed attempt, given when nothing is left to try.
-    let mut last_failure: Option<Response> = None;
-    loop {
-        // An instance registered by name is reached at the address its name was
-        // checked and pinned to, and told its name in `Host`.
-        let (scheme, instance, health, named_host) = match &route.upstream {
+    /// The request as the upstream gets it: the route's path, query and header edits
+    /// over the gateway's own headers (identity headers a client could forge dropped,
+    /// `X-Forwarded-*` and `X-Request-Id` set), which the edits may read.
+    fn edit_request(
+        &self,
+        parts: &mut axum::http::request::Parts,
+        asked: &Asked<'_>,
+        trace: &mut Trace,
+    ) -> Result<Outgoing, Rejection> {
+        // A WebSocket handshake: its `Upgrade` is a hop-by-hop header, dropped with
+        // the others, so it is kept aside with the client's side of the connection.
+        let upgrade = websocket_upgrade(&parts.headers).and_then(|value| {
+            parts
+                .extensions
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .map(|client| (value, client))
+        });
+        let bad_path = || {
+            trace.reason = Some("bad path");
+            Problem::bad_request(
+                "A path segment of `.` or `..`, or an encoded slash, cannot be placed into this route's path.",
+            )
+            .into_response()
+        };
+        let path = PathEdit::apply_all(&self.plan.path, parts.uri.path(), &asked.variables)
+            .ok_or_else(bad_path)?;
+        let query = QueryEdit::apply_all(&self.plan.query, parts.uri.query(), &asked.variables);
+        let target = match query {
+            Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+            None => PathAndQuery::try_from(path),
+        }
+        .map_err(|_| {
+            Problem::bad_request("The request path cannot be forwarded.").into_response()
+        })?;
+        let scheme = parts
+            .extensions
+            .get::<shared::server::Scheme>()
+            .map_or("http", |s| s.0);
+        let mut headers = std::mem::take(&mut parts.headers);
+        gateway_headers(&mut headers, self.client, self.request_id, scheme);
+        HeaderEdit::apply_all(&self.plan.headers, &mut headers, &asked.variables);
+        Ok(Outgoing {
+            idempotent: self.plan.retry.methods.contains(&parts.method)
+                || headers.contains_key(&IDEMPOTENCY_KEY),
+            method: parts.method.clone(),
+            target,
+            headers,
+            timeout: self
+                .route
+                .response_timeout
+                .unwrap_or_else(|| self.gateway.upstream.response_timeout()),
+            upgrade,
+        })
+    }
+
+    /// The route's breaker: a permit, or a 503 while it is open. It judges the
+    /// upstream only: everything the client got wrong was refused above.
+    fn admit(&self, trace: &mut Trace) -> Result<Option<crate::breaker::Permit>, Failed> {
+        let Some(breaker) = &self.plan.breaker else {
+            return Ok(None);
+        };
+        match breaker.permit(Instant::now()) {
+            Ok(()) => Ok(Some(crate::breaker::Permit::new(breaker.clone()))),
+            Err(open_for) => {
+                trace.reason = Some("circuit open");
+                let seconds = open_for.as_secs().max(1);
+                let mut response = Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "Requests to this route are paused for {seconds}s after repeated upstream failures (circuit breaker {}).",
+                        breaker.name
+                    ),
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                Err(Failed::no_answer(response))
+            }
+        }
+    }
+
+    /// The service the route sends to, as metrics and problems name it.
+    fn service(&self) -> &str {
+        match &self.route.upstream {
+            Upstream::Fixed(_) => &self.route.id,
+            Upstream::Service(service) => service,
+        }
+    }
+
+    /// An instance not tried yet: the fixed upstream, or one the balancer picks.
+    fn choose(&self, tried: &[String]) -> Option<Target> {
+        let name = match &self.route.upstream {
             Upstream::Fixed(base) => {
                 let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
-                (
-                    if scheme == "https" { "https" } else { "http" },
-                    authority.to_owned(),
-                    gateway.balancer.health(base),
-                    None,
-                )
+                return Some(Target {
+                    scheme: if scheme == "https" { "https" } else { "http" },
+                    authority: authority.to_owned(),
+                    health: self.gateway.balancer.health(base),
+                    named_host: None,
+                });
             }
-            Upstream::Service(name) => {
-                let instances = gateway
-                    .discovery
-                    .as_ref()
-                    .map(|d| d.instances(name))
-                    .unwrap_or_default();
-                let turn = route.turn.fetch_add(1, Ordering::Relaxed);
-                match gateway
-                    .balancer
-                    .pick(&instances, &tried, route.balancing, turn, now_ms())
-                {
-                    // An instance that registered a secure port is reached there over
-                    // https, by its registered name so that its certificate can be
-                    // checked against it; the name still leads to the address
-                    // discovery checked (the connector's pins).
-                    Some((instance, health)) if instance.secure_port.is_some() => {
-                        let port = instance.secure_port.unwrap_or(instance.port);
-                        if let Ok(pinned) = instance.address.parse::<SocketAddr>() {
-                            gateway.pins.pin(&instance.host, pinned.ip());
-                        }
-                        let authority = if instance.host.contains(':') {
-                            format!("[{}]:{port}", instance.host)
-                        } else {
-                            format!("{}:{port}", instance.host)
-                        };
-                        ("https", authority, health, None)
-                    }
-                    Some((instance, health)) => {
-                        let named = shared::networks::literal(&instance.host).is_none();
-                        let host = named
-                            .then(|| {
-                                HeaderValue::from_str(&format!(
-                                    "{}:{}",
-                                    instance.host, instance.port
-                                ))
-                                .ok()
-                            })
-                            .flatten();
-                        ("http", instance.address.clone(), health, host)
-                    }
-                    None if tried.is_empty() => {
-                        trace.reason = Some("no instance");
-                        if let Some(permit) = permit.take() {
-                            permit.failed();
-                        }
-                        if let Some(fallback) = fallback {
-                            return fallback
-                                .forward(gateway, client, request_id, body.replay(), trace)
-                                .await;
-                        }
-                        return Err(Problem::unavailable(name)
+            Upstream::Service(name) => name,
+        };
+        let instances = self
+            .gateway
+            .discovery
+            .as_ref()
+            .map(|d| d.instances(name))
+            .unwrap_or_default();
+        let turn = self.route.turn.fetch_add(1, Ordering::Relaxed);
+        let (instance, health) =
+            self.gateway
+                .balancer
+                .pick(&instances, tried, self.route.balancing, turn, now_ms())?;
+        if let Some(port) = instance.secure_port {
+            // An instance that registered a secure port is reached there over https,
+            // by its registered name so that its certificate can be checked against
+            // it; the name still leads to the address discovery checked (the
+            // connector's pins).
+            if let Ok(pinned) = instance.address.parse::<SocketAddr>() {
+                self.gateway.pins.pin(&instance.host, pinned.ip());
+            }
+            let authority = if instance.host.contains(':') {
+                format!("[{}]:{port}", instance.host)
+            } else {
+                format!("{}:{port}", instance.host)
+            };
+            return Some(Target {
+                scheme: "https",
+                authority,
+                health,
+                named_host: None,
+            });
+        }
+        // An instance registered by name is reached at the address its name was
+        // checked and pinned to, and told its name in `Host`.
+        let named_host = shared::networks::literal(&instance.host)
+            .is_none()
+            .then(|| HeaderValue::from_str(&format!("{}:{}", instance.host, instance.port)).ok())
+            .flatten();
+        Some(Target {
+            scheme: "http",
+            authority: instance.address.clone(),
+            health,
+            named_host,
+        })
+    }
+
+    /// Sends the request to an instance, and to others while the retry policy and the
+    /// service's budget allow; the edited answer, or why there is none. The breaker's
+    /// permit hears the outcome.
+    async fn attempts(
+        &self,
+        mut outgoing: Outgoing,
+        body: &mut RequestBody,
+        permit: Option<crate::breaker::Permit>,
+        asked: &Asked<'_>,
+        quota: Option<&Quota>,
+        trace: &mut Trace,
+    ) -> Result<Response, Failed> {
+        let outcome = self.try_instances(&mut outgoing, body, asked, trace).await;
+        let outcome = outcome.map(|answer| match answer {
+            Answer::Upgraded(response) => response,
+            Answer::Response(response) => {
+                let mut response = finish(response, self.plan, asked);
+                if let Some((limiter, decision)) = quota {
+                    limiter.headers(decision, response.headers_mut());
+                }
+                response
+            }
+        });
+        if let Some(permit) = permit {
+            let failed = match &outcome {
+                Ok(response) => permit.breaker().is_failure(response.status().as_u16()),
+                Err(_) => true,
+            };
+            if failed {
+                permit.failed();
+            } else {
+                permit.succeeded();
+            }
+        }
+        outcome
+    }
+
+    async fn try_instances(
+        &self,
+        outgoing: &mut Outgoing,
+        body: &mut RequestBody,
+        asked: &Asked<'_>,
+        trace: &mut Trace,
+    ) -> Result<Answer, Failed> {
+        let service = self.service();
+        let policy = &self.plan.retry;
+        let budget = self.gateway.balancer.budget(service);
+        budget.deposit(now_ms());
+        let mut tried: Vec<String> = Vec::new();
+        // The answer of the last failed attempt, given when nothing is left to try.
+        let mut last_failure: Option<Failed> = None;
+        loop {
+            let Some(target) = self.choose(&tried) else {
+                trace.reason.get_or_insert("no instance");
+                return Err(last_failure.unwrap_or_else(|| {
+                    Failed::no_answer(
+                        Problem::unavailable(service)
                             .with_detail(format!(
-                                "No instance of {name} is available right now; retry later."
+                                "No instance of {service} is available right now; retry later."
                             ))
-                            .into_response());
-                    }
-                    None => {
-                        if let Some(permit) = permit.take() {
-                            permit.failed();
+                            .into_response(),
+                    )
+                }));
+            };
+            let Some(attempt_body) = body.take() else {
+                return Err(Failed::no_answer(exhausted(service, tried.len())));
+            };
+            let sent = self.attempt(outgoing, &target, attempt_body).await;
+            trace.instance = Some(target.authority.clone());
+            trace.retries = tried.len();
+
+            // What went wrong, if anything, and whether another instance may be tried.
+            let (failure, retryable) = match sent {
+                Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    target.health.succeeded();
+                    match outgoing.upgrade.take() {
+                        // The upstream took the WebSocket: from here on the two
+                        // connections are joined byte for byte, outside any timeout.
+                        Some((_, client)) => {
+                            return Ok(Answer::Upgraded(join_upgrade(response, client, service)));
                         }
-                        if let Some(fallback) = fallback {
-                            return fallback
-                                .forward(gateway, client, request_id, body.replay(), trace)
-                                .await;
-                        }
-                        return Err(
-                            last_failure.unwrap_or_else(|| exhausted(&service, tried.len()))
-                        );
+                        None => return Ok(Answer::Response(response)),
                     }
                 }
+                Ok(response) if policy.retries_status(response.status()) => {
+                    if response.status().is_server_error() {
+                        target.health.failed(now_ms());
+                    }
+                    (AttemptFailure::Status(response), outgoing.idempotent)
+                }
+                Ok(response) => {
+                    if response.status().is_server_error() {
+                        target.health.failed(now_ms());
+                    } else {
+                        target.health.succeeded();
+                    }
+                    return Ok(Answer::Response(response));
+                }
+                Err(failure) => {
+                    target.health.failed(now_ms());
+                    let retryable = match failure {
+                        // The request never left: safe to send elsewhere, whatever the
+                        // method.
+                        AttemptFailure::Unreachable => policy.exceptions.contains(&FailureKind::Io),
+                        AttemptFailure::Broken => {
+                            outgoing.idempotent && policy.exceptions.contains(&FailureKind::Io)
+                        }
+                        AttemptFailure::Timeout => {
+                            outgoing.idempotent && policy.exceptions.contains(&FailureKind::Timeout)
+                        }
+                        AttemptFailure::Status(_) => false,
+                    };
+                    (failure, retryable)
+                }
+            };
+            tried.push(target.authority);
+            let reason = failure.reason();
+            trace.reason = Some(reason);
+            metrics::counter!(
+                "gateway_upstream_failures_total",
+                "service" => service.to_owned(),
+                "instance" => tried.last().cloned().unwrap_or_default(),
+                "reason" => reason
+            )
+            .increment(1);
+            let failed =
+                match failure {
+                    AttemptFailure::Status(response) => Failed {
+                        // An answer goes to the fallback only when `statusCodes` names it.
+                        to_fallback: self.plan.breaker.as_ref().is_some_and(|b| {
+                            b.failure_statuses.contains(&response.status().as_u16())
+                        }),
+                        answer: finish(response, self.plan, asked),
+                    },
+                    AttemptFailure::Unreachable | AttemptFailure::Broken => Failed::no_answer(
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("{service} could not be reached or broke the connection."),
+                        )
+                        .into_response(),
+                    ),
+                    AttemptFailure::Timeout => Failed::no_answer(
+                        Problem::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "{service} did not answer within {}ms.",
+                                outgoing.timeout.as_millis()
+                            ),
+                        )
+                        .into_response(),
+                    ),
+                };
+            let may_retry = retryable
+                && tried.len() <= policy.retries
+                && body.replayable()
+                && budget.withdraw(now_ms());
+            if !may_retry {
+                return Err(failed);
             }
-        };
-        let target = match &query {
-            Some(query) => format!("{scheme}://{instance}{path}?{query}"),
-            None => format!("{scheme}://{instance}{path}"),
-        };
-        let Ok(uri) = target.parse::<Uri>() else {
-            return Err(
-                Problem::bad_request("The request path cannot be forwarded.").into_response(),
-            );
-        };
-        let Some(attempt_body) = body.take() else {
-            return Err(exhausted(&service, tried.len()));
-        };
-        let mut attempt = axum::http::Request::new(attempt_body);
-        *attempt.method_mut() = parts.method.clone();
+            metrics::counter!("gateway_retries_total", "route" => self.route.id.clone())
+                .increment(1);
+            last_failure = Some(failed);
+            if let Some(backoff) = &policy.backoff {
+                tokio::time::sleep(backoff.before(tried.len())).await;
+            }
+        }
+    }
+
+    /// One attempt at `target`, inside a client span of its own (a retry on another
+    /// instance is a span of its own, and the upstream's server span is its child),
+    /// counted in flight at the instance for as long as it runs, however it ends.
+    async fn attempt(
+        &self,
+        outgoing: &Outgoing,
+        target: &Target,
+        body: Body,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptFailure> {
+        use tracing::Instrument;
+        let uri = Uri::builder()
+            .scheme(target.scheme)
+            .authority(target.authority.as_str())
+            .path_and_query(outgoing.target.clone())
+            .build()
+            .map_err(|_| AttemptFailure::Unreachable)?;
+        let mut attempt = axum::http::Request::new(body);
+        *attempt.method_mut() = outgoing.method.clone();
         *attempt.uri_mut() = uri;
-        *attempt.headers_mut() = parts.headers.clone();
-        if let Some(upgrade) = &upgrade
-            && client_upgrade.is_some()
-        {
-            let headers = attempt.headers_mut();
+        *attempt.headers_mut() = outgoing.headers.clone();
+        let headers = attempt.headers_mut();
+        if let Some((upgrade, _)) = &outgoing.upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, upgrade.clone());
         }
-        if let Some(host) = named_host
-            && !attempt.headers().contains_key(header::HOST)
+        if let Some(host) = &target.named_host
+            && !headers.contains_key(header::HOST)
         {
-            attempt.headers_mut().insert(header::HOST, host);
+            headers.insert(header::HOST, host.clone());
         }
-
-        // A client span per attempt: a retry on another instance is a span of its
-        // own, and the upstream's server span is its child.
-        let attempt_span = tracing::info_span!(
+        let service = self.service();
+        let span = tracing::info_span!(
             "upstream",
-            otel.name = %format_args!("{} {service}", parts.method),
+            otel.name = %format_args!("{} {service}", outgoing.method),
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
             peer.service = %service,
-            server.address = %instance,
+            server.address = %target.authority,
             http.response.status_code = tracing::field::Empty,
         );
-        if let Some(traceparent) = shared::telemetry::traceparent_of(&attempt_span)
-            .and_then(|v| HeaderValue::from_str(&v).ok())
+        if let Some(traceparent) =
+            shared::telemetry::traceparent_of(&span).and_then(|v| HeaderValue::from_str(&v).ok())
         {
-            attempt
-                .headers_mut()
-                .insert(TRACEPARENT.clone(), traceparent);
+            headers.insert(TRACEPARENT.clone(), traceparent);
         }
         let sent = {
-            use tracing::Instrument;
-            let _in_flight = health.in_flight();
-            tokio::time::timeout(timeout, gateway.client().request(attempt))
-                .instrument(attempt_span.clone())
+            let _in_flight = target.health.in_flight();
+            tokio::time::timeout(outgoing.timeout, self.gateway.client().request(attempt))
+                .instrument(span.clone())
                 .await
         };
-        match &sent {
+        match sent {
             Ok(Ok(response)) => {
-                attempt_span.record("http.response.status_code", response.status().as_u16());
+                span.record("http.response.status_code", response.status().as_u16());
                 if response.status().is_server_error() {
-                    attempt_span.record("otel.status_code", "error");
+                    span.record("otel.status_code", "error");
                 }
-            }
-            _ => {
-                attempt_span.record("otel.status_code", "error");
-            }
-        }
-
-        // What went wrong, if anything, and whether another instance may be tried.
-        let (failure, retryable) = match sent {
-            Ok(Ok(response)) if route.retry.statuses.contains(&response.status().as_u16()) => {
-                health.failed(now_ms());
-                (AttemptFailure::Status(response), idempotent)
-            }
-            Ok(Ok(response))
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && client_upgrade.is_some() =>
-            {
-                // The upstream took the WebSocket: from here on the two connections
-                // are joined byte for byte, outside any timeout.
-                health.succeeded();
-                trace.instance = Some(instance);
-                trace.retries = tried.len();
-                if let Some(permit) = permit.take() {
-                    permit.succeeded();
-                }
-                let Some(client_side) = client_upgrade.take() else {
-                    return Err(exhausted(&service, tried.len()));
-                };
-                return Ok(join_upgrade(response, client_side, &service));
-            }
-            Ok(Ok(response)) => {
-                if response.status().is_server_error() {
-                    health.failed(now_ms());
-                } else {
-                    health.succeeded();
-                }
-                let mut response = finish(response, route, &asked);
-                if let Some((limiter, decision)) = &rate_limit {
-                    limiter.headers(decision, response.headers_mut());
-                }
-                trace.instance = Some(instance);
-                trace.retries = tried.len();
-                if let Some(permit) = permit.take() {
-                    let breaker = permit.breaker();
-                    let status = response.status().as_u16();
-                    if breaker.is_failure(status) {
-                        permit.failed();
-                    } else {
-                        permit.succeeded();
-                    }
-                    // As in Spring: an answer is forwarded to the fallback only when
-                    // `statusCodes` names its status; a 5xx still counts against the
-                    // breaker.
-                    if breaker.failure_statuses.contains(&status)
-                        && let Some(fallback) = fallback
-                    {
-                        trace.reason = Some("upstream error status");
-                        return fallback
-                            .forward(gateway, client, request_id, body.replay(), trace)
-                            .await;
-                    }
-                }
-                return Ok(response);
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                health.failed(now_ms());
-                tracing::warn!(%service, %instance, error = %e, "upstream unreachable");
-                // The request never left: safe to send elsewhere, whatever the method.
-                (AttemptFailure::Unreachable, true)
+                Ok(response)
             }
             Ok(Err(e)) => {
-                health.failed(now_ms());
-                tracing::warn!(%service, %instance, error = %e, "upstream broke the exchange");
-                (AttemptFailure::Broken, idempotent)
+                span.record("otel.status_code", "error");
+                if e.is_connect() {
+                    tracing::warn!(%service, instance = %target.authority, error = %e, "upstream unreachable");
+                    Err(AttemptFailure::Unreachable)
+                } else {
+                    tracing::warn!(%service, instance = %target.authority, error = %e, "upstream broke the exchange");
+                    Err(AttemptFailure::Broken)
+                }
             }
             Err(_) => {
-                health.failed(now_ms());
-                (AttemptFailure::Timeout, idempotent)
+                span.record("otel.status_code", "error");
+                Err(AttemptFailure::Timeout)
             }
-        };
-        tried.push(instance.clone());
-        trace.instance = Some(instance.clone());
-        trace.retries = tried.len() - 1;
-        trace.reason = Some(match &failure {
-            AttemptFailure::Status(_) => "upstream error status",
-            AttemptFailure::Unreachable => "upstream unreachable",
-            AttemptFailure::Broken => "upstream broke the exchange",
-            AttemptFailure::Timeout => "upstream timeout",
-        });
-        metrics::counter!(
-            "gateway_upstream_failures_total",
-            "service" => service.clone(),
-            "instance" => instance.clone(),
-            "reason" => trace.reason.unwrap_or("-")
-        )
-        .increment(1);
-        // A failure to get any answer always goes to the fallback; an answer, only
-        // when `statusCodes` names its status.
-        let to_fallback = match &failure {
-            AttemptFailure::Status(response) => {
-                breaker_statuses.contains(&response.status().as_u16())
-            }
-            _ => true,
-        };
-        let answer = match failure {
-            AttemptFailure::Status(response) => finish(response, route, &asked),
-            AttemptFailure::Unreachable | AttemptFailure::Broken => Problem::new(
-                StatusCode::BAD_GATEWAY,
-                format!("{service} could not be reached or broke the connection."),
-            )
-            .into_response(),
-            AttemptFailure::Timeout => Problem::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("{service} did not answer within {}ms.", timeout.as_millis()),
-            )
-            .into_response(),
-        };
-        let may_retry = retryable
-            && tried.len() <= route.retry.retries
-            && body.replayable()
-            && budget.withdraw(now_ms());
-        if !may_retry {
-            if let Some(permit) = permit.take() {
-                permit.failed();
-            }
-            if to_fallback && let Some(fallback) = fallback {
-                return fallback
-                    .forward(gateway, client, request_id, body.replay(), trace)
-                    .await;
-            }
-            return Err(answer);
         }
-        metrics::counter!("gateway_retries_total", "route" => route.id.clone()).increment(1);
-        last_failure = Some(answer);
     }
 }
+
+/// What a successful exchange produced.
+enum Answer {
+    Response(hyper::Response<hyper::body::Incoming>),
+    /// A WebSocket handshake the upstream accepted; the connections are joined.
+    Upgraded(Response),
+}
+
+/// The limiter that decided last, and its decision, for the `RateLimit-*` headers.
+type Quota = (Arc<crate::limits::RateLimiter>, crate::limits::Decision);
 
 /// Requests up to this size are buffered so another instance can be tried.
 const MAX_REPLAY_BYTES: u64 = 64 * 1024;
@@ -801,7 +972,7 @@ struct Forwarded;
 /// as the client sent it.
 struct Fallback {
     uri: String,
-    method: axum::http::Method,
+    method: Method,
     headers: HeaderMap,
 }
 
@@ -811,9 +982,7 @@ impl Fallback {
     /// a service that degrades gracefully). No route for it is a 503 naming it.
     async fn forward(
         self,
-        gateway: &Gateway,
-        client: SocketAddr,
-        request_id: &HeaderValue,
+        from: &Exchange<'_>,
         body: Body,
         trace: &mut Trace,
     ) -> Result<Response, Rejection> {
@@ -825,12 +994,12 @@ impl Fallback {
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
         request.extensions_mut().insert(Forwarded);
-        let routes = gateway.routes.load_full();
+        let routes = from.gateway.routes.load_full();
         let facts = crate::routes::RequestFacts::of(
             request.method(),
             request.uri(),
             request.headers(),
-            Some(client.ip()),
+            Some(from.client.ip()),
         );
         let Some(route) = routes.find(&facts) else {
             trace.reason = Some("fallback has no route");
@@ -844,16 +1013,36 @@ impl Fallback {
             .into_response());
         };
         metrics::counter!("gateway_fallbacks_total", "route" => route.id.clone()).increment(1);
-        Box::pin(handle(gateway, route, client, request_id, request, trace)).await
+        Box::pin(handle(
+            from.gateway,
+            route,
+            from.client,
+            from.request_id,
+            request,
+            trace,
+        ))
+        .await
     }
 }
 
 /// Why an attempt failed.
 enum AttemptFailure {
+    /// An answer the retry policy counts as a failure.
     Status(hyper::Response<hyper::body::Incoming>),
     Unreachable,
     Broken,
     Timeout,
+}
+
+impl AttemptFailure {
+    fn reason(&self) -> &'static str {
+        match self {
+            AttemptFailure::Status(_) => "upstream error status",
+            AttemptFailure::Unreachable => "upstream unreachable",
+            AttemptFailure::Broken => "upstream broke the exchange",
+            AttemptFailure::Timeout => "upstream timeout",
+        }
+    }
 }
 
 fn too_large(max: u64) -> Rejection {
@@ -875,35 +1064,6 @@ fn exhausted(service: &str, attempts: usize) -> Response {
         format!("{service} failed on {attempts} instance(s)."),
     )
     .into_response()
-}
-
-/// The upstream's response as the client gets it.
-/// The client's own host and path, as it sent them, and the path's variables.
-struct Asked<'r> {
-    host: Option<String>,
-    path: String,
-    variables: Vec<(&'r str, String)>,
-}
-
-/// `value` with each `{name}` replaced by that path variable, percent-decoded (a
-/// value that would not be a valid header then keeps the variable as matched).
-fn expand(value: &HeaderValue, variables: &[(&str, String)]) -> HeaderValue {
-    if variables.is_empty() || !value.as_bytes().contains(&b'{') {
-        return value.clone();
-    }
-    let Ok(text) = value.to_str() else {
-        return value.clone();
-    };
-    let mut filled = text.to_owned();
-    for (name, raw) in variables {
-        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-        let fits = HeaderValue::from_str(&decoded).is_ok();
-        filled = filled.replace(
-            &format!("{{{name}}}"),
-            if fits { decoded.as_ref() } else { raw.as_str() },
-        );
-    }
-    HeaderValue::from_str(&filled).unwrap_or_else(|_| value.clone())
 }
 
 /// The `Upgrade` value of a WebSocket handshake (`Connection: upgrade` and
@@ -951,16 +1111,17 @@ fn join_upgrade(
     response
 }
 
+/// The upstream's response as the client gets it: hop-by-hop and the upstream's CORS
+/// headers dropped (the gateway owns CORS), then the route's response edits.
 fn finish(
     upstream_response: hyper::Response<hyper::body::Incoming>,
-    route: &Route,
+    plan: &Plan,
     asked: &Asked<'_>,
 ) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
     for name in &HOP_BY_HOP {
         parts.headers.remove(name);
     }
-    // The gateway owns CORS; an upstream's own headers would be doubled or conflict.
     // Collecting nothing allocates nothing: the common case costs one scan.
     let cors: Vec<HeaderName> = parts
         .headers
@@ -971,182 +1132,8 @@ fn finish(
     for name in cors {
         parts.headers.remove(name);
     }
-    for filter in &route.filters {
-        match filter {
-            Filter::AddResponseHeader(name, value) => {
-                parts
-                    .headers
-                    .append(name.clone(), expand(value, &asked.variables));
-            }
-            Filter::SetResponseHeader(name, value) => {
-                parts
-                    .headers
-                    .insert(name.clone(), expand(value, &asked.variables));
-            }
-            Filter::RemoveResponseHeader(name) => {
-                parts.headers.remove(name);
-            }
-            Filter::DedupeResponseHeader(names, strategy) => {
-                for name in names {
-                    dedupe(&mut parts.headers, name, *strategy);
-                }
-            }
-            Filter::RewriteResponseHeader(name, regex, replacement) => {
-                let rewritten: Vec<HeaderValue> = parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .filter_map(|v| {
-                        HeaderValue::from_str(&regex.replace_all(v, replacement.as_str())).ok()
-                    })
-                    .collect();
-                if !rewritten.is_empty() {
-                    parts.headers.remove(name);
-                    for value in rewritten {
-                        parts.headers.append(name.clone(), value);
-                    }
-                }
-            }
-            Filter::SetStatus(status) => parts.status = *status,
-            Filter::SecureHeaders => secure_headers(&mut parts.headers),
-            Filter::RewriteLocation(rewrite) => {
-                rewrite.apply(&mut parts.headers, asked.host.as_deref(), &asked.path);
-            }
-            _ => {}
-        }
-    }
+    ResponseEdit::apply_all(&plan.response, &mut parts.status, &mut parts.headers, asked);
     Response::from_parts(parts, Body::new(body))
-}
-
-/// Keeps one value of `name` (or each distinct one), comparing whole values as Spring
-/// does: a value holding commas (a cookie's expiry date) is never cut apart.
-fn dedupe(headers: &mut HeaderMap, name: &HeaderName, strategy: crate::routes::Dedupe) {
-    use crate::routes::Dedupe;
-    let values: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
-    if values.len() < 2 {
-        return;
-    }
-    let kept: Vec<HeaderValue> = match strategy {
-        Dedupe::RetainFirst => values.into_iter().take(1).collect(),
-        Dedupe::RetainLast => values.into_iter().last().into_iter().collect(),
-        Dedupe::RetainUnique => {
-            let mut seen: Vec<HeaderValue> = Vec::new();
-            for v in values {
-                if !seen.contains(&v) {
-                    seen.push(v);
-                }
-            }
-            seen
-        }
-    };
-    headers.remove(name);
-    for value in kept {
-        headers.append(name.clone(), value);
-    }
-}
-
-/// The upstream query after `AddRequestParameter` and `RemoveRequestParameter`.
-fn rewrite_query(
-    route: &Route,
-    query: Option<&str>,
-    variables: &[(&str, String)],
-) -> Option<String> {
-    let edits = route.filters.iter().any(|f| {
-        matches!(
-            f,
-            Filter::AddRequestParameter(..) | Filter::RemoveRequestParameter(_)
-        )
-    });
-    if !edits {
-        return query.map(str::to_owned);
-    }
-    let mut pairs: Vec<String> = query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(str::to_owned)
-        .collect();
-    for filter in &route.filters {
-        match filter {
-            Filter::AddRequestParameter(name, value) => {
-                let mut value = value.clone();
-                for (variable, raw) in variables {
-                    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-                    value = value.replace(&format!("{{{variable}}}"), &decoded);
-                }
-                pairs.push(format!("{}={}", encode_query(name), encode_query(&value)));
-            }
-            Filter::RemoveRequestParameter(name) => {
-                // Compared decoded, as the upstream will read it: `%64ebug` is `debug`.
-                pairs.retain(|p| decode_query(p.split('=').next().unwrap_or_default()) != *name);
-            }
-            _ => {}
-        }
-    }
-    (!pairs.is_empty()).then(|| pairs.join("&"))
-}
-
-/// A query component decoded as the upstream reads it (`+` is a space, `%XX` a byte,
-/// bytes that are not UTF-8 replaced, a malformed escape kept as written).
-fn decode_query(text: &str) -> String {
-    form_urlencoded::parse(text.as_bytes())
-        .next()
-        .map(|(key, _)| key.into_owned())
-        .unwrap_or_default()
-}
-
-/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
-const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode_query(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, NOT_UNRESERVED).to_string()
-}
-
-/// The upstream path after `StripPrefix`, `RewritePath`, `SetPath` and `PrefixPath`,
-/// in the order the filters are written.
-/// `None` when a captured variable would change the path's shape (`..`, an encoded
-/// slash): placed into a template it could climb out of the intended prefix.
-fn rewrite_path(route: &Route, path: &str) -> Option<String> {
-    let original = path;
-    let mut path = path.to_owned();
-    for filter in &route.filters {
-        match filter {
-            Filter::SetPath(template) => {
-                let mut filled = template.clone();
-                for (name, value) in route.path_variables(original) {
-                    let lower = value.to_ascii_lowercase();
-                    if value == "."
-                        || value == ".."
-                        || lower.contains("%2f")
-                        || lower.contains("%5c")
-                        || lower.contains("%2e")
-                    {
-                        return None;
-                    }
-                    filled = filled.replace(&format!("{{{name}}}"), &value);
-                }
-                path = filled;
-            }
-            Filter::PrefixPath(prefix) => {
-                path = format!("{prefix}{path}");
-            }
-            Filter::StripPrefix(n) => {
-                let rest: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).skip(*n).collect();
-                path = format!("/{}", rest.join("/"));
-            }
-            Filter::RewritePath(regex, replacement) => {
-                path = regex.replace(&path, replacement.as_str()).into_owned();
-            }
-            _ => {}
-        }
-    }
-    Some(path)
 }
 
 /// The client's address: the TCP peer, or, when the peer is a trusted proxy, the
@@ -1199,12 +1186,13 @@ fn forwarded_proto(incoming: Option<&HeaderValue>, ours: &'static str) -> Header
     }
 }
 
-fn prepare_headers(
+/// The headers the gateway itself sets for the upstream, before the route's edits:
+/// hop-by-hop and forgeable identity headers dropped, `X-Forwarded-For`, `-Proto` and
+/// `-Host` appended or set, `X-Request-Id` set.
+fn gateway_headers(
     headers: &mut HeaderMap,
-    route: &Route,
     client: SocketAddr,
     request_id: &HeaderValue,
-    variables: &[(&str, String)],
     scheme: &'static str,
 ) {
     for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
@@ -1226,42 +1214,6 @@ fn prepare_headers(
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    // `forward` started a trace when the caller did not.
-    for filter in &route.filters {
-        match filter {
-            Filter::AddRequestHeader(name, value) => {
-                headers.append(name.clone(), expand(value, variables));
-            }
-            Filter::RemoveRequestHeader(name) => {
-                headers.remove(name);
-            }
-            Filter::SetRequestHeader(name, value) => {
-                headers.insert(name.clone(), expand(value, variables));
-            }
-            Filter::AddRequestHeadersIfNotPresent(pairs) => {
-                for (name, value) in pairs {
-                    if !headers.contains_key(name) {
-                        headers.insert(name.clone(), value.clone());
-                    }
-                }
-            }
-            Filter::MapRequestHeader(from, to) => {
-                let values: Vec<HeaderValue> = headers.get_all(from).iter().cloned().collect();
-                for value in values {
-                    headers.append(to.clone(), value);
-                }
-            }
-            Filter::SetRequestHostHeader(host) => {
-                headers.insert(header::HOST, host.clone());
-            }
-            Filter::PreserveHostHeader => {
-                if let Some(host) = headers.get(&X_FORWARDED_HOST).cloned() {
-                    headers.insert(header::HOST, host);
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 /// A random UUID (v4) for a request that came without an id.
@@ -1283,15 +1235,6 @@ fn new_traceparent() -> HeaderValue {
         *digit = HEX[usize::from(nibble)];
     }
     HeaderValue::from_bytes(&value).expect("hex digits are a valid header value")
-}
-
-/// Spring Cloud Gateway's `SecureHeaders` defaults, where the response has none.
-fn secure_headers(headers: &mut HeaderMap) {
-    for (name, value) in &SECURE_HEADERS {
-        if !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
 }
 
 /// Timeouts of the upstream side.
@@ -1370,14 +1313,6 @@ mod tests {
     }
 
     #[test]
-    fn query_keys_are_compared_decoded() {
-        assert_eq!(decode_query("%64ebug"), "debug");
-        assert_eq!(decode_query("a+b%20c"), "a b c");
-        assert_eq!(decode_query("100%"), "100%");
-        assert_eq!(decode_query("%zz"), "%zz");
-    }
-
-    #[test]
     fn forwarded_proto_keeps_a_load_balancers_scheme_and_drops_junk() {
         let https = HeaderValue::from_static("https");
         assert_eq!(forwarded_proto(Some(&https), "http"), "https, http");
@@ -1409,18 +1344,5 @@ mod tests {
         let parsed = uuid::Uuid::parse_str(id.to_str().unwrap()).unwrap();
         assert_eq!(parsed.get_version(), Some(uuid::Version::Random));
         assert_ne!(id, new_request_id());
-    }
-
-    #[test]
-    fn secure_headers_keep_what_the_upstream_set() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::X_FRAME_OPTIONS,
-            HeaderValue::from_static("SAMEORIGIN"),
-        );
-        secure_headers(&mut headers);
-        assert_eq!(headers[header::X_FRAME_OPTIONS], "SAMEORIGIN");
-        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
-        assert_eq!(headers.len(), SECURE_HEADERS.len());
     }
 }

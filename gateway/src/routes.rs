@@ -47,74 +47,6 @@ pub struct RouteSpec {
     pub metadata: BTreeMap<String, Value>,
 }
 
-/// When a failed attempt is tried again on another instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Further attempts after the first.
-    pub retries: usize,
-    /// Methods retried after the request may have reached the upstream; others only
-    /// with an `Idempotency-Key`. Connection failures are retried for any method.
-    pub methods: Vec<Method>,
-    /// Upstream statuses that count as a failed attempt.
-    pub statuses: Vec<u16>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            retries: 2,
-            methods: vec![Method::GET, Method::HEAD, Method::OPTIONS],
-            statuses: vec![502, 503, 504],
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Spring's `Retry` filter arguments: `retries`, `methods`, `statuses`.
-    fn from_args(args: &BTreeMap<String, String>) -> Result<Self, String> {
-        let mut policy = Self::default();
-        if let Some(retries) = args.get("retries").or_else(|| args.get("_genkey_0")) {
-            policy.retries = retries
-                .parse()
-                .map_err(|_| format!("retries must be a number, not {retries}"))?;
-        }
-        if let Some(methods) = args.get("methods") {
-            policy.methods = methods
-                .split(',')
-                .map(|m| {
-                    Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
-                        .map_err(|_| format!("{m} is not an HTTP method"))
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(statuses) = args.get("statuses") {
-            policy.statuses = statuses
-                .split(',')
-                .map(|s| status_code(s.trim()))
-                .collect::<Result<_, _>>()?;
-        }
-        Ok(policy)
-    }
-}
-
-/// `502` or Spring's `BAD_GATEWAY`.
-fn status_code(raw: &str) -> Result<u16, String> {
-    if let Ok(code) = raw.parse::<u16>() {
-        return Ok(code);
-    }
-    let by_name = [
-        ("INTERNAL_SERVER_ERROR", 500),
-        ("BAD_GATEWAY", 502),
-        ("SERVICE_UNAVAILABLE", 503),
-        ("GATEWAY_TIMEOUT", 504),
-    ];
-    by_name
-        .iter()
-        .find(|(name, _)| *name == raw)
-        .map(|(_, code)| *code)
-        .ok_or_else(|| format!("{raw} is not a status code"))
-}
-
 /// Where a route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
@@ -187,71 +119,8 @@ impl<'a> RequestFacts<'a> {
     }
 }
 
-/// A change to the request or the response.
-#[derive(Debug, Clone)]
-pub enum Filter {
-    StripPrefix(usize),
-    RewritePath(regex::Regex, String),
-    AddRequestHeader(HeaderName, HeaderValue),
-    RemoveRequestHeader(HeaderName),
-    AddResponseHeader(HeaderName, HeaderValue),
-    /// Largest request body accepted, in bytes.
-    RequestSize(u64),
-    SecureHeaders,
-    /// Settings kept for the retry, breaker and limiter stages.
-    Retry(BTreeMap<String, String>),
-    CircuitBreaker(std::sync::Arc<crate::breaker::CircuitBreaker>),
-    /// Token buckets per user or client IP, shared by every request of the route.
-    RequestRateLimiter(std::sync::Arc<crate::limits::RateLimiter>),
-    /// Replaces the request header's values.
-    SetRequestHeader(HeaderName, HeaderValue),
-    /// Adds each header the request does not carry yet.
-    AddRequestHeadersIfNotPresent(Vec<(HeaderName, HeaderValue)>),
-    /// Copies the values of the first header into the second.
-    MapRequestHeader(HeaderName, HeaderName),
-    /// The `Host` the upstream sees.
-    SetRequestHostHeader(HeaderValue),
-    /// The upstream sees the client's `Host` rather than its own address.
-    PreserveHostHeader,
-    /// Puts a prefix before the path.
-    PrefixPath(String),
-    /// Replaces the path with a template filled from the `Path` predicate's
-    /// `{variables}`.
-    SetPath(String),
-    AddRequestParameter(String, String),
-    RemoveRequestParameter(String),
-    /// Replaces the response header's values.
-    SetResponseHeader(HeaderName, HeaderValue),
-    RemoveResponseHeader(HeaderName),
-    /// Keeps one value of each named response header, by the strategy.
-    DedupeResponseHeader(Vec<HeaderName>, Dedupe),
-    /// Rewrites the response header's values with a regex and a replacement.
-    RewriteResponseHeader(HeaderName, regex::Regex, String),
-    /// The status the client gets, whatever the upstream answered.
-    SetStatus(axum::http::StatusCode),
-    /// Answers at once with a redirect; the upstream is never called.
-    RedirectTo(axum::http::StatusCode, HeaderValue),
-    /// Largest size of any one request header (name and value), in bytes.
-    RequestHeaderSize(usize),
-    /// Puts the address the client used in place of the upstream's own in a
-    /// redirect's `Location`.
-    RewriteLocation(Box<RewriteLocation>),
-}
-
-impl Filter {
-    /// Whether its value names a path `{variable}`, to be filled per request.
-    pub fn is_templated(&self) -> bool {
-        let named = |value: &[u8]| value.contains(&b'{') && value.contains(&b'}');
-        match self {
-            Filter::AddRequestHeader(_, value)
-            | Filter::SetRequestHeader(_, value)
-            | Filter::AddResponseHeader(_, value)
-            | Filter::SetResponseHeader(_, value) => named(value.as_bytes()),
-            Filter::AddRequestParameter(_, value) => named(value.as_bytes()),
-            _ => false,
-        }
-    }
-}
+pub use crate::plan::{Dedupe, Filter};
+use crate::plan::{HeaderEdit, PathEdit, QueryEdit, ResponseEdit};
 
 /// Spring Cloud Gateway's `RewriteLocationResponseHeader`: an upstream that redirects
 /// to `http://order-service:8081/orders/1` names an address the client cannot reach;
@@ -355,14 +224,6 @@ impl RewriteLocation {
     }
 }
 
-/// Which value `DedupeResponseHeader` keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dedupe {
-    RetainFirst,
-    RetainLast,
-    RetainUnique,
-}
-
 /// A compiled route.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -370,10 +231,10 @@ pub struct Route {
     pub uri: String,
     pub upstream: Upstream,
     pub predicates: Vec<Predicate>,
-    pub filters: Vec<Filter>,
+    /// The filters (defaults first), compiled into the request path's phases.
+    pub plan: crate::plan::Plan,
     pub order: i32,
     pub roles: Vec<String>,
-    pub retry: RetryPolicy,
     pub balancing: crate::balancer::Balancing,
     /// From sending to the response's headers; the gateway's default when `None`.
     pub response_timeout: Option<std::time::Duration>,
@@ -620,13 +481,6 @@ impl RouteTable {
             for (i, f) in spec.filters.iter().enumerate() {
                 filters.push(parse_filter(&spec.id, i, f)?);
             }
-            let retry = match filters.iter().find_map(|f| match f {
-                Filter::Retry(args) => Some(args),
-                _ => None,
-            }) {
-                Some(args) => RetryPolicy::from_args(args).map_err(|m| err("filters", m))?,
-                None => RetryPolicy::default(),
-            };
             let response_timeout = match spec.metadata.get("response-timeout") {
                 None => None,
                 Some(value) => Some(std::time::Duration::from_millis(
@@ -643,10 +497,9 @@ impl RouteTable {
                 uri: spec.uri.clone(),
                 upstream,
                 predicates,
-                filters,
+                plan: crate::plan::Plan::of(&filters),
                 order: spec.order,
                 roles: spec.roles.clone(),
-                retry,
                 balancing: spec.balancer,
                 response_timeout,
                 turn: Default::default(),
@@ -875,21 +728,45 @@ fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), St
                 .to_owned();
             let args = match map.get("args") {
                 None => BTreeMap::new(),
-                Some(Value::Object(args)) => args
-                    .iter()
-                    .map(|(k, v)| {
-                        let text = match v {
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        (k.clone(), text)
-                    })
-                    .collect(),
+                Some(Value::Object(args)) => {
+                    let mut flat = BTreeMap::new();
+                    flatten_args("", args, &mut flat);
+                    flat
+                }
                 Some(_) => return Err("`args` must be a map".into()),
             };
             Ok((name, args))
         }
         _ => Err("must be `Name=args` or {name, args}".into()),
+    }
+}
+
+/// Arguments as Spring binds them: a nested map (`backoff: {factor: 2}`) by dotted
+/// keys (`backoff.factor`), a list as its items joined by commas.
+fn flatten_args(
+    prefix: &str,
+    args: &serde_json::Map<String, Value>,
+    into: &mut BTreeMap<String, String>,
+) {
+    for (key, value) in args {
+        let key = format!("{prefix}{key}");
+        match value {
+            Value::Object(nested) => flatten_args(&format!("{key}."), nested, into),
+            Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(scalar_text).collect();
+                into.insert(key, items.join(","));
+            }
+            other => {
+                into.insert(key, scalar_text(other));
+            }
+        }
+    }
+}
+
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -1069,7 +946,7 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                 .first()
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| err("StripPrefix needs a number of path segments".into()))?;
-            Ok(Filter::StripPrefix(parts))
+            Ok(Filter::Path(PathEdit::Strip(parts)))
         }
         "RewritePath" => {
             let (Some(pattern), Some(replacement)) = (vals.first(), vals.get(1)) else {
@@ -1078,24 +955,27 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             let regex =
                 regex::Regex::new(pattern).map_err(|e| err(format!("invalid regex: {e}")))?;
             // Spring writes named groups as ${name}; so does the regex crate.
-            Ok(Filter::RewritePath(regex, replacement.replace("$\\", "$")))
+            Ok(Filter::Path(PathEdit::Rewrite(
+                regex,
+                replacement.replace("$\\", "$"),
+            )))
         }
         "AddRequestHeader" => {
             let (n, v) = header_pair(&vals)?;
-            Ok(Filter::AddRequestHeader(n, v))
+            Ok(Filter::RequestHeader(HeaderEdit::Add(n, v)))
         }
         "AddResponseHeader" => {
             let (n, v) = header_pair(&vals)?;
-            Ok(Filter::AddResponseHeader(n, v))
+            Ok(Filter::Response(ResponseEdit::Add(n, v)))
         }
         "RemoveRequestHeader" => {
             let name = vals
                 .first()
                 .ok_or_else(|| err("needs a header name".into()))?;
-            Ok(Filter::RemoveRequestHeader(
+            Ok(Filter::RequestHeader(HeaderEdit::Remove(
                 HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| err("invalid header name".into()))?,
-            ))
+            )))
         }
         "RequestSize" => {
             let raw = args
@@ -1105,18 +985,18 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                 .ok_or_else(|| err("RequestSize needs maxSize, e.g. 1MB".into()))?;
             Ok(Filter::RequestSize(parse_size(&raw).map_err(err)?))
         }
-        "SecureHeaders" => Ok(Filter::SecureHeaders),
+        "SecureHeaders" => Ok(Filter::Response(ResponseEdit::SecureHeaders)),
         "SetRequestHeader" => {
             let (n, v) = header_pair(&vals)?;
-            Ok(Filter::SetRequestHeader(n, v))
+            Ok(Filter::RequestHeader(HeaderEdit::Set(n, v)))
         }
         "SetResponseHeader" => {
             let (n, v) = header_pair(&vals)?;
-            Ok(Filter::SetResponseHeader(n, v))
+            Ok(Filter::Response(ResponseEdit::Set(n, v)))
         }
-        "RemoveResponseHeader" => Ok(Filter::RemoveResponseHeader(header_name(
+        "RemoveResponseHeader" => Ok(Filter::Response(ResponseEdit::Remove(header_name(
             vals.first().map(String::as_str),
-        )?)),
+        )?))),
         "AddRequestHeadersIfNotPresent" => {
             // Spring's shortcut: `Name-1:value,Name-2:value`.
             first_val("name:value pairs")?;
@@ -1129,15 +1009,15 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                     header_pair(&[name.trim().to_owned(), value.trim().to_owned()])
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(Filter::AddRequestHeadersIfNotPresent(pairs))
+            Ok(Filter::RequestHeader(HeaderEdit::AddIfAbsent(pairs)))
         }
         "MapRequestHeader" => {
             let from = args.get("fromHeader").or(vals.first()).map(String::as_str);
             let to = args.get("toHeader").or(vals.get(1)).map(String::as_str);
-            Ok(Filter::MapRequestHeader(
+            Ok(Filter::RequestHeader(HeaderEdit::Map(
                 header_name(from)?,
                 header_name(to)?,
-            ))
+            )))
         }
         "SetRequestHostHeader" => {
             let host = args
@@ -1149,15 +1029,17 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                 .ok()
                 .filter(|_| !host.is_empty())
                 .ok_or_else(|| err("SetRequestHostHeader needs a host".into()))?;
-            Ok(Filter::SetRequestHostHeader(value))
+            Ok(Filter::RequestHeader(HeaderEdit::SetHost(value)))
         }
-        "PreserveHostHeader" => Ok(Filter::PreserveHostHeader),
+        "PreserveHostHeader" => Ok(Filter::RequestHeader(HeaderEdit::PreserveHost)),
         "PrefixPath" => {
             let prefix = first_val("a prefix such as /api")?;
             if !prefix.starts_with('/') {
                 return Err(err("PrefixPath must start with /".into()));
             }
-            Ok(Filter::PrefixPath(prefix.trim_end_matches('/').to_owned()))
+            Ok(Filter::Path(PathEdit::Prefix(
+                prefix.trim_end_matches('/').to_owned(),
+            )))
         }
         "SetPath" => {
             let template = args
@@ -1167,17 +1049,17 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             if !template.starts_with('/') {
                 return Err(err("SetPath's template must start with /".into()));
             }
-            Ok(Filter::SetPath(template))
+            Ok(Filter::Path(PathEdit::Set(template)))
         }
         "AddRequestParameter" => {
             let (Some(name), Some(value)) = (vals.first(), vals.get(1)) else {
                 return Err(err("AddRequestParameter needs a name and a value".into()));
             };
-            Ok(Filter::AddRequestParameter(name.clone(), value.clone()))
+            Ok(Filter::Query(QueryEdit::Add(name.clone(), value.clone())))
         }
-        "RemoveRequestParameter" => Ok(Filter::RemoveRequestParameter(first_val(
+        "RemoveRequestParameter" => Ok(Filter::Query(QueryEdit::Remove(first_val(
             "a parameter name",
-        )?)),
+        )?))),
         "DedupeResponseHeader" => {
             let names = first_val("header names separated by spaces")?;
             let names = names
@@ -1194,7 +1076,7 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                     )));
                 }
             };
-            Ok(Filter::DedupeResponseHeader(names, strategy))
+            Ok(Filter::Response(ResponseEdit::Dedupe(names, strategy)))
         }
         "RewriteResponseHeader" => {
             let (Some(name), Some(pattern), Some(replacement)) =
@@ -1206,15 +1088,15 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             };
             let regex =
                 regex::Regex::new(pattern).map_err(|e| err(format!("invalid regex: {e}")))?;
-            Ok(Filter::RewriteResponseHeader(
+            Ok(Filter::Response(ResponseEdit::Rewrite(
                 header_name(Some(name))?,
                 regex,
                 replacement.replace("$\\", "$"),
-            ))
+            )))
         }
-        "SetStatus" => Ok(Filter::SetStatus(
+        "SetStatus" => Ok(Filter::Response(ResponseEdit::SetStatus(
             status_arg(&first_val("a status such as 401 or UNAUTHORIZED")?).map_err(err)?,
-        )),
+        ))),
         "RedirectTo" => {
             let status = status_arg(&first_val("a 3xx status and a URL")?).map_err(err)?;
             if !status.is_redirection() {
@@ -1239,10 +1121,12 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
                 usize::try_from(size).unwrap_or(usize::MAX),
             ))
         }
-        "RewriteLocationResponseHeader" => Ok(Filter::RewriteLocation(Box::new(
-            RewriteLocation::from_args(&args, &vals).map_err(err)?,
+        "RewriteLocationResponseHeader" => Ok(Filter::Response(ResponseEdit::RewriteLocation(
+            Box::new(RewriteLocation::from_args(&args, &vals).map_err(err)?),
         ))),
-        "Retry" => Ok(Filter::Retry(args)),
+        "Retry" => Ok(Filter::Retry(
+            crate::plan::RetryPolicy::from_args(&args, &vals).map_err(err)?,
+        )),
         "CircuitBreaker" => Ok(Filter::CircuitBreaker(std::sync::Arc::new(
             crate::breaker::CircuitBreaker::from_args(&args).map_err(err)?,
         ))),
@@ -1772,10 +1656,11 @@ eureka:
         assert_eq!(find(&t, "GET", "/orders/1", &[]), Some("orders"));
         let route = &t.routes[0];
         assert!(
-            matches!(route.filters[0], Filter::SecureHeaders),
+            matches!(route.plan.response[..], [ResponseEdit::SecureHeaders]),
             "{:?}",
-            route.filters
+            route.plan
         );
+        assert_eq!(route.plan.limiters.len(), 1);
         assert_eq!(
             route.described.filters[1],
             "RequestRateLimiter=redis-rate-limiter.burstCapacity: 20, redis-rate-limiter.replenishRate: 10"
@@ -1790,7 +1675,7 @@ eureka:
                       spring.cloud.gateway.default-filters: [SecureHeaders]\n";
         let t = table(dotted);
         assert_eq!(find(&t, "GET", "/a", &[]), Some("a"));
-        assert_eq!(t.routes[0].filters.len(), 1);
+        assert_eq!(t.routes[0].plan.response.len(), 1);
     }
 
     #[test]
@@ -1912,11 +1797,23 @@ routes:
         args: { maxSize: 2KB }
 "#,
         );
-        let f = &t.routes[0].filters;
-        assert!(matches!(f[0], Filter::SecureHeaders), "defaults come first");
-        assert!(matches!(f[1], Filter::StripPrefix(1)));
-        assert!(matches!(&f[2], Filter::RewritePath(_, r) if r == "/v1/${rest}"));
-        assert!(matches!(f[6], Filter::RequestSize(2048)));
+        let plan = &t.routes[0].plan;
+        assert!(
+            matches!(
+                plan.response[..],
+                [ResponseEdit::SecureHeaders, ResponseEdit::Add(..)]
+            ),
+            "defaults come first: {plan:?}"
+        );
+        assert!(matches!(
+            &plan.path[..],
+            [PathEdit::Strip(1), PathEdit::Rewrite(_, r)] if r == "/v1/${rest}"
+        ));
+        assert!(matches!(
+            plan.headers[..],
+            [HeaderEdit::Add(..), HeaderEdit::Remove(_)]
+        ));
+        assert_eq!(plan.body_limit, Some(2048));
     }
 }
 
@@ -1926,7 +1823,7 @@ mod rewrite_location_tests {
 
     fn rewrite(shortcut: &str) -> RewriteLocation {
         match parse_filter("r", 0, &Value::String(shortcut.into())) {
-            Ok(Filter::RewriteLocation(rewrite)) => *rewrite,
+            Ok(Filter::Response(ResponseEdit::RewriteLocation(rewrite))) => *rewrite,
             other => panic!("{shortcut}: {other:?}"),
         }
     }
@@ -2026,7 +1923,7 @@ spring.cloud.gateway.default-filters: [SecureHeaders]
         let profiles: Vec<String> = profiles.iter().map(|p| (*p).to_owned()).collect();
         let table = RouteTable::from_yaml_for(FILE, &profiles).expect("loads");
         let ids = table.routes.iter().map(|r| r.id.clone()).collect();
-        let filters = table.routes[0].filters.len();
+        let filters = table.routes[0].described.filters.len();
         (ids, filters)
     }
 
