@@ -3,7 +3,11 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = gateway::Settings::load()?;
-    let _spans = shared::telemetry::init(gateway::SERVICE_NAME, &settings.log, &settings.tracing);
+    let _spans = shared::telemetry::init_exporting_only(
+        gateway::SERVICE_NAME,
+        &settings.log,
+        &settings.tracing,
+    );
     let app = gateway::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown::on_signal()).await
 }

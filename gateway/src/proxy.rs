@@ -101,16 +101,25 @@ pub async fn forward(
         .cloned()
         .unwrap_or_else(new_request_id);
     // The server span, the child of the caller's trace when it sent one, made before
-    // anything logs so that every line of this request names the trace.
-    let span = tracing::info_span!(
-        "http",
-        otel.name = %request.method(),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        request_id = request_id.to_str().unwrap_or("-"),
-        http.response.status_code = tracing::field::Empty,
-    );
+    // anything logs so that every line of this request names the trace. Its
+    // OpenTelemetry fields only when spans are recorded: each field costs a format.
+    let span = if shared::telemetry::spans_recorded() {
+        tracing::info_span!(
+            "http",
+            otel.name = %request.method(),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            request_id = request_id.to_str().unwrap_or("-"),
+            http.response.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "http",
+            trace_id = tracing::field::Empty,
+            request_id = request_id.to_str().unwrap_or("-"),
+        )
+    };
     let incoming = request
         .headers()
         .get(&TRACEPARENT)
@@ -122,18 +131,23 @@ pub async fn forward(
     // starts the trace (and decides its sampling) and links the client's context.
     let believed = gateway.client_traces
         || shared::networks::any_contains(&gateway.trusted_proxies, client.ip());
+    let recorded = shared::telemetry::spans_recorded();
     let incoming = match incoming {
         Some(context) if !believed => {
-            shared::telemetry::link_trace(&span, &context);
+            if recorded {
+                shared::telemetry::link_trace(&span, &context);
+            }
             request.headers_mut().remove(&TRACEPARENT);
             None
         }
         other => other,
     };
-    shared::telemetry::continue_trace(&span, incoming.as_deref());
-    // Without the span layer (no subscriber installed) the trace is still carried:
-    // the caller's as it came, or one started here.
-    if shared::telemetry::traceparent_of(&span).is_none() {
+    if recorded {
+        shared::telemetry::continue_trace(&span, incoming.as_deref());
+    }
+    // Without the span layer (spans not exported, or no subscriber at all) the trace
+    // is still carried: the caller's as it came, or one started here.
+    if !recorded || shared::telemetry::traceparent_of(&span).is_none() {
         let traceparent = match incoming {
             Some(_) => request.headers()[&TRACEPARENT].clone(),
             None => {
@@ -204,11 +218,13 @@ async fn forward_in_span(
         .decorate(origin.as_ref(), response.headers_mut());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let span = tracing::Span::current();
-    span.record("otel.name", format!("{method} {route_id}"));
-    span.record("http.response.status_code", status);
-    if response.status().is_server_error() {
-        span.record("otel.status_code", "error");
+    if shared::telemetry::spans_recorded() {
+        let span = tracing::Span::current();
+        span.record("otel.name", format!("{method} {route_id}"));
+        span.record("http.response.status_code", status);
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "error");
+        }
     }
     match route {
         Some(route) => route
@@ -877,15 +893,21 @@ impl Exchange<'_> {
             headers.insert(header::HOST, host.clone());
         }
         let service = self.service();
-        let span = tracing::info_span!(
-            "upstream",
-            otel.name = %format_args!("{} {service}", outgoing.method),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            peer.service = %service,
-            server.address = %target.authority,
-            http.response.status_code = tracing::field::Empty,
-        );
+        // Only for the span exporter: without one, the upstream gets the request's
+        // own trace context, and log lines already name the request's span.
+        let span = if shared::telemetry::spans_recorded() {
+            tracing::info_span!(
+                "upstream",
+                otel.name = %format_args!("{} {service}", outgoing.method),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                peer.service = %service,
+                server.address = %target.authority,
+                http.response.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         if let Some(traceparent) =
             shared::telemetry::traceparent_of(&span).and_then(|v| HeaderValue::from_str(&v).ok())
         {

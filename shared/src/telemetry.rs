@@ -108,6 +108,31 @@ impl Drop for Telemetry {
 /// (tests start several services in one process) keeps the first subscriber and
 /// returns an inert guard.
 pub fn init(service: &str, log: &LogSettings, spans: &TracingSettings) -> Telemetry {
+    install(service, log, spans, true)
+}
+
+/// As [`init`], but spans become OpenTelemetry spans only when they are exported
+/// (`zipkin_url` set). For the gateway: its request path is the hottest code of the
+/// platform, and without the span layer it still carries the trace context by hand
+/// (it continues or starts the `traceparent`, and its log lines name the trace).
+pub fn init_exporting_only(service: &str, log: &LogSettings, spans: &TracingSettings) -> Telemetry {
+    install(service, log, spans, spans.zipkin_url.is_some())
+}
+
+/// Whether this process's spans become OpenTelemetry spans: false until a subscriber
+/// with the span layer is installed.
+pub fn spans_recorded() -> bool {
+    SPANS_RECORDED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static SPANS_RECORDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn install(
+    service: &str,
+    log: &LogSettings,
+    spans: &TracingSettings,
+    record_spans: bool,
+) -> Telemetry {
     let directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|d| EnvFilter::try_new(d).is_ok())
@@ -127,9 +152,15 @@ pub fn init(service: &str, log: &LogSettings, spans: &TracingSettings) -> Teleme
             .boxed(),
     };
     let (provider, otel) = span_layer(service, spans);
-    if registry.with(vec![otel, lines]).try_init().is_err() {
+    let layers = if record_spans {
+        vec![otel, lines]
+    } else {
+        vec![lines]
+    };
+    if registry.with(layers).try_init().is_err() {
         return Telemetry::default();
     }
+    SPANS_RECORDED.store(record_spans, std::sync::atomic::Ordering::Relaxed);
     let _ = LEVELS.set(Levels {
         reload: Box::new(move |filter| {
             handle
@@ -256,7 +287,16 @@ where
     }
     let provider = builder.build();
     let tracer = provider.tracer(service.to_owned());
-    let layer = SpansOnly(tracing_opentelemetry::layer().with_tracer(tracer)).boxed();
+    // No busy and idle times per span: they cost two clock reads on every poll of
+    // every instrumented future, and Zipkin has no field for them. No thread names
+    // either: an async task moves between threads.
+    let layer = SpansOnly(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_tracked_inactivity(false)
+            .with_threads(false),
+    )
+    .boxed();
     (provider, layer)
 }
 
