@@ -47,6 +47,8 @@ pub struct Plan {
     /// Whether a value names a `{variable}` of the Path predicate (or `SetPath` fills
     /// one), so the request path matches the variables only for routes that use them.
     pub templated: bool,
+    /// Whether a response edit needs the client's own host and path.
+    pub reads_asked: bool,
 }
 
 impl Plan {
@@ -81,6 +83,10 @@ impl Plan {
             || plan.query.iter().any(QueryEdit::is_templated)
             || plan.headers.iter().any(HeaderEdit::is_templated)
             || plan.response.iter().any(ResponseEdit::is_templated);
+        plan.reads_asked = plan
+            .response
+            .iter()
+            .any(|e| matches!(e, ResponseEdit::RewriteLocation(_)));
         plan
     }
 
@@ -319,6 +325,7 @@ pub enum Dedupe {
 
 /// What the client asked, before any filter edited it: response edits that put the
 /// gateway's address back need it, and edits that name path variables read them.
+/// Each part is taken only for a route that reads it.
 #[derive(Debug)]
 pub struct Asked<'r> {
     pub host: Option<String>,

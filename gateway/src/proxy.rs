@@ -380,14 +380,20 @@ impl Exchange<'_> {
 
     /// What the client asked, before any filter edits it.
     fn asked(&self, parts: &axum::http::request::Parts) -> Asked<'_> {
+        let reads = self.plan.reads_asked;
         Asked {
             host: parts
                 .headers
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok())
                 .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+                .filter(|_| reads)
                 .map(str::to_owned),
-            path: parts.uri.path().to_owned(),
+            path: if reads {
+                parts.uri.path().to_owned()
+            } else {
+                String::new()
+            },
             variables: if self.plan.templated {
                 self.route.path_variables(parts.uri.path())
             } else {
@@ -1141,17 +1147,14 @@ fn finish(
     asked: &Asked<'_>,
 ) -> Response {
     let (mut parts, body) = upstream_response.into_parts();
-    for name in &HOP_BY_HOP {
-        parts.headers.remove(name);
-    }
     // Collecting nothing allocates nothing: the common case costs one scan.
-    let cors: Vec<HeaderName> = parts
+    let dropped: Vec<HeaderName> = parts
         .headers
         .keys()
-        .filter(|k| k.as_str().starts_with("access-control-"))
+        .filter(|k| HOP_BY_HOP.contains(k) || k.as_str().starts_with("access-control-"))
         .cloned()
         .collect();
-    for name in cors {
+    for name in dropped {
         parts.headers.remove(name);
     }
     ResponseEdit::apply_all(&plan.response, &mut parts.status, &mut parts.headers, asked);
@@ -1186,10 +1189,15 @@ fn drop_untrusted_forwarded(
     if shared::networks::any_contains(trusted, peer) {
         return;
     }
-    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
-        headers.remove(name);
-    }
-    headers.remove(header::FORWARDED);
+    remove_any(
+        headers,
+        &[
+            X_FORWARDED_FOR.clone(),
+            X_FORWARDED_PROTO.clone(),
+            X_FORWARDED_HOST.clone(),
+            header::FORWARDED,
+        ],
+    );
 }
 
 /// `X-Forwarded-Proto` for the upstream: the incoming chain when every entry is a
@@ -1208,6 +1216,17 @@ fn forwarded_proto(incoming: Option<&HeaderValue>, ours: &'static str) -> Header
     }
 }
 
+/// Removes each of `names` that `headers` has. One pass over the request's few
+/// names, compared without hashing, instead of a hashed lookup per name: most requests
+/// carry none of them.
+fn remove_any(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if headers.keys().any(|k| names.contains(k)) {
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
 /// The headers the gateway itself sets for the upstream, before the route's edits:
 /// hop-by-hop and forgeable identity headers dropped, `X-Forwarded-For`, `-Proto` and
 /// `-Host` appended or set, `X-Request-Id` set.
@@ -1217,9 +1236,8 @@ fn gateway_headers(
     request_id: &HeaderValue,
     scheme: &'static str,
 ) {
-    for name in HOP_BY_HOP.iter().chain(FORGEABLE.iter()) {
-        headers.remove(name);
-    }
+    remove_any(headers, &HOP_BY_HOP);
+    remove_any(headers, &FORGEABLE);
     let original_host = headers.remove(header::HOST);
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", client.ip())).ok(),
