@@ -147,10 +147,19 @@ impl PathEdit {
                         .filter(|s| !s.is_empty())
                         .skip(*n)
                         .collect();
-                    edited = format!("/{}", rest.join("/"));
+                    // A trailing slash stays, as Spring keeps it.
+                    let slash = if edited.ends_with('/') && !rest.is_empty() {
+                        "/"
+                    } else {
+                        ""
+                    };
+                    edited = format!("/{}{slash}", rest.join("/"));
                 }
+                // Every match, as Java's `replaceAll`.
                 PathEdit::Rewrite(regex, replacement) => {
-                    edited = regex.replace(&edited, replacement.as_str()).into_owned();
+                    edited = regex
+                        .replace_all(&edited, replacement.as_str())
+                        .into_owned();
                 }
             }
         }
@@ -172,20 +181,35 @@ impl QueryEdit {
         matches!(self, QueryEdit::Add(_, value) if names_variable(value.as_bytes()))
     }
 
-    /// The upstream query after `edits`; untouched (not even re-encoded) without any.
+    /// The upstream query after `edits`; untouched (not even re-encoded) without any,
+    /// and re-encoded whole after a removal, as Spring rebuilds it from the decoded
+    /// parameters. An empty query is none.
     pub fn apply_all(
         edits: &[QueryEdit],
         query: Option<&str>,
         variables: &Variables<'_>,
     ) -> Option<String> {
+        let query = query.filter(|q| !q.is_empty());
         if edits.is_empty() {
             return query.map(str::to_owned);
         }
+        let removes = edits.iter().any(|e| matches!(e, QueryEdit::Remove(_)));
         let mut pairs: Vec<String> = query
             .unwrap_or_default()
             .split('&')
             .filter(|p| !p.is_empty())
-            .map(str::to_owned)
+            .map(|pair| {
+                if !removes {
+                    return pair.to_owned();
+                }
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let encoded = encode_query(&decode_query(name));
+                if pair.contains('=') {
+                    format!("{encoded}={}", encode_query(&decode_query(value)))
+                } else {
+                    encoded
+                }
+            })
             .collect();
         for edit in edits {
             match edit {
@@ -267,10 +291,22 @@ impl HeaderEdit {
                 HeaderEdit::Set(name, value) => {
                     headers.insert(name.clone(), expand(value, variables));
                 }
+                // Absent is no value but blanks, as Spring reads it; every value given
+                // for such a name is added.
                 HeaderEdit::AddIfAbsent(pairs) => {
+                    let absent: Vec<&HeaderName> = pairs
+                        .iter()
+                        .map(|(name, _)| name)
+                        .filter(|name| {
+                            headers
+                                .get_all(*name)
+                                .iter()
+                                .all(|v| v.as_bytes().iter().all(u8::is_ascii_whitespace))
+                        })
+                        .collect();
                     for (name, value) in pairs {
-                        if !headers.contains_key(name) {
-                            headers.insert(name.clone(), value.clone());
+                        if absent.contains(&name) {
+                            headers.append(name.clone(), value.clone());
                         }
                     }
                 }
@@ -338,14 +374,16 @@ impl ResponseEdit {
         matches!(self, ResponseEdit::Add(_, v) | ResponseEdit::Set(_, v) if names_variable(v.as_bytes()))
     }
 
-    /// Applies `edits` in order to the response's status and headers.
+    /// Applies `edits` to the response's status and headers, the last written first:
+    /// each of Spring's response filters edits the response on its way back through
+    /// the chain, so the filter nearest the upstream edits first.
     pub fn apply_all(
         edits: &[ResponseEdit],
         status: &mut StatusCode,
         headers: &mut HeaderMap,
         asked: &Asked<'_>,
     ) {
-        for edit in edits {
+        for edit in edits.iter().rev() {
             match edit {
                 ResponseEdit::Add(name, value) => {
                     headers.append(name.clone(), expand(value, &asked.variables));

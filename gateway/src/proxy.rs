@@ -1236,6 +1236,17 @@ fn gateway_headers(
     request_id: &HeaderValue,
     scheme: &'static str,
 ) {
+    // Headers the client's `Connection` names are this hop's too (RFC 9110 §7.6.1).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
     remove_any(headers, &HOP_BY_HOP);
     remove_any(headers, &FORGEABLE);
     let original_host = headers.remove(header::HOST);
@@ -1250,8 +1261,13 @@ fn gateway_headers(
     // ended TLS the service still learns the client spoke https (the first entry).
     let proto = forwarded_proto(headers.get(&X_FORWARDED_PROTO), scheme);
     headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    // Appended to a trusted proxy's, as Spring does (an untrusted one was dropped).
     if let Some(host) = original_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+        let appended = headers
+            .get(&X_FORWARDED_HOST)
+            .and_then(|chain| chain.to_str().ok().zip(host.to_str().ok()))
+            .and_then(|(chain, host)| HeaderValue::from_str(&format!("{chain}, {host}")).ok());
+        headers.insert(X_FORWARDED_HOST.clone(), appended.unwrap_or(host));
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }

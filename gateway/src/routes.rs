@@ -149,11 +149,15 @@ pub enum StripVersion {
 impl RewriteLocation {
     fn from_args(args: &BTreeMap<String, String>, vals: &[String]) -> Result<Self, String> {
         // Spring's shortcut order: stripVersion, locationHeaderName, hostValue, protocols.
+        let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
         let arg = |name: &str, index: usize| {
-            args.get(name)
-                .or_else(|| vals.get(index))
-                .map(|v| v.trim())
-                .filter(|v| !v.is_empty())
+            if shortcut {
+                vals.get(index)
+            } else {
+                args.get(name)
+            }
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
         };
         let strip = match arg("stripVersion", 0) {
             None | Some("AS_IN_REQUEST") => StripVersion::AsInRequest,
@@ -477,10 +481,13 @@ impl RouteTable {
                 .enumerate()
                 .map(|(i, p)| parse_predicate(&spec.id, i, p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut filters = defaults.clone();
-            for (i, f) in spec.filters.iter().enumerate() {
-                filters.push(parse_filter(&spec.id, i, f)?);
-            }
+            let own = spec
+                .filters
+                .iter()
+                .enumerate()
+                .map(|(i, f)| parse_filter(&spec.id, i, f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let filters = interleave(&defaults, own);
             let response_timeout = match spec.metadata.get("response-timeout") {
                 None => None,
                 Some(value) => Some(std::time::Duration::from_millis(
@@ -542,6 +549,20 @@ impl RouteTable {
             .iter()
             .find(|route| route.predicates.iter().all(|p| p.matches(facts)))
     }
+}
+
+/// The default filters and a route's own in the order Spring runs them: each list's
+/// n-th filter has order n, and equal orders keep defaults first, so the chain is
+/// the first default, the route's first, the second default, the route's second...
+fn interleave(defaults: &[Filter], own: Vec<Filter>) -> Vec<Filter> {
+    let mut merged = Vec::with_capacity(defaults.len() + own.len());
+    let mut own = own.into_iter();
+    for default in defaults {
+        merged.push(default.clone());
+        merged.extend(own.next());
+    }
+    merged.extend(own);
+    merged
 }
 
 /// Whether a document's `on-profile` (`prod`, `prod,eu`, `!prod`, or a list of these)
@@ -1181,33 +1202,33 @@ impl Predicate {
         match self {
             Predicate::Path(patterns) => patterns.iter().any(|p| p.matches(uri.path())),
             Predicate::Method(methods) => methods.contains(method),
-            Predicate::Header(name, regex) => headers.get_all(name).iter().any(|v| {
-                regex
-                    .as_ref()
-                    .is_none_or(|r| v.to_str().is_ok_and(|v| r.is_match(v)))
-            }),
+            // Spring reads a header as a list: each comma-separated value on its own,
+            // and an empty header as no value at all.
+            Predicate::Header(name, regex) => headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .any(|v| regex.as_ref().is_none_or(|r| r.is_match(v))),
+            // The whole `Host`, port included, as Spring matches it (a pattern without
+            // a port does not match a host with one); names compare case-insensitively.
             Predicate::Host(patterns) => {
                 let host = headers
                     .get(axum::http::header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .or_else(|| uri.host())
-                    .unwrap_or_default();
-                let host = host
-                    .split(':')
-                    .next()
+                    .or_else(|| uri.authority().map(|a| a.as_str()))
                     .unwrap_or_default()
                     .to_ascii_lowercase();
                 patterns.iter().any(|p| host_matches(p, &host))
             }
-            Predicate::Query(name, regex) => uri
-                .query()
-                .unwrap_or_default()
-                .split('&')
-                .filter_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (k == name).then_some(v)
-                })
-                .any(|v| regex.as_ref().is_none_or(|r| r.is_match(v))),
+            // Names and values compared decoded, as the upstream reads them.
+            Predicate::Query(name, regex) => {
+                form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                    .filter(|(k, _)| k == name)
+                    .any(|(_, v)| regex.as_ref().is_none_or(|r| r.is_match(&v)))
+            }
             Predicate::After(at) => facts.now_ms > *at,
             Predicate::Before(at) => facts.now_ms < *at,
             Predicate::Between(from, to) => facts.now_ms > *from && facts.now_ms < *to,
@@ -1223,10 +1244,13 @@ impl Predicate {
                 .is_some_and(|ip| shared::networks::any_contains(networks, ip)),
             Predicate::XForwardedRemoteAddr(networks) => {
                 // Only the last entry counts: an unreadable one matches nothing rather
-                // than letting an earlier, client-written entry stand in for it.
+                // than letting an earlier, client-written entry stand in for it. Several
+                // `X-Forwarded-For` lines are not believed at all, as Spring does not
+                // believe them: the peer decides.
+                let lines = headers.get_all("x-forwarded-for").iter().count();
                 let ip = match shared::networks::last_forwarded_for(headers) {
-                    Some(entry) => entry.parse::<std::net::IpAddr>().ok(),
-                    None => facts.peer,
+                    Some(entry) if lines == 1 => entry.parse::<std::net::IpAddr>().ok(),
+                    _ => facts.peer,
                 };
                 ip.is_some_and(|ip| shared::networks::any_contains(networks, ip))
             }
@@ -1300,12 +1324,25 @@ fn parse_instant(text: &str) -> Result<u64, String> {
 
 /// `*` matches one label, `**` any number (at least one) of leading labels.
 fn host_matches(pattern: &str, host: &str) -> bool {
+    // `**.` is any number of labels, none included: `**.example.org` is
+    // `example.org` too.
     if let Some(suffix) = pattern.strip_prefix("**.") {
-        return host.ends_with(&format!(".{suffix}"));
+        return host == suffix || host.ends_with(&format!(".{suffix}"));
     }
     let p: Vec<&str> = pattern.split('.').collect();
     let h: Vec<&str> = host.split('.').collect();
     p.len() == h.len() && p.iter().zip(&h).all(|(p, h)| *p == "*" || p == h)
+}
+
+/// A path's segments. A trailing slash is one more, empty segment: Spring's patterns
+/// no longer match an optional trailing slash, so `/orders/` is not `/orders` (but is
+/// `/orders/**`).
+fn path_segments(path: &str) -> Vec<&str> {
+    let mut parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if !parts.is_empty() && path.ends_with('/') {
+        parts.push("");
+    }
+    parts
 }
 
 /// A Spring path pattern: literal segments, `*` for one segment, `**` for any number
@@ -1352,18 +1389,27 @@ impl PathPattern {
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let parts = path_segments(path);
         let mut i = 0;
         for segment in &self.segments {
             match segment {
                 Segment::Any => return true,
                 Segment::One | Segment::Var(_) => {
-                    if i >= parts.len() {
+                    if parts.get(i).is_none_or(|p| p.is_empty()) {
                         return false;
                     }
                 }
+                // Compared decoded, as Spring compares: `/p%61th` is `/path`.
                 Segment::Literal(l) => {
-                    if parts.get(i) != Some(&l.as_str()) {
+                    let Some(part) = parts.get(i) else {
+                        return false;
+                    };
+                    let same = if part.contains('%') {
+                        percent_encoding::percent_decode_str(part).decode_utf8_lossy() == *l
+                    } else {
+                        part == l
+                    };
+                    if !same {
                         return false;
                     }
                 }
@@ -1378,7 +1424,7 @@ impl PathPattern {
         if !self.matches(path) {
             return None;
         }
-        let parts = path.split('/').filter(|s| !s.is_empty());
+        let parts = path_segments(path).into_iter();
         Some(
             self.segments
                 .iter()
@@ -1506,15 +1552,43 @@ routes:
             Some("orders")
         );
         assert_eq!(
-            find(&t, "GET", "/x?debug=true", &[("host", "eu.shop.test:8080")]),
+            find(&t, "GET", "/x?debug=true", &[("host", "eu.shop.test")]),
             Some("host")
+        );
+        // As in Spring: the port is part of the host matched, `**` may be no label,
+        // a value is matched decoded.
+        assert_eq!(
+            find(&t, "GET", "/x?debug=true", &[("host", "eu.shop.test:8080")]),
+            None
+        );
+        assert_eq!(
+            find(&t, "GET", "/x?debug=tr%75e", &[("host", "shop.test")]),
+            Some("host")
+        );
+        // A header is a list of comma-separated values; an empty one is none.
+        assert_eq!(
+            find(&t, "GET", "/orders/stats", &[("x-tenant", "other, globex")]),
+            Some("admin-stats")
+        );
+        assert_eq!(
+            find(&t, "GET", "/orders/stats", &[("x-tenant", "")]),
+            Some("orders")
+        );
+        // No optional trailing slash; literal segments compared decoded.
+        assert_eq!(
+            find(&t, "GET", "/orders/stats/", &[("x-tenant", "acme")]),
+            Some("orders")
+        );
+        assert_eq!(
+            find(&t, "GET", "/%6Frders/stats", &[("x-tenant", "acme")]),
+            Some("admin-stats")
         );
         assert_eq!(
             find(&t, "GET", "/x?debug=no", &[("host", "eu.shop.test")]),
             None
         );
         assert_eq!(
-            find(&t, "GET", "/x?debug=true", &[("host", "shop.test")]),
+            find(&t, "GET", "/x?debug=true", &[("host", "eushop.test")]),
             None
         );
         assert_eq!(

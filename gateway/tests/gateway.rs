@@ -914,10 +914,12 @@ routes:
     predicates: ["Path=/rw/**"]
     filters:
       - RewriteResponseHeader=X-Upstream, y(es), n$1
+      # Response filters edit the response last first, as in Spring: the dedupe
+      # written first runs after the three additions.
+      - DedupeResponseHeader=X-Dup, RETAIN_UNIQUE
       - AddResponseHeader=X-Dup, a
       - AddResponseHeader=X-Dup, a
       - AddResponseHeader=X-Dup, b
-      - DedupeResponseHeader=X-Dup, RETAIN_UNIQUE
   - id: relocated
     uri: lb://order-service
     predicates: ["Path=/loc/**"]
@@ -1027,7 +1029,7 @@ async fn spring_cloud_gateway_filters_edit_requests_and_responses_as_spring_does
         "RewriteResponseHeader"
     );
     let dup: Vec<_> = rewritten.headers().get_all("x-dup").iter().collect();
-    assert_eq!(dup, ["a", "b"], "DedupeResponseHeader keeps whole values");
+    assert_eq!(dup, ["b", "a"], "DedupeResponseHeader keeps whole values");
 
     // The upstream's redirect names the gateway, not the upstream, and drops the
     // version the client did not ask with.

@@ -105,6 +105,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let kcat = crate::tools::debian_tool("kcat", "kcat")?;
     step("building the Spring Boot Eureka client the interop test runs (Maven)");
     let spring_client = crate::tools::spring_program("eureka-client", &interrupt)?;
+    step("building Spring Cloud Gateway, which the differential test runs beside ours (Maven)");
+    let spring_gateway = crate::tools::spring_program("gateway", &interrupt)?;
 
     step("running the tests");
     let mut tests = crate::cargo();
@@ -122,6 +124,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("STOREFRONT_SCHEMATHESIS", &schemathesis)
         .env("STOREFRONT_KCAT", &kcat)
         .env("STOREFRONT_SPRING_EUREKA_CLIENT", &spring_client)
+        .env("STOREFRONT_SPRING_GATEWAY", &spring_gateway)
         .env("STOREFRONT_REDIS_URL", redis.url());
     if let Some(Ok(dirs)) = data_dirs {
         // For tests that read what the broker stored (the codec of a record batch).
