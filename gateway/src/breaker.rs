@@ -54,6 +54,11 @@ impl CircuitBreaker {
             "minimumNumberOfCalls",
             "waitDurationInOpenState",
         ];
+        // Spring's shortcut, `CircuitBreaker=orders`, is the name.
+        let mut args = args.clone();
+        if let Some(name) = args.remove("_genkey_0") {
+            args.insert("name".into(), name);
+        }
         if let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!(
                 "unknown argument {unknown}; use {}",

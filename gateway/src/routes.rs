@@ -828,17 +828,50 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
             })
             .transpose()
     };
+    // A list argument as Spring binds it: shortcut values, or the named list (`patterns:
+    // [/a, /b]`, `patterns.0: /a`, `patterns: /a,/b`), beside the named flags given.
+    let list = |list_name: &str, flags: &[&str]| -> Result<Vec<String>, RouteError> {
+        if args.keys().all(|k| k.starts_with("_genkey_")) {
+            let mut items = vals.clone();
+            // Spring's `Path=/a,/b,false`: a trailing flag, not a pattern.
+            if !flags.is_empty() && items.last().is_some_and(|v| v == "true" || v == "false") {
+                items.pop();
+            }
+            return Ok(items);
+        }
+        let mut items = Vec::new();
+        for (key, value) in &args {
+            let base = key.split('.').next().unwrap_or_default();
+            if base == list_name {
+                items.extend(value.split(',').map(|v| v.trim().to_owned()));
+            } else if !flags.contains(&key.as_str()) {
+                return Err(err(format!(
+                    "{name} has no argument {key}; use {list_name}{}",
+                    flags.iter().map(|f| format!(", {f}")).collect::<String>()
+                )));
+            }
+        }
+        Ok(items)
+    };
     match name.as_str() {
         "Path" => {
-            first("a pattern such as /orders/**")?;
-            let patterns = vals
+            // `matchTrailingSlash` is read and, as in Spring Cloud Gateway 5, has no
+            // effect: no pattern matches an optional trailing slash.
+            let patterns = list("patterns", &["matchTrailingSlash"])?;
+            if patterns.iter().all(|p| p.is_empty()) {
+                return Err(err("Path needs a pattern such as /orders/**".into()));
+            }
+            let patterns = patterns
                 .iter()
                 .map(|p| PathPattern::parse(p).map_err(err))
                 .collect::<Result<_, _>>()?;
             Ok(Predicate::Path(patterns))
         }
         "Method" => {
-            first("a method such as GET")?;
+            let vals = list("methods", &[])?;
+            if vals.iter().all(|m| m.is_empty()) {
+                return Err(err("Method needs a method such as GET".into()));
+            }
             let methods = vals
                 .iter()
                 .map(|m| {
@@ -854,9 +887,14 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
             Ok(Predicate::Header(header, regex(vals.get(1))?))
         }
         "Host" => {
-            first("a host pattern such as **.example.org")?;
+            let patterns = list("patterns", &[])?;
+            if patterns.iter().all(|p| p.is_empty()) {
+                return Err(err(
+                    "Host needs a host pattern such as **.example.org".into()
+                ));
+            }
             Ok(Predicate::Host(
-                vals.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                patterns.iter().map(|h| h.to_ascii_lowercase()).collect(),
             ))
         }
         "Query" => Ok(Predicate::Query(
@@ -892,7 +930,20 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
             ))
         }
         "RemoteAddr" | "XForwardedRemoteAddr" => {
-            first("a network such as 192.168.1.0/24")?;
+            let vals = list("sources", &["maxTrustedIndex"])?;
+            // Spring's default, the nearest proxy's entry, is the only one we read.
+            if let Some(index) = args.get("maxTrustedIndex")
+                && index.trim() != "1"
+            {
+                return Err(err(format!(
+                    "maxTrustedIndex {index}: only 1 (the last X-Forwarded-For entry) is supported"
+                )));
+            }
+            if vals.iter().all(|v| v.is_empty()) {
+                return Err(err(format!(
+                    "{name} needs a network such as 192.168.1.0/24"
+                )));
+            }
             let networks = vals
                 .iter()
                 .filter(|v| !v.is_empty())
@@ -1170,6 +1221,17 @@ pub(crate) fn status_arg(raw: &str) -> Result<axum::http::StatusCode, String> {
     if let Ok(code) = raw.parse::<u16>() {
         return axum::http::StatusCode::from_u16(code)
             .map_err(|_| format!("{raw} is not a status"));
+    }
+    // Spring's names that are not the reason phrase in capitals.
+    const ALIASES: [(&str, u16); 5] = [
+        ("I_AM_A_TEAPOT", 418),
+        ("CONTENT_TOO_LARGE", 413),
+        ("UNPROCESSABLE_CONTENT", 422),
+        ("REQUESTED_RANGE_NOT_SATISFIABLE", 416),
+        ("MOVED_TEMPORARILY", 302),
+    ];
+    if let Some((_, code)) = ALIASES.iter().find(|(name, _)| *name == raw) {
+        return axum::http::StatusCode::from_u16(*code).map_err(|_| raw.to_owned());
     }
     (100..600)
         .filter_map(|c| axum::http::StatusCode::from_u16(c).ok())

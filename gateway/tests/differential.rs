@@ -890,6 +890,25 @@ fn cases() -> Vec<Case> {
         )
         .upstream_delay_ms(1500)
         .known(&["response", "upstream"], TIME_LIMITER),
+        // ---- Spring's binding forms ----
+        get("Lists in expanded args: the first pattern", "/listed/a/x"),
+        get("Lists in expanded args: the second pattern", "/listed/b/x"),
+        Case::with_body(
+            "PUT",
+            "Lists in expanded args: the second method",
+            "/listed/a/x",
+            "put",
+        ),
+        Case::with_body(
+            "POST",
+            "Lists in expanded args: a method not listed",
+            "/listed/a/x",
+            "post",
+        )
+        .no_route(),
+        get("Lists in expanded args: a source not listed", "/listed/a/x")
+            .header("x-forwarded-for", "192.0.2.1")
+            .no_route(),
         // ---- Failures ----
         get("A response timeout from the route's metadata", "/timeout/x")
             .upstream_delay_ms(1000)
