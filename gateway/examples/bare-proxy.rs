@@ -14,9 +14,6 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(port), Some(upstream)) = (args.next(), args.next()) else {

@@ -1,8 +1,5 @@
 //! Binary: load settings, start tracing, run until SIGINT or SIGTERM.
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = gateway::Settings::load()?;
