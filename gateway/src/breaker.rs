@@ -28,7 +28,7 @@ pub struct CircuitBreaker {
     /// The path of `fallbackUri: forward:<path>`.
     pub fallback: Option<String>,
     /// Statuses that count as failures besides the 5xx (`statusCodes`).
-    pub failure_statuses: Vec<u16>,
+    pub failure_statuses: Vec<axum::http::StatusCode>,
     failure_rate: f64,
     window: usize,
     minimum_calls: usize,
@@ -82,7 +82,7 @@ impl CircuitBreaker {
                 codes
                     .split(',')
                     .filter(|c| !c.trim().is_empty())
-                    .map(|c| crate::routes::status_arg(c).map(|s| s.as_u16()))
+                    .map(crate::routes::status_arg)
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?
@@ -177,8 +177,8 @@ impl CircuitBreaker {
     }
 
     /// Whether the upstream's answer counts as a failure.
-    pub fn is_failure(&self, status: u16) -> bool {
-        status >= 500 || self.failure_statuses.contains(&status)
+    pub fn is_failure(&self, status: axum::http::StatusCode) -> bool {
+        status.is_server_error() || self.failure_statuses.contains(&status)
     }
 
     /// Gives back a permit whose request ended without an outcome (the client hung
@@ -301,8 +301,9 @@ mod tests {
         ]))
         .expect("breaker");
         assert_eq!(b.fallback.as_deref(), Some("/fallback/orders"));
-        assert!(b.is_failure(404) && b.is_failure(429) && b.is_failure(503));
-        assert!(!b.is_failure(400));
+        let failure = |code: u16| b.is_failure(axum::http::StatusCode::from_u16(code).unwrap());
+        assert!(failure(404) && failure(429) && failure(503));
+        assert!(!failure(400));
         let refused = CircuitBreaker::from_args(&args(&[("fallbackUri", "lb://other")]))
             .expect_err("not forward:");
         assert!(refused.contains("forward:/path"), "{refused}");

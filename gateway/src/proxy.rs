@@ -363,7 +363,7 @@ impl Exchange<'_> {
                     .plan
                     .breaker
                     .as_ref()
-                    .is_some_and(|b| b.failure_statuses.contains(&response.status().as_u16())) =>
+                    .is_some_and(|b| b.failure_statuses.contains(&response.status())) =>
             {
                 // As in Spring: an answer goes to the fallback only when `statusCodes`
                 // names its status.
@@ -725,7 +725,7 @@ impl Exchange<'_> {
         });
         if let Some(permit) = permit {
             let failed = match &outcome {
-                Ok(response) => permit.breaker().is_failure(response.status().as_u16()),
+                Ok(response) => permit.breaker().is_failure(response.status()),
                 Err(_) => true,
             };
             if failed {
@@ -825,33 +825,34 @@ impl Exchange<'_> {
                 "reason" => reason
             )
             .increment(1);
-            let failed =
-                match failure {
-                    AttemptFailure::Status(response) => Failed {
-                        // An answer goes to the fallback only when `statusCodes` names it.
-                        to_fallback: self.plan.breaker.as_ref().is_some_and(|b| {
-                            b.failure_statuses.contains(&response.status().as_u16())
-                        }),
-                        answer: finish(response, self.plan, asked),
-                    },
-                    AttemptFailure::Unreachable | AttemptFailure::Broken => Failed::no_answer(
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            format!("{service} could not be reached or broke the connection."),
-                        )
-                        .into_response(),
-                    ),
-                    AttemptFailure::Timeout => Failed::no_answer(
-                        Problem::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!(
-                                "{service} did not answer within {}ms.",
-                                outgoing.timeout.as_millis()
-                            ),
-                        )
-                        .into_response(),
-                    ),
-                };
+            let failed = match failure {
+                AttemptFailure::Status(response) => Failed {
+                    // An answer goes to the fallback only when `statusCodes` names it.
+                    to_fallback: self
+                        .plan
+                        .breaker
+                        .as_ref()
+                        .is_some_and(|b| b.failure_statuses.contains(&response.status())),
+                    answer: finish(response, self.plan, asked),
+                },
+                AttemptFailure::Unreachable | AttemptFailure::Broken => Failed::no_answer(
+                    Problem::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("{service} could not be reached or broke the connection."),
+                    )
+                    .into_response(),
+                ),
+                AttemptFailure::Timeout => Failed::no_answer(
+                    Problem::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "{service} did not answer within {}ms.",
+                            outgoing.timeout.as_millis()
+                        ),
+                    )
+                    .into_response(),
+                ),
+            };
             let may_retry = retryable
                 && tried.len() <= policy.retries
                 && body.replayable()
