@@ -160,6 +160,9 @@ pub struct Gateway {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether any client's `traceparent` is continued (else only a trusted proxy's).
     pub client_traces: bool,
+    /// The share of the traces the gateway starts that are sampled, when it starts
+    /// them without the span layer.
+    pub sampling_probability: f64,
     /// Where the routes come from; `None` for the built-in ones.
     routes_file: Option<PathBuf>,
     /// Prometheus's static credential for `/actuator/prometheus`.
@@ -297,6 +300,7 @@ impl Application {
                 .collect::<Result<_, _>>()
                 .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
             client_traces: settings.client_traces,
+            sampling_probability: settings.tracing.sampling_probability.clamp(0.0, 1.0),
             routes_file: settings.routes_file.clone(),
             metrics_token: settings
                 .auth

@@ -52,8 +52,21 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of `filters` (defaults first). A route's own `Retry` or
-    /// `CircuitBreaker` replaces a default one.
+    /// The plan of a route's filters, `defaults` and its `own` in the order Spring runs
+    /// them. A route's own `Retry` or `CircuitBreaker` replaces a default one.
+    pub fn for_route(ordered: &[Filter], own: &[Filter]) -> Self {
+        let mut plan = Self::of(ordered);
+        for filter in own {
+            match filter {
+                Filter::Retry(policy) => plan.retry = policy.clone(),
+                Filter::CircuitBreaker(breaker) => plan.breaker = Some(breaker.clone()),
+                _ => {}
+            }
+        }
+        plan
+    }
+
+    /// The plan of `filters`, in the order they run.
     pub fn of(filters: &[Filter]) -> Self {
         let mut plan = Plan::default();
         for filter in filters {
@@ -232,13 +245,13 @@ impl QueryEdit {
     }
 }
 
-/// A query component decoded as the upstream reads it (`+` is a space, `%XX` a byte,
-/// bytes that are not UTF-8 replaced, a malformed escape kept as written).
+/// A query component (a name or a value) decoded as the upstream reads it (`+` is a
+/// space, `%XX` a byte, bytes that are not UTF-8 replaced, a malformed escape kept as
+/// written); an `=` in it stays, as in a base64 value's padding.
 pub fn decode_query(text: &str) -> String {
-    form_urlencoded::parse(text.as_bytes())
-        .next()
-        .map(|(key, _)| key.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(&text.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
@@ -277,9 +290,14 @@ impl HeaderEdit {
         matches!(self, HeaderEdit::Add(_, v) | HeaderEdit::Set(_, v) if names_variable(v.as_bytes()))
     }
 
-    /// Applies `edits` in order. `PreserveHostHeader` reads the client's `Host` from
-    /// `X-Forwarded-Host`, which the gateway set before the route's edits run.
-    pub fn apply_all(edits: &[HeaderEdit], headers: &mut HeaderMap, variables: &Variables<'_>) {
+    /// Applies `edits` in order; `PreserveHostHeader` puts back `client_host`, the
+    /// `Host` the client sent.
+    pub fn apply_all(
+        edits: &[HeaderEdit],
+        headers: &mut HeaderMap,
+        variables: &Variables<'_>,
+        client_host: Option<&HeaderValue>,
+    ) {
         for edit in edits {
             match edit {
                 HeaderEdit::Add(name, value) => {
@@ -320,8 +338,8 @@ impl HeaderEdit {
                     headers.insert(header::HOST, host.clone());
                 }
                 HeaderEdit::PreserveHost => {
-                    if let Some(host) = headers.get(&crate::proxy::X_FORWARDED_HOST).cloned() {
-                        headers.insert(header::HOST, host);
+                    if let Some(host) = client_host {
+                        headers.insert(header::HOST, host.clone());
                     }
                 }
             }
@@ -706,7 +724,10 @@ fn duration(raw: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{raw} is too long")),
         _ => Err(format!("{raw} is not a duration such as 10ms")),
     }
 }
@@ -843,6 +864,7 @@ mod tests {
         assert_eq!(decode_query("a+b%20c"), "a b c");
         assert_eq!(decode_query("100%"), "100%");
         assert_eq!(decode_query("%zz"), "%zz");
+        assert_eq!(decode_query("abc=="), "abc==", "base64 padding stays");
     }
 
     #[test]

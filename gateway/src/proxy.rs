@@ -76,7 +76,7 @@ static FORGEABLE: [HeaderName; 4] = [
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -151,7 +151,7 @@ pub async fn forward(
         let traceparent = match incoming {
             Some(_) => request.headers()[&TRACEPARENT].clone(),
             None => {
-                let started = new_traceparent();
+                let started = new_traceparent(rand::random::<f64>() < gateway.sampling_probability);
                 request
                     .headers_mut()
                     .insert(TRACEPARENT.clone(), started.clone());
@@ -258,20 +258,14 @@ struct Trace {
 
 type Rejection = Response;
 
-/// A request that got no usable answer: what the client gets, and whether a breaker's
-/// `fallbackUri` should answer instead.
-struct Failed {
-    answer: Response,
-    to_fallback: bool,
-}
+/// A request that got no answer it can be given (a breaker's refusal, no instance,
+/// no connection, no answer in time): what the client gets, unless a breaker's
+/// `fallbackUri` answers instead.
+struct Failed(Response);
 
 impl Failed {
-    /// A failure to get any answer, which always goes to the fallback.
     fn no_answer(answer: Response) -> Self {
-        Self {
-            answer,
-            to_fallback: true,
-        }
+        Self(answer)
     }
 }
 
@@ -371,10 +365,8 @@ impl Exchange<'_> {
                 fallback.forward(self, body.replay(), trace).await
             }
             (Ok(response), _) => Ok(response),
-            (Err(failed), Some(fallback)) if failed.to_fallback => {
-                fallback.forward(self, body.replay(), trace).await
-            }
-            (Err(failed), _) => Err(failed.answer),
+            (Err(_), Some(fallback)) => fallback.forward(self, body.replay(), trace).await,
+            (Err(Failed(answer)), None) => Err(answer),
         }
     }
 
@@ -590,8 +582,13 @@ impl Exchange<'_> {
             .get::<shared::server::Scheme>()
             .map_or("http", |s| s.0);
         let mut headers = std::mem::take(&mut parts.headers);
-        gateway_headers(&mut headers, self.client, self.request_id, scheme);
-        HeaderEdit::apply_all(&self.plan.headers, &mut headers, &asked.variables);
+        let client_host = gateway_headers(&mut headers, self.client, self.request_id, scheme);
+        HeaderEdit::apply_all(
+            &self.plan.headers,
+            &mut headers,
+            &asked.variables,
+            client_host.as_ref(),
+        );
         Ok(Outgoing {
             idempotent: self.plan.retry.methods.contains(&parts.method)
                 || headers.contains_key(&IDEMPOTENCY_KEY),
@@ -712,7 +709,7 @@ impl Exchange<'_> {
         quota: Option<&Quota>,
         trace: &mut Trace,
     ) -> Result<Response, Failed> {
-        let outcome = self.try_instances(&mut outgoing, body, asked, trace).await;
+        let outcome = self.try_instances(&mut outgoing, body, trace).await;
         let outcome = outcome.map(|answer| match answer {
             Answer::Upgraded(response) => response,
             Answer::Response(response) => {
@@ -741,7 +738,6 @@ impl Exchange<'_> {
         &self,
         outgoing: &mut Outgoing,
         body: &mut RequestBody,
-        asked: &Asked<'_>,
         trace: &mut Trace,
     ) -> Result<Answer, Failed> {
         let service = self.service();
@@ -749,21 +745,35 @@ impl Exchange<'_> {
         let budget = self.gateway.balancer.budget(service);
         budget.deposit(now_ms());
         let mut tried: Vec<String> = Vec::new();
-        // The answer of the last failed attempt, given when nothing is left to try.
-        let mut last_failure: Option<Failed> = None;
+        // The outcome of the last failed attempt, given when nothing is left to try:
+        // an answer goes out as any answer does (its edits, its rate-limit headers,
+        // the breaker judging its status), a failure to get one as a problem.
+        let mut last: Option<Result<Answer, Failed>> = None;
         loop {
             let Some(target) = self.choose(&tried) else {
                 trace.reason.get_or_insert("no instance");
-                return Err(last_failure.unwrap_or_else(|| {
-                    Failed::no_answer(
+                return last.unwrap_or_else(|| {
+                    Err(Failed::no_answer(
                         Problem::unavailable(service)
                             .with_detail(format!(
                                 "No instance of {service} is available right now; retry later."
                             ))
                             .into_response(),
-                    )
-                }));
+                    ))
+                });
             };
+            if let Some(outcome) = last.take() {
+                // A retry, now that there is an instance to send it to: it draws on
+                // the service's budget, and waits the policy's backoff first.
+                if !budget.withdraw(now_ms()) {
+                    return outcome;
+                }
+                metrics::counter!("gateway_retries_total", "route" => self.route.id.clone())
+                    .increment(1);
+                if let Some(backoff) = &policy.backoff {
+                    tokio::time::sleep(backoff.before(tried.len())).await;
+                }
+            }
             let Some(attempt_body) = body.take() else {
                 return Err(Failed::no_answer(exhausted(service, tried.len())));
             };
@@ -825,24 +835,16 @@ impl Exchange<'_> {
                 "reason" => reason
             )
             .increment(1);
-            let failed = match failure {
-                AttemptFailure::Status(response) => Failed {
-                    // An answer goes to the fallback only when `statusCodes` names it.
-                    to_fallback: self
-                        .plan
-                        .breaker
-                        .as_ref()
-                        .is_some_and(|b| b.failure_statuses.contains(&response.status())),
-                    answer: finish(response, self.plan, asked),
-                },
-                AttemptFailure::Unreachable | AttemptFailure::Broken => Failed::no_answer(
+            let outcome = match failure {
+                AttemptFailure::Status(response) => Ok(Answer::Response(response)),
+                AttemptFailure::Unreachable | AttemptFailure::Broken => Err(Failed::no_answer(
                     Problem::new(
                         StatusCode::BAD_GATEWAY,
                         format!("{service} could not be reached or broke the connection."),
                     )
                     .into_response(),
-                ),
-                AttemptFailure::Timeout => Failed::no_answer(
+                )),
+                AttemptFailure::Timeout => Err(Failed::no_answer(
                     Problem::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
@@ -851,21 +853,12 @@ impl Exchange<'_> {
                         ),
                     )
                     .into_response(),
-                ),
+                )),
             };
-            let may_retry = retryable
-                && tried.len() <= policy.retries
-                && body.replayable()
-                && budget.withdraw(now_ms());
-            if !may_retry {
-                return Err(failed);
+            if !(retryable && tried.len() <= policy.retries && body.replayable()) {
+                return outcome;
             }
-            metrics::counter!("gateway_retries_total", "route" => self.route.id.clone())
-                .increment(1);
-            last_failure = Some(failed);
-            if let Some(backoff) = &policy.backoff {
-                tokio::time::sleep(backoff.before(tried.len())).await;
-            }
+            last = Some(outcome);
         }
     }
 
@@ -1230,20 +1223,23 @@ fn remove_any(headers: &mut HeaderMap, names: &[HeaderName]) {
 
 /// The headers the gateway itself sets for the upstream, before the route's edits:
 /// hop-by-hop and forgeable identity headers dropped, `X-Forwarded-For`, `-Proto` and
-/// `-Host` appended or set, `X-Request-Id` set.
+/// `-Host` appended or set, `X-Request-Id` set. Returns the client's `Host`.
 fn gateway_headers(
     headers: &mut HeaderMap,
     client: SocketAddr,
     request_id: &HeaderValue,
     scheme: &'static str,
-) {
-    // Headers the client's `Connection` names are this hop's too (RFC 9110 §7.6.1).
+) -> Option<HeaderValue> {
+    // Headers the client's `Connection` names are this hop's too (RFC 9110 §7.6.1),
+    // but not those the gateway answers for: a client cannot drop its host or the
+    // trace this way.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| *name != header::HOST && *name != TRACEPARENT && *name != X_REQUEST_ID)
         .collect();
     for name in named {
         headers.remove(name);
@@ -1263,14 +1259,15 @@ fn gateway_headers(
     let proto = forwarded_proto(headers.get(&X_FORWARDED_PROTO), scheme);
     headers.insert(X_FORWARDED_PROTO.clone(), proto);
     // Appended to a trusted proxy's, as Spring does (an untrusted one was dropped).
-    if let Some(host) = original_host {
+    if let Some(host) = &original_host {
         let appended = headers
             .get(&X_FORWARDED_HOST)
             .and_then(|chain| chain.to_str().ok().zip(host.to_str().ok()))
             .and_then(|(chain, host)| HeaderValue::from_str(&format!("{chain}, {host}")).ok());
-        headers.insert(X_FORWARDED_HOST.clone(), appended.unwrap_or(host));
+        headers.insert(X_FORWARDED_HOST.clone(), appended.unwrap_or(host.clone()));
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    original_host
 }
 
 /// A random UUID (v4) for a request that came without an id.
@@ -1281,10 +1278,14 @@ fn new_request_id() -> HeaderValue {
         .expect("a UUID is a valid header value")
 }
 
-/// `00-<trace id>-<span id>-01`: a new, sampled W3C trace context.
-fn new_traceparent() -> HeaderValue {
+/// `00-<trace id>-<span id>-<01 or 00>`: a new W3C trace context, sampled or not, so
+/// that services that export spans follow the gateway's sampling as their parent's.
+fn new_traceparent(sampled: bool) -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    if !sampled {
+        value[54] = b'0';
+    }
     let random: [u8; 24] = rand::random();
     let (trace, span) = value.split_at_mut(35);
     let digits = trace[3..].iter_mut().chain(span[1..17].iter_mut());
@@ -1370,6 +1371,28 @@ mod tests {
     }
 
     #[test]
+    fn connection_names_this_hops_headers_but_not_the_gateways() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop, traceparent, host"),
+        );
+        headers.insert("x-hop", HeaderValue::from_static("secret"));
+        headers.insert(&TRACEPARENT, new_traceparent(true));
+        headers.insert(header::HOST, HeaderValue::from_static("shop.example.org"));
+        let client = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let id = new_request_id();
+        let host = gateway_headers(&mut headers, client, &id, "http");
+        assert!(!headers.contains_key("x-hop"));
+        assert!(headers.contains_key(&TRACEPARENT), "{headers:?}");
+        assert_eq!(
+            host.as_ref().map(|h| h.as_bytes()),
+            Some(&b"shop.example.org"[..])
+        );
+        assert_eq!(headers[&X_FORWARDED_HOST], "shop.example.org");
+    }
+
+    #[test]
     fn forwarded_proto_keeps_a_load_balancers_scheme_and_drops_junk() {
         let https = HeaderValue::from_static("https");
         assert_eq!(forwarded_proto(Some(&https), "http"), "https, http");
@@ -1380,7 +1403,7 @@ mod tests {
 
     #[test]
     fn a_new_traceparent_is_a_sampled_w3c_context_with_random_ids() {
-        let first = new_traceparent();
+        let first = new_traceparent(true);
         let text = first.to_str().unwrap();
         let parts: Vec<&str> = text.split('-').collect();
         assert_eq!(parts.len(), 4, "{text}");
@@ -1392,7 +1415,8 @@ mod tests {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))),
             "lowercase hex ids: {text}"
         );
-        assert_ne!(first, new_traceparent(), "ids are random");
+        assert_ne!(first, new_traceparent(true), "ids are random");
+        assert!(new_traceparent(false).to_str().unwrap().ends_with("-00"));
     }
 
     #[test]

@@ -487,7 +487,7 @@ impl RouteTable {
                 .enumerate()
                 .map(|(i, f)| parse_filter(&spec.id, i, f))
                 .collect::<Result<Vec<_>, _>>()?;
-            let filters = interleave(&defaults, own);
+            let filters = interleave(&defaults, own.clone());
             let response_timeout = match spec.metadata.get("response-timeout") {
                 None => None,
                 Some(value) => Some(std::time::Duration::from_millis(
@@ -504,7 +504,7 @@ impl RouteTable {
                 uri: spec.uri.clone(),
                 upstream,
                 predicates,
-                plan: crate::plan::Plan::of(&filters),
+                plan: crate::plan::Plan::for_route(&filters, &own),
                 order: spec.order,
                 roles: spec.roles.clone(),
                 balancing: spec.balancer,
@@ -525,6 +525,7 @@ impl RouteTable {
         assign_weights(&mut routes)?;
         // Stable: equal orders keep file order.
         routes.sort_by_key(|r| r.order);
+        warn_of_unguarded_slashes(&routes);
         Ok(Self { routes })
     }
 
@@ -548,6 +549,49 @@ impl RouteTable {
         self.routes
             .iter()
             .find(|route| route.predicates.iter().all(|p| p.matches(facts)))
+    }
+}
+
+/// Warns of a route with roles whose path with a trailing slash goes to a later route:
+/// no pattern matches an optional trailing slash (as in Spring Cloud Gateway 5), so
+/// with `Path=/admin` guarded and a catch-all after it, `/admin/` would reach the
+/// catch-all's upstream without the roles.
+fn warn_of_unguarded_slashes(routes: &[Route]) {
+    let patterns = |route: &Route| -> Vec<PathPattern> {
+        route
+            .predicates
+            .iter()
+            .filter_map(|p| match p {
+                Predicate::Path(patterns) => Some(patterns.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    for (at, route) in routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.roles.is_empty())
+    {
+        for pattern in patterns(route) {
+            let slashed = format!("{}/", pattern.as_str().trim_end_matches('/'));
+            if pattern.matches(&slashed) {
+                continue;
+            }
+            if let Some(other) = routes[at + 1..]
+                .iter()
+                .find(|later| patterns(later).iter().any(|p| p.matches(&slashed)))
+            {
+                tracing::warn!(
+                    route = %route.id,
+                    other = %other.id,
+                    "{slashed} goes to route {} without this route's roles: add {}/** to route {}'s Path",
+                    other.id,
+                    pattern.as_str().trim_end_matches('/'),
+                    route.id
+                );
+            }
+        }
     }
 }
 
@@ -1912,6 +1956,32 @@ eureka:
                 "{yaml}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_routes_own_retry_and_breaker_replace_the_defaults() {
+        let t = table(
+            r#"
+default-filters: [SecureHeaders, "Retry=1", "CircuitBreaker=shared"]
+routes:
+  - id: a
+    uri: lb://x
+    predicates: [Path=/a/**]
+    filters: ["Retry=5", "CircuitBreaker=own"]
+  - id: b
+    uri: lb://x
+    predicates: [Path=/b/**]
+"#,
+        );
+        let own = &t.routes[0].plan;
+        assert_eq!(own.retry.retries, 5);
+        assert_eq!(own.breaker.as_ref().map(|b| b.name.as_str()), Some("own"));
+        let defaults = &t.routes[1].plan;
+        assert_eq!(defaults.retry.retries, 1);
+        assert_eq!(
+            defaults.breaker.as_ref().map(|b| b.name.as_str()),
+            Some("shared")
+        );
     }
 
     #[test]
