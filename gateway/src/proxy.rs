@@ -263,12 +263,6 @@ type Rejection = Response;
 /// `fallbackUri` answers instead.
 struct Failed(Response);
 
-impl Failed {
-    fn no_answer(answer: Response) -> Self {
-        Self(answer)
-    }
-}
-
 /// One request on its way through its route: what every phase reads.
 struct Exchange<'a> {
     gateway: &'a Gateway,
@@ -625,7 +619,7 @@ impl Exchange<'_> {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                Err(Failed::no_answer(response))
+                Err(Failed(response))
             }
         }
     }
@@ -753,7 +747,7 @@ impl Exchange<'_> {
             let Some(target) = self.choose(&tried) else {
                 trace.reason.get_or_insert("no instance");
                 return last.unwrap_or_else(|| {
-                    Err(Failed::no_answer(
+                    Err(Failed(
                         Problem::unavailable(service)
                             .with_detail(format!(
                                 "No instance of {service} is available right now; retry later."
@@ -775,7 +769,7 @@ impl Exchange<'_> {
                 }
             }
             let Some(attempt_body) = body.take() else {
-                return Err(Failed::no_answer(exhausted(service, tried.len())));
+                return Err(Failed(exhausted(service, tried.len())));
             };
             let sent = self.attempt(outgoing, &target, attempt_body).await;
             trace.instance = Some(target.authority.clone());
@@ -837,14 +831,14 @@ impl Exchange<'_> {
             .increment(1);
             let outcome = match failure {
                 AttemptFailure::Status(response) => Ok(Answer::Response(response)),
-                AttemptFailure::Unreachable | AttemptFailure::Broken => Err(Failed::no_answer(
+                AttemptFailure::Unreachable | AttemptFailure::Broken => Err(Failed(
                     Problem::new(
                         StatusCode::BAD_GATEWAY,
                         format!("{service} could not be reached or broke the connection."),
                     )
                     .into_response(),
                 )),
-                AttemptFailure::Timeout => Err(Failed::no_answer(
+                AttemptFailure::Timeout => Err(Failed(
                     Problem::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
@@ -1088,16 +1082,22 @@ fn exhausted(service: &str, attempts: usize) -> Response {
     .into_response()
 }
 
-/// The `Upgrade` value of a WebSocket handshake (`Connection: upgrade` and
-/// `Upgrade: websocket`), else `None`.
-fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let upgrade = headers.get(header::UPGRADE)?;
-    let connection_upgrades = headers
+/// The options of the request's `Connection` header(s), trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        .map(str::trim)
+}
+
+/// The `Upgrade` value of a WebSocket handshake (`Connection: upgrade` and
+/// `Upgrade: websocket`), else `None`.
+fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    let connection_upgrades =
+        connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"));
     (connection_upgrades && upgrade.as_bytes().eq_ignore_ascii_case(b"websocket"))
         .then(|| upgrade.clone())
 }
@@ -1233,12 +1233,8 @@ fn gateway_headers(
     // Headers the client's `Connection` names are this hop's too (RFC 9110 §7.6.1),
     // but not those the gateway answers for: a client cannot drop its host or the
     // trace this way.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .filter(|name| *name != header::HOST && *name != TRACEPARENT && *name != X_REQUEST_ID)
         .collect();
     for name in named {
