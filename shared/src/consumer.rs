@@ -23,8 +23,11 @@
 //! it commits what it applied from them (synchronously, before the new owner starts)
 //! and forgets them; a round that was received before an assignment change records
 //! no offsets at all (its events are redelivered to the partition's owner, which
-//! skips them as already applied). So no committed offset ever moves backwards, even
-//! when a member stops right after losing partitions to another.
+//! skips them as already applied). A member has one commit in flight at most, and
+//! waits for its answer before it reads on: librdkafka retries a commit the
+//! coordinator could not take yet, and an asynchronous one retried after a later one
+//! would land last. So no committed offset ever moves backwards, even when a member
+//! stops right after losing partitions to another, or the group's coordinator dies.
 //!
 //! Consumer lag comes from librdkafka's statistics and is exported as the gauge
 //! `kafka_consumer_lag{group,topic,partition}`.
@@ -214,8 +217,8 @@ struct Ownership {
     assigned: BTreeSet<Partition>,
     /// Applied and not yet sent to the broker: the next offset to read, per partition.
     pending: BTreeMap<Partition, i64>,
-    /// Sent with an asynchronous commit: sent once more, synchronously, when the
-    /// partition is revoked or the member stops, in case that commit was lost.
+    /// Committed (or tried): sent once more when the partition is revoked or the
+    /// member stops, in case that commit failed.
     sent: BTreeMap<Partition, i64>,
 }
 
@@ -242,6 +245,17 @@ impl Ownership {
             self.sent.insert(partition.clone(), *offset);
         }
         pending
+    }
+
+    /// Offsets whose commit failed, pending again where nothing newer is, in the
+    /// partitions still owned.
+    fn retry(&mut self, failed: BTreeMap<Partition, i64>) {
+        for (partition, offset) in failed {
+            if self.assigned.contains(&partition) {
+                let entry = self.pending.entry(partition).or_insert(offset);
+                *entry = (*entry).max(offset);
+            }
+        }
     }
 
     /// Everything applied in `partitions` (sent or not), forgetting those partitions.
@@ -376,21 +390,12 @@ impl ConsumerContext for MemberContext {
             }
         }
     }
-
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        _offsets: &TopicPartitionList,
-    ) {
-        if let Err(e) = result {
-            tracing::warn!(group = %self.group, error = %e, "offset commit failed; the round may be redelivered");
-        }
-    }
 }
 
 /// One consumer group member, reading one topic.
 pub struct EventConsumer<H: Handler> {
-    consumer: StreamConsumer<MemberContext>,
+    /// Shared with the blocking task that commits (see [`Self::commit_pending`]).
+    consumer: Arc<StreamConsumer<MemberContext>>,
     ownership: Arc<Mutex<Ownership>>,
     producer: FutureProducer,
     pool: PgPool,
@@ -446,7 +451,7 @@ impl<H: Handler> EventConsumer<H> {
             })?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             ownership,
             producer: kafka.producer_config().create()?,
             pool,
@@ -497,7 +502,7 @@ impl<H: Handler> EventConsumer<H> {
             let first = tokio::select! {
                 received = self.consumer.recv() => received,
                 () = commit_due => {
-                    self.commit_pending();
+                    self.commit_pending().await;
                     last_commit = tokio::time::Instant::now();
                     continue;
                 }
@@ -529,15 +534,15 @@ impl<H: Handler> EventConsumer<H> {
                 Some(done) => {
                     lock(&self.ownership).applied(epoch, done);
                     if last_commit.elapsed() >= interval {
-                        self.commit_pending();
+                        self.commit_pending().await;
                         last_commit = tokio::time::Instant::now();
                     }
                 }
                 None => break,
             }
         }
-        // Everything applied in the partitions still owned, synchronously, so the last
-        // asynchronous commit cannot be lost with the process.
+        // Everything applied in the partitions still owned, in case the last commit
+        // failed.
         let last = {
             let mut ownership = lock(&self.ownership);
             let owned: Vec<Partition> = ownership.assigned.iter().cloned().collect();
@@ -739,20 +744,30 @@ impl<H: Handler> EventConsumer<H> {
         Ok(())
     }
 
-    /// Sends the pending offsets with an asynchronous commit. One that fails (the
-    /// group is rebalancing) is sent again when the partition is revoked or the
-    /// member stops; at worst the round is redelivered.
-    fn commit_pending(&self) {
+    /// Commits the pending offsets, and waits for the broker's answer before the loop
+    /// goes on. One commit at a time, never two in flight: librdkafka retries a
+    /// commit the coordinator could not take yet (it was loading the group after a
+    /// broker died, or the group was rebalancing), so an asynchronous commit could
+    /// land after a later one and move the offset backwards. And no rebalance
+    /// callback (which commits a revoked partition's offsets) runs meanwhile, since
+    /// those run only inside `recv`. One that fails is merged back into the pending
+    /// offsets, and sent again with the next.
+    async fn commit_pending(&self) {
         let pending = lock(&self.ownership).take_pending();
         if pending.is_empty() {
             return;
         }
-        if let Err(e) = self
-            .consumer
-            .commit(&offset_list(&pending), CommitMode::Async)
-        {
-            tracing::warn!(error = %e, "offset commit failed; the round may be redelivered");
-        }
+        let consumer = self.consumer.clone();
+        let list = offset_list(&pending);
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
+        let error = match committed {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(group = %self.group, %error, "offset commit failed; sent again with the next");
+        lock(&self.ownership).retry(pending);
     }
 }
 
@@ -863,6 +878,24 @@ fn incoming(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_commit_is_pending_again_unless_newer_offsets_or_a_new_owner_came() {
+        let p0 = ("t".to_owned(), 0);
+        let p1 = ("t".to_owned(), 1);
+        let mut ownership = Ownership::default();
+        ownership.assigned.extend([p0.clone(), p1.clone()]);
+        ownership.applied(0, BTreeMap::from([(p0.clone(), 3), (p1.clone(), 5)]));
+        let failed = ownership.take_pending();
+        assert!(ownership.pending.is_empty());
+        // Meanwhile p0 moved on, and p1 went to another member.
+        ownership.applied(0, BTreeMap::from([(p0.clone(), 7)]));
+        ownership.release([&p1]);
+        ownership.retry(failed);
+        assert_eq!(ownership.pending, BTreeMap::from([(p0.clone(), 7)]));
+        // A revoke commits the highest offset applied, sent or not.
+        assert_eq!(ownership.release([&p0]), BTreeMap::from([(p0, 7)]));
+    }
 
     #[test]
     fn connection_trouble_is_transient_and_bad_data_is_not() {
