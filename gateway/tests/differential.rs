@@ -1471,10 +1471,7 @@ fn java() -> PathBuf {
 
 /// A port of the loopback nobody listens on (now).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+    shared::ports::unused_loopback_port().expect("a free port")
 }
 
 /// The ids of the routes in `routes`.

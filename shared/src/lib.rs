@@ -19,6 +19,7 @@ pub mod networks;
 pub mod openapi;
 #[cfg(feature = "postgres")]
 pub mod outbox;
+pub mod ports;
 pub mod problem;
 pub mod registry;
 pub mod server;

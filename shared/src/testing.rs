@@ -129,12 +129,9 @@ impl Drop for SmtpSink {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago (see [`crate::ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    crate::ports::unused_loopback_port().expect("a free port")
 }
 
 /// Log output written into memory, for tests that read log lines back: give it to a

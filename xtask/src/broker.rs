@@ -509,9 +509,9 @@ impl Cluster {
             for node in &mut self.nodes {
                 if let Some(status) = node.server.as_mut().and_then(Supervised::exited) {
                     bail!(
-                        "Kafka node {} exited ({status}) during start-up; see {}",
+                        "Kafka node {} exited ({status}) during start-up; {}",
                         node.id,
-                        node.log.display()
+                        crate::log_tail(&node.log, 40)
                     );
                 }
             }

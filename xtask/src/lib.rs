@@ -35,18 +35,30 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// A loopback port that was free a moment ago. Another process could take it before
+/// "the end of <path>:" and the last `count` lines of the log at `path`, for errors
+/// that quote it: a CI run keeps only what the tests print, not the logs they name.
+pub fn log_tail(path: &std::path::Path, count: usize) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "the end of {}:\n{}",
+        path.display(),
+        lines[lines.len().saturating_sub(count)..].join("\n")
+    )
+}
+
+/// A loopback port that was free a moment ago, below the range outgoing connections
+/// take theirs from (see `shared::ports`). Another process could still take it before
 /// we bind, which is why every caller fails with a clear message when binding fails.
 pub fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    shared::ports::unused_loopback_port()
 }
 
 /// `count` distinct free ports: each is held until all are chosen, so two calls of
 /// [`free_port`] in a row cannot hand out the same one.
 pub fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
     let held = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .map(|_| shared::ports::reserve_loopback_port())
         .collect::<std::io::Result<Vec<_>>>()?;
     held.iter()
         .map(|l| l.local_addr().map(|a| a.port()))

@@ -250,8 +250,8 @@ impl Cluster {
             interrupt.check()?;
             if let Some(status) = self.server.exited() {
                 bail!(
-                    "postgres exited ({status}) during start-up; see {}",
-                    self.root.join("postgres.log").display()
+                    "postgres exited ({status}) during start-up; {}",
+                    crate::log_tail(&self.root.join("postgres.log"), 30)
                 );
             }
             let ready = Command::new(self.bin.join("pg_isready"))

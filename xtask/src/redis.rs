@@ -48,7 +48,10 @@ impl Redis {
         while !redis.answers() {
             interrupt.check()?;
             if let Some(status) = redis.child.exited() {
-                bail!("redis-server exited ({status}); see {}", log.display());
+                bail!(
+                    "redis-server exited ({status}); {}",
+                    crate::log_tail(&log, 30)
+                );
             }
             if Instant::now() > deadline {
                 bail!(

@@ -230,9 +230,10 @@ impl UpProcess {
         loop {
             interrupt.check()?;
             if let Some(status) = up.child.exited() {
+                // CI keeps only the test's output, not the log: carry its end along.
                 bail!(
-                    "xtask up exited ({status}) before ready; see {}",
-                    log.display()
+                    "xtask up exited ({status}) before ready; {}",
+                    crate::log_tail(log, 60)
                 );
             }
             let said = fs::read_to_string(log).unwrap_or_default();
@@ -860,9 +861,9 @@ impl Restarts {
         self.streak += 1;
         if self.streak > MAX_STREAK {
             bail!(
-                "{name} keeps failing ({} times in a row, last: {how}); see {}",
+                "{name} keeps failing ({} times in a row, last: {how}); {}",
                 self.streak - 1,
-                log.display()
+                crate::log_tail(log, 30)
             );
         }
         let delay =
@@ -1008,7 +1009,10 @@ impl SmtpSink {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             interrupt.check()?;
             if let Some(status) = self.child.exited() {
-                bail!("aiosmtpd exited ({status}); see {}", self.log.display());
+                bail!(
+                    "aiosmtpd exited ({status}); {}",
+                    crate::log_tail(&self.log, 30)
+                );
             }
             if Instant::now() > deadline {
                 bail!("aiosmtpd did not listen on {} within 30s", self.port);
@@ -1106,13 +1110,14 @@ pub(crate) fn write_gateway_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first service that has exited, with how.
+/// The first of `running` that exited: its name, its status and the end of its log.
 fn first_exited(
     running: &mut [ServiceProcess],
-) -> Option<(&'static str, std::process::ExitStatus)> {
-    running
-        .iter_mut()
-        .find_map(|p| p.child.exited().map(|status| (p.service.name, status)))
+) -> Option<(&'static str, std::process::ExitStatus, String)> {
+    running.iter_mut().find_map(|p| {
+        let status = p.child.exited()?;
+        Some((p.service.name, status, crate::log_tail(&p.log, 30)))
+    })
 }
 
 /// `requested`, or a free port when 0; fails early when the port is taken, naming the
@@ -1141,9 +1146,9 @@ fn wait_healthy(
         interrupt.check()?;
         if let Some(status) = child.exited() {
             bail!(
-                "{} exited ({status}) during start-up; see {}",
+                "{} exited ({status}) during start-up; {}",
                 child.name(),
-                log.display()
+                crate::log_tail(log, 30)
             );
         }
         if agent.get(&url).call().is_ok() {
@@ -1173,8 +1178,8 @@ fn wait_registered(
     let mut index = 0_u64;
     loop {
         interrupt.check()?;
-        if let Some((service, status)) = first_exited(running) {
-            bail!("{service} exited ({status}) before registering");
+        if let Some((service, status, log)) = first_exited(running) {
+            bail!("{service} exited ({status}) before registering; {log}");
         }
         let url = format!("{registry_url}/api/v1/services?index={index}&wait=1s");
         let listing: Option<serde_json::Value> = agent
@@ -1231,8 +1236,8 @@ fn wait_through_gateway(
     for path in ["/orders", "/payments", "/notifications"] {
         loop {
             interrupt.check()?;
-            if let Some((service, status)) = first_exited(running) {
-                bail!("{service} exited ({status})");
+            if let Some((service, status, log)) = first_exited(running) {
+                bail!("{service} exited ({status}); {log}");
             }
             let status = agent
                 .get(&format!("{gateway_url}{path}"))

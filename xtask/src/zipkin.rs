@@ -82,7 +82,10 @@ impl Zipkin {
                 return Ok(());
             }
             if let Some(status) = self.child.exited() {
-                bail!("Zipkin exited ({status}); see {}", self.log.display());
+                bail!(
+                    "Zipkin exited ({status}); {}",
+                    crate::log_tail(&self.log, 40)
+                );
             }
             if Instant::now() > deadline {
                 bail!(
