@@ -144,7 +144,12 @@ fn install(
     });
     let registry = tracing_subscriber::registry().with(admit);
     let lines = match log.format {
-        LogFormat::Pretty => fmt::layer().with_target(true).compact().boxed(),
+        // Colours only for a terminal: a log file or a collector gets plain text.
+        LogFormat::Pretty => fmt::layer()
+            .with_target(true)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .compact()
+            .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
