@@ -196,7 +196,8 @@ impl Balancer {
     }
 
     /// Picks an `UP` instance not in `tried`, avoiding ejected ones while any other
-    /// is left. `turn` drives round robin.
+    /// is left. `turn` drives round robin. Allocates nothing once every instance's
+    /// health is known: it runs on every request.
     pub fn pick<'a>(
         &self,
         instances: &'a [ServiceInstance],
@@ -205,28 +206,44 @@ impl Balancer {
         turn: usize,
         now_ms: u64,
     ) -> Option<(&'a ServiceInstance, Arc<InstanceHealth>)> {
-        let candidates: Vec<(&ServiceInstance, Arc<InstanceHealth>)> = instances
+        let eligible = |i: &&ServiceInstance| i.is_up() && !tried.contains(&i.address);
+        let mut known = self.health.load();
+        if instances
             .iter()
-            .filter(|i| i.is_up() && !tried.contains(&i.address))
-            .map(|i| (i, self.health(&i.address)))
-            .collect();
-        let healthy: Vec<&(&ServiceInstance, Arc<InstanceHealth>)> = candidates
-            .iter()
-            .filter(|(_, h)| !h.is_ejected(now_ms))
-            .collect();
-        let pool: Vec<&(&ServiceInstance, Arc<InstanceHealth>)> = if healthy.is_empty() {
-            candidates.iter().collect()
-        } else {
-            healthy
+            .filter(eligible)
+            .any(|i| !known.contains_key(&i.address))
+        {
+            for instance in instances.iter().filter(eligible) {
+                self.health(&instance.address);
+            }
+            known = self.health.load();
+        }
+        let candidates = || {
+            instances
+                .iter()
+                .filter(eligible)
+                .filter_map(|i| known.get(&i.address).map(|h| (i, h)))
         };
-        if pool.is_empty() {
+        // The healthy ones, or every candidate when all are ejected.
+        let healthy = candidates().filter(|(_, h)| !h.is_ejected(now_ms)).count();
+        let pool = |nth: usize| {
+            candidates()
+                .filter(|(_, h)| healthy == 0 || !h.is_ejected(now_ms))
+                .nth(nth)
+        };
+        let size = if healthy > 0 {
+            healthy
+        } else {
+            candidates().count()
+        };
+        if size == 0 {
             return None;
         }
         let chosen = match balancing {
-            Balancing::RoundRobin => pool[turn % pool.len()],
+            Balancing::RoundRobin => pool(turn % size)?,
             Balancing::LeastOutstanding => {
-                let a = pool[rand::random_range(0..pool.len())];
-                let b = pool[rand::random_range(0..pool.len())];
+                let a = pool(rand::random_range(0..size))?;
+                let b = pool(rand::random_range(0..size))?;
                 if b.1.outstanding.load(Ordering::Relaxed) < a.1.outstanding.load(Ordering::Relaxed)
                 {
                     b

@@ -240,7 +240,7 @@ pub struct Application {
     /// One per worker, all on the same port.
     listeners: Vec<std::net::TcpListener>,
     tls: Option<shared::tls::TlsAcceptor>,
-    router: Router,
+    front: Front,
     registry: RegistrySettings,
     http_limits: shared::config::ConnectionLimits,
     background: CancellationToken,
@@ -315,9 +315,12 @@ impl Application {
         Ok(Self {
             listeners,
             tls,
-            router: {
+            front: {
                 idp.trusted_proxies = gateway.trusted_proxies.clone();
-                router(gateway, Arc::new(idp))
+                Front {
+                    own: router(gateway.clone(), Arc::new(idp)),
+                    gateway,
+                }
             },
             registry: settings.registry,
             http_limits: settings.http.limits.clone(),
@@ -339,15 +342,15 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(service = SERVICE_NAME, addr = %self.local_addr(), "listening");
         let bound = self.local_addr();
-        let (listeners, router, limits, tls) =
-            (self.listeners, self.router, self.http_limits, self.tls);
+        let (listeners, front, limits, tls) =
+            (self.listeners, self.front, self.http_limits, self.tls);
         let result = shared::registry::serve_registered_by(
             SERVICE_NAME,
             bound,
             tls.is_some(),
             &self.registry,
             shutdown,
-            |stop| server::serve(listeners, router, stop, limits, tls),
+            |stop| server::serve(listeners, front, stop, limits, tls),
         )
         .await;
         self.background.cancel();
@@ -448,6 +451,52 @@ fn upstream_client(
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
         .build(connector)
+}
+
+/// What serves every request: the gateway's own endpoints through axum's router, and
+/// every other request (nearly all of them) straight to the proxy, without the
+/// router's matching, its middleware and the futures they wrap around each other.
+/// What a client gets is the same either way: the router's fallback is the proxy,
+/// behind the same conversion of bare errors to problem+json.
+#[derive(Clone, Debug)]
+pub struct Front {
+    own: Router,
+    gateway: Arc<Gateway>,
+}
+
+impl Front {
+    /// Whether `path` may be one of the gateway's own endpoints (see [`router`]);
+    /// any other goes to an upstream.
+    fn may_be_own(path: &str) -> bool {
+        path == "/auth/token" || path == "/.well-known/jwks.json" || path.starts_with("/actuator")
+    }
+}
+
+impl tower::Service<Request> for Front {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use tower::ServiceExt;
+        if Self::may_be_own(request.uri().path()) {
+            Box::pin(self.own.clone().oneshot(request))
+        } else {
+            let gateway = self.gateway.clone();
+            Box::pin(async move {
+                let response = proxy::forward_request(gateway, request).await;
+                Ok(shared::http::bare_error_as_problem(response).await)
+            })
+        }
+    }
 }
 
 /// The gateway's own endpoints, then everything else through the proxy.

@@ -80,12 +80,27 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-/// The fallback handler: everything that is not the gateway's own endpoint.
+/// The router's fallback: a path under the gateway's own prefixes that none of its
+/// endpoints serves.
 pub async fn forward(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    mut request: Request,
+    request: Request,
 ) -> Response {
+    forward_from(gateway, client, request).await
+}
+
+/// A request for an upstream, as the server hands it over (see [`crate::Front`]); the
+/// client's address is the connection's.
+pub async fn forward_request(gateway: Arc<Gateway>, request: Request) -> Response {
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+    forward_from(gateway, client, request).await
+}
+
+async fn forward_from(gateway: Arc<Gateway>, client: SocketAddr, mut request: Request) -> Response {
     use tracing::Instrument;
     let started = Instant::now();
     drop_untrusted_forwarded(request.headers_mut(), client.ip(), &gateway.trusted_proxies);
@@ -100,11 +115,30 @@ pub async fn forward(
         })
         .cloned()
         .unwrap_or_else(new_request_id);
+    // The gateway is the edge: a client's trace is continued only when it comes
+    // through a trusted proxy or `client_traces` allows it; otherwise the gateway
+    // starts the trace (and decides its sampling) and links the client's context.
+    let believed = gateway.client_traces
+        || shared::networks::any_contains(&gateway.trusted_proxies, client.ip());
+    let recorded = shared::telemetry::spans_recorded();
+    let has_context = request
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| shared::telemetry::trace_id(v).is_some());
+    let linked = match has_context && !believed {
+        true => request
+            .headers_mut()
+            .remove(&TRACEPARENT)
+            .filter(|_| recorded)
+            .and_then(|v| v.to_str().ok().map(str::to_owned)),
+        false => None,
+    };
+    let continued = has_context && believed;
     // The server span, the child of the caller's trace when it sent one, made before
-    // anything logs so that every line of this request names the trace. Its
-    // OpenTelemetry fields only when spans are recorded: each field costs a format.
-    let span = if shared::telemetry::spans_recorded() {
-        tracing::info_span!(
+    // anything logs so that every line of this request names the trace.
+    let span = if recorded {
+        let span = tracing::info_span!(
             "http",
             otel.name = %request.method(),
             otel.kind = "server",
@@ -112,63 +146,61 @@ pub async fn forward(
             trace_id = tracing::field::Empty,
             request_id = request_id.to_str().unwrap_or("-"),
             http.response.status_code = tracing::field::Empty,
-        )
+        );
+        if let Some(context) = &linked {
+            shared::telemetry::link_trace(&span, context);
+        }
+        let incoming = continued
+            .then(|| request.headers().get(&TRACEPARENT))
+            .flatten()
+            .and_then(|v| v.to_str().ok());
+        shared::telemetry::continue_trace(&span, incoming);
+        if shared::telemetry::traceparent_of(&span).is_none()
+            && let Some(trace) = carry_trace(&gateway, &mut request, continued)
+        {
+            span.record("trace_id", trace.as_str());
+        }
+        span
     } else {
+        // Without the span layer (spans not exported, or no subscriber at all) the
+        // trace is still carried: the caller's as it came, or one started here. The
+        // span then has only the fields log lines show, each given at once: a field
+        // recorded later costs a second format.
+        let trace = carry_trace(&gateway, &mut request, continued);
         tracing::info_span!(
             "http",
-            trace_id = tracing::field::Empty,
+            trace_id = trace.as_ref().map_or("-", |t| t.as_str()),
             request_id = request_id.to_str().unwrap_or("-"),
         )
     };
-    let incoming = request
-        .headers()
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| shared::telemetry::trace_id(v).is_some())
-        .map(str::to_owned);
-    // The gateway is the edge: a client's trace is continued only when it comes
-    // through a trusted proxy or `client_traces` allows it; otherwise the gateway
-    // starts the trace (and decides its sampling) and links the client's context.
-    let believed = gateway.client_traces
-        || shared::networks::any_contains(&gateway.trusted_proxies, client.ip());
-    let recorded = shared::telemetry::spans_recorded();
-    let incoming = match incoming {
-        Some(context) if !believed => {
-            if recorded {
-                shared::telemetry::link_trace(&span, &context);
-            }
-            request.headers_mut().remove(&TRACEPARENT);
-            None
-        }
-        other => other,
-    };
-    if recorded {
-        shared::telemetry::continue_trace(&span, incoming.as_deref());
-    }
-    // Without the span layer (spans not exported, or no subscriber at all) the trace
-    // is still carried: the caller's as it came, or one started here.
-    if !recorded || shared::telemetry::traceparent_of(&span).is_none() {
-        let traceparent = match incoming {
-            Some(_) => request.headers()[&TRACEPARENT].clone(),
-            None => {
-                let started = new_traceparent(rand::random::<f64>() < gateway.sampling_probability);
-                request
-                    .headers_mut()
-                    .insert(TRACEPARENT.clone(), started.clone());
-                started
-            }
-        };
-        if let Some(trace) = traceparent
-            .to_str()
-            .ok()
-            .and_then(shared::telemetry::trace_id)
-        {
-            span.record("trace_id", trace);
-        }
-    }
     forward_in_span(gateway, client, request, request_id, started)
         .instrument(span)
         .await
+}
+
+/// The trace a request carries upstream when no span layer made one: the caller's
+/// context as it came when `continued`, else a new one (sampled as configured), set
+/// as the request's `traceparent`. Its trace id, for log lines.
+fn carry_trace(gateway: &Gateway, request: &mut Request, continued: bool) -> Option<TraceId> {
+    if !continued {
+        let started = new_traceparent(rand::random::<f64>() < gateway.sampling_probability);
+        request.headers_mut().insert(TRACEPARENT.clone(), started);
+    }
+    let traceparent = request.headers().get(&TRACEPARENT)?.to_str().ok()?;
+    TraceId::of(shared::telemetry::trace_id(traceparent)?)
+}
+
+/// A trace id (32 hex digits), kept without an allocation.
+struct TraceId([u8; 32]);
+
+impl TraceId {
+    fn of(id: &str) -> Option<Self> {
+        Some(Self(id.as_bytes().try_into().ok()?))
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
 }
 
 async fn forward_in_span(
@@ -411,11 +443,11 @@ impl Exchange<'_> {
         &self,
         parts: &axum::http::request::Parts,
         trace: &mut Trace,
-    ) -> Result<Claims, Rejection> {
+    ) -> Result<Arc<Claims>, Rejection> {
         let claims = self
             .gateway
             .verifier
-            .verify_request(parts)
+            .verify_request_shared(parts)
             .await
             .map_err(|e| reject_auth(trace, e))?;
         let roles = &self.route.roles;
@@ -768,17 +800,29 @@ impl Exchange<'_> {
                     tokio::time::sleep(backoff.before(tried.len())).await;
                 }
             }
+            // The last attempt the policy allows takes the headers; one that may be
+            // followed by another sends a copy.
+            let headers = if tried.len() >= policy.retries || !body.replayable() {
+                std::mem::take(&mut outgoing.headers)
+            } else {
+                outgoing.headers.clone()
+            };
             let Some(attempt_body) = body.take() else {
                 return Err(Failed(exhausted(service, tried.len())));
             };
-            let sent = self.attempt(outgoing, &target, attempt_body).await;
-            trace.instance = Some(target.authority.clone());
+            let sent = self.attempt(outgoing, headers, &target, attempt_body).await;
+            // The access log names the instance; the authority is not needed again
+            // unless the attempt failed.
+            let Target {
+                authority, health, ..
+            } = target;
+            trace.instance = Some(authority);
             trace.retries = tried.len();
 
             // What went wrong, if anything, and whether another instance may be tried.
             let (failure, retryable) = match sent {
                 Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    target.health.succeeded();
+                    health.succeeded();
                     match outgoing.upgrade.take() {
                         // The upstream took the WebSocket: from here on the two
                         // connections are joined byte for byte, outside any timeout.
@@ -790,20 +834,20 @@ impl Exchange<'_> {
                 }
                 Ok(response) if policy.retries_status(response.status()) => {
                     if response.status().is_server_error() {
-                        target.health.failed(now_ms());
+                        health.failed(now_ms());
                     }
                     (AttemptFailure::Status(response), outgoing.idempotent)
                 }
                 Ok(response) => {
                     if response.status().is_server_error() {
-                        target.health.failed(now_ms());
+                        health.failed(now_ms());
                     } else {
-                        target.health.succeeded();
+                        health.succeeded();
                     }
                     return Ok(Answer::Response(response));
                 }
                 Err(failure) => {
-                    target.health.failed(now_ms());
+                    health.failed(now_ms());
                     let retryable = match failure {
                         // The request never left: safe to send elsewhere, whatever the
                         // method.
@@ -819,7 +863,7 @@ impl Exchange<'_> {
                     (failure, retryable)
                 }
             };
-            tried.push(target.authority);
+            tried.push(trace.instance.clone().unwrap_or_default());
             let reason = failure.reason();
             trace.reason = Some(reason);
             metrics::counter!(
@@ -862,6 +906,7 @@ impl Exchange<'_> {
     async fn attempt(
         &self,
         outgoing: &Outgoing,
+        headers: HeaderMap,
         target: &Target,
         body: Body,
     ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptFailure> {
@@ -875,7 +920,7 @@ impl Exchange<'_> {
         let mut attempt = axum::http::Request::new(body);
         *attempt.method_mut() = outgoing.method.clone();
         *attempt.uri_mut() = uri;
-        *attempt.headers_mut() = outgoing.headers.clone();
+        *attempt.headers_mut() = headers;
         let headers = attempt.headers_mut();
         if let Some((upgrade, _)) = &outgoing.upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

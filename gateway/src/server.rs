@@ -14,7 +14,6 @@ use std::{
     net::{SocketAddr, ToSocketAddrs},
 };
 
-use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
@@ -92,7 +91,7 @@ fn socket(addr: SocketAddr, shared: bool) -> std::io::Result<socket2::Socket> {
 /// Returns when every worker has; the first error, if any.
 pub async fn serve(
     listeners: Vec<std::net::TcpListener>,
-    router: Router,
+    router: crate::Front,
     stop: CancellationToken,
     limits: shared::config::ConnectionLimits,
     tls: Option<shared::tls::TlsAcceptor>,
@@ -138,7 +137,7 @@ pub async fn serve(
 
 fn run_worker(
     listener: std::net::TcpListener,
-    router: Router,
+    router: crate::Front,
     stop: CancellationToken,
     limits: &shared::config::ConnectionLimits,
     tls: Option<shared::tls::TlsAcceptor>,

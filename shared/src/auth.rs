@@ -390,7 +390,7 @@ struct VerifiedCache {
 }
 
 /// Claims and until when they may be served, by the token's hash.
-type VerifiedShard = HashMap<[u8; 32], (Claims, Instant)>;
+type VerifiedShard = HashMap<[u8; 32], (Arc<Claims>, Instant)>;
 
 impl Default for VerifiedCache {
     fn default() -> Self {
@@ -413,22 +413,19 @@ impl VerifiedCache {
         sha2::Sha256::digest(token.as_bytes()).into()
     }
 
-    fn shard(
-        &self,
-        key: &[u8; 32],
-    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Claims, Instant)>> {
+    fn shard(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, VerifiedShard> {
         self.shards[usize::from(key[0]) % Self::SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<Claims> {
+    fn get(&self, key: &[u8; 32]) -> Option<Arc<Claims>> {
         let entries = self.shard(key);
         let (claims, until) = entries.get(key)?;
         (Instant::now() < *until).then(|| claims.clone())
     }
 
-    fn put(&self, key: [u8; 32], claims: &Claims, leeway: u64) {
+    fn put(&self, key: [u8; 32], claims: &Arc<Claims>, leeway: u64) {
         let left = claims
             .exp
             .saturating_add(leeway)
@@ -540,11 +537,17 @@ impl JwtVerifier {
     /// Verifies `token` and returns its claims; a token verified before (and not yet
     /// expired) is answered from the cache.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        self.verify_shared(token).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Self::verify`], sharing the cached claims rather than copying them (the
+    /// gateway verifies on every request).
+    pub async fn verify_shared(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         let key = VerifiedCache::key(token);
         if let Some(claims) = self.verified.get(&key) {
             return Ok(claims);
         }
-        let claims = self.verify_uncached(token).await?;
+        let claims = Arc::new(self.verify_uncached(token).await?);
         self.verified.put(key, &claims, self.leeway);
         Ok(claims)
     }
@@ -617,6 +620,12 @@ impl JwtVerifier {
     pub async fn verify_request(&self, parts: &Parts) -> Result<Claims, AuthError> {
         let token = bearer(parts).ok_or(AuthError::Missing)?;
         self.verify(token).await
+    }
+
+    /// [`Self::verify_request`], sharing the cached claims.
+    pub async fn verify_request_shared(&self, parts: &Parts) -> Result<Arc<Claims>, AuthError> {
+        let token = bearer(parts).ok_or(AuthError::Missing)?;
+        self.verify_shared(token).await
     }
 
     /// Fetches the issuer's JWKS unless it was fetched within the refetch interval;
@@ -804,11 +813,12 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn claims(sub: &str, exp_in: u64) -> Claims {
+    fn claims(sub: &str, exp_in: u64) -> Arc<Claims> {
         let now = crate::now_ms() / 1000;
         serde_json::from_value(serde_json::json!({
             "sub": sub, "iss": "i", "aud": "a", "iat": now, "exp": now + exp_in,
         }))
+        .map(Arc::new)
         .expect("claims")
     }
 
@@ -836,7 +846,7 @@ mod tests {
         );
         assert!(cache.get(&key(1)).is_some(), "the rest stay");
         assert_eq!(
-            cache.get(&key(capacity)).map(|c| c.sub),
+            cache.get(&key(capacity)).map(|c| c.sub.clone()),
             Some("newest".into())
         );
         // Another shard is untouched by this one's pressure.

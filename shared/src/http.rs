@@ -103,7 +103,12 @@ pub async fn not_found(uri: axum::http::Uri) -> Problem {
 /// rejections, such as 405 or a malformed query string, are plain text) into one
 /// with the same status and message, keeping every header but those of the body.
 pub async fn problem_for_bare_errors(req: Request, next: axum::middleware::Next) -> Response {
-    let response = next.run(req).await;
+    bare_error_as_problem(next.run(req).await).await
+}
+
+/// `response` itself, or as problem+json when it is a 4xx or 5xx that is not one
+/// (see [`problem_for_bare_errors`]), for servers that answer without the middleware.
+pub async fn bare_error_as_problem(response: Response) -> Response {
     let status = response.status();
     let is_problem = response
         .headers()

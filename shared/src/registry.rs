@@ -391,6 +391,16 @@ pub struct Cursor {
     pub digest: Option<String>,
 }
 
+/// `name` in lower case, copied only when it has an upper-case letter: service names
+/// are looked up on every routed request, and are lower case already.
+fn lowercase(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 fn connection_error(e: &reqwest::Error) -> &'static str {
     if e.is_timeout() {
         "timed out"
@@ -649,7 +659,7 @@ impl Discovery {
     pub fn instances(&self, service: &str) -> Arc<Vec<ServiceInstance>> {
         self.cache
             .load()
-            .get(&service.to_ascii_lowercase())
+            .get(lowercase(service).as_ref())
             .cloned()
             .unwrap_or_default()
     }
@@ -659,7 +669,7 @@ impl Discovery {
     pub fn refused(&self, service: &str) -> Arc<Vec<Refused>> {
         self.refused
             .load()
-            .get(&service.to_ascii_lowercase())
+            .get(lowercase(service).as_ref())
             .cloned()
             .unwrap_or_default()
     }

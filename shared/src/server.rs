@@ -86,16 +86,27 @@ pub struct Server {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scheme(pub &'static str);
 
-/// Serves `router` on `listener` within `limits` until `shutdown` is cancelled; then
-/// stops accepting, closes idle connections and lets requests in progress finish.
-/// With `tls`, every connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
-pub async fn serve(
+/// Serves `router` (an axum `Router`, or any service that always answers) on
+/// `listener` within `limits` until `shutdown` is cancelled; then stops accepting,
+/// closes idle connections and lets requests in progress finish. With `tls`, every
+/// connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    router: S,
     shutdown: CancellationToken,
     limits: &ConnectionLimits,
     tls: Option<crate::tls::TlsAcceptor>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let scheme = Scheme(if tls.is_some() { "https" } else { "http" });
     let table = Arc::new(Table::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
