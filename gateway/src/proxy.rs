@@ -516,7 +516,8 @@ impl Exchange<'_> {
                 ),
             };
             let decision = match &self.gateway.shared_buckets {
-                Some(shared) => shared.check(limiter, &self.route.id, &key).await,
+                // Boxed: Redis's futures are large, and most routes have no limiter.
+                Some(shared) => Box::pin(shared.check(limiter, &self.route.id, &key)).await,
                 None => Some(limiter.check(&key, Instant::now())),
             };
             // Redis did not answer: let it through, unlimited and unlabelled.

@@ -547,7 +547,9 @@ impl JwtVerifier {
         if let Some(claims) = self.verified.get(&key) {
             return Ok(claims);
         }
-        let claims = Arc::new(self.verify_uncached(token).await?);
+        // Boxed: the first sight of a token may fetch a JWK set, and that future is
+        // large; unboxed, every request's future would carry (and move) its size.
+        let claims = Arc::new(Box::pin(self.verify_uncached(token)).await?);
         self.verified.put(key, &claims, self.leeway);
         Ok(claims)
     }
