@@ -518,10 +518,10 @@ static SECURE_HEADERS: [(HeaderName, HeaderValue); 7] = [
 ];
 
 fn secure_headers(headers: &mut HeaderMap) {
+    // Room for all at once, and one hashed lookup per name rather than two.
+    headers.reserve(SECURE_HEADERS.len());
     for (name, value) in &SECURE_HEADERS {
-        if !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
-        }
+        headers.entry(name.clone()).or_insert_with(|| value.clone());
     }
 }
 

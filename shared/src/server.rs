@@ -82,7 +82,8 @@ pub struct Server {
 }
 
 /// The scheme the client used to reach this server: a request extension, for the
-/// headers and links that must name it (`X-Forwarded-Proto`).
+/// headers and links that must name it (`X-Forwarded-Proto`). Set only for `https`:
+/// a request without it came over `http`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scheme(pub &'static str);
 
@@ -139,10 +140,18 @@ where
             let busy = slot.busy.clone();
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let in_progress = InProgress::start(busy.clone());
-                let mut request =
-                    request.map(|body| Body::new(ReadTimeout::new(body, body_timeout)));
+                // A request without a body (most are) gets the empty one, which costs
+                // no allocation; a body that may stall is read under the timeout.
+                let mut request = request.map(|body| match body.is_end_stream() {
+                    true => Body::empty(),
+                    false => Body::new(ReadTimeout::new(body, body_timeout)),
+                });
                 request.extensions_mut().insert(ConnectInfo(peer));
-                request.extensions_mut().insert(scheme);
+                // `http` goes without saying (readers default to it): one boxed
+                // extension fewer per request.
+                if scheme.0 != "http" {
+                    request.extensions_mut().insert(scheme);
+                }
                 // HTTP/2 may split `Cookie` into several fields; HTTP/1.1 upstreams
                 // and handlers expect one, joined with "; " (RFC 9113, 8.2.3).
                 if request.version() == axum::http::Version::HTTP_2
