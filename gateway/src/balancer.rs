@@ -239,11 +239,19 @@ impl Balancer {
         if size == 0 {
             return None;
         }
+        // The pool's `nth`; or, when another request ejected one of the pool since it
+        // was counted (so that the pool is now shorter), the candidates' own.
+        let at = |nth: usize| {
+            pool(nth).or_else(|| {
+                let count = candidates().count();
+                (count > 0).then(|| candidates().nth(nth % count)).flatten()
+            })
+        };
         let chosen = match balancing {
-            Balancing::RoundRobin => pool(turn % size)?,
+            Balancing::RoundRobin => at(turn % size)?,
             Balancing::LeastOutstanding => {
-                let a = pool(rand::random_range(0..size))?;
-                let b = pool(rand::random_range(0..size))?;
+                let a = at(rand::random_range(0..size))?;
+                let b = at(rand::random_range(0..size))?;
                 if b.1.outstanding.load(Ordering::Relaxed) < a.1.outstanding.load(Ordering::Relaxed)
                 {
                     b
