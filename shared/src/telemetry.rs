@@ -144,10 +144,14 @@ fn install(
     });
     let registry = tracing_subscriber::registry().with(admit);
     let lines = match log.format {
-        // Colours only for a terminal: a log file or a collector gets plain text.
+        // Colours only for a terminal, and not there either with NO_COLOR: a log
+        // file or a collector gets plain text.
         LogFormat::Pretty => fmt::layer()
             .with_target(true)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stdout())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
             .compact()
             .boxed(),
         LogFormat::Json => fmt::layer()
