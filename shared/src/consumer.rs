@@ -491,6 +491,8 @@ impl<H: Handler> EventConsumer<H> {
         // redelivers events whose effects are already in (and skipped by) the database.
         let interval = Duration::from_millis(self.settings.commit_interval_ms);
         let mut last_commit = tokio::time::Instant::now();
+        // Set when shutdown came while a commit still waited for the broker.
+        let mut commit_unfinished = false;
         loop {
             let has_pending = !lock(&self.ownership).pending.is_empty();
             let commit_due = async {
@@ -502,7 +504,10 @@ impl<H: Handler> EventConsumer<H> {
             let first = tokio::select! {
                 received = self.consumer.recv() => received,
                 () = commit_due => {
-                    self.commit_pending().await;
+                    if !self.commit_pending(&shutdown).await {
+                        commit_unfinished = true;
+                        break;
+                    }
                     last_commit = tokio::time::Instant::now();
                     continue;
                 }
@@ -534,7 +539,10 @@ impl<H: Handler> EventConsumer<H> {
                 Some(done) => {
                     lock(&self.ownership).applied(epoch, done);
                     if last_commit.elapsed() >= interval {
-                        self.commit_pending().await;
+                        if !self.commit_pending(&shutdown).await {
+                            commit_unfinished = true;
+                            break;
+                        }
                         last_commit = tokio::time::Instant::now();
                     }
                 }
@@ -542,13 +550,17 @@ impl<H: Handler> EventConsumer<H> {
             }
         }
         // Everything applied in the partitions still owned, in case the last commit
-        // failed.
+        // failed; unless a commit still waits for the broker (its group coordinator
+        // is away), which could land after this one: the rounds since the last commit
+        // that landed are then redelivered, and skipped as already applied.
         let last = {
             let mut ownership = lock(&self.ownership);
             let owned: Vec<Partition> = ownership.assigned.iter().cloned().collect();
             ownership.release(&owned)
         };
-        if !last.is_empty()
+        if commit_unfinished {
+            tracing::warn!(group = %self.group, "stopping while an offset commit waits for the broker; the last rounds may be redelivered");
+        } else if !last.is_empty()
             && let Err(e) = self.consumer.commit(&offset_list(&last), CommitMode::Sync)
         {
             tracing::warn!(error = %e, "offset commit at shutdown failed; the last round may be redelivered");
@@ -752,22 +764,32 @@ impl<H: Handler> EventConsumer<H> {
     /// callback (which commits a revoked partition's offsets) runs meanwhile, since
     /// those run only inside `recv`. One that fails is merged back into the pending
     /// offsets, and sent again with the next.
-    async fn commit_pending(&self) {
+    ///
+    /// While the group's coordinator is away a commit may wait for as long as a
+    /// session lasts; `shutdown` does not wait for it. Returns false when shutdown
+    /// came first (the commit is still on its way).
+    async fn commit_pending(&self, shutdown: &CancellationToken) -> bool {
         let pending = lock(&self.ownership).take_pending();
         if pending.is_empty() {
-            return;
+            return true;
         }
         let consumer = self.consumer.clone();
         let list = offset_list(&pending);
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
+        let mut commit =
+            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync));
+        let committed = tokio::select! {
+            biased;
+            committed = &mut commit => committed,
+            () = shutdown.cancelled() => return false,
+        };
         let error = match committed {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return true,
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
         };
         tracing::warn!(group = %self.group, %error, "offset commit failed; sent again with the next");
         lock(&self.ownership).retry(pending);
+        true
     }
 }
 
