@@ -490,38 +490,9 @@ impl tower::Service<Request> for Front {
         if Self::may_be_own(request.uri().path()) {
             Box::pin(self.own.clone().oneshot(request))
         } else {
-            let gateway = self.gateway.clone();
-            let head = request.method() == axum::http::Method::HEAD;
-            Box::pin(async move {
-                let response = proxy::forward_request(gateway, request).await;
-                let response = shared::http::bare_error_as_problem(response).await;
-                Ok(if head {
-                    without_body(response)
-                } else {
-                    response
-                })
-            })
+            Box::pin(proxy::forward_request(self.gateway.clone(), request))
         }
     }
-}
-
-/// The answer to a `HEAD`: the headers of the `GET`'s, its length included, and no
-/// body, as axum's router answers. HTTP/1 drops a HEAD answer's body by itself; an
-/// HTTP/2 client resets a stream whose HEAD answer carries one (the gateway's own
-/// problem+json answers do).
-fn without_body(response: Response) -> Response {
-    use axum::body::HttpBody;
-    let (mut parts, body) = response.into_parts();
-    if !parts
-        .headers
-        .contains_key(axum::http::header::CONTENT_LENGTH)
-        && let Some(length) = body.size_hint().exact()
-    {
-        parts
-            .headers
-            .insert(axum::http::header::CONTENT_LENGTH, length.into());
-    }
-    Response::from_parts(parts, axum::body::Body::empty())
 }
 
 /// The gateway's own endpoints, then everything else through the proxy.
@@ -614,28 +585,5 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             format!("The new routes were refused and the previous ones stay in force: {reason}"),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_head_answer_keeps_the_length_and_drops_the_body() {
-        let problem = Problem::not_found("No route matches /x.").into_response();
-        let length = axum::body::HttpBody::size_hint(problem.body())
-            .exact()
-            .expect("a problem has a known length");
-        let head = without_body(problem);
-        assert_eq!(
-            head.headers()[axum::http::header::CONTENT_LENGTH],
-            length.to_string().as_str()
-        );
-        assert!(axum::body::HttpBody::is_end_stream(head.body()));
-        assert_eq!(
-            head.headers()[axum::http::header::CONTENT_TYPE],
-            shared::problem::CONTENT_TYPE
-        );
     }
 }

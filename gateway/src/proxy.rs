@@ -82,26 +82,28 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The router's fallback: a path under the gateway's own prefixes that none of its
 /// endpoints serves.
-pub async fn forward(
-    State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    forward_from(gateway, client, request).await
+pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    match forward_request(gateway, request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
 }
 
 /// A request for an upstream, as the server hands it over (see [`crate::Front`]); the
-/// client's address is the connection's.
-pub async fn forward_request(gateway: Arc<Gateway>, request: Request) -> Response {
+/// client's address is the connection's. Its answer is problem+json when it is an
+/// error, and has no body when it answers a `HEAD`. (Each `async fn` a request passes
+/// through nests its future in its caller's, and moving a future copies it whole: the
+/// layers are kept few, and this one is what the server boxes.)
+pub async fn forward_request(
+    gateway: Arc<Gateway>,
+    mut request: Request,
+) -> Result<Response, std::convert::Infallible> {
+    use tracing::Instrument;
+    let head = request.method() == Method::HEAD;
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
-    forward_from(gateway, client, request).await
-}
-
-async fn forward_from(gateway: Arc<Gateway>, client: SocketAddr, mut request: Request) -> Response {
-    use tracing::Instrument;
     let started = Instant::now();
     drop_untrusted_forwarded(request.headers_mut(), client.ip(), &gateway.trusted_proxies);
     let request_id = request
@@ -173,9 +175,30 @@ async fn forward_from(gateway: Arc<Gateway>, client: SocketAddr, mut request: Re
             request_id = request_id.to_str().unwrap_or("-"),
         )
     };
-    forward_in_span(gateway, client, request, request_id, started)
+    let response = forward_in_span(gateway, client, request, request_id, started)
         .instrument(span)
-        .await
+        .await;
+    let response = shared::http::bare_error_as_problem(response).await;
+    Ok(if head {
+        without_body(response)
+    } else {
+        response
+    })
+}
+
+/// The answer to a `HEAD`: the headers of the `GET`'s, its length included, and no
+/// body, as axum's router answers. HTTP/1 drops a HEAD answer's body by itself; an
+/// HTTP/2 client resets a stream whose HEAD answer carries one (the gateway's own
+/// problem+json answers do).
+fn without_body(response: Response) -> Response {
+    use axum::body::HttpBody;
+    let (mut parts, body) = response.into_parts();
+    if !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(length) = body.size_hint().exact()
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, length.into());
+    }
+    Response::from_parts(parts, Body::empty())
 }
 
 /// The trace a request carries upstream when no span layer made one: the caller's
@@ -328,15 +351,16 @@ struct Target {
 }
 
 /// Runs `request` through `route`'s phases; the response, or the refusal the client
-/// gets.
-async fn handle(
-    gateway: &Gateway,
-    route: &Route,
+/// gets. Not an `async fn`: the phases' future is the caller's to hold, with no layer
+/// around it.
+fn handle<'a>(
+    gateway: &'a Gateway,
+    route: &'a Route,
     client: SocketAddr,
-    request_id: &HeaderValue,
+    request_id: &'a HeaderValue,
     request: Request,
-    trace: &mut Trace,
-) -> Result<Response, Rejection> {
+    trace: &'a mut Trace,
+) -> impl std::future::Future<Output = Result<Response, Rejection>> + Send + 'a {
     let exchange = Exchange {
         gateway,
         route,
@@ -344,14 +368,14 @@ async fn handle(
         client,
         request_id,
     };
-    exchange.run(request, trace).await
+    exchange.run(request, trace)
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
     /// The phases, in order. Each returns early with the client's answer when the
     /// request goes no further, so a later phase never runs for a request an earlier
     /// one refused.
-    async fn run(&self, request: Request, trace: &mut Trace) -> Result<Response, Rejection> {
+    async fn run(self, request: Request, trace: &'a mut Trace) -> Result<Response, Rejection> {
         let (mut parts, body) = request.into_parts();
         let asked = self.asked(&parts);
         // Kept before any edit, and only for a route with a fallback.
@@ -388,10 +412,10 @@ impl Exchange<'_> {
                 // As in Spring: an answer goes to the fallback only when `statusCodes`
                 // names its status.
                 trace.reason = Some("upstream error status");
-                fallback.forward(self, body.replay(), trace).await
+                fallback.forward(&self, body.replay(), trace).await
             }
             (Ok(response), _) => Ok(response),
-            (Err(_), Some(fallback)) => fallback.forward(self, body.replay(), trace).await,
+            (Err(_), Some(fallback)) => fallback.forward(&self, body.replay(), trace).await,
             (Err(Failed(answer)), None) => Err(answer),
         }
     }
@@ -1380,6 +1404,24 @@ impl UpstreamSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_answer_keeps_the_length_and_drops_the_body() {
+        let problem = Problem::not_found("No route matches /x.").into_response();
+        let length = axum::body::HttpBody::size_hint(problem.body())
+            .exact()
+            .expect("a problem has a known length");
+        let head = without_body(problem);
+        assert_eq!(
+            head.headers()[header::CONTENT_LENGTH],
+            length.to_string().as_str()
+        );
+        assert!(axum::body::HttpBody::is_end_stream(head.body()));
+        assert_eq!(
+            head.headers()[header::CONTENT_TYPE],
+            shared::problem::CONTENT_TYPE
+        );
+    }
 
     #[test]
     fn forwarded_headers_are_believed_from_trusted_proxies_only() {
