@@ -825,9 +825,11 @@ impl<'a> Exchange<'a> {
                     tokio::time::sleep(backoff.before(tried.len())).await;
                 }
             }
-            // The last attempt the policy allows takes the headers; one that may be
+            // Whether the policy allows another attempt after this one, should it
+            // fail in a retryable way. The last one takes the headers; one that may be
             // followed by another sends a copy.
-            let headers = if tried.len() >= policy.retries || !body.replayable() {
+            let may_follow = tried.len() < policy.retries && body.replayable();
+            let headers = if !may_follow {
                 std::mem::take(&mut outgoing.headers)
             } else {
                 outgoing.headers.clone()
@@ -918,7 +920,7 @@ impl<'a> Exchange<'a> {
                     .into_response(),
                 )),
             };
-            if !(retryable && tried.len() <= policy.retries && body.replayable()) {
+            if !(retryable && may_follow) {
                 return outcome;
             }
             last = Some(outcome);
