@@ -360,7 +360,35 @@ impl Application {
 }
 
 /// The upstream pool: `http://` and `https://` (certificates always verified).
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector<PinningResolver>>, axum::body::Body>;
+pub type UpstreamClient = Client<SharedConnector, axum::body::Body>;
+
+type Connector = HttpsConnector<HttpConnector<PinningResolver>>;
+
+/// The upstream connector behind one pointer. The pooled client clones its connector
+/// for every request it sends, pooled connection or not; this one (TLS settings,
+/// resolver, pins) would cost a handful of reference counts up and down each time,
+/// for what only opening a connection uses.
+#[derive(Clone, Debug)]
+pub struct SharedConnector(Arc<Connector>);
+
+impl tower::Service<axum::http::Uri> for SharedConnector {
+    type Response = <Connector as tower::Service<axum::http::Uri>>::Response;
+    type Error = <Connector as tower::Service<axum::http::Uri>>::Error;
+    type Future = <Connector as tower::Service<axum::http::Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Readiness is the copy's to say, in `call`: the connector holds no capacity
+        // of its own (the resolver and the TLS layer are always ready).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: axum::http::Uri) -> Self::Future {
+        Connector::clone(&self.0).call(uri)
+    }
+}
 
 /// Host names of discovered instances, pinned to the address discovery checked
 /// against `upstream.instance_networks`. An `https://` instance is dialled by name (its
@@ -450,7 +478,7 @@ fn upstream_client(
         .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
-        .build(connector)
+        .build(SharedConnector(Arc::new(connector)))
 }
 
 /// What serves every request: the gateway's own endpoints through axum's router, and

@@ -168,11 +168,13 @@ pub async fn forward_request(
         // trace is still carried: the caller's as it came, or one started here. The
         // span then has only the fields log lines show, each given at once: a field
         // recorded later costs a second format.
+        // Displayed, not debugged: a `&str` field is quoted and escaped character by
+        // character, and both are hex digits and dashes.
         let trace = carry_trace(&gateway, &mut request, continued);
         tracing::info_span!(
             "http",
-            trace_id = trace.as_ref().map_or("-", |t| t.as_str()),
-            request_id = request_id.to_str().unwrap_or("-"),
+            trace_id = %trace.as_ref().map_or("-", |t| t.as_str()),
+            request_id = %request_id.to_str().unwrap_or("-"),
         )
     };
     let response = forward_in_span(gateway, client, request, request_id, started)
@@ -205,12 +207,13 @@ fn without_body(response: Response) -> Response {
 /// context as it came when `continued`, else a new one (sampled as configured), set
 /// as the request's `traceparent`. Its trace id, for log lines.
 fn carry_trace(gateway: &Gateway, request: &mut Request, continued: bool) -> Option<TraceId> {
-    if !continued {
-        let started = new_traceparent(rand::random::<f64>() < gateway.sampling_probability);
-        request.headers_mut().insert(TRACEPARENT.clone(), started);
+    if continued {
+        let traceparent = request.headers().get(&TRACEPARENT)?.to_str().ok()?;
+        return TraceId::of(shared::telemetry::trace_id(traceparent)?);
     }
-    let traceparent = request.headers().get(&TRACEPARENT)?.to_str().ok()?;
-    TraceId::of(shared::telemetry::trace_id(traceparent)?)
+    let (started, trace) = new_traceparent(rand::random::<f64>() < gateway.sampling_probability);
+    request.headers_mut().insert(TRACEPARENT.clone(), started);
+    Some(trace)
 }
 
 /// A trace id (32 hex digits), kept without an allocation.
@@ -1223,6 +1226,9 @@ fn finish(
     for name in dropped {
         parts.headers.remove(name);
     }
+    // Room at once for the route's edits (`SecureHeaders` alone adds seven), the
+    // request id, CORS and rate-limit headers: a map that grows rehashes every header.
+    parts.headers.reserve(16);
     ResponseEdit::apply_all(&plan.response, &mut parts.status, &mut parts.headers, asked);
     Response::from_parts(parts, Body::new(body))
 }
@@ -1314,10 +1320,23 @@ fn gateway_headers(
     }
     remove_any(headers, &HOP_BY_HOP);
     remove_any(headers, &FORGEABLE);
+    // Room at once for what the gateway, the route and the client's `Host` add: a
+    // header map that grows rehashes every header it holds, once per growth.
+    headers.reserve(8);
     let original_host = headers.remove(header::HOST);
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", client.ip())).ok(),
-        None => HeaderValue::from_str(&client.ip().to_string()).ok(),
+        None => {
+            // Formatted in place: an address is at most 39 characters.
+            use std::io::Write;
+            let mut buffer = [0u8; 48];
+            let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+            let written = write!(cursor, "{}", client.ip()).is_ok();
+            let length = usize::try_from(cursor.position()).unwrap_or(0);
+            written
+                .then(|| HeaderValue::from_bytes(&buffer[..length]).ok())
+                .flatten()
+        }
     };
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
@@ -1348,7 +1367,7 @@ fn new_request_id() -> HeaderValue {
 
 /// `00-<trace id>-<span id>-<01 or 00>`: a new W3C trace context, sampled or not, so
 /// that services that export spans follow the gateway's sampling as their parent's.
-fn new_traceparent(sampled: bool) -> HeaderValue {
+fn new_traceparent(sampled: bool) -> (HeaderValue, TraceId) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
     if !sampled {
@@ -1360,7 +1379,12 @@ fn new_traceparent(sampled: bool) -> HeaderValue {
     for (digit, nibble) in digits.zip(random.iter().flat_map(|b| [b >> 4, b & 0xf])) {
         *digit = HEX[usize::from(nibble)];
     }
-    HeaderValue::from_bytes(&value).expect("hex digits are a valid header value")
+    let mut trace = [0; 32];
+    trace.copy_from_slice(&value[3..35]);
+    (
+        HeaderValue::from_bytes(&value).expect("hex digits are a valid header value"),
+        TraceId(trace),
+    )
 }
 
 /// Timeouts of the upstream side.
@@ -1464,7 +1488,7 @@ mod tests {
             HeaderValue::from_static("keep-alive, x-hop, traceparent, host"),
         );
         headers.insert("x-hop", HeaderValue::from_static("secret"));
-        headers.insert(&TRACEPARENT, new_traceparent(true));
+        headers.insert(&TRACEPARENT, new_traceparent(true).0);
         headers.insert(header::HOST, HeaderValue::from_static("shop.example.org"));
         let client = SocketAddr::from(([127, 0, 0, 1], 5000));
         let id = new_request_id();
@@ -1489,8 +1513,13 @@ mod tests {
 
     #[test]
     fn a_new_traceparent_is_a_sampled_w3c_context_with_random_ids() {
-        let first = new_traceparent(true);
+        let (first, trace) = new_traceparent(true);
         let text = first.to_str().unwrap();
+        assert_eq!(
+            shared::telemetry::trace_id(text),
+            Some(trace.as_str()),
+            "the trace id logged is the one sent"
+        );
         let parts: Vec<&str> = text.split('-').collect();
         assert_eq!(parts.len(), 4, "{text}");
         assert_eq!((parts[0], parts[3]), ("00", "01"), "{text}");
@@ -1501,8 +1530,8 @@ mod tests {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))),
             "lowercase hex ids: {text}"
         );
-        assert_ne!(first, new_traceparent(true), "ids are random");
-        assert!(new_traceparent(false).to_str().unwrap().ends_with("-00"));
+        assert_ne!(first, new_traceparent(true).0, "ids are random");
+        assert!(new_traceparent(false).0.to_str().unwrap().ends_with("-00"));
     }
 
     #[test]

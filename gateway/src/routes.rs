@@ -1443,12 +1443,13 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 /// A path's segments. A trailing slash is one more, empty segment: Spring's patterns
 /// no longer match an optional trailing slash, so `/orders/` is not `/orders` (but is
 /// `/orders/**`).
-fn path_segments(path: &str) -> Vec<&str> {
-    let mut parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    if !parts.is_empty() && path.ends_with('/') {
-        parts.push("");
-    }
-    parts
+/// Read as they are compared, without collecting them: route matching runs on every
+/// request.
+fn path_segments(path: &str) -> impl Iterator<Item = &str> {
+    let trailing = path.ends_with('/') && path.bytes().any(|b| b != b'/');
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .chain(trailing.then_some(""))
 }
 
 /// A Spring path pattern: literal segments, `*` for one segment, `**` for any number
@@ -1495,34 +1496,32 @@ impl PathPattern {
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        let parts = path_segments(path);
-        let mut i = 0;
+        let mut parts = path_segments(path);
         for segment in &self.segments {
             match segment {
                 Segment::Any => return true,
                 Segment::One | Segment::Var(_) => {
-                    if parts.get(i).is_none_or(|p| p.is_empty()) {
+                    if parts.next().is_none_or(str::is_empty) {
                         return false;
                     }
                 }
                 // Compared decoded, as Spring compares: `/p%61th` is `/path`.
                 Segment::Literal(l) => {
-                    let Some(part) = parts.get(i) else {
+                    let Some(part) = parts.next() else {
                         return false;
                     };
                     let same = if part.contains('%') {
                         percent_encoding::percent_decode_str(part).decode_utf8_lossy() == *l
                     } else {
-                        part == l
+                        part == l.as_str()
                     };
                     if !same {
                         return false;
                     }
                 }
             }
-            i += 1;
         }
-        i == parts.len()
+        parts.next().is_none()
     }
 
     /// The `{variables}` of `path`, when the pattern matches it.
@@ -1530,7 +1529,7 @@ impl PathPattern {
         if !self.matches(path) {
             return None;
         }
-        let parts = path_segments(path).into_iter();
+        let parts = path_segments(path);
         Some(
             self.segments
                 .iter()
@@ -1622,6 +1621,20 @@ mod tests {
         }
         let one = PathPattern::parse("/orders/{id}").unwrap();
         assert!(one.matches("/orders/7") && !one.matches("/orders") && !one.matches("/orders/7/x"));
+    }
+
+    #[test]
+    fn a_trailing_slash_is_one_more_empty_segment() {
+        let exact = PathPattern::parse("/orders").unwrap();
+        assert!(exact.matches("/orders") && !exact.matches("/orders/"));
+        let one = PathPattern::parse("/orders/{id}").unwrap();
+        assert!(!one.matches("/orders/") && one.matches("/orders/7") && !one.matches("/orders/7/"));
+        let root = PathPattern::parse("/").unwrap();
+        assert!(root.matches("/") && !root.matches("/orders"));
+        assert_eq!(
+            one.captures("/orders/7"),
+            Some(vec![("id", "7".to_owned())])
+        );
     }
 
     #[test]
