@@ -692,6 +692,18 @@ impl<'a> Exchange<'a> {
         }
     }
 
+    /// Whether an instance would be left to try after `attempted` attempts: the fixed
+    /// upstream always is (it is tried again), a service's while more of its
+    /// instances are `UP`. (An instance that registers meanwhile is not waited for.)
+    fn instance_left_after(&self, attempted: usize) -> bool {
+        match &self.route.upstream {
+            Upstream::Fixed(_) => true,
+            Upstream::Service(name) => self.gateway.discovery.as_ref().is_some_and(|d| {
+                d.instances(name).iter().filter(|i| i.is_up()).count() > attempted
+            }),
+        }
+    }
+
     /// An instance not tried yet: the fixed upstream, or one the balancer picks.
     fn choose(&self, tried: &[String]) -> Option<Target> {
         let name = match &self.route.upstream {
@@ -828,19 +840,27 @@ impl<'a> Exchange<'a> {
                     tokio::time::sleep(backoff.before(tried.len())).await;
                 }
             }
-            // Whether the policy allows another attempt after this one, should it
-            // fail in a retryable way. The last one takes the headers; one that may be
-            // followed by another sends a copy.
-            let may_follow = tried.len() < policy.retries && body.replayable();
-            let headers = if !may_follow {
-                std::mem::take(&mut outgoing.headers)
+            // Whether another attempt may follow this one, should it fail in a
+            // retryable way: the policy allows it, the body can be sent again, and an
+            // instance is left to send it to. The last one takes the request's path
+            // and headers; one that may be followed by another sends copies.
+            let may_follow = tried.len() < policy.retries
+                && body.replayable()
+                && self.instance_left_after(tried.len() + 1);
+            let (path, headers) = if !may_follow {
+                (
+                    std::mem::replace(&mut outgoing.target, PathAndQuery::from_static("/")),
+                    std::mem::take(&mut outgoing.headers),
+                )
             } else {
-                outgoing.headers.clone()
+                (outgoing.target.clone(), outgoing.headers.clone())
             };
             let Some(attempt_body) = body.take() else {
                 return Err(Failed(exhausted(service, tried.len())));
             };
-            let sent = self.attempt(outgoing, headers, &target, attempt_body).await;
+            let sent = self
+                .attempt(outgoing, path, headers, &target, attempt_body)
+                .await;
             // The access log names the instance; the authority is not needed again
             // unless the attempt failed.
             let Target {
@@ -936,6 +956,7 @@ impl<'a> Exchange<'a> {
     async fn attempt(
         &self,
         outgoing: &Outgoing,
+        path: PathAndQuery,
         headers: HeaderMap,
         target: &Target,
         body: Body,
@@ -944,7 +965,7 @@ impl<'a> Exchange<'a> {
         let uri = Uri::builder()
             .scheme(target.scheme)
             .authority(target.authority.as_str())
-            .path_and_query(outgoing.target.clone())
+            .path_and_query(path)
             .build()
             .map_err(|_| AttemptFailure::Unreachable)?;
         let mut attempt = axum::http::Request::new(body);

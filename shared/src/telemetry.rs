@@ -147,6 +147,7 @@ fn install(
         // Colours only for a terminal, and not there either with NO_COLOR: a log
         // file or a collector gets plain text.
         LogFormat::Pretty => fmt::layer()
+            .fmt_fields(GatheredFields::default())
             .with_target(true)
             .with_ansi(
                 std::io::IsTerminal::is_terminal(&std::io::stdout())
@@ -185,6 +186,75 @@ fn install(
     }
     Telemetry {
         provider: Some(provider),
+    }
+}
+
+/// Span fields as `DefaultFields` formats them, gathered on the stack and written
+/// once. The line layer keeps a span's fields in a string of their own, which would
+/// otherwise grow (a reallocation and a copy) field by field, for every span: the
+/// gateway makes one per request. On a terminal (ANSI field names) they are written
+/// as they come.
+#[derive(Debug, Default)]
+struct GatheredFields(fmt::format::DefaultFields);
+
+impl<'writer> fmt::FormatFields<'writer> for GatheredFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        if writer.has_ansi_escapes() {
+            return self.0.format_fields(writer, fields);
+        }
+        let mut gathered = Gathered::default();
+        self.0
+            .format_fields(fmt::format::Writer::new(&mut gathered), fields)?;
+        writer.write_str(gathered.as_str()?)
+    }
+}
+
+/// What was written so far: on the stack while it fits, then on the heap.
+struct Gathered {
+    buffer: [u8; 256],
+    length: usize,
+    spilled: String,
+}
+
+impl Default for Gathered {
+    fn default() -> Self {
+        Self {
+            buffer: [0; 256],
+            length: 0,
+            spilled: String::new(),
+        }
+    }
+}
+
+impl Gathered {
+    fn as_str(&self) -> Result<&str, std::fmt::Error> {
+        if self.spilled.is_empty() {
+            // Whole `str`s were copied in, so the bytes are UTF-8.
+            std::str::from_utf8(&self.buffer[..self.length]).map_err(|_| std::fmt::Error)
+        } else {
+            Ok(&self.spilled)
+        }
+    }
+}
+
+impl std::fmt::Write for Gathered {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.length + s.len();
+        if self.spilled.is_empty() && end <= self.buffer.len() {
+            self.buffer[self.length..end].copy_from_slice(s.as_bytes());
+            self.length = end;
+        } else {
+            if self.spilled.is_empty() {
+                let so_far = self.as_str()?.to_owned();
+                self.spilled = so_far;
+            }
+            self.spilled.push_str(s);
+        }
+        Ok(())
     }
 }
 
@@ -707,6 +777,65 @@ impl LevelState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Log output kept in memory.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The lines a compact, colourless layer writes for a span with a long field and
+    /// a field recorded later, and an event in it.
+    fn compact_lines<N>(fields: N) -> String
+    where
+        N: for<'w> fmt::FormatFields<'w> + Send + Sync + 'static,
+    {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            fmt::layer()
+                .fmt_fields(fields)
+                .with_ansi(false)
+                .without_time()
+                .compact()
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let long = "x".repeat(300);
+            let span = tracing::info_span!(
+                "http",
+                trace_id = %"4bf92f3577b34da6a3ce929d0e0e4736",
+                request_id = "quoted \"id\"",
+                long = %long,
+                later = tracing::field::Empty,
+            );
+            span.record("later", 7);
+            let _entered = span.enter();
+            tracing::info!(status = 200, "request");
+            let short = tracing::info_span!("short", id = 1);
+            let _entered = short.enter();
+            tracing::info!("inner");
+        });
+        let text = lines.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn gathered_span_fields_read_as_the_default_ones() {
+        let gathered = compact_lines(GatheredFields::default());
+        assert_eq!(gathered, compact_lines(fmt::format::DefaultFields::new()));
+        assert!(gathered.contains(&"x".repeat(300)), "{gathered}");
+        assert!(gathered.contains("later=7"), "{gathered}");
+    }
 
     #[test]
     fn directives_become_root_targets_and_the_rest() {
