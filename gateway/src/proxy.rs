@@ -247,7 +247,7 @@ async fn forward_in_span(
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let routes = gateway.routes.load_full();
-    let facts = crate::routes::RequestFacts::of(
+    let facts = routes.facts_of(
         request.method(),
         request.uri(),
         request.headers(),
@@ -1107,7 +1107,7 @@ impl Fallback {
         *request.headers_mut() = self.headers;
         request.extensions_mut().insert(Forwarded);
         let routes = from.gateway.routes.load_full();
-        let facts = crate::routes::RequestFacts::of(
+        let facts = routes.facts_of(
             request.method(),
             request.uri(),
             request.headers(),

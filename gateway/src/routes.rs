@@ -100,25 +100,6 @@ pub struct RequestFacts<'a> {
     pub draw: u64,
 }
 
-impl<'a> RequestFacts<'a> {
-    /// The facts of a request from `peer`, now, with a fresh draw.
-    pub fn of(
-        method: &'a Method,
-        uri: &'a Uri,
-        headers: &'a HeaderMap,
-        peer: Option<std::net::IpAddr>,
-    ) -> Self {
-        Self {
-            method,
-            uri,
-            headers,
-            peer,
-            now_ms: shared::now_ms(),
-            draw: rand::random(),
-        }
-    }
-}
-
 pub use crate::plan::{Dedupe, Filter};
 use crate::plan::{HeaderEdit, PathEdit, QueryEdit, ResponseEdit};
 
@@ -363,6 +344,11 @@ pub struct RouteError {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     pub routes: Vec<Route>,
+    /// Whether a predicate reads the clock (`After`, `Before`, `Between`) or the
+    /// request's random draw (`Weight`): each costs something on every request, and
+    /// most tables need neither.
+    reads_clock: bool,
+    draws: bool,
 }
 
 impl RouteTable {
@@ -526,7 +512,44 @@ impl RouteTable {
         // Stable: equal orders keep file order.
         routes.sort_by_key(|r| r.order);
         warn_of_unguarded_slashes(&routes);
-        Ok(Self { routes })
+        let any = |wanted: fn(&Predicate) -> bool| {
+            routes
+                .iter()
+                .any(|route| route.predicates.iter().any(wanted))
+        };
+        Ok(Self {
+            reads_clock: any(|p| {
+                matches!(
+                    p,
+                    Predicate::After(_) | Predicate::Before(_) | Predicate::Between(..)
+                )
+            }),
+            draws: any(|p| matches!(p, Predicate::Weight { .. })),
+            routes,
+        })
+    }
+
+    /// The facts of a request from `peer` that this table's predicates read: the
+    /// clock and a random draw only when some predicate reads them.
+    pub fn facts_of<'a>(
+        &self,
+        method: &'a Method,
+        uri: &'a Uri,
+        headers: &'a HeaderMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            method,
+            uri,
+            headers,
+            peer,
+            now_ms: if self.reads_clock {
+                shared::now_ms()
+            } else {
+                0
+            },
+            draw: if self.draws { rand::random() } else { 0 },
+        }
     }
 
     /// The registry services the routes send to.
@@ -1606,7 +1629,7 @@ mod tests {
         }
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let uri: Uri = uri.parse().unwrap();
-        let facts = RequestFacts::of(&method, &uri, &map, Some([10, 0, 0, 7].into()));
+        let facts = t.facts_of(&method, &uri, &map, Some([10, 0, 0, 7].into()));
         t.find(&facts).map(|r| r.id.as_str())
     }
 
@@ -1717,6 +1740,26 @@ routes:
                 .map(|r| r.upstream.clone()),
             Some(Upstream::Service("order-service".into()))
         );
+    }
+
+    #[test]
+    fn the_clock_and_the_draw_are_read_only_for_tables_that_use_them() {
+        let (get, uri, headers) = (Method::GET, Uri::from_static("/a"), HeaderMap::new());
+        let plain = table("routes: [{id: a, uri: 'lb://x', predicates: ['Path=/a']}]");
+        let facts = plain.facts_of(&get, &uri, &headers, None);
+        assert_eq!((facts.now_ms, facts.draw), (0, 0));
+        let timed =
+            table("routes: [{id: a, uri: 'lb://x', predicates: ['After=2020-01-01T00:00:00Z']}]");
+        let facts = timed.facts_of(&get, &uri, &headers, None);
+        assert!(facts.now_ms > 1_577_836_800_000, "{}", facts.now_ms);
+        assert_eq!(timed.find(&facts).map(|r| r.id.as_str()), Some("a"));
+        let weighted = table(
+            "routes: [{id: a, uri: 'lb://x', predicates: ['Weight=g, 1']}, {id: b, uri: 'lb://y', predicates: ['Weight=g, 1']}]",
+        );
+        let draws: std::collections::HashSet<u64> = (0..8)
+            .map(|_| weighted.facts_of(&get, &uri, &headers, None).draw)
+            .collect();
+        assert!(draws.len() > 1, "a fresh draw per request: {draws:?}");
     }
 
     #[test]

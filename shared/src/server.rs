@@ -283,17 +283,89 @@ async fn until_done<C>(
 ) where
     C: std::future::Future,
 {
+    enum Stop {
+        Now,
+        Gracefully,
+    }
     let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        () = slot.evicted.cancelled() => {}
-        () = shutdown.cancelled() => {
-            graceful_shutdown(connection.as_mut());
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = slot.evicted.cancelled() => {}
-            }
+    // The connection's task wakes several times per request, and a token's future
+    // takes two locks each time it is polled: the tokens are looked at only when one
+    // of them woke the task.
+    let stop = WhenWoken::new(async {
+        tokio::select! {
+            biased;
+            () = slot.evicted.cancelled() => Stop::Now,
+            () = shutdown.cancelled() => Stop::Gracefully,
         }
+    });
+    tokio::select! {
+        biased;
+        _ = connection.as_mut() => {}
+        stop = stop => match stop {
+            Stop::Now => {}
+            Stop::Gracefully => {
+                graceful_shutdown(connection.as_mut());
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    () = slot.evicted.cancelled() => {}
+                }
+            }
+        },
+    }
+}
+
+/// A future polled only after it woke its task (and once at first), however often
+/// the task is woken by others.
+struct WhenWoken<F> {
+    inner: Pin<Box<F>>,
+    signal: Arc<Woken>,
+    waker: std::task::Waker,
+}
+
+/// Whether the inner future woke, and the task to wake then.
+#[derive(Default)]
+struct Woken {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let signal = Arc::new(Woken::default());
+        signal.woken.store(true, Ordering::Relaxed);
+        Self {
+            inner: Box::pin(inner),
+            waker: std::task::Waker::from(signal.clone()),
+            signal,
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Registered before the flag is read: a wake in between is seen now or
+        // wakes the task again.
+        self.signal.task.register(cx.waker());
+        if !self.signal.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -469,6 +541,56 @@ impl HttpBody for ReadTimeout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A future that counts its polls and keeps the last waker it was given.
+    struct Counted {
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<std::task::Waker>>>,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl std::future::Future for Counted {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[test]
+    fn a_when_woken_future_is_polled_only_after_it_woke() {
+        use std::future::Future;
+        let polls = Arc::new(AtomicUsize::new(0));
+        let waker = Arc::new(Mutex::new(None));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut future = WhenWoken::new(Counted {
+            polls: polls.clone(),
+            waker: waker.clone(),
+            ready: ready.clone(),
+        });
+        let task = Arc::new(Woken::default());
+        let task_waker = std::task::Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        for _ in 0..5 {
+            assert!(Pin::new(&mut future).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, at first");
+        ready.store(true, Ordering::SeqCst);
+        let inner_waker = waker.lock().unwrap().take().expect("a waker kept");
+        inner_waker.wake();
+        assert!(
+            task.woken.load(Ordering::SeqCst),
+            "its waking wakes the task"
+        );
+        assert!(Pin::new(&mut future).poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn at_the_cap_the_oldest_idle_connection_makes_room() {
