@@ -500,25 +500,20 @@ impl Front {
     }
 }
 
-impl tower::Service<Request> for Front {
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        use tower::ServiceExt;
-        if Self::may_be_own(request.uri().path()) {
-            Box::pin(self.own.clone().oneshot(request))
-        } else {
-            Box::pin(proxy::forward_request(self.gateway.clone(), request))
+/// Not a tower service: its future is one the connection keeps in place, where a
+/// service's would be boxed for every request (a large one, for a proxied request).
+impl shared::server::Answer for Front {
+    fn answer(
+        &self,
+        request: Request,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static + use<> {
+        let own = Self::may_be_own(request.uri().path()).then(|| self.own.clone());
+        let gateway = self.gateway.clone();
+        async move {
+            match own {
+                Some(own) => own.answer(request).await,
+                None => proxy::forward_request(gateway, request).await,
+            }
         }
     }
 }

@@ -83,21 +83,15 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The router's fallback: a path under the gateway's own prefixes that none of its
 /// endpoints serves.
 pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    match forward_request(gateway, request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    }
+    forward_request(gateway, request).await
 }
 
 /// A request for an upstream, as the server hands it over (see [`crate::Front`]); the
 /// client's address is the connection's. Its answer is problem+json when it is an
 /// error, and has no body when it answers a `HEAD`. (Each `async fn` a request passes
 /// through nests its future in its caller's, and moving a future copies it whole: the
-/// layers are kept few, and this one is what the server boxes.)
-pub async fn forward_request(
-    gateway: Arc<Gateway>,
-    mut request: Request,
-) -> Result<Response, std::convert::Infallible> {
+/// layers are kept few, and this one is what the connection keeps in place.)
+pub async fn forward_request(gateway: Arc<Gateway>, mut request: Request) -> Response {
     use tracing::Instrument;
     let head = request.method() == Method::HEAD;
     let client = request
@@ -181,11 +175,11 @@ pub async fn forward_request(
         .instrument(span)
         .await;
     let response = shared::http::bare_error_as_problem(response).await;
-    Ok(if head {
+    if head {
         without_body(response)
     } else {
         response
-    })
+    }
 }
 
 /// The answer to a `HEAD`: the headers of the `GET`'s, its length included, and no

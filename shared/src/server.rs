@@ -87,17 +87,19 @@ pub struct Server {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scheme(pub &'static str);
 
-/// Serves `router` (an axum `Router`, or any service that always answers) on
-/// `listener` within `limits` until `shutdown` is cancelled; then stops accepting,
-/// closes idle connections and lets requests in progress finish. With `tls`, every
-/// connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
-pub async fn serve<S>(
-    listener: TcpListener,
-    router: S,
-    shutdown: CancellationToken,
-    limits: &ConnectionLimits,
-    tls: Option<crate::tls::TlsAcceptor>,
-) -> std::io::Result<()>
+/// What a server hands each request to: anything that always answers. Every
+/// infallible tower service is one (an axum `Router`). A handler of its own can name
+/// its future `impl Future`: the connection then keeps that future in its one slot
+/// for the request in progress, where a tower service's unnameable future would be
+/// boxed anew for every request.
+pub trait Answer: Clone + Send + 'static {
+    fn answer(
+        &self,
+        request: axum::extract::Request,
+    ) -> impl std::future::Future<Output = axum::response::Response> + Send + 'static + use<Self>;
+}
+
+impl<S> Answer for S
 where
     S: tower::Service<
             axum::extract::Request,
@@ -108,6 +110,31 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    fn answer(
+        &self,
+        request: axum::extract::Request,
+    ) -> impl std::future::Future<Output = axum::response::Response> + Send + 'static + use<S> {
+        let service = self.clone();
+        async move {
+            match service.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
+/// Serves `router` (an axum `Router`, or anything else that always answers) on
+/// `listener` within `limits` until `shutdown` is cancelled; then stops accepting,
+/// closes idle connections and lets requests in progress finish. With `tls`, every
+/// connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
+pub async fn serve<S: Answer>(
+    listener: TcpListener,
+    router: S,
+    shutdown: CancellationToken,
+    limits: &ConnectionLimits,
+    tls: Option<crate::tls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let scheme = Scheme(if tls.is_some() { "https" } else { "http" });
     let table = Arc::new(Table::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
@@ -183,12 +210,9 @@ where
                 {
                     request.headers_mut().insert(axum::http::header::HOST, host);
                 }
-                let router = router.clone();
+                let answer = router.answer(request);
                 async move {
-                    let response = router
-                        .oneshot(request)
-                        .await
-                        .unwrap_or_else(|never: Infallible| match never {});
+                    let response = answer.await;
                     Ok::<_, Infallible>(response.map(|body| {
                         Body::new(Finishing {
                             body,
