@@ -48,6 +48,37 @@ pub struct InstanceHealth {
     failures: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// How it is reached over http, when its address is a `host:port`.
+    pub reach: Option<Reach>,
+}
+
+/// How an instance is reached over http, made once rather than for every request: the
+/// authority of its requests' URIs and the `Host` they carry (as the pooled client
+/// would spell it: without the port when it is http's default).
+#[derive(Debug, Clone)]
+pub struct Reach {
+    pub authority: axum::http::uri::Authority,
+    pub host: axum::http::HeaderValue,
+}
+
+impl Reach {
+    /// The reach of `address`: a `host:port`, or a fixed upstream's base URL.
+    pub fn of(address: &str) -> Option<Self> {
+        let authority = match address.split_once("://") {
+            Some(("http", rest)) => rest.split('/').next().unwrap_or_default(),
+            Some(_) => return None,
+            None => address,
+        };
+        let authority: axum::http::uri::Authority = authority.parse().ok()?;
+        let host = match authority.port_u16() {
+            None | Some(80) => authority.host(),
+            Some(_) => authority.as_str(),
+        };
+        Some(Self {
+            host: axum::http::HeaderValue::from_str(host).ok()?,
+            authority,
+        })
+    }
 }
 
 /// One request in flight to an instance, counted while it lives: dropped on every
@@ -188,7 +219,15 @@ impl Balancer {
         let mut created = None;
         self.health.rcu(|current| {
             let mut next = (**current).clone();
-            let entry = next.entry(address.to_owned()).or_default().clone();
+            let entry = next
+                .entry(address.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(InstanceHealth {
+                        reach: Reach::of(address),
+                        ..InstanceHealth::default()
+                    })
+                })
+                .clone();
             created = Some(entry);
             next
         });
@@ -282,6 +321,33 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_is_reached_at_its_address_with_the_host_a_client_would_send() {
+        let reach = |a: &str| Reach::of(a).map(|r| (r.authority.to_string(), r.host));
+        assert_eq!(
+            reach("10.0.0.7:8081"),
+            Some(("10.0.0.7:8081".into(), "10.0.0.7:8081".parse().unwrap()))
+        );
+        assert_eq!(
+            reach("10.0.0.7:80"),
+            Some(("10.0.0.7:80".into(), "10.0.0.7".parse().unwrap())),
+            "http's default port is left out, as the pooled client leaves it out"
+        );
+        assert_eq!(
+            reach("[::1]:9000"),
+            Some(("[::1]:9000".into(), "[::1]:9000".parse().unwrap()))
+        );
+        assert_eq!(
+            reach("http://127.0.0.1:9000"),
+            Some(("127.0.0.1:9000".into(), "127.0.0.1:9000".parse().unwrap())),
+            "a fixed upstream's base"
+        );
+        assert!(reach("https://shop.example:8443").is_none(), "http only");
+        assert!(reach("not an authority").is_none());
+        let balancer = Balancer::default();
+        assert!(balancer.health("10.0.0.7:8081").reach.is_some());
+    }
 
     fn instance(port: u16, status: &str) -> ServiceInstance {
         ServiceInstance {

@@ -37,7 +37,8 @@ use axum::{
     body::Body,
     extract::{ConnectInfo, Request, State},
     http::{
-        HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header, uri::PathAndQuery,
+        HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header,
+        uri::{Authority, PathAndQuery},
     },
     response::{IntoResponse, Response},
 };
@@ -288,7 +289,7 @@ async fn forward_in_span(
         target: "access",
         request_id = request_id.to_str().unwrap_or("-"),
         route = route_id,
-        instance = trace.instance.as_deref().unwrap_or("-"),
+        instance = trace.instance.as_ref().map_or("-", Authority::as_str),
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         retries = trace.retries,
@@ -302,7 +303,7 @@ async fn forward_in_span(
 #[derive(Debug, Default)]
 struct Trace {
     /// The instance that answered, or the last one tried.
-    instance: Option<String>,
+    instance: Option<Authority>,
     retries: usize,
     /// A short reason when the request failed.
     reason: Option<&'static str>,
@@ -341,10 +342,12 @@ struct Outgoing {
 /// An instance to send an attempt to.
 struct Target {
     scheme: &'static str,
-    authority: String,
+    authority: Authority,
     health: Arc<crate::balancer::InstanceHealth>,
-    /// The `Host` an instance registered by name is told.
-    named_host: Option<HeaderValue>,
+    /// The `Host` the request carries unless it has one already (`PreserveHostHeader`):
+    /// an instance registered by name is told its name. Without one, the client names
+    /// the authority.
+    host: Option<HeaderValue>,
 }
 
 /// Runs `request` through `route`'s phases; the response, or the refusal the client
@@ -703,11 +706,16 @@ impl<'a> Exchange<'a> {
         let name = match &self.route.upstream {
             Upstream::Fixed(base) => {
                 let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+                let health = self.gateway.balancer.health(base);
+                let (authority, host) = match &health.reach {
+                    Some(reach) => (reach.authority.clone(), Some(reach.host.clone())),
+                    None => (authority.parse().ok()?, None),
+                };
                 return Some(Target {
                     scheme: if scheme == "https" { "https" } else { "http" },
-                    authority: authority.to_owned(),
-                    health: self.gateway.balancer.health(base),
-                    named_host: None,
+                    authority,
+                    health,
+                    host,
                 });
             }
             Upstream::Service(name) => name,
@@ -738,9 +746,9 @@ impl<'a> Exchange<'a> {
             };
             return Some(Target {
                 scheme: "https",
-                authority,
+                authority: authority.parse().ok()?,
                 health,
-                named_host: None,
+                host: None,
             });
         }
         // An instance registered by name is reached at the address its name was
@@ -749,11 +757,15 @@ impl<'a> Exchange<'a> {
             .is_none()
             .then(|| HeaderValue::from_str(&format!("{}:{}", instance.host, instance.port)).ok())
             .flatten();
+        let (authority, host) = match &health.reach {
+            Some(reach) => (reach.authority.clone(), Some(reach.host.clone())),
+            None => (instance.address.parse().ok()?, None),
+        };
         Some(Target {
             scheme: "http",
-            authority: instance.address.clone(),
+            authority,
+            host: named_host.or(host),
             health,
-            named_host,
         })
     }
 
@@ -907,7 +919,13 @@ impl<'a> Exchange<'a> {
                     (failure, retryable)
                 }
             };
-            tried.push(trace.instance.clone().unwrap_or_default());
+            tried.push(
+                trace
+                    .instance
+                    .as_ref()
+                    .map(|a| a.as_str().to_owned())
+                    .unwrap_or_default(),
+            );
             let reason = failure.reason();
             trace.reason = Some(reason);
             metrics::counter!(
@@ -958,7 +976,7 @@ impl<'a> Exchange<'a> {
         use tracing::Instrument;
         let uri = Uri::builder()
             .scheme(target.scheme)
-            .authority(target.authority.as_str())
+            .authority(target.authority.clone())
             .path_and_query(path)
             .build()
             .map_err(|_| AttemptFailure::Unreachable)?;
@@ -971,7 +989,7 @@ impl<'a> Exchange<'a> {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, upgrade.clone());
         }
-        if let Some(host) = &target.named_host
+        if let Some(host) = &target.host
             && !headers.contains_key(header::HOST)
         {
             headers.insert(header::HOST, host.clone());
