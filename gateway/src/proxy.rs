@@ -618,16 +618,28 @@ impl<'a> Exchange<'a> {
             )
             .into_response()
         };
-        let path = PathEdit::apply_all(&self.plan.path, parts.uri.path(), &asked.variables)
-            .ok_or_else(bad_path)?;
-        let query = QueryEdit::apply_all(&self.plan.query, parts.uri.query(), &asked.variables);
-        let target = match query {
-            Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
-            None => PathAndQuery::try_from(path),
-        }
-        .map_err(|_| {
-            Problem::bad_request("The request path cannot be forwarded.").into_response()
-        })?;
+        // A route that edits neither sends the path and query as they came (an empty
+        // query is none, as the edits make it).
+        let unedited = (self.plan.path.is_empty() && self.plan.query.is_empty())
+            .then(|| parts.uri.path_and_query())
+            .flatten()
+            .filter(|target| target.query().is_none_or(|q| !q.is_empty()));
+        let target = match unedited {
+            Some(target) => target.clone(),
+            None => {
+                let path = PathEdit::apply_all(&self.plan.path, parts.uri.path(), &asked.variables)
+                    .ok_or_else(bad_path)?;
+                let query =
+                    QueryEdit::apply_all(&self.plan.query, parts.uri.query(), &asked.variables);
+                match query {
+                    Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+                    None => PathAndQuery::try_from(path),
+                }
+                .map_err(|_| {
+                    Problem::bad_request("The request path cannot be forwarded.").into_response()
+                })?
+            }
+        };
         let scheme = parts
             .extensions
             .get::<shared::server::Scheme>()
