@@ -506,13 +506,14 @@ impl shared::server::Answer for Front {
     fn answer(
         &self,
         request: Request,
+        peer: SocketAddr,
     ) -> impl std::future::Future<Output = Response> + Send + 'static + use<> {
         let own = Self::may_be_own(request.uri().path()).then(|| self.own.clone());
         let gateway = self.gateway.clone();
         async move {
             match own {
-                Some(own) => own.answer(request).await,
-                None => proxy::forward_request(gateway, request).await,
+                Some(own) => own.answer(request, peer).await,
+                None => proxy::forward_request(gateway, request, peer).await,
             }
         }
     }

@@ -84,7 +84,11 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The router's fallback: a path under the gateway's own prefixes that none of its
 /// endpoints serves.
 pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    forward_request(gateway, request).await
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+    forward_request(gateway, request, client).await
 }
 
 /// A request for an upstream, as the server hands it over (see [`crate::Front`]); the
@@ -92,13 +96,13 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
 /// error, and has no body when it answers a `HEAD`. (Each `async fn` a request passes
 /// through nests its future in its caller's, and moving a future copies it whole: the
 /// layers are kept few, and this one is what the connection keeps in place.)
-pub async fn forward_request(gateway: Arc<Gateway>, mut request: Request) -> Response {
+pub async fn forward_request(
+    gateway: Arc<Gateway>,
+    mut request: Request,
+    client: SocketAddr,
+) -> Response {
     use tracing::Instrument;
     let head = request.method() == Method::HEAD;
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
     let started = Instant::now();
     drop_untrusted_forwarded(request.headers_mut(), client.ip(), &gateway.trusted_proxies);
     let request_id = request

@@ -24,6 +24,7 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -93,9 +94,11 @@ pub struct Scheme(pub &'static str);
 /// for the request in progress, where a tower service's unnameable future would be
 /// boxed anew for every request.
 pub trait Answer: Clone + Send + 'static {
+    /// The answer to `request`, which came from `peer`.
     fn answer(
         &self,
         request: axum::extract::Request,
+        peer: SocketAddr,
     ) -> impl std::future::Future<Output = axum::response::Response> + Send + 'static + use<Self>;
 }
 
@@ -110,10 +113,13 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    /// The peer is the request's `ConnectInfo`, as axum's handlers read it.
     fn answer(
         &self,
-        request: axum::extract::Request,
+        mut request: axum::extract::Request,
+        peer: SocketAddr,
     ) -> impl std::future::Future<Output = axum::response::Response> + Send + 'static + use<S> {
+        request.extensions_mut().insert(ConnectInfo(peer));
         let service = self.clone();
         async move {
             match service.oneshot(request).await {
@@ -173,7 +179,6 @@ pub async fn serve<S: Answer>(
                     true => Body::empty(),
                     false => Body::new(ReadTimeout::new(body, body_timeout)),
                 });
-                request.extensions_mut().insert(ConnectInfo(peer));
                 // `http` goes without saying (readers default to it): one boxed
                 // extension fewer per request.
                 if scheme.0 != "http" {
@@ -210,14 +215,13 @@ pub async fn serve<S: Answer>(
                 {
                     request.headers_mut().insert(axum::http::header::HOST, host);
                 }
-                let answer = router.answer(request);
+                let answer = router.answer(request, peer);
                 async move {
                     let response = answer.await;
-                    Ok::<_, Infallible>(response.map(|body| {
-                        Body::new(Finishing {
-                            body,
-                            in_progress: Some(in_progress),
-                        })
+                    // Not boxed again: hyper takes the wrapper as it is.
+                    Ok::<_, Infallible>(response.map(|body| Finishing {
+                        body,
+                        in_progress: Some(in_progress),
                     }))
                 }
             });
@@ -269,7 +273,7 @@ async fn drive<I, S>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             hyper::Request<Incoming>,
-            Response = hyper::Response<Body>,
+            Response = hyper::Response<Finishing>,
             Error = Infallible,
         > + Send
         + 'static,
