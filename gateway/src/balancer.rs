@@ -70,12 +70,15 @@ impl Reach {
             None => address,
         };
         let authority: axum::http::uri::Authority = authority.parse().ok()?;
+        // From the host and port only: a fixed upstream's credentials stay out of it.
         let host = match authority.port_u16() {
-            None | Some(80) => authority.host(),
-            Some(_) => authority.as_str(),
+            None | Some(80) => axum::http::HeaderValue::from_str(authority.host()),
+            Some(port) => {
+                axum::http::HeaderValue::from_str(&format!("{}:{port}", authority.host()))
+            }
         };
         Some(Self {
-            host: axum::http::HeaderValue::from_str(host).ok()?,
+            host: host.ok()?,
             authority,
         })
     }
@@ -342,6 +345,11 @@ mod tests {
             reach("http://127.0.0.1:9000"),
             Some(("127.0.0.1:9000".into(), "127.0.0.1:9000".parse().unwrap())),
             "a fixed upstream's base"
+        );
+        assert_eq!(
+            reach("http://user:secret@backend:8080").map(|(_, host)| host),
+            Some("backend:8080".parse().unwrap()),
+            "credentials are not the host"
         );
         assert!(reach("https://shop.example:8443").is_none(), "http only");
         assert!(reach("not an authority").is_none());

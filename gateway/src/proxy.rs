@@ -167,13 +167,14 @@ pub async fn forward_request(
         // trace is still carried: the caller's as it came, or one started here. The
         // span then has only the fields log lines show, each given at once: a field
         // recorded later costs a second format.
-        // Displayed, not debugged: a `&str` field is quoted and escaped character by
-        // character, and both are hex digits and dashes.
+        // The trace id displayed, not debugged (a `&str` field is quoted and escaped
+        // character by character): it is hex digits the gateway wrote or checked. The
+        // request id may come from the client, and stays quoted.
         let trace = carry_trace(&gateway, &mut request, continued);
         tracing::info_span!(
             "http",
             trace_id = %trace.as_ref().map_or("-", |t| t.as_str()),
-            request_id = %request_id.to_str().unwrap_or("-"),
+            request_id = request_id.to_str().unwrap_or("-"),
         )
     };
     let response = forward_in_span(gateway, client, request, request_id, started)
@@ -346,12 +347,26 @@ struct Outgoing {
 /// An instance to send an attempt to.
 struct Target {
     scheme: &'static str,
-    authority: Authority,
+    /// None when the address makes no authority: the attempt fails as unreachable.
+    authority: Option<Authority>,
+    /// Whether another instance is left to try should this one fail: the fixed
+    /// upstream is tried again, a service's instances one each.
+    others_left: bool,
+    /// The registered address of an instance reached by name on its secure port, as
+    /// the tried instances are named (its authority is not its address).
+    secure_address: Option<String>,
     health: Arc<crate::balancer::InstanceHealth>,
     /// The `Host` the request carries unless it has one already (`PreserveHostHeader`):
     /// an instance registered by name is told its name. Without one, the client names
     /// the authority.
     host: Option<HeaderValue>,
+}
+
+impl Target {
+    /// The instance as logs name it.
+    fn shown(&self) -> &str {
+        self.authority.as_ref().map_or("-", Authority::as_str)
+    }
 }
 
 /// Runs `request` through `route`'s phases; the response, or the refusal the client
@@ -705,18 +720,6 @@ impl<'a> Exchange<'a> {
         }
     }
 
-    /// Whether an instance would be left to try after `attempted` attempts: the fixed
-    /// upstream always is (it is tried again), a service's while more of its
-    /// instances are `UP`. (An instance that registers meanwhile is not waited for.)
-    fn instance_left_after(&self, attempted: usize) -> bool {
-        match &self.route.upstream {
-            Upstream::Fixed(_) => true,
-            Upstream::Service(name) => self.gateway.discovery.as_ref().is_some_and(|d| {
-                d.instances(name).iter().filter(|i| i.is_up()).count() > attempted
-            }),
-        }
-    }
-
     /// An instance not tried yet: the fixed upstream, or one the balancer picks.
     fn choose(&self, tried: &[String]) -> Option<Target> {
         let name = match &self.route.upstream {
@@ -724,12 +727,14 @@ impl<'a> Exchange<'a> {
                 let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
                 let health = self.gateway.balancer.health(base);
                 let (authority, host) = match &health.reach {
-                    Some(reach) => (reach.authority.clone(), Some(reach.host.clone())),
-                    None => (authority.parse().ok()?, None),
+                    Some(reach) => (Some(reach.authority.clone()), Some(reach.host.clone())),
+                    None => (authority.parse().ok(), None),
                 };
                 return Some(Target {
                     scheme: if scheme == "https" { "https" } else { "http" },
                     authority,
+                    others_left: true,
+                    secure_address: None,
                     health,
                     host,
                 });
@@ -747,6 +752,11 @@ impl<'a> Exchange<'a> {
             self.gateway
                 .balancer
                 .pick(&instances, tried, self.route.balancing, turn, now_ms())?;
+        // As the balancer would pick: `UP` and not tried yet. (One that registers
+        // during the attempt is not waited for.)
+        let others_left = instances.iter().any(|other| {
+            other.is_up() && other.address != instance.address && !tried.contains(&other.address)
+        });
         if let Some(port) = instance.secure_port {
             // An instance that registered a secure port is reached there over https,
             // by its registered name so that its certificate can be checked against
@@ -762,7 +772,9 @@ impl<'a> Exchange<'a> {
             };
             return Some(Target {
                 scheme: "https",
-                authority: authority.parse().ok()?,
+                authority: authority.parse().ok(),
+                others_left,
+                secure_address: Some(instance.address.clone()),
                 health,
                 host: None,
             });
@@ -774,12 +786,14 @@ impl<'a> Exchange<'a> {
             .then(|| HeaderValue::from_str(&format!("{}:{}", instance.host, instance.port)).ok())
             .flatten();
         let (authority, host) = match &health.reach {
-            Some(reach) => (reach.authority.clone(), Some(reach.host.clone())),
-            None => (instance.address.parse().ok()?, None),
+            Some(reach) => (Some(reach.authority.clone()), Some(reach.host.clone())),
+            None => (instance.address.parse().ok(), None),
         };
         Some(Target {
             scheme: "http",
             authority,
+            others_left,
+            secure_address: None,
             host: named_host.or(host),
             health,
         })
@@ -866,9 +880,8 @@ impl<'a> Exchange<'a> {
             // retryable way: the policy allows it, the body can be sent again, and an
             // instance is left to send it to. The last one takes the request's path
             // and headers; one that may be followed by another sends copies.
-            let may_follow = tried.len() < policy.retries
-                && body.replayable()
-                && self.instance_left_after(tried.len() + 1);
+            let may_follow =
+                tried.len() < policy.retries && body.replayable() && target.others_left;
             let (path, headers) = if !may_follow {
                 (
                     std::mem::replace(&mut outgoing.target, PathAndQuery::from_static("/")),
@@ -886,9 +899,12 @@ impl<'a> Exchange<'a> {
             // The access log names the instance; the authority is not needed again
             // unless the attempt failed.
             let Target {
-                authority, health, ..
+                authority,
+                health,
+                secure_address,
+                ..
             } = target;
-            trace.instance = Some(authority);
+            trace.instance = authority;
             trace.retries = tried.len();
 
             // What went wrong, if anything, and whether another instance may be tried.
@@ -935,19 +951,19 @@ impl<'a> Exchange<'a> {
                     (failure, retryable)
                 }
             };
-            tried.push(
-                trace
-                    .instance
-                    .as_ref()
-                    .map(|a| a.as_str().to_owned())
-                    .unwrap_or_default(),
-            );
+            let shown = trace
+                .instance
+                .as_ref()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default();
+            // Named as the balancer names instances, so that it picks another.
+            tried.push(secure_address.unwrap_or_else(|| shown.clone()));
             let reason = failure.reason();
             trace.reason = Some(reason);
             metrics::counter!(
                 "gateway_upstream_failures_total",
                 "service" => service.to_owned(),
-                "instance" => tried.last().cloned().unwrap_or_default(),
+                "instance" => shown,
                 "reason" => reason
             )
             .increment(1);
@@ -990,9 +1006,13 @@ impl<'a> Exchange<'a> {
         body: Body,
     ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptFailure> {
         use tracing::Instrument;
+        let authority = target
+            .authority
+            .clone()
+            .ok_or(AttemptFailure::Unreachable)?;
         let uri = Uri::builder()
             .scheme(target.scheme)
-            .authority(target.authority.clone())
+            .authority(authority)
             .path_and_query(path)
             .build()
             .map_err(|_| AttemptFailure::Unreachable)?;
@@ -1020,7 +1040,7 @@ impl<'a> Exchange<'a> {
                 otel.kind = "client",
                 otel.status_code = tracing::field::Empty,
                 peer.service = %service,
-                server.address = %target.authority,
+                server.address = target.shown(),
                 http.response.status_code = tracing::field::Empty,
             )
         } else {
@@ -1048,10 +1068,10 @@ impl<'a> Exchange<'a> {
             Ok(Err(e)) => {
                 span.record("otel.status_code", "error");
                 if e.is_connect() {
-                    tracing::warn!(%service, instance = %target.authority, error = %e, "upstream unreachable");
+                    tracing::warn!(%service, instance = target.shown(), error = %e, "upstream unreachable");
                     Err(AttemptFailure::Unreachable)
                 } else {
-                    tracing::warn!(%service, instance = %target.authority, error = %e, "upstream broke the exchange");
+                    tracing::warn!(%service, instance = target.shown(), error = %e, "upstream broke the exchange");
                     Err(AttemptFailure::Broken)
                 }
             }
