@@ -96,6 +96,22 @@ impl Drop for InFlight<'_> {
 }
 
 impl InstanceHealth {
+    /// The authority a request to it names, and the `Host` it carries: as made once
+    /// when it is reached over http, else `authority` parsed now (none when it makes
+    /// no authority) and the `Host` left to the client.
+    pub fn reached(
+        &self,
+        authority: &str,
+    ) -> (
+        Option<axum::http::uri::Authority>,
+        Option<axum::http::HeaderValue>,
+    ) {
+        match &self.reach {
+            Some(reach) => (Some(reach.authority.clone()), Some(reach.host.clone())),
+            None => (authority.parse().ok(), None),
+        }
+    }
+
     /// Counts a request to this instance until the guard is dropped.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);

@@ -726,10 +726,7 @@ impl<'a> Exchange<'a> {
             Upstream::Fixed(base) => {
                 let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
                 let health = self.gateway.balancer.health(base);
-                let (authority, host) = match &health.reach {
-                    Some(reach) => (Some(reach.authority.clone()), Some(reach.host.clone())),
-                    None => (authority.parse().ok(), None),
-                };
+                let (authority, host) = health.reached(authority);
                 return Some(Target {
                     scheme: if scheme == "https" { "https" } else { "http" },
                     authority,
@@ -785,10 +782,7 @@ impl<'a> Exchange<'a> {
             .is_none()
             .then(|| HeaderValue::from_str(&format!("{}:{}", instance.host, instance.port)).ok())
             .flatten();
-        let (authority, host) = match &health.reach {
-            Some(reach) => (Some(reach.authority.clone()), Some(reach.host.clone())),
-            None => (instance.address.parse().ok(), None),
-        };
+        let (authority, host) = health.reached(&instance.address);
         Some(Target {
             scheme: "http",
             authority,
