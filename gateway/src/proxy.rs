@@ -339,9 +339,17 @@ struct Outgoing {
     /// Whether it may be sent again after it may have reached an instance.
     idempotent: bool,
     timeout: Duration,
-    /// The `Upgrade` value of a WebSocket handshake, with the client's side of the
-    /// connection.
-    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    /// A WebSocket handshake's.
+    upgrade: Option<ClientUpgrade>,
+}
+
+/// A WebSocket handshake from the client: its `Upgrade` value, the client's side of
+/// the connection, and the connection's place under the server's cap, kept while
+/// the joined connections live so that they still count (and are not shed).
+struct ClientUpgrade {
+    value: HeaderValue,
+    connection: hyper::upgrade::OnUpgrade,
+    place: Option<shared::server::ConnectionPlace>,
 }
 
 /// An instance to send an attempt to.
@@ -625,10 +633,12 @@ impl<'a> Exchange<'a> {
         // A WebSocket handshake: its `Upgrade` is a hop-by-hop header, dropped with
         // the others, so it is kept aside with the client's side of the connection.
         let upgrade = websocket_upgrade(&parts.headers).and_then(|value| {
-            parts
-                .extensions
-                .remove::<hyper::upgrade::OnUpgrade>()
-                .map(|client| (value, client))
+            let connection = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            Some(ClientUpgrade {
+                value,
+                connection,
+                place: parts.extensions.remove::<shared::server::ConnectionPlace>(),
+            })
         });
         let bad_path = || {
             trace.reason = Some("bad path");
@@ -908,7 +918,7 @@ impl<'a> Exchange<'a> {
                     match outgoing.upgrade.take() {
                         // The upstream took the WebSocket: from here on the two
                         // connections are joined byte for byte, outside any timeout.
-                        Some((_, client)) => {
+                        Some(client) => {
                             return Ok(Answer::Upgraded(join_upgrade(response, client, service)));
                         }
                         None => return Ok(Answer::Response(response)),
@@ -1015,9 +1025,9 @@ impl<'a> Exchange<'a> {
         *attempt.uri_mut() = uri;
         *attempt.headers_mut() = headers;
         let headers = attempt.headers_mut();
-        if let Some((upgrade, _)) = &outgoing.upgrade {
+        if let Some(upgrade) = &outgoing.upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, upgrade.clone());
+            headers.insert(header::UPGRADE, upgrade.value.clone());
         }
         if let Some(host) = &target.host
             && !headers.contains_key(header::HOST)
@@ -1241,15 +1251,22 @@ fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Answers the client `101` with the upstream's handshake headers, and joins the two
-/// upgraded connections until either side closes.
+/// upgraded connections until either side closes. The client's connection keeps its
+/// place under the server's connection cap until then.
 fn join_upgrade(
     mut upstream: hyper::Response<hyper::body::Incoming>,
-    client: hyper::upgrade::OnUpgrade,
+    client: ClientUpgrade,
     service: &str,
 ) -> Response {
     let upstream_side = hyper::upgrade::on(&mut upstream);
     let service = service.to_owned();
+    let ClientUpgrade {
+        connection: client,
+        place,
+        ..
+    } = client;
     tokio::spawn(async move {
+        let _place = place;
         let (client, upstream) = match tokio::try_join!(client, upstream_side) {
             Ok(both) => both,
             Err(error) => {

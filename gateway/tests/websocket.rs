@@ -2,7 +2,8 @@
 //! `lb:ws://` route, on a plain `lb://` route and on a fixed `ws://` one, the client's
 //! handshake (with its bearer token) reaches an instance with the route's filters
 //! applied and the gateway's forwarding headers set, and frames then flow both ways;
-//! a handshake without a token is refused like any request.
+//! a handshake without a token is refused like any request; an open WebSocket counts
+//! toward the connection cap.
 
 mod support;
 
@@ -69,6 +70,23 @@ async fn echo_upstream(name: &'static str, seen: Seen) -> SocketAddr {
     addr
 }
 
+/// A registry with `upstream` registered as the one instance of `chat`.
+async fn registry_with_chat(
+    upstream: SocketAddr,
+) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+    let (registry, stop) = registry().await;
+    let settings = registry_settings(registry);
+    RegistryClient::new(&settings)
+        .expect("registry client")
+        .register(
+            &InstanceRegistration::for_bound("chat", upstream, &settings),
+            60,
+        )
+        .await
+        .expect("register chat");
+    (registry, stop)
+}
+
 const ROUTES: &str = r#"
 routes:
   - id: chat
@@ -92,16 +110,7 @@ async fn websocket_upgrades_pass_through_to_the_instance() {
     let fixed = echo_upstream("fixed", fixed_seen.clone()).await;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let (registry, _stop_registry) = registry().await;
-    let settings = registry_settings(registry);
-    RegistryClient::new(&settings)
-        .expect("registry client")
-        .register(
-            &InstanceRegistration::for_bound("chat", upstream, &settings),
-            60,
-        )
-        .await
-        .expect("register chat");
+    let (registry, _stop_registry) = registry_with_chat(upstream).await;
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, ROUTES.replace("FIXED", &fixed.to_string())).expect("routes");
     let (base, _stop) =
@@ -179,4 +188,65 @@ async fn websocket_upgrades_pass_through_to_the_instance() {
         other => panic!("a handshake without a token got {other:?}"),
     }
     assert_eq!(seen.lock().expect("lock").len(), before);
+}
+
+/// A joined WebSocket holds its client connection's place under the gateway's
+/// connection cap until it closes: upgraded connections cannot pile up past the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_counts_toward_the_connection_cap() {
+    let upstream = echo_upstream("chat-1", Seen::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (registry, _stop_registry) = registry_with_chat(upstream).await;
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, ROUTES.replace("FIXED", "127.0.0.1:9")).expect("routes");
+    let mut gateway_settings = support::gateway_settings(registry, &routes_file);
+    // One worker holding one connection at most.
+    gateway_settings.workers = 1;
+    gateway_settings.http.limits.max_connections = 1;
+    let (base, _stop) = support::start_gateway(gateway_settings).await;
+    let bearer = support::alice_bearer(&base).await;
+    let address = base.trim_start_matches("http://").to_owned();
+    let health = async || {
+        shared::testing::status_line_or_closed(
+            address.as_str(),
+            b"GET /actuator/health HTTP/1.1\r\nHost: gateway\r\n\r\n",
+        )
+        .await
+    };
+
+    let gateway = base.replacen("http://", "ws://", 1);
+    let (mut socket, _) = eventually(
+        Duration::from_secs(10),
+        "the gateway upgrades /chat to the chat instance",
+        async || {
+            let mut request = format!("{gateway}/chat/lobby")
+                .into_client_request()
+                .expect("a request");
+            request
+                .headers_mut()
+                .insert("authorization", bearer.parse().expect("header"));
+            tokio_tungstenite::connect_async(request).await.ok()
+        },
+    )
+    .await;
+    socket.send(Message::text("hello")).await.expect("send");
+    let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("a reply in time")
+        .expect("the socket stays open")
+        .expect("a frame");
+    assert_eq!(reply, Message::text("chat-1: hello"));
+
+    // The open WebSocket holds the only place, busy: a newcomer is turned away.
+    assert_eq!(health().await, "", "a connection past the cap was served");
+
+    // Closed, it gives its place back.
+    socket.close(None).await.expect("close");
+    drop(socket);
+    eventually(
+        Duration::from_secs(10),
+        "health answers once the WebSocket has closed",
+        async || health().await.starts_with("HTTP/1.1 200").then_some(()),
+    )
+    .await;
 }

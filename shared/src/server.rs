@@ -14,7 +14,9 @@
 //!   a request is the new one refused.
 //!
 //! Requests in progress are never cut by these limits: a long poll or an event stream
-//! counts as busy until its response ends.
+//! counts as busy until its response ends. A connection taken over by an HTTP/1.1
+//! `Upgrade` (a WebSocket) counts as busy until it ends too, when whoever serves it
+//! keeps its [`ConnectionPlace`]: otherwise upgraded connections would escape the cap.
 //!
 //! With a TLS acceptor (`http.tls`, see [`crate::tls`]) the same loop serves HTTPS:
 //! the handshake must finish within the header timeout, and the protocol the client
@@ -87,6 +89,17 @@ pub struct Server {
 /// a request without it came over `http`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scheme(pub &'static str);
+
+/// A connection's place under the cap, as a request extension on a request that may
+/// take its connection over (HTTP/1.1 with an `Upgrade` header). Whoever serves the
+/// upgraded connection keeps it for as long as the connection lives: the connection
+/// then still counts toward `max_connections`, as busy (never shed for a newcomer),
+/// after hyper has handed it over. Dropped with the request otherwise.
+/// (Clones share one place.)
+#[derive(Debug, Clone)]
+pub struct ConnectionPlace {
+    _held: Arc<(Arc<Slot>, InProgress)>,
+}
 
 /// What a server hands each request to: anything that always answers. Every
 /// infallible tower service is one (an axum `Router`). A handler of its own can name
@@ -169,10 +182,11 @@ pub async fn serve<S: Answer>(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
+        let slot = Arc::new(slot);
         tracker.spawn(async move {
-            let busy = slot.busy.clone();
+            let place = slot.clone();
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let in_progress = InProgress::start(busy.clone());
+                let in_progress = InProgress::start(place.busy.clone());
                 // A request without a body (most are) gets the empty one, which costs
                 // no allocation; a body that may stall is read under the timeout.
                 let mut request = request.map(|body| match body.is_end_stream() {
@@ -183,6 +197,13 @@ pub async fn serve<S: Answer>(
                 // extension fewer per request.
                 if scheme.0 != "http" {
                     request.extensions_mut().insert(scheme);
+                }
+                if request.version() == axum::http::Version::HTTP_11
+                    && request.headers().contains_key(axum::http::header::UPGRADE)
+                {
+                    request.extensions_mut().insert(ConnectionPlace {
+                        _held: Arc::new((place.clone(), InProgress::start(place.busy.clone()))),
+                    });
                 }
                 // HTTP/2 may split `Cookie` into several fields; HTTP/1.1 upstreams
                 // and handlers expect one, joined with "; " (RFC 9113, 8.2.3).

@@ -8,6 +8,31 @@ use sqlx::{Connection, PgConnection};
 
 use crate::auth::TokenSigner;
 
+/// Sends `request` (raw HTTP/1.1) on a new connection to `address`: the answer's
+/// status line, or nothing when the server closed the connection instead of answering
+/// (a connection turned away at the cap). Panics after 5 s without either.
+pub async fn status_line_or_closed(
+    address: impl tokio::net::ToSocketAddrs,
+    request: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    // A connection turned away may be closed before the request is written.
+    let _ = stream.write_all(request).await;
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer or a close within 5 s")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Polls `check` every 50 ms until it gives a value, and returns it; panics naming
 /// `what` when `within` has passed. Every wait in a test has a deadline.
 pub async fn eventually<T>(

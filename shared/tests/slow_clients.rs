@@ -1,6 +1,7 @@
 //! Hostile connections against the server loop every process uses: headers trickled
 //! or never finished, keep-alive connections left idle, bodies that stall, and more
-//! slow clients than the connection cap, while health keeps answering.
+//! slow clients than the connection cap, while health keeps answering; connections
+//! taken over by an upgrade still count toward the cap.
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ async fn server(limits: ConnectionLimits) -> Server {
     let addr = listener.local_addr().expect("addr");
     let router = Router::new()
         .route("/actuator/health", get(|| async { "UP" }))
+        .route("/echo", get(echo_upgrade))
         .route(
             "/upload",
             post(|body: Bytes| async move { body.len().to_string() }),
@@ -39,6 +41,34 @@ async fn server(limits: ConnectionLimits) -> Server {
         addr,
         _stop: stop.drop_guard(),
     }
+}
+
+/// Takes the connection over (`101`) and echoes what comes until the client closes,
+/// keeping the connection's place under the cap as the gateway's WebSocket joins do.
+async fn echo_upgrade(mut request: axum::extract::Request) -> axum::response::Response {
+    let place = request
+        .extensions_mut()
+        .remove::<shared::server::ConnectionPlace>();
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let _place = place;
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut buf = [0u8; 256];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    axum::response::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(axum::body::Body::empty())
+        .expect("a 101")
 }
 
 fn limits(header_ms: u64, body_ms: u64, max: usize) -> ConnectionLimits {
@@ -67,22 +97,6 @@ async fn until_closed(stream: &mut TcpStream, within: Duration) -> String {
         "the server kept the connection open past {within:?}"
     );
     String::from_utf8_lossy(&seen).into_owned()
-}
-
-/// One health check on a new connection: its status line.
-async fn health(addr: std::net::SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(HEALTH).await.expect("send");
-    let mut buf = [0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .expect("health answered within 5 s")
-        .expect("read");
-    String::from_utf8_lossy(&buf[..n])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[tokio::test]
@@ -134,4 +148,59 @@ async fn health_answers_while_more_slow_clients_than_the_cap_are_shed() {
     }
     // The oldest slow clients were closed to make that room.
     until_closed(&mut slow[0], Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_counts_toward_the_cap_until_it_ends() {
+    let server = server(limits(60_000, 60_000, 1)).await;
+    let mut upgraded = TcpStream::connect(server.addr).await.expect("connect");
+    upgraded
+        .write_all(
+            b"GET /echo HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), upgraded.read(&mut byte))
+            .await
+            .expect("the handshake's answer within 5 s")
+            .expect("read");
+        assert_eq!(n, 1, "closed during the handshake: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    // The connection is the handler's now (hyper has let go of it), and alive.
+    upgraded.write_all(b"ping").await.expect("send");
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), upgraded.read_exact(&mut echoed))
+        .await
+        .expect("an echo within 5 s")
+        .expect("read");
+    assert_eq!(&echoed, b"ping");
+
+    // It holds the only place, busy: a newcomer is turned away, not answered.
+    let status = health(server.addr).await;
+    assert_eq!(status, "", "a connection past the cap was served");
+
+    // Once it ends, its place is free again.
+    drop(upgraded);
+    shared::testing::eventually(
+        Duration::from_secs(5),
+        "health answers once the upgraded connection has ended",
+        async || {
+            health(server.addr)
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// One health check on a new connection: its status line, or nothing when the server
+/// closed the connection instead of answering.
+async fn health(addr: std::net::SocketAddr) -> String {
+    shared::testing::status_line_or_closed(addr, HEALTH).await
 }
