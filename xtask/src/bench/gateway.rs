@@ -6,8 +6,10 @@
 //! registry, and (e) through Spring Cloud Gateway doing the same job: the same token
 //! checked as a Spring Security OAuth2 resource server against our gateway's JWK set,
 //! the same `lb://` route resolved from the same registry through its Eureka API and
-//! Spring Cloud LoadBalancer. The JVM is warmed up under the same load first. Same wrk
-//! load, same connections, runs alternating a-b-c-d-e three times; medians reported.
+//! Spring Cloud LoadBalancer. The JVM is warmed up under the same load first. The
+//! floor runs a second time adding the gateway's headers (c'), to tell the cost of those
+//! bytes from the gateway's own work. Same wrk load, same connections, runs
+//! alternating a-b-c-c'-d-e three times; medians reported.
 //! Target: gateway/nginx throughput >= 1.0, p99 no worse than 1.2 x nginx's.
 
 use std::{
@@ -62,6 +64,37 @@ fn nginx(template: &str, dir: &Path, port: u16, upstream: u16) -> anyhow::Result
             .stderr(Stdio::null()),
     )?;
     Ok(child)
+}
+
+/// The floor (`gateway/examples/bare-proxy.rs`) on `port`, ready, in front of the
+/// upstream; with `headers`, adding the gateway's.
+fn bare_proxy(
+    bin: &Path,
+    port: u16,
+    upstream_port: u16,
+    headers: bool,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Supervised> {
+    let mut command = Command::new(bin.join("examples/bare-proxy"));
+    command
+        .arg(port.to_string())
+        .arg(format!("127.0.0.1:{upstream_port}"));
+    if headers {
+        command.arg("--gateway-headers");
+    }
+    let proxy = Supervised::spawn(
+        "bare-proxy",
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    wait_http_ok(
+        &format!("http://127.0.0.1:{port}/"),
+        Duration::from_secs(10),
+        interrupt,
+    )?;
+    Ok(proxy)
 }
 
 /// One measured run: throughput, latency, and the proxy's CPU seconds and peak RSS.
@@ -138,20 +171,11 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         )?
         .status();
     anyhow::ensure!(status == 201, "registering the upstream answered {status}");
-    let floor = Supervised::spawn(
-        "bare-proxy",
-        Command::new(bin.join("examples/bare-proxy"))
-            .arg(floor_port.to_string())
-            .arg(format!("127.0.0.1:{upstream_port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    wait_http_ok(
-        &format!("http://127.0.0.1:{floor_port}/"),
-        Duration::from_secs(10),
-        interrupt,
-    )?;
+    let floor = bare_proxy(&bin, floor_port, upstream_port, false, interrupt)?;
+    // The floor again, putting the gateway's headers on the wire (and sent its token):
+    // how much of the features' cost those bytes are.
+    let floor_headers_port = crate::free_port()?;
+    let floor_headers = bare_proxy(&bin, floor_headers_port, upstream_port, true, interrupt)?;
     let (gateway_url, jwt) = (platform.gateway_url.clone(), platform.jwt.clone());
     wait_route(&agent, &gateway_url, &jwt, interrupt)?;
 
@@ -175,7 +199,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     wait_route(&agent, &spring_url, &jwt, interrupt)?;
     let warmup = warm_up(&spring_url, &jwt, spring_gateway.child.pid(), interrupt)?;
 
-    let targets: [(&str, String, &str, Vec<u32>); 5] = [
+    let targets: [(&str, String, &str, Vec<u32>); 6] = [
         (
             "direct",
             format!("http://127.0.0.1:{upstream_port}"),
@@ -193,6 +217,12 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             format!("http://127.0.0.1:{floor_port}"),
             "",
             vec![floor.pid()],
+        ),
+        (
+            "floor with the gateway's headers",
+            format!("http://127.0.0.1:{floor_headers_port}"),
+            &jwt,
+            vec![floor_headers.pid()],
         ),
         (
             "gateway",
@@ -261,8 +291,13 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         ]);
         medians.push(m);
     }
-    let (nginx_m, floor_m, gateway_m, spring_m) =
-        (&medians[1], &medians[2], &medians[3], &medians[4]);
+    let (nginx_m, floor_m, headers_m, gateway_m, spring_m) = (
+        &medians[1],
+        &medians[2],
+        &medians[3],
+        &medians[4],
+        &medians[5],
+    );
     let ratio = gateway_m.rate / nginx_m.rate.max(1e-9);
     let p99_ratio = gateway_m.p99 / nginx_m.p99.max(1e-9);
     report.target(
@@ -288,7 +323,20 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         gateway_m.rate / floor_m.rate.max(1e-9),
         100.0 * (1.0 - gateway_m.rate / floor_m.rate.max(1e-9)),
     ));
-    let (ours_peak, spring_peak) = (peak(&targets[3].3), peak(&targets[4].3));
+    report.note(format!(
+        "- How much of that is bytes on the wire: sent the gateway's token, and adding the \
+         headers the gateway adds (`X-Forwarded-*`, `X-Request-Id`, `traceparent` upstream; \
+         `SecureHeaders` and `X-Request-Id` back; fixed values of the same length), the floor \
+         reached {:.2} of its bare throughput, with {:.1} µs of CPU per request against \
+         {:.1} µs. The gateway reached {:.2} of that: its own work beyond those bytes cost \
+         {:.0}%.",
+        headers_m.rate / floor_m.rate.max(1e-9),
+        cpu_per_request(headers_m),
+        cpu_per_request(floor_m),
+        gateway_m.rate / headers_m.rate.max(1e-9),
+        100.0 * (1.0 - gateway_m.rate / headers_m.rate.max(1e-9)),
+    ));
+    let (ours_peak, spring_peak) = (peak(&targets[4].3), peak(&targets[5].3));
     report.note(format!(
         "- Ours/Spring Cloud Gateway: throughput {:.1}x, p99 {:.2}x ({:.2} ms vs {:.2} ms), \
          CPU per request {:.2}x, peak RSS {:.2}x ({:.1} MiB vs {:.1} MiB).",
@@ -319,6 +367,11 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         jit_cpu_seconds(spring_gateway.child.pid()) - warmup.jit_seconds_at_end,
     ));
     Ok(report)
+}
+
+/// The proxy's CPU time per request served, in µs.
+fn cpu_per_request(run: &Run) -> f64 {
+    run.cpu / (run.rate * SECONDS as f64).max(1e-9) * 1e6
 }
 
 /// Waits until `base/bench` answers 200 with `jwt`: the proxy has found the upstream
