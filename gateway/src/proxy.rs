@@ -244,6 +244,9 @@ async fn forward_in_span(
     if let Some(response) = gateway.cors.preflight(request.method(), request.headers()) {
         return response;
     }
+    if request.method() == Method::CONNECT {
+        return no_tunnel();
+    }
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let routes = gateway.routes.load_full();
@@ -300,6 +303,21 @@ async fn forward_in_span(
         retries = trace.retries,
         reason = trace.reason.unwrap_or("-"),
         "request"
+    );
+    response
+}
+
+/// The answer to `CONNECT`, which asks a forward proxy for a tunnel: the gateway
+/// forwards requests, it opens no tunnels, whatever its routes match.
+fn no_tunnel() -> Response {
+    let mut response = Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "The gateway forwards requests and opens no tunnels: CONNECT is not supported.",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
     );
     response
 }

@@ -1678,3 +1678,50 @@ async fn a_breakers_fallback_answers_for_a_failed_or_refused_upstream_as_spring_
     assert_eq!(refused.headers()["x-fallback"], "yes");
     assert_eq!(orders.hits.load(Ordering::SeqCst), hits);
 }
+
+/// `CONNECT` asks a forward proxy for a tunnel, and the gateway is none: whatever its
+/// routes say, such a request is refused with what the gateway allows, and nothing
+/// reaches a service.
+#[tokio::test]
+async fn a_connect_request_gets_no_tunnel() {
+    let s = stack(
+        r#"
+routes:
+  - id: everything
+    uri: lb://svc
+    predicates: ["Path=/**"]
+  - id: by-method
+    uri: lb://svc
+    predicates: ["Method=CONNECT"]
+"#,
+        10_000,
+    )
+    .await;
+    let up = upstream("svc-1").await;
+    s.register("svc", &up).await;
+    let token = s.token("alice", "alice-pw").await;
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "the gateway routes to svc",
+        async || (s.get("/anything", &token).await.status() == StatusCode::OK).then_some(()),
+    )
+    .await;
+    let hits = up.hits.load(Ordering::SeqCst);
+    let address = s.gateway.trim_start_matches("http://").to_owned();
+    for target in [up.addr.to_string(), "example.com:443".to_owned()] {
+        let request = format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        let status =
+            shared::testing::status_line_or_closed(address.as_str(), request.as_bytes()).await;
+        assert_eq!(
+            status, "HTTP/1.1 405 Method Not Allowed",
+            "CONNECT {target}"
+        );
+    }
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "a CONNECT reached the service"
+    );
+}
