@@ -261,7 +261,10 @@ pub async fn serve<S: Answer>(
                     match accepted {
                         Ok(Ok(stream)) => {
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            drive(stream, h2, service, header_timeout, &slot, &shutdown).await;
+                            // Boxed: a TLS stream is large, and a plain connection's
+                            // task would otherwise keep room for it, idle or not.
+                            Box::pin(drive(stream, h2, service, header_timeout, &slot, &shutdown))
+                                .await;
                         }
                         Ok(Err(e)) => {
                             metrics::counter!("http_tls_handshakes_failed_total").increment(1);
@@ -309,7 +312,15 @@ async fn drive<I, S>(
             .keep_alive_interval(Some(header_timeout))
             .keep_alive_timeout(header_timeout)
             .serve_connection(io, service);
-        until_done(connection, |c| c.graceful_shutdown(), slot, shutdown).await;
+        // Boxed: an HTTP/2 connection's state is twice an HTTP/1 one's, and every
+        // connection's task would otherwise be as large (HTTP/2 comes only over TLS).
+        Box::pin(until_done(
+            connection,
+            |c| c.graceful_shutdown(),
+            slot,
+            shutdown,
+        ))
+        .await;
     } else {
         // With upgrades: a WebSocket handshake hands the connection over to whoever
         // answered it `101` (the gateway, which joins it to the upstream's).

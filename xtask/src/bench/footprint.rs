@@ -1,9 +1,11 @@
 //! Footprint: each process's time from start to ready (its health endpoint answers
-//! 200) once PostgreSQL and the broker are up, and its resident memory when idle.
+//! 200) once PostgreSQL and the broker are up, and its resident memory when idle; then
+//! what each open client connection adds to the gateway's.
 //! Target: under 30 MB each, every one ready in under a second.
 
 use std::{
     fs,
+    io::{Read, Write},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -103,6 +105,14 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         worst_ready < 1000.0,
         format!("the slowest took {worst_ready:.0} ms"),
     );
+    if let Some((_, gateway, _)) = running.iter().find(|(name, ..)| *name == "gateway") {
+        let per_connection = memory_per_connection(gateway.pid(), gateway_port)?;
+        report.note(format!(
+            "- The gateway with {OPEN_CONNECTIONS} idle keep-alive connections open (each asked \
+             for its health once, then left open as a client's pool leaves it): \
+             {per_connection:.1} KiB of resident memory per connection."
+        ));
+    }
     report.note(
         "Start to ready: from spawning the release binary to its `/actuator/health` answering \
          200 (services: their database reachable; migrations applied on a fresh database). \
@@ -119,6 +129,33 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
     drop(broker);
     drop(postgres);
     Ok(report)
+}
+
+/// Client connections held open by [`memory_per_connection`].
+const OPEN_CONNECTIONS: usize = 800;
+
+/// What each open, idle client connection adds to the resident memory of the process
+/// `pid` serving on `port`, in KiB: [`OPEN_CONNECTIONS`] connections each ask for its
+/// health once and stay open.
+fn memory_per_connection(pid: u32, port: u16) -> anyhow::Result<f64> {
+    let before = memory_mib(pid, "VmRSS");
+    let mut open = Vec::with_capacity(OPEN_CONNECTIONS);
+    for _ in 0..OPEN_CONNECTIONS {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /actuator/health HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut answer = [0u8; 1024];
+        let read = stream.read(&mut answer)?;
+        anyhow::ensure!(
+            answer[..read].starts_with(b"HTTP/1.1 200"),
+            "the health check on an open connection answered {:?}",
+            String::from_utf8_lossy(&answer[..read])
+        );
+        open.push(stream);
+    }
+    let after = memory_mib(pid, "VmRSS");
+    drop(open);
+    Ok((after - before).max(0.0) * 1024.0 / OPEN_CONNECTIONS as f64)
 }
 
 /// Adds `name`'s row (ready time, idle and peak RSS of `pid`); returns its idle RSS.
