@@ -469,6 +469,11 @@ fn upstream_client(
     });
     connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
     connector.set_nodelay(true);
+    // A pooled connection, or a joined WebSocket, whose upstream vanished is found by
+    // probes, as the server finds its clients'.
+    connector.set_keepalive(Some(shared::server::PROBE_AFTER));
+    connector.set_keepalive_interval(Some(shared::server::PROBE_EVERY));
+    connector.set_keepalive_retries(Some(shared::server::PROBES));
     // The TLS layer above it handles `https://`; this one only opens the socket.
     connector.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()

@@ -1679,24 +1679,18 @@ async fn a_breakers_fallback_answers_for_a_failed_or_refused_upstream_as_spring_
     assert_eq!(orders.hits.load(Ordering::SeqCst), hits);
 }
 
-/// `CONNECT` asks a forward proxy for a tunnel, and the gateway is none: whatever its
-/// routes say, such a request is refused with what the gateway allows, and nothing
-/// reaches a service.
-#[tokio::test]
-async fn a_connect_request_gets_no_tunnel() {
-    let s = stack(
+/// A gateway routing every path (then `more_routes`) to `svc`, with one instance, once
+/// it does; and alice's token.
+async fn routed_to_one_instance(more_routes: &str) -> (Stack, Upstream, String) {
+    let routes = format!(
         r#"
 routes:
   - id: everything
     uri: lb://svc
     predicates: ["Path=/**"]
-  - id: by-method
-    uri: lb://svc
-    predicates: ["Method=CONNECT"]
-"#,
-        10_000,
-    )
-    .await;
+{more_routes}"#
+    );
+    let s = stack(&routes, 10_000).await;
     let up = upstream("svc-1").await;
     s.register("svc", &up).await;
     let token = s.token("alice", "alice-pw").await;
@@ -1704,6 +1698,22 @@ routes:
         Duration::from_secs(10),
         "the gateway routes to svc",
         async || (s.get("/anything", &token).await.status() == StatusCode::OK).then_some(()),
+    )
+    .await;
+    (s, up, token)
+}
+
+/// `CONNECT` asks a forward proxy for a tunnel, and the gateway is none: whatever its
+/// routes say, such a request is refused with what the gateway allows, and nothing
+/// reaches a service.
+#[tokio::test]
+async fn a_connect_request_gets_no_tunnel() {
+    let (s, up, token) = routed_to_one_instance(
+        r#"
+  - id: by-method
+    uri: lb://svc
+    predicates: ["Method=CONNECT"]
+"#,
     )
     .await;
     let hits = up.hits.load(Ordering::SeqCst);
@@ -1724,4 +1734,17 @@ routes:
         hits,
         "a CONNECT reached the service"
     );
+}
+
+/// A pooled upstream connection, idle, has the kernel's keepalive timer armed: an
+/// upstream that vanished is found by probes (a joined WebSocket's too), not waited on.
+#[tokio::test]
+async fn pooled_upstream_connections_probe_their_peer() {
+    let (_stack, up, _token) = routed_to_one_instance("").await;
+    shared::testing::eventually(
+        Duration::from_secs(5),
+        "the gateway's pooled connection to the upstream has its keepalive timer armed",
+        async || shared::testing::probes_peer(None, up.addr.port()).then_some(()),
+    )
+    .await;
 }

@@ -17,6 +17,10 @@
 //! counts as busy until its response ends. A connection taken over by an HTTP/1.1
 //! `Upgrade` (a WebSocket) counts as busy until it ends too, when whoever serves it
 //! keeps its [`ConnectionPlace`]: otherwise upgraded connections would escape the cap.
+//! - **Peer probes** (TCP keepalive): a connection silent for a minute is probed, and
+//!   closed when its peer has vanished (its machine gone, a NAT entry dropped) within
+//!   about two minutes. A busy connection has no other end: without probes, a dead
+//!   client's WebSocket or event stream would hold its place under the cap forever.
 //!
 //! With a TLS acceptor (`http.tls`, see [`crate::tls`]) the same loop serves HTTPS:
 //! the handshake must finish within the header timeout, and the protocol the client
@@ -179,6 +183,7 @@ pub async fn serve<S: Answer>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        probe_peer(&stream);
         let router = router.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
@@ -283,6 +288,27 @@ pub async fn serve<S: Answer>(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Silent this long, a connection's peer is probed; unanswered probes, this often and
+/// this many, close it: a vanished peer is found within two minutes. (The gateway
+/// probes its upstream connections the same way.)
+pub const PROBE_AFTER: Duration = Duration::from_secs(60);
+/// See [`PROBE_AFTER`].
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// See [`PROBE_AFTER`].
+pub const PROBES: u32 = 6;
+
+/// Turns TCP keepalive on for an accepted connection (see the module's docs). A
+/// socket that refuses it is served without.
+fn probe_peer(stream: &tokio::net::TcpStream) {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(PROBE_AFTER)
+        .with_interval(PROBE_EVERY)
+        .with_retries(PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!(error = %e, "TCP keepalive could not be set on a connection");
+    }
 }
 
 /// Serves one connection until it ends, is evicted, or (gracefully) until shutdown.
@@ -601,6 +627,23 @@ impl HttpBody for ReadTimeout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_accepted_connection_probes_its_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let _client = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(!socket.keepalive().expect("read SO_KEEPALIVE"));
+        probe_peer(&accepted);
+        assert!(socket.keepalive().expect("read SO_KEEPALIVE"));
+        assert_eq!(socket.tcp_keepalive_time().expect("read"), PROBE_AFTER);
+        assert_eq!(socket.tcp_keepalive_interval().expect("read"), PROBE_EVERY);
+        assert_eq!(socket.tcp_keepalive_retries().expect("read"), PROBES);
+    }
 
     /// A future that counts its polls and keeps the last waker it was given.
     struct Counted {

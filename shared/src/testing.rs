@@ -33,6 +33,30 @@ pub async fn status_line_or_closed(
         .to_owned()
 }
 
+/// Whether the kernel's keepalive timer is armed (timer 2 in `/proc/net/tcp`) on an
+/// IPv4 connection from port `local` to port `remote`: an idle connection whose peer
+/// will be probed. A `local` of `None` takes any port but `remote` (the other side's
+/// socket of a connection within this machine is left out).
+pub fn probes_peer(local: Option<u16>, remote: u16) -> bool {
+    let port = |entry: &str| {
+        entry
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() > 5 && port(fields[2]) == Some(remote))
+        .filter(|fields| match local {
+            Some(local) => port(fields[1]) == Some(local),
+            None => port(fields[1]) != Some(remote),
+        })
+        .any(|fields| fields[5].starts_with("02:"))
+}
+
 /// Polls `check` every 50 ms until it gives a value, and returns it; panics naming
 /// `what` when `within` has passed. Every wait in a test has a deadline.
 pub async fn eventually<T>(

@@ -1,7 +1,8 @@
 //! Hostile connections against the server loop every process uses: headers trickled
 //! or never finished, keep-alive connections left idle, bodies that stall, and more
 //! slow clients than the connection cap, while health keeps answering; connections
-//! taken over by an upgrade still count toward the cap.
+//! taken over by an upgrade still count toward the cap; idle connections' peers are
+//! probed, so a vanished one does not hold its place forever.
 
 use std::time::Duration;
 
@@ -203,4 +204,26 @@ async fn an_upgraded_connection_counts_toward_the_cap_until_it_ends() {
 /// closed the connection instead of answering.
 async fn health(addr: std::net::SocketAddr) -> String {
     shared::testing::status_line_or_closed(addr, HEALTH).await
+}
+
+#[tokio::test]
+async fn the_server_probes_an_idle_connections_peer() {
+    let server = server(limits(60_000, 60_000, 10)).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream.write_all(HEALTH).await.expect("send");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The server's side of this connection, idle now, has the kernel's keepalive
+    // timer armed: its peer will be probed.
+    let client_port = stream.local_addr().expect("addr").port();
+    shared::testing::eventually(
+        Duration::from_secs(5),
+        "the server's socket has its keepalive timer armed",
+        async || shared::testing::probes_peer(Some(server.addr.port()), client_port).then_some(()),
+    )
+    .await;
 }
