@@ -30,7 +30,7 @@ use hyper_util::{
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(port), Some(upstream)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: bare-proxy <listen port> <upstream host:port>");
+        anyhow::bail!("usage: bare-proxy <listen port> <upstream host:port> [--gateway-headers]");
     };
     let port: u16 = port.parse()?;
     let headers = match args.next().as_deref() {
