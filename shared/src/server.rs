@@ -12,15 +12,15 @@
 //!   never finish their headers are exactly those), so health checks and real clients
 //!   keep getting in while slow ones are shed. Only when every connection is busy with
 //!   a request is the new one refused.
+//! - **Peer probes** (TCP keepalive): a connection silent for a minute is probed, and
+//!   closed when its peer has vanished (its machine gone, a NAT entry dropped) within
+//!   about two minutes. A busy connection has no other end: without probes, a dead
+//!   client's WebSocket or event stream would hold its place under the cap forever.
 //!
 //! Requests in progress are never cut by these limits: a long poll or an event stream
 //! counts as busy until its response ends. A connection taken over by an HTTP/1.1
 //! `Upgrade` (a WebSocket) counts as busy until it ends too, when whoever serves it
 //! keeps its [`ConnectionPlace`]: otherwise upgraded connections would escape the cap.
-//! - **Peer probes** (TCP keepalive): a connection silent for a minute is probed, and
-//!   closed when its peer has vanished (its machine gone, a NAT entry dropped) within
-//!   about two minutes. A busy connection has no other end: without probes, a dead
-//!   client's WebSocket or event stream would hold its place under the cap forever.
 //!
 //! With a TLS acceptor (`http.tls`, see [`crate::tls`]) the same loop serves HTTPS:
 //! the handshake must finish within the header timeout, and the protocol the client
