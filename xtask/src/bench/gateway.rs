@@ -344,8 +344,7 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
         gateway_m.p99 / spring_m.p99.max(1e-9),
         gateway_m.p99,
         spring_m.p99,
-        (gateway_m.cpu / gateway_m.rate.max(1e-9))
-            / (spring_m.cpu / spring_m.rate.max(1e-9)).max(1e-12),
+        cpu_per_request(gateway_m) / cpu_per_request(spring_m).max(1e-12),
         ours_peak / spring_peak.max(1e-9),
         ours_peak,
         spring_peak,
