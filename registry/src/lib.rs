@@ -214,8 +214,22 @@ fn update_gauges(table: &LeaseTable, now: u64, known: &mut BTreeSet<String>) {
 /// Every route of the registry, with write authentication in front of the APIs.
 pub fn router(table: Arc<LeaseTable>, auth: AuthSettings) -> Router {
     // The dashboard reads the table too, so `protect_reads` covers it.
+    // A node still copying the table from its peers answers 503 to reads and client
+    // writes, so its readiness probe says it cannot serve yet (Spring's
+    // `readinessState`): an orchestrator sends it no traffic meanwhile. Liveness stays
+    // UP; restarting a node that is syncing would only start the copy again.
+    let starting = table.clone();
     let actuator = Actuator::new(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .operators(auth::operator_gate(&auth));
+        .operators(auth::operator_gate(&auth))
+        .check("startup", move || {
+            let ready = starting.is_ready();
+            async move {
+                match ready {
+                    true => Ok(()),
+                    false => Err("copying the table from its peers".to_owned()),
+                }
+            }
+        });
     // Until a node has copied the table from its peers, what it would answer is
     // incomplete: 503, which clients take as "ask another peer". Peers' own
     // replication is accepted meanwhile.

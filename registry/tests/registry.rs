@@ -1199,3 +1199,80 @@ async fn a_replicated_batch_needs_the_operator_token_and_is_applied_once() {
         "the peer's lease end, exactly"
     );
 }
+
+/// A node still copying the table from its peers answers 503 to reads and writes. Its
+/// readiness probe (and health) says so, naming why, so an orchestrator sends it no
+/// traffic; its liveness probe stays UP. Once it has started (here: its only peer
+/// answers that it is starting too, a cold start of the group), it is ready.
+#[tokio::test]
+async fn a_node_copying_its_table_is_not_ready_until_it_has_started() {
+    // The peer's port is held but not served yet: the node's request for the table
+    // waits there, so the node stays in its start-up copy.
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let registry = spawn_with(Settings {
+        auth: AuthSettings {
+            token: Some(TOKEN.into()),
+            protect_reads: false,
+            ..Default::default()
+        },
+        peers: registry::peers::PeerSettings {
+            urls: format!("http://{}", peer.local_addr().expect("addr")),
+            sync_timeout_ms: 600_000,
+            ..Default::default()
+        },
+        ..Settings::default()
+    })
+    .await;
+    let get = async |path: &str| {
+        let response = registry
+            .client
+            .get(registry.url(path))
+            .send()
+            .await
+            .expect("get");
+        let status = response.status();
+        (status, response.json::<Value>().await.expect("json"))
+    };
+
+    for path in ["/actuator/health/readiness", "/actuator/health"] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert_eq!(body["status"], "DOWN", "{path}: {body}");
+        assert_eq!(body["components"]["startup"]["status"], "DOWN", "{body}");
+        assert!(
+            body["components"]["startup"]["details"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("copying the table")),
+            "{body}"
+        );
+    }
+    let (status, body) = get("/actuator/health/liveness").await;
+    assert_eq!(status, StatusCode::OK, "liveness checks nothing: {body}");
+    let (status, _) = get("/api/v1/services").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "it serves nothing yet"
+    );
+
+    // The peer answers now, as a peer that is starting too: nobody holds a table.
+    let starting_too = axum::Router::new().route(
+        "/api/v1/replication/table",
+        axum::routing::get(|| async { StatusCode::SERVICE_UNAVAILABLE }),
+    );
+    tokio::spawn(async move { axum::serve(peer, starting_too).await });
+    let body = shared::testing::eventually(
+        Duration::from_secs(20),
+        "the node is ready once its peer says it is starting too",
+        async || {
+            let (status, body) = get("/actuator/health/readiness").await;
+            (status == StatusCode::OK).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body["components"]["startup"]["status"], "UP", "{body}");
+    let (status, _) = get("/api/v1/services").await;
+    assert_eq!(status, StatusCode::OK, "and it serves");
+}

@@ -198,7 +198,8 @@ async fn health(State(actuator): State<Arc<Actuator>>) -> Response {
     // "DOWN"` (the contract names it) and adds the problem fields beside it.
     body["type"] = json!("/problems/dependency-down");
     body["title"] = json!("Service Unavailable");
-    body["detail"] = json!("A dependency this process needs is down; see components.");
+    body["detail"] =
+        json!("A dependency this process needs is down, or it is still starting; see components.");
     let mut response = (code, Json(body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
