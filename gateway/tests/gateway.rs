@@ -803,7 +803,8 @@ async fn probes_answer_without_a_token_and_only_admins_change_log_levels() {
             ..Default::default()
         },
         &Default::default(),
-    );
+    )
+    .expect("telemetry");
     let s = stack(ROUTES, 2000).await;
     for probe in ["/actuator/health/liveness", "/actuator/health/readiness"] {
         let response = s

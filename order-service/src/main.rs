@@ -7,7 +7,8 @@ async fn main() -> anyhow::Result<()> {
         order_service::SERVICE_NAME,
         &settings.log,
         &settings.tracing,
-    );
+    )
+    .map_err(anyhow::Error::msg)?;
     let app = order_service::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown::on_signal()).await
 }

@@ -3,7 +3,8 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = registry::Settings::load()?;
-    let _spans = shared::telemetry::init(registry::SERVICE_NAME, &settings.log, &settings.tracing);
+    let _spans = shared::telemetry::init(registry::SERVICE_NAME, &settings.log, &settings.tracing)
+        .map_err(anyhow::Error::msg)?;
     let app = registry::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown::on_signal()).await
 }

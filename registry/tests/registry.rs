@@ -544,7 +544,8 @@ async fn only_the_operator_token_changes_log_levels() {
             ..Default::default()
         },
         &Default::default(),
-    );
+    )
+    .expect("telemetry");
     let registry = spawn().await;
     let set = |credential: Option<String>| {
         let mut request = registry

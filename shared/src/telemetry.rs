@@ -74,6 +74,9 @@ pub struct TracingSettings {
     pub sampling_probability: f64,
     /// How often buffered spans are sent.
     pub export_interval_ms: u64,
+    /// CA certificates (PEM files) trusted for an `https://` Zipkin besides the
+    /// system's.
+    pub ca_files: Vec<std::path::PathBuf>,
 }
 
 impl Default for TracingSettings {
@@ -82,6 +85,7 @@ impl Default for TracingSettings {
             zipkin_url: None,
             sampling_probability: 1.0,
             export_interval_ms: 1000,
+            ca_files: Vec::new(),
         }
     }
 }
@@ -106,8 +110,13 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber for the process named `service`. A second call
 /// (tests start several services in one process) keeps the first subscriber and
-/// returns an inert guard.
-pub fn init(service: &str, log: &LogSettings, spans: &TracingSettings) -> Telemetry {
+/// returns an inert guard. A CA file in `spans.ca_files` that cannot be used is an
+/// error naming it.
+pub fn init(
+    service: &str,
+    log: &LogSettings,
+    spans: &TracingSettings,
+) -> Result<Telemetry, String> {
     install(service, log, spans, true)
 }
 
@@ -115,7 +124,11 @@ pub fn init(service: &str, log: &LogSettings, spans: &TracingSettings) -> Teleme
 /// (`zipkin_url` set). For the gateway: its request path is the hottest code of the
 /// platform, and without the span layer it still carries the trace context by hand
 /// (it continues or starts the `traceparent`, and its log lines name the trace).
-pub fn init_exporting_only(service: &str, log: &LogSettings, spans: &TracingSettings) -> Telemetry {
+pub fn init_exporting_only(
+    service: &str,
+    log: &LogSettings,
+    spans: &TracingSettings,
+) -> Result<Telemetry, String> {
     install(service, log, spans, spans.zipkin_url.is_some())
 }
 
@@ -132,7 +145,7 @@ fn install(
     log: &LogSettings,
     spans: &TracingSettings,
     record_spans: bool,
-) -> Telemetry {
+) -> Result<Telemetry, String> {
     let directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|d| EnvFilter::try_new(d).is_ok())
@@ -161,14 +174,14 @@ fn install(
             .with_current_span(true)
             .boxed(),
     };
-    let (provider, otel) = span_layer(service, spans);
+    let (provider, otel) = span_layer(service, spans)?;
     let layers = if record_spans {
         vec![otel, lines]
     } else {
         vec![lines]
     };
     if registry.with(layers).try_init().is_err() {
-        return Telemetry::default();
+        return Ok(Telemetry::default());
     }
     SPANS_RECORDED.store(record_spans, std::sync::atomic::Ordering::Relaxed);
     let _ = LEVELS.set(Levels {
@@ -184,9 +197,9 @@ fn install(
             "exporting spans to Zipkin"),
         None => tracing::debug!("no tracing.zipkin_url: spans are not exported"),
     }
-    Telemetry {
+    Ok(Telemetry {
         provider: Some(provider),
-    }
+    })
 }
 
 /// Span fields as `DefaultFields` formats them, gathered on the stack and written
@@ -337,11 +350,12 @@ where
 
 /// The OpenTelemetry layer for `service`: every span the filter admits becomes an
 /// OpenTelemetry span (log events stay log lines), batched to Zipkin when `settings`
-/// name it. Public for tests that install a subscriber of their own.
+/// name it. Public for tests that install a subscriber of their own. A CA file in
+/// `settings.ca_files` that cannot be used is an error naming it.
 pub fn span_layer<S>(
     service: &str,
     settings: &TracingSettings,
-) -> (SdkTracerProvider, Box<dyn Layer<S> + Send + Sync>)
+) -> Result<(SdkTracerProvider, Box<dyn Layer<S> + Send + Sync>), String>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
 {
@@ -359,9 +373,13 @@ where
             .with_scheduled_delay(Duration::from_millis(settings.export_interval_ms.max(10)))
             .build();
         builder = builder.with_span_processor(
-            BatchSpanProcessor::builder(crate::zipkin::ZipkinExporter::new(url, service))
-                .with_batch_config(batches)
-                .build(),
+            BatchSpanProcessor::builder(crate::zipkin::ZipkinExporter::new(
+                url,
+                service,
+                &settings.ca_files,
+            )?)
+            .with_batch_config(batches)
+            .build(),
         );
     }
     let provider = builder.build();
@@ -376,7 +394,7 @@ where
             .with_threads(false),
     )
     .boxed();
-    (provider, layer)
+    Ok((provider, layer))
 }
 
 /// A layer that sees spans and never events: log lines stay log lines instead of

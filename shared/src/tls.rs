@@ -211,10 +211,42 @@ pub fn client_builder(ca_files: &[PathBuf]) -> Result<reqwest::ClientBuilder, St
 /// same errors as [`client_builder`], naming the file.
 pub fn client_config(ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    // A missing or unreadable system store leaves only the configured CAs, as it
-    // does for reqwest: the gateway then reaches what those CAs signed.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
+    roots.add_parsable_certificates(native_roots());
+    for (file, certificate) in configured_cas(ca_files)? {
+        roots.add(certificate).map_err(|e| {
+            format!(
+                "the CA file {} holds a bad certificate: {e}",
+                file.display()
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The roots a client trusts: the system's and every certificate in `ca_files`, for
+/// clients that take a list (the Zipkin exporter's). The same errors as
+/// [`client_builder`], naming the file.
+pub fn trusted_roots(ca_files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut roots = native_roots();
+    roots.extend(configured_cas(ca_files)?.into_iter().map(|(_, c)| c));
+    Ok(roots)
+}
+
+/// The system's roots. A missing or unreadable store gives none, leaving only the
+/// configured CAs, as it does for reqwest: a client then reaches what those CAs signed.
+fn native_roots() -> Vec<CertificateDer<'static>> {
+    rustls_native_certs::load_native_certs().certs
+}
+
+/// Every certificate in `ca_files`, with the file it came from. A file that cannot be
+/// read, is not PEM, or holds no certificate is an error naming it.
+fn configured_cas(ca_files: &[PathBuf]) -> Result<Vec<(&Path, CertificateDer<'static>)>, String> {
+    let mut all = Vec::new();
     for file in ca_files {
         let certificates = CertificateDer::pem_file_iter(file)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -225,21 +257,9 @@ pub fn client_config(ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
                 file.display()
             ));
         }
-        for certificate in certificates {
-            roots.add(certificate).map_err(|e| {
-                format!(
-                    "the CA file {} holds a bad certificate: {e}",
-                    file.display()
-                )
-            })?;
-        }
+        all.extend(certificates.into_iter().map(|c| (file.as_path(), c)));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(all)
 }
 
 /// An error with every cause under it, for a log line that says what really went

@@ -29,17 +29,29 @@ pub struct ZipkinExporter {
 }
 
 impl ZipkinExporter {
-    /// Spans of `service` to the Zipkin at `url` (its base, `http://host:9411`).
-    pub fn new(url: &str, service: &str) -> Self {
-        Self {
+    /// Spans of `service` to the Zipkin at `url` (its base, `http://host:9411`). An
+    /// `https://` Zipkin is trusted by the system's roots and the certificates in
+    /// `ca_files`, as every other client of ours trusts its server; a CA file that
+    /// cannot be used is an error naming it.
+    pub fn new(url: &str, service: &str, ca_files: &[std::path::PathBuf]) -> Result<Self, String> {
+        let roots: Vec<ureq::tls::Certificate<'static>> = crate::tls::trusted_roots(ca_files)
+            .map_err(|e| format!("tracing.ca_files: {e}"))?
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c).to_owned())
+            .collect();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+            .build();
+        Ok(Self {
             endpoint: format!("{}/api/v2/spans", url.trim_end_matches('/')),
             service: service.to_owned(),
             agent: ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(5)))
                 .http_status_as_error(false)
+                .tls_config(tls)
                 .build()
                 .into(),
-        }
+        })
     }
 }
 

@@ -9,7 +9,8 @@ use tracing_subscriber::{Layer, prelude::*};
 /// The process's layers as `telemetry::init` stacks them (spans, then JSON lines),
 /// writing into `captured`, for the current thread only.
 fn subscriber(captured: &CapturedLog) -> impl tracing::Subscriber + Send + Sync {
-    let (_provider, spans) = shared::telemetry::span_layer("test", &Default::default());
+    let (_provider, spans) =
+        shared::telemetry::span_layer("test", &Default::default()).expect("span layer");
     tracing_subscriber::registry().with(vec![
         spans,
         tracing_subscriber::fmt::layer()
