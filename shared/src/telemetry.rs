@@ -174,11 +174,13 @@ fn install(
             .with_current_span(true)
             .boxed(),
     };
-    let (provider, otel) = span_layer(service, spans)?;
-    let layers = if record_spans {
-        vec![otel, lines]
+    // Without span recording (the gateway with no Zipkin) no provider is built: it
+    // would have no exporter and nothing would feed it.
+    let (provider, layers) = if record_spans {
+        let (provider, otel) = span_layer(service, spans)?;
+        (Some(provider), vec![otel, lines])
     } else {
-        vec![lines]
+        (None, vec![lines])
     };
     if registry.with(layers).try_init().is_err() {
         return Ok(Telemetry::default());
@@ -197,9 +199,7 @@ fn install(
             "exporting spans to Zipkin"),
         None => tracing::debug!("no tracing.zipkin_url: spans are not exported"),
     }
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+    Ok(Telemetry { provider })
 }
 
 /// Span fields as `DefaultFields` formats them, gathered on the stack and written
