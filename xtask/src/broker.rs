@@ -207,8 +207,6 @@ impl Cluster {
         fs::write(&log4j, LOG4J2_CONFIG)?;
 
         let ids: Vec<u32> = (1..=options.nodes as u32).collect();
-        // Every port at once: free_port() calls in a row can hand out one port twice,
-        // and a node then fails to bind.
         let mut free = crate::free_ports(ids.len() * 3)?.into_iter();
         let mut next = || {
             free.next()

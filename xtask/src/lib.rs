@@ -48,21 +48,16 @@ pub fn log_tail(path: &std::path::Path, count: usize) -> String {
 }
 
 /// A loopback port that was free a moment ago, below the range outgoing connections
-/// take theirs from (see `shared::ports`). Another process could still take it before
-/// we bind, which is why every caller fails with a clear message when binding fails.
+/// take theirs from, and not handed out before in this process (see `shared::ports`).
+/// Another process could still take it before we bind, which is why every caller
+/// fails with a clear message when binding fails.
 pub fn free_port() -> std::io::Result<u16> {
     shared::ports::unused_loopback_port()
 }
 
-/// `count` distinct free ports: each is held until all are chosen, so two calls of
-/// [`free_port`] in a row cannot hand out the same one.
+/// `count` distinct free ports.
 pub fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
-    let held = (0..count)
-        .map(|_| shared::ports::reserve_loopback_port())
-        .collect::<std::io::Result<Vec<_>>>()?;
-    held.iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    (0..count).map(|_| free_port()).collect()
 }
 
 /// `len` random letters and digits, for passwords and tokens.
