@@ -235,6 +235,15 @@ impl std::fmt::Debug for Mailer {
 /// The `NOTIFY` channel of new notifications (see the migrations).
 pub const CHANNEL: &str = "notifications_pending";
 
+/// A send's outcome as the notification's row records it.
+struct Settled {
+    status: &'static str,
+    error: Option<String>,
+    retry_in: Duration,
+    /// The relay was unreachable or busy: the round stops.
+    transient: bool,
+}
+
 /// What one send did.
 enum Sent {
     Yes,
@@ -287,7 +296,8 @@ impl Mailer {
     pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, recipient, subject, body, attempts, traceparent FROM notifications \
+            "SELECT id, recipient, subject, body, attempts, traceparent, request_id \
+             FROM notifications \
              WHERE status = 'PENDING' AND next_attempt_at <= now() \
              ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -307,7 +317,9 @@ impl Mailer {
                 let subject: String = row.try_get("subject")?;
                 let body: String = row.try_get("body")?;
                 let traceparent: Option<String> = row.try_get("traceparent")?;
-                // A client span per attempt, in the trace of the order it is about.
+                let request_id: Option<String> = row.try_get("request_id")?;
+                // A client span per attempt, in the trace of the order it is about, with
+                // the id of the request that placed it: its lines name both.
                 let span = tracing::info_span!(
                     "mail",
                     otel.name = "smtp send",
@@ -316,6 +328,7 @@ impl Mailer {
                     notification = %id,
                     attempt = attempts,
                     trace_id = tracing::field::Empty,
+                    request_id = request_id.as_deref().unwrap_or_default(),
                 );
                 shared::telemetry::continue_trace(&span, traceparent.as_deref());
                 sends.push(
@@ -324,7 +337,7 @@ impl Mailer {
                         if !matches!(outcome, Sent::Yes) {
                             tracing::Span::current().record("otel.status_code", "error");
                         }
-                        (id, attempts, outcome)
+                        (id, attempts, self.settle(id, attempts, outcome))
                     }
                     .instrument(span),
                 );
@@ -333,10 +346,10 @@ impl Mailer {
             // The relay is unreachable or busy: the rest of the round would only fail
             // the same way, so it waits for the next round untouched.
             let mut relay_trouble = false;
-            for (id, attempts, outcome) in outcomes {
+            for (id, attempts, settled) in outcomes {
                 handled += 1;
-                relay_trouble |= matches!(outcome, Sent::Transient(_));
-                self.record(&mut tx, id, attempts, outcome).await?;
+                relay_trouble |= settled.transient;
+                self.record(&mut tx, id, attempts, settled).await?;
             }
             if relay_trouble {
                 break;
@@ -346,14 +359,11 @@ impl Mailer {
         Ok(handled)
     }
 
-    /// Writes one send's outcome: `SENT`, `FAILED`, or `PENDING` again after a backoff.
-    async fn record(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        id: Uuid,
-        attempts: i32,
-        outcome: Sent,
-    ) -> Result<(), sqlx::Error> {
+    /// What one send's outcome makes of its notification: `SENT`, `FAILED`, or
+    /// `PENDING` again after a backoff. Called in the send's span, so the line that
+    /// says a mail was not sent names its trace and request.
+    fn settle(&self, id: Uuid, attempts: i32, outcome: Sent) -> Settled {
+        let transient = matches!(outcome, Sent::Transient(_));
         let (status, error, retry_in) = match outcome {
             Sent::Yes => ("SENT", None, Duration::ZERO),
             Sent::Permanent(e) => ("FAILED", Some(e), Duration::ZERO),
@@ -365,6 +375,28 @@ impl Mailer {
         if let Some(e) = &error {
             tracing::warn!(notification = %id, attempts, status, error = %e, "mail not sent");
         }
+        Settled {
+            status,
+            error,
+            retry_in,
+            transient,
+        }
+    }
+
+    /// Writes one send's settled outcome.
+    async fn record(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: Uuid,
+        attempts: i32,
+        settled: Settled,
+    ) -> Result<(), sqlx::Error> {
+        let Settled {
+            status,
+            error,
+            retry_in,
+            ..
+        } = settled;
         metrics::counter!("notifications_sent_total", "status" => status).increment(1);
         sqlx::query(
             "UPDATE notifications SET status = $2, attempts = $3, last_error = $4, \

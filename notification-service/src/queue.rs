@@ -34,8 +34,9 @@ impl Handler for Queuer {
             "WITH claimed AS (INSERT INTO processed_events (event_id) VALUES ($1) \
                               ON CONFLICT DO NOTHING RETURNING 1), \
                   queued AS (INSERT INTO notifications \
-                               (id, order_id, user_id, kind, recipient, subject, body, event_id, traceparent) \
-                             SELECT $2, $3, $4, $5, $6, $7, $8, $1, $9 WHERE EXISTS (SELECT 1 FROM claimed) \
+                               (id, order_id, user_id, kind, recipient, subject, body, event_id, traceparent, \
+                                request_id) \
+                             SELECT $2, $3, $4, $5, $6, $7, $8, $1, $9, $10 WHERE EXISTS (SELECT 1 FROM claimed) \
                              ON CONFLICT (order_id, kind) DO NOTHING RETURNING 1) \
              SELECT EXISTS (SELECT 1 FROM claimed) AS fresh, EXISTS (SELECT 1 FROM queued) AS queued",
         )
@@ -50,6 +51,11 @@ impl Handler for Queuer {
         .bind(shared::telemetry::traceparent_here(
             message.header(shared::events::TRACEPARENT_HEADER),
         ))
+        .bind(
+            message
+                .header(shared::events::REQUEST_ID_HEADER)
+                .and_then(shared::telemetry::request_id),
+        )
         .fetch_one(&mut *tx)
         .await?;
         Ok(

@@ -5,7 +5,10 @@
 use std::{sync::Arc, time::Duration};
 
 use notification_service::{Application, Settings, mail::MailSettings};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
 use serde_json::{Value, json};
 use shared::{
     auth::{ServiceAuthSettings, TokenSigner},
@@ -133,12 +136,17 @@ impl Harness {
     }
 
     async fn publish(&self, event: &Value) {
+        self.publish_with(event, OwnedHeaders::new()).await;
+    }
+
+    async fn publish_with(&self, event: &Value, headers: OwnedHeaders) {
         let producer: FutureProducer = kafka().producer_config().create().expect("producer");
         producer
             .send(
                 FutureRecord::to(&self.topic)
                     .key(event["orderId"].as_str().expect("orderId"))
-                    .payload(&event.to_string()),
+                    .payload(&event.to_string())
+                    .headers(headers),
                 Duration::from_secs(10),
             )
             .await
@@ -308,6 +316,55 @@ async fn an_smtp_outage_delays_mail_but_never_the_partition() {
     )
     .await;
     assert_eq!(wait_for_mail(&sink, 3).await.len(), 3);
+}
+
+/// The mailer's lines name the request that placed the order (its `x-request-id`,
+/// carried by the event), so an operator can follow a failed mail back to it, and the
+/// notification keeps that id for later attempts.
+#[tokio::test]
+async fn a_mail_that_fails_is_logged_with_the_request_that_caused_it() {
+    let captured = shared::testing::CapturedLog::default();
+    // This test's runtime has one thread: the mailer's lines come here.
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    // Nothing listens on this port: every attempt fails.
+    let h = Harness::start(shared::testing::free_port()).await;
+    let request_id = format!("req-{}", Uuid::new_v4().simple());
+    h.publish_with(
+        &result("alice", true, 2500),
+        OwnedHeaders::new().insert(Header {
+            key: shared::events::REQUEST_ID_HEADER,
+            value: Some(request_id.as_str()),
+        }),
+    )
+    .await;
+    h.until(
+        &format!(
+            "SELECT count(*) FROM notifications.notifications \
+             WHERE attempts >= 1 AND last_error IS NOT NULL AND request_id = '{request_id}'"
+        ),
+        1,
+    )
+    .await;
+    let logged = shared::testing::eventually(
+        Duration::from_secs(10),
+        "the failed attempt is logged",
+        async || {
+            let text = captured.text();
+            text.lines()
+                .find(|l| l.contains("mail not sent"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(
+        logged.contains(&request_id),
+        "the line names the request: {logged}"
+    );
 }
 
 #[tokio::test]
