@@ -20,7 +20,7 @@ pub enum Filter {
     /// Largest size of any one request header, name and values (`RequestHeaderSize`).
     RequestHeaderSize(usize),
     /// Answers at once with a redirect; the upstream is never called (`RedirectTo`).
-    RedirectTo(StatusCode, HeaderValue),
+    RedirectTo(Redirect),
     Retry(RetryPolicy),
     CircuitBreaker(Arc<CircuitBreaker>),
     /// Token buckets per user or client IP, shared by every request of the route.
@@ -31,11 +31,114 @@ pub enum Filter {
     Response(ResponseEdit),
 }
 
+/// `RedirectTo`: the status and URL answered, and whether the request's query
+/// parameters are added to the URL's (`includeRequestParams`).
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub status: StatusCode,
+    pub url: HeaderValue,
+    pub include_request_params: bool,
+}
+
+impl Redirect {
+    /// The `Location` answered to a request with `query`. With the request's
+    /// parameters, Spring's rebuild of the URL: its own parameters, then the request's,
+    /// each decoded and grouped under the name's first place, then quoted as
+    /// `java.net.URI` quotes a query (what is not a legal URI character, and every
+    /// `%`; non-ASCII too, where Spring would leave it raw in the header).
+    pub fn location(&self, query: Option<&str>) -> HeaderValue {
+        let query = query.filter(|q| !q.is_empty());
+        let (Some(query), true) = (query, self.include_request_params) else {
+            return self.url.clone();
+        };
+        let url = self.url.to_str().unwrap_or_default();
+        let (url, fragment) = url
+            .split_once('#')
+            .map_or((url, None), |(u, f)| (u, Some(f)));
+        let (base, own) = url.split_once('?').unwrap_or((url, ""));
+        let mut grouped: Vec<(String, Vec<Option<String>>)> = Vec::new();
+        let own = spring_query_params(own, false);
+        for (name, value) in own.into_iter().chain(spring_query_params(query, true)) {
+            match grouped.iter_mut().find(|(known, _)| *known == name) {
+                Some((_, values)) => values.push(value),
+                None => grouped.push((name, vec![value])),
+            }
+        }
+        let mut rebuilt = String::new();
+        for (name, values) in &grouped {
+            for value in values {
+                if !rebuilt.is_empty() {
+                    rebuilt.push('&');
+                }
+                rebuilt.push_str(name);
+                if let Some(value) = value {
+                    rebuilt.push('=');
+                    rebuilt.push_str(value);
+                }
+            }
+        }
+        let mut location = format!(
+            "{base}?{}",
+            percent_encoding::utf8_percent_encode(&rebuilt, NOT_URI_QUERY)
+        );
+        if let Some(fragment) = fragment {
+            location.push('#');
+            location.push_str(fragment);
+        }
+        HeaderValue::from_str(&location).unwrap_or_else(|_| self.url.clone())
+    }
+}
+
+/// A query's parameters as Spring reads them (`([^&=]+)(=?)([^&]+)?`): a name, and
+/// a value (empty after a bare `=`, none without one); both decoded when `decode`
+/// (a request's, as `getQueryParams` gives them), else as written (a URL's own).
+fn spring_query_params(query: &str, decode: bool) -> Vec<(String, Option<String>)> {
+    let read = |text: &str| match decode {
+        true => decode_query(text),
+        false => text.to_owned(),
+    };
+    query
+        .split('&')
+        .map(|pair| pair.trim_start_matches('='))
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) => (read(name), Some(read(value))),
+            None => (read(pair), None),
+        })
+        .collect()
+}
+
+/// What `java.net.URI`'s constructors quote in a query: everything but letters,
+/// digits, its unreserved marks (`_-!.~'()*`) and reserved characters
+/// (`;/?:@&=+$,[]`). `%` is always quoted.
+const NOT_URI_QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'_')
+    .remove(b'-')
+    .remove(b'!')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b';')
+    .remove(b'/')
+    .remove(b'?')
+    .remove(b':')
+    .remove(b'@')
+    .remove(b'&')
+    .remove(b'=')
+    .remove(b'+')
+    .remove(b'$')
+    .remove(b',')
+    .remove(b'[')
+    .remove(b']');
+
 /// A route's filters by the phase that applies them.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub header_size: Option<usize>,
-    pub redirect: Option<(StatusCode, HeaderValue)>,
+    pub redirect: Option<Redirect>,
     pub limiters: Vec<Arc<RateLimiter>>,
     pub body_limit: Option<u64>,
     pub path: Vec<PathEdit>,
@@ -79,9 +182,8 @@ impl Plan {
                     plan.header_size = Some(plan.header_size.map_or(*max, |m| m.min(*max)));
                 }
                 // The first redirect answers; later ones are never reached.
-                Filter::RedirectTo(status, location) => {
-                    plan.redirect
-                        .get_or_insert_with(|| (*status, location.clone()));
+                Filter::RedirectTo(redirect) => {
+                    plan.redirect.get_or_insert_with(|| redirect.clone());
                 }
                 Filter::Retry(policy) => plan.retry = policy.clone(),
                 Filter::CircuitBreaker(breaker) => plan.breaker = Some(breaker.clone()),
@@ -352,6 +454,9 @@ impl HeaderEdit {
 pub enum ResponseEdit {
     /// `AddResponseHeader`.
     Add(HeaderName, HeaderValue),
+    /// `AddResponseHeader` with `override: false`: added only when the response has
+    /// no value of the header with text in it.
+    AddIfBlank(HeaderName, HeaderValue),
     /// `SetResponseHeader`.
     Set(HeaderName, HeaderValue),
     /// `RemoveResponseHeader`.
@@ -389,7 +494,7 @@ pub struct Asked<'r> {
 
 impl ResponseEdit {
     fn is_templated(&self) -> bool {
-        matches!(self, ResponseEdit::Add(_, v) | ResponseEdit::Set(_, v) if names_variable(v.as_bytes()))
+        matches!(self, ResponseEdit::Add(_, v) | ResponseEdit::AddIfBlank(_, v) | ResponseEdit::Set(_, v) if names_variable(v.as_bytes()))
     }
 
     /// Applies `edits` to the response's status and headers, the last written first:
@@ -405,6 +510,15 @@ impl ResponseEdit {
             match edit {
                 ResponseEdit::Add(name, value) => {
                     headers.append(name.clone(), expand(value, &asked.variables));
+                }
+                ResponseEdit::AddIfBlank(name, value) => {
+                    let blank = headers
+                        .get_all(name)
+                        .iter()
+                        .all(|v| v.as_bytes().iter().all(u8::is_ascii_whitespace));
+                    if blank {
+                        headers.append(name.clone(), expand(value, &asked.variables));
+                    }
                 }
                 ResponseEdit::Set(name, value) => {
                     headers.insert(name.clone(), expand(value, &asked.variables));
@@ -755,6 +869,43 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redirect_carries_the_requests_parameters_as_spring_rebuilds_them() {
+        let redirect = |url: &str| Redirect {
+            status: StatusCode::FOUND,
+            url: HeaderValue::from_str(url).expect("url"),
+            include_request_params: true,
+        };
+        let to = redirect("https://x.test/new?from=gw&b=0#top");
+        for (query, location) in [
+            (None, "https://x.test/new?from=gw&b=0#top"),
+            (Some(""), "https://x.test/new?from=gw&b=0#top"),
+            (
+                Some("b=1&a=2&b=3&flag&empty="),
+                "https://x.test/new?from=gw&b=0&b=1&b=3&a=2&flag&empty=#top",
+            ),
+            (
+                Some("sp=a+b%20c&pct=100%25"),
+                "https://x.test/new?from=gw&b=0&sp=a%20b%20c&pct=100%25#top",
+            ),
+            (
+                Some("amp=x%26y&q=%3Chi%3E"),
+                "https://x.test/new?from=gw&b=0&amp=x&y&q=%3Chi%3E#top",
+            ),
+            (Some("==x=1&&"), "https://x.test/new?from=gw&b=0&x=1#top"),
+            (
+                Some("caf%C3%A9=1"),
+                "https://x.test/new?from=gw&b=0&caf%C3%A9=1#top",
+            ),
+        ] {
+            assert_eq!(to.location(query), location, "{query:?}");
+        }
+        assert_eq!(
+            redirect("https://x.test/new").location(Some("a=1")),
+            "https://x.test/new?a=1"
+        );
+    }
 
     fn args(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
         pairs

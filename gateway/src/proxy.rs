@@ -482,7 +482,10 @@ impl<'a> Exchange<'a> {
                 String::new()
             },
             variables: if self.plan.templated {
-                self.route.path_variables(parts.uri.path())
+                self.route.template_variables(
+                    parts.uri.path(),
+                    crate::routes::request_host(&parts.headers, &parts.uri),
+                )
             } else {
                 Vec::new()
             },
@@ -553,12 +556,12 @@ impl<'a> Exchange<'a> {
                 .into_response());
             }
         }
-        Ok(self.plan.redirect.as_ref().map(|(status, location)| {
+        Ok(self.plan.redirect.as_ref().map(|redirect| {
             let mut response = Response::new(Body::empty());
-            *response.status_mut() = *status;
+            *response.status_mut() = redirect.status;
             response
                 .headers_mut()
-                .insert(header::LOCATION, location.clone());
+                .insert(header::LOCATION, redirect.location(parts.uri.query()));
             response
         }))
     }

@@ -960,9 +960,8 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
                     "Host needs a host pattern such as **.example.org".into()
                 ));
             }
-            Ok(Predicate::Host(
-                patterns.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            ))
+            // As written: labels compare case-insensitively when matched.
+            Ok(Predicate::Host(patterns))
         }
         "Query" => Ok(Predicate::Query(
             first("a parameter name")?,
@@ -1075,6 +1074,33 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             .cloned()
             .ok_or_else(|| err(format!("{name} needs {what}")))
     };
+    // An argument by its name in the expanded form, by its place in the shortcut form
+    // (Spring's `shortcutFieldOrder`).
+    let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
+    let arg = |key: &str, place: usize| match shortcut {
+        true => vals.get(place).cloned(),
+        false => args.get(key).cloned(),
+    };
+    // A boolean as Spring converts one; none (or empty) is `default`.
+    let flag =
+        |key: &str, place: usize, default: bool| match arg(key, place).as_deref().map(str::trim) {
+            None | Some("") => Ok(default),
+            Some(v)
+                if ["true", "on", "yes", "1"]
+                    .iter()
+                    .any(|t| v.eq_ignore_ascii_case(t)) =>
+            {
+                Ok(true)
+            }
+            Some(v)
+                if ["false", "off", "no", "0"]
+                    .iter()
+                    .any(|f| v.eq_ignore_ascii_case(f)) =>
+            {
+                Ok(false)
+            }
+            Some(other) => Err(err(format!("{key} must be true or false, not {other}"))),
+        };
     let header_name = |raw: Option<&str>| {
         raw.and_then(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .ok_or_else(|| err("needs a valid header name".into()))
@@ -1104,8 +1130,14 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             Ok(Filter::RequestHeader(HeaderEdit::Add(n, v)))
         }
         "AddResponseHeader" => {
-            let (n, v) = header_pair(&vals)?;
-            Ok(Filter::Response(ResponseEdit::Add(n, v)))
+            let (n, v) = header_pair(&[
+                arg("name", 0).unwrap_or_default(),
+                arg("value", 1).unwrap_or_default(),
+            ])?;
+            Ok(Filter::Response(match flag("override", 2, true)? {
+                true => ResponseEdit::Add(n, v),
+                false => ResponseEdit::AddIfBlank(n, v),
+            }))
         }
         "RemoveRequestHeader" => {
             let name = vals
@@ -1237,18 +1269,24 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             status_arg(&first_val("a status such as 401 or UNAUTHORIZED")?).map_err(err)?,
         ))),
         "RedirectTo" => {
-            let status = status_arg(&first_val("a 3xx status and a URL")?).map_err(err)?;
+            let status = arg("status", 0)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| err("RedirectTo needs a 3xx status and a URL".into()))?;
+            let status = status_arg(&status).map_err(err)?;
             if !status.is_redirection() {
                 return Err(err(format!(
                     "RedirectTo needs a 3xx status, not {}",
                     status.as_u16()
                 )));
             }
-            let url = vals
-                .get(1)
-                .and_then(|u| HeaderValue::from_str(u).ok())
+            let url = arg("url", 1)
+                .and_then(|u| HeaderValue::from_str(&u).ok())
                 .ok_or_else(|| err("RedirectTo needs a URL".into()))?;
-            Ok(Filter::RedirectTo(status, url))
+            Ok(Filter::RedirectTo(crate::plan::Redirect {
+                status,
+                url,
+                include_request_params: flag("includeRequestParams", 2, false)?,
+            }))
         }
         "RequestHeaderSize" => {
             let raw = args
@@ -1344,13 +1382,8 @@ impl Predicate {
             // The whole `Host`, port included, as Spring matches it (a pattern without
             // a port does not match a host with one); names compare case-insensitively.
             Predicate::Host(patterns) => {
-                let host = headers
-                    .get(axum::http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .or_else(|| uri.authority().map(|a| a.as_str()))
-                    .unwrap_or_default()
-                    .to_ascii_lowercase();
-                patterns.iter().any(|p| host_matches(p, &host))
+                let host = request_host(headers, uri);
+                patterns.iter().any(|p| host_captures(p, host).is_some())
             }
             // Names and values compared decoded, as the upstream reads them.
             Predicate::Query(name, regex) => {
@@ -1452,15 +1485,46 @@ fn parse_instant(text: &str) -> Result<u64, String> {
 }
 
 /// `*` matches one label, `**` any number (at least one) of leading labels.
-fn host_matches(pattern: &str, host: &str) -> bool {
-    // `**.` is any number of labels, none included: `**.example.org` is
-    // `example.org` too.
-    if let Some(suffix) = pattern.strip_prefix("**.") {
-        return host == suffix || host.ends_with(&format!(".{suffix}"));
+/// The `Host` a request asked for, port included: its header, or the authority of an
+/// absolute-form target.
+pub fn request_host<'r>(headers: &'r HeaderMap, uri: &'r Uri) -> &'r str {
+    headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+}
+
+/// The `{variables}` a `Host` pattern captures from `host`, when
+/// it matches: labels compare case-insensitively, `*` is any one label, `{name}` any
+/// one label of letters, digits, `-` and `_`, captured under its name (as the client
+/// wrote it), and a leading `**.`
+/// any number of labels, none included (`**.example.org` is `example.org` too).
+fn host_captures<'p>(pattern: &'p str, host: &str) -> Option<Vec<(&'p str, String)>> {
+    let (any_leading, rest) = match pattern.strip_prefix("**.") {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let wanted = rest.split('.').count();
+    let labels = host.split('.').count();
+    if labels < wanted || (!any_leading && labels != wanted) {
+        return None;
     }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let h: Vec<&str> = host.split('.').collect();
-    p.len() == h.len() && p.iter().zip(&h).all(|(p, h)| *p == "*" || p == h)
+    let mut captures = Vec::new();
+    for (p, h) in rest.split('.').zip(host.split('.').skip(labels - wanted)) {
+        if let Some(name) = p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            // A name's label only: the value may be put into a path or a header, where
+            // a `/`, `?` or `%` from a crafted `Host` would change its shape.
+            let label = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            if h.is_empty() || !h.bytes().all(label) {
+                return None;
+            }
+            captures.push((name, h.to_owned()));
+        } else if p != "*" && !p.eq_ignore_ascii_case(h) {
+            return None;
+        }
+    }
+    Some(captures)
 }
 
 /// A path's segments. A trailing slash is one more, empty segment: Spring's patterns
@@ -1571,17 +1635,27 @@ impl PathPattern {
 }
 
 impl Route {
-    /// The `{variables}` the route's `Path` predicate captures from `path`.
-    pub fn path_variables<'a>(&'a self, path: &str) -> Vec<(&'a str, String)> {
-        self.predicates
-            .iter()
-            .find_map(|p| match p {
+    /// The `{variables}` the route's `Path` and `Host` predicates capture from the
+    /// request's path and `host`, merged in the predicates' order (a later one's value
+    /// wins a name both capture), as Spring merges its URI template variables.
+    pub fn template_variables<'a>(&'a self, path: &str, host: &str) -> Vec<(&'a str, String)> {
+        let mut variables: Vec<(&'a str, String)> = Vec::new();
+        for predicate in &self.predicates {
+            let captured = match predicate {
                 Predicate::Path(patterns) => {
                     patterns.iter().find_map(|pattern| pattern.captures(path))
                 }
+                Predicate::Host(patterns) => patterns
+                    .iter()
+                    .find_map(|pattern| host_captures(pattern, host)),
                 _ => None,
-            })
-            .unwrap_or_default()
+            };
+            for (name, value) in captured.unwrap_or_default() {
+                variables.retain(|(known, _)| *known != name);
+                variables.push((name, value));
+            }
+        }
+        variables
     }
 }
 
@@ -1994,6 +2068,16 @@ eureka:
                 "filters[0]",
             ),
             (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['RedirectTo=302, https://x, sometimes']}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: [{name: AddResponseHeader, args: {name: X-A, value: b, override: maybe}}]}]",
+                "a",
+                "filters[0]",
+            ),
+            (
                 "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['DedupeResponseHeader=Vary, KEEP_ALL']}]",
                 "a",
                 "filters[0]",
@@ -2076,6 +2160,86 @@ routes:
             [HeaderEdit::Add(..), HeaderEdit::Remove(_)]
         ));
         assert_eq!(plan.body_limit, Some(2048));
+    }
+
+    #[test]
+    fn host_variables_fill_filters_beside_paths_and_the_later_predicate_wins() {
+        let t = table(
+            r#"
+routes:
+  - id: a
+    uri: lb://x
+    predicates: ['Path=/a/{id}/{tenant}', 'Host={Tenant}.*.example.org', 'Host=**.{tenant}.test']
+"#,
+        );
+        let route = &t.routes[0];
+        assert_eq!(
+            route.template_variables("/a/7/path", "Acme.eu.EXAMPLE.org"),
+            [
+                ("id", "7".to_owned()),
+                ("tenant", "path".to_owned()),
+                ("Tenant", "Acme".to_owned())
+            ],
+            "names as written, values as the client wrote them"
+        );
+        assert_eq!(
+            route.template_variables("/a/7/path", "x.shop.test"),
+            [("id", "7".to_owned()), ("tenant", "shop".to_owned())],
+            "the Host's value replaces the Path's"
+        );
+        for (pattern, host, matched) in [
+            ("{t}.example.org", "a.example.org", true),
+            ("{t}.example.org", "example.org", false),
+            ("{t}.example.org", ".example.org", false),
+            ("{t}.example.org", "a.b.example.org", false),
+            ("{t}.example.org", "a.example.org:8443", false),
+            ("{t}.example.org", "a-1_b.example.org", true),
+            ("{t}.example.org", "a?x=1.example.org", false),
+            ("{t}.example.org", "a%2f.example.org", false),
+            ("x.{t}", "x.org:8443", false),
+            ("**.example.org", "example.org", true),
+            ("**.example.org", "a.b.example.org", true),
+            ("**.example.org", "badexample.org", false),
+        ] {
+            assert_eq!(
+                host_captures(pattern, host).is_some(),
+                matched,
+                "{pattern} {host}"
+            );
+        }
+    }
+
+    #[test]
+    fn redirect_and_add_response_header_take_springs_third_argument() {
+        let t = table(
+            r#"
+routes:
+  - id: a
+    uri: lb://x
+    predicates: [Path=/a]
+    filters:
+      - RedirectTo=302, https://x.test/new, true
+      - AddResponseHeader=X-A, 1, false
+      - name: AddResponseHeader
+        args: {name: X-B, value: '2', override: 'true'}
+  - id: b
+    uri: lb://x
+    predicates: [Path=/b]
+    filters:
+      - name: RedirectTo
+        args: {status: 301, url: 'https://x.test/old'}
+"#,
+        );
+        let plan = &t.routes[0].plan;
+        let redirect = plan.redirect.as_ref().expect("redirect");
+        assert!(redirect.include_request_params);
+        assert!(matches!(
+            &plan.response[..],
+            [ResponseEdit::AddIfBlank(a, _), ResponseEdit::Add(b, _)] if a == "x-a" && b == "x-b"
+        ));
+        let redirect = t.routes[1].plan.redirect.as_ref().expect("redirect");
+        assert!(!redirect.include_request_params, "off unless asked");
+        assert_eq!(redirect.location(Some("a=1")), "https://x.test/old");
     }
 }
 

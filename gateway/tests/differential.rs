@@ -518,6 +518,20 @@ fn cases() -> Vec<Case> {
             .host("example.net")
             .no_route(),
         get("Host (expanded)", "/hosts/x").host("static.example.net"),
+        get(
+            "Host: a template variable, used by later filters",
+            "/host-var/abc",
+        )
+        .host("acme.shop.example.org"),
+        get("Host: a template variable is one whole label", "/host-var/abc")
+            .host("shop.example.org")
+            .no_route(),
+        get("Host: a template variable is one label only", "/host-var/abc")
+            .host("a.b.shop.example.org")
+            .no_route(),
+        // Both predicates capture `name`: the later one's value wins.
+        get("Host: its variable over the Path's of that name", "/host-over/path")
+            .host("host.example.net"),
         // ---- Query ----
         get("Query: a value that matches", "/query/x?lang=en"),
         get("Query: a value that does not", "/query/x?lang=fr").no_route(),
@@ -715,6 +729,15 @@ fn cases() -> Vec<Case> {
             "/arsh/abc",
         )
         .upstream_header("X-Up: upstream"),
+        get(
+            "AddResponseHeader with override false: the upstream's value stays alone",
+            "/arsh-keep/x",
+        )
+        .upstream_header("X-Up: upstream"),
+        get(
+            "AddResponseHeader with override false: added when the upstream has none",
+            "/arsh-keep/x",
+        ),
         get("SetResponseHeader: replaces every upstream line", "/srsh/x")
             .upstream_header("X-Up: one")
             .upstream_header("X-Up: two"),
@@ -775,6 +798,23 @@ fn cases() -> Vec<Case> {
         get("SetStatus (expanded): by name", "/status-named/x"),
         get("RedirectTo", "/redirect/x?y=1").answered(302),
         get("RedirectTo (expanded): a URL with a query", "/moved/x").answered(301),
+        // Spring decodes the request's parameters, groups each name's values at its
+        // first place after the URL's own, and quotes the result as java.net.URI does.
+        get(
+            "RedirectTo with the request's parameters",
+            "/redirect-params/x?c=1&b=2&a=3&c=4&flag&empty=&sp=a+b%20c&amp=x%26y&pct=100%25&q=%3Chi%3E",
+        )
+        .answered(302),
+        get(
+            "RedirectTo with the request's parameters: none sent",
+            "/redirect-params/x",
+        )
+        .answered(302),
+        get(
+            "RedirectTo (expanded) with the request's parameters",
+            "/redirect-params-x/x?next=/a/b?c&lang=en",
+        )
+        .answered(307),
         get("SecureHeaders: the defaults", "/secure/x")
             .secure_headers()
             .known(
