@@ -798,14 +798,15 @@ fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), St
     match value {
         Value::String(shortcut) => {
             let (name, args) = shortcut.split_once('=').unwrap_or((shortcut, ""));
-            let args = if args.is_empty() {
-                BTreeMap::new()
-            } else {
-                args.split(',')
-                    .enumerate()
-                    .map(|(i, a)| (format!("_genkey_{i}"), a.trim().to_owned()))
-                    .collect()
-            };
+            // Spring tokenizes the arguments trimmed, dropping empty ones: `a, , b` is
+            // two arguments, `b` the second.
+            let args = args
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .enumerate()
+                .map(|(i, a)| (format!("_genkey_{i}"), a.to_owned()))
+                .collect();
             Ok((name.trim().to_owned(), args))
         }
         Value::Object(map) => {
@@ -2303,11 +2304,10 @@ mod rewrite_location_tests {
             location(&always, "http://svc:1/v1/a", "/v1/a"),
             "http://api.example.org/a"
         );
-        let ftp_only = rewrite("RewriteLocationResponseHeader=AS_IN_REQUEST, Location, , ftp");
-        assert_eq!(
-            location(&ftp_only, "http://svc:1/a", "/a"),
-            "http://svc:1/a"
-        );
+        // Empty arguments are dropped, as Spring drops them: `ftp` is the third, the
+        // host.
+        let gap = rewrite("RewriteLocationResponseHeader=AS_IN_REQUEST, Location, , ftp");
+        assert_eq!(location(&gap, "http://svc:1/a", "/a"), "http://ftp/a");
         assert!(matches!(
             parse_filter(
                 "r",

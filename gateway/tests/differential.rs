@@ -622,6 +622,7 @@ fn cases() -> Vec<Case> {
         )
         .header("x-multi", "client")
         .header("x-commas", "client"),
+        get("A shortcut's empty argument is dropped", "/gap/x"),
         get(
             "AddRequestHeader: an encoded path variable, decoded",
             "/arh/a%20b",
