@@ -665,6 +665,12 @@ pub struct RetryPolicy {
     /// Which failures to get an answer are retried.
     pub exceptions: Vec<FailureKind>,
     pub backoff: Option<Backoff>,
+    /// `jitter.randomFactor`: each pause moved at random by up to this share of it,
+    /// staying within the backoff's bounds (0: none).
+    pub jitter: f64,
+    /// `timeout`: no retry whose pause would end past this long after the first
+    /// attempt began (a bound on retrying, not on an attempt).
+    pub timeout: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -682,6 +688,8 @@ impl Default for RetryPolicy {
             series: Vec::new(),
             exceptions: vec![FailureKind::Io, FailureKind::Timeout],
             backoff: None,
+            jitter: 0.0,
+            timeout: None,
         }
     }
 }
@@ -694,15 +702,16 @@ impl RetryPolicy {
 
     /// Spring's `Retry` arguments, with Spring's defaults for what is not given:
     /// `retries` (3), `statuses` (none), `series` (`SERVER_ERROR`), `methods` (`GET`),
-    /// `exceptions` (`IOException`, `TimeoutException`) and `backoff` (none;
+    /// `exceptions` (`IOException`, `TimeoutException`), `backoff` (none;
     /// `firstBackoff` 5ms, `maxBackoff` none, `factor` 2, `basedOnPreviousValue`
-    /// true). The shortcut is Spring's order: retries, statuses, methods, then the
-    /// backoff's four.
+    /// true), `jitter.randomFactor` (none; 0 to 1) and `timeout` (none). The shortcut
+    /// is Spring's order: retries, statuses, methods, the backoff's four, the jitter's
+    /// factor, the timeout.
     pub fn from_args(
         args: &std::collections::BTreeMap<String, String>,
         positional: &[String],
     ) -> Result<Self, String> {
-        const KNOWN: [&str; 9] = [
+        const KNOWN: [&str; 11] = [
             "retries",
             "statuses",
             "series",
@@ -712,6 +721,8 @@ impl RetryPolicy {
             "backoff.maxBackoff",
             "backoff.factor",
             "backoff.basedOnPreviousValue",
+            "jitter.randomFactor",
+            "timeout",
         ];
         let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
         if !shortcut && let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -722,7 +733,7 @@ impl RetryPolicy {
         }
         let arg = |name: &str| -> Option<&str> {
             let raw = if shortcut {
-                let order = [0, 1, 3, 5, 6, 7, 8];
+                let order = [0, 1, 3, 5, 6, 7, 8, 9, 10];
                 let at = KNOWN.iter().position(|k| *k == name)?;
                 let index = order.iter().position(|i| *i == at)?;
                 positional.get(index).map(String::as_str)
@@ -744,6 +755,8 @@ impl RetryPolicy {
             series: vec![5],
             exceptions: vec![FailureKind::Io, FailureKind::Timeout],
             backoff: None,
+            jitter: 0.0,
+            timeout: None,
         };
         if let Some(retries) = arg("retries") {
             policy.retries = retries
@@ -805,7 +818,35 @@ impl RetryPolicy {
             })?;
             policy.backoff = Some(Backoff { first, max, factor });
         }
+        if let Some(factor) = arg("jitter.randomFactor").filter(|v| !v.is_empty()) {
+            policy.jitter = factor
+                .parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| {
+                    format!("jitter.randomFactor must be a number from 0 to 1, not {factor}")
+                })?;
+        }
+        if let Some(timeout) = arg("timeout").filter(|v| !v.is_empty()) {
+            policy.timeout = Some(duration(timeout)?);
+        }
         Ok(policy)
+    }
+
+    /// The pause before retry number `retry` (1 for the first), `elapsed` after the
+    /// first attempt began: the backoff's, moved by the jitter (`draw` in [0, 1)
+    /// picks where in its range), or `None` when the pause would end past the
+    /// `timeout`, so the retry is not made. Spring checks the same way, before the
+    /// pause.
+    pub fn pause(&self, retry: usize, elapsed: Duration, draw: f64) -> Option<Duration> {
+        let pause = self
+            .backoff
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.jittered(retry, self.jitter, draw));
+        match self.timeout {
+            Some(timeout) if elapsed + pause > timeout => None,
+            _ => Some(pause),
+        }
     }
 }
 
@@ -863,6 +904,19 @@ impl Backoff {
             .first
             .saturating_mul(self.factor.saturating_pow(exponent));
         self.max.map_or(pause, |max| pause.min(max))
+    }
+
+    /// [`Backoff::before`] moved by up to `factor` of itself either way (`draw` in
+    /// [0, 1) picks where), kept between the first pause and the longest.
+    pub fn jittered(&self, retry: usize, factor: f64, draw: f64) -> Duration {
+        let pause = self.before(retry);
+        if factor <= 0.0 {
+            return pause;
+        }
+        let spread = pause.as_secs_f64() * factor;
+        let moved = pause.as_secs_f64() - spread + 2.0 * spread * draw.clamp(0.0, 1.0);
+        let moved = Duration::from_secs_f64(moved.max(0.0)).max(self.first);
+        self.max.map_or(moved, |max| moved.min(max))
     }
 }
 
@@ -975,9 +1029,47 @@ mod tests {
     }
 
     #[test]
+    fn jitter_moves_a_pause_within_its_bounds_and_a_timeout_stops_retrying() {
+        let positional: Vec<String> = ["3", "", "GET", "100ms", "300ms", "2", "false", "0.5", "1s"]
+            .map(String::from)
+            .to_vec();
+        let keys: Vec<(String, String)> = positional
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("_genkey_{i}"), v.clone()))
+            .collect();
+        let policy = RetryPolicy::from_args(&keys.into_iter().collect(), &positional).unwrap();
+        assert_eq!(policy.jitter, 0.5);
+        assert_eq!(policy.timeout, Some(Duration::from_secs(1)));
+        let ms = Duration::from_millis;
+        // The second pause is 200ms: moved by up to 100ms either way.
+        assert_eq!(policy.pause(2, ms(0), 0.0), Some(ms(100)));
+        assert_eq!(policy.pause(2, ms(0), 0.5), Some(ms(200)));
+        assert_eq!(
+            policy.pause(2, ms(0), 0.999_999).map(|d| d.as_millis()),
+            Some(299)
+        );
+        // Never below the first pause nor above the longest.
+        assert_eq!(policy.pause(1, ms(0), 0.0), Some(ms(100)));
+        assert_eq!(policy.pause(3, ms(0), 0.999_999), Some(ms(300)));
+        // A pause that would end past the timeout is no retry.
+        assert_eq!(policy.pause(2, ms(799), 0.5), Some(ms(200)));
+        assert_eq!(policy.pause(2, ms(801), 0.5), None);
+        // Without a backoff a retry has no pause, and only the timeout's end counts.
+        let bare = RetryPolicy::from_args(&args(&[("timeout", "50ms")]), &[]).unwrap();
+        assert_eq!(bare.pause(1, ms(50), 0.5), Some(Duration::ZERO));
+        assert_eq!(bare.pause(1, ms(51), 0.5), None);
+    }
+
+    #[test]
     fn retry_refuses_what_it_does_not_know_by_name() {
-        let unknown = RetryPolicy::from_args(&args(&[("jitter", "1")]), &[]).unwrap_err();
-        assert!(unknown.contains("jitter"), "{unknown}");
+        let unknown = RetryPolicy::from_args(&args(&[("maxAttempts", "1")]), &[]).unwrap_err();
+        assert!(unknown.contains("maxAttempts"), "{unknown}");
+        let jitter =
+            RetryPolicy::from_args(&args(&[("jitter.randomFactor", "1.5")]), &[]).unwrap_err();
+        assert!(jitter.contains("from 0 to 1"), "{jitter}");
+        let timeout = RetryPolicy::from_args(&args(&[("timeout", "soon")]), &[]).unwrap_err();
+        assert!(timeout.contains("soon"), "{timeout}");
         let exception =
             RetryPolicy::from_args(&args(&[("exceptions", "java.lang.Error")]), &[]).unwrap_err();
         assert!(exception.contains("java.lang.Error"), "{exception}");

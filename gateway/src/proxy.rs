@@ -871,6 +871,7 @@ impl<'a> Exchange<'a> {
         let policy = &self.plan.retry;
         let budget = self.gateway.balancer.budget(service);
         budget.deposit(now_ms());
+        let began = Instant::now();
         let mut tried: Vec<String> = Vec::new();
         // The outcome of the last failed attempt, given when nothing is left to try:
         // an answer goes out as any answer does (its edits, its rate-limit headers,
@@ -890,15 +891,20 @@ impl<'a> Exchange<'a> {
                 });
             };
             if let Some(outcome) = last.take() {
-                // A retry, now that there is an instance to send it to: it draws on
-                // the service's budget, and waits the policy's backoff first.
+                // A retry, now that there is an instance to send it to: unless its
+                // pause would end past the policy's timeout, it draws on the service's
+                // budget, and waits that pause first.
+                let Some(pause) = policy.pause(tried.len(), began.elapsed(), rand::random()) else {
+                    trace.reason.get_or_insert("retry timeout");
+                    return outcome;
+                };
                 if !budget.withdraw(now_ms()) {
                     return outcome;
                 }
                 metrics::counter!("gateway_retries_total", "route" => self.route.id.clone())
                     .increment(1);
-                if let Some(backoff) = &policy.backoff {
-                    tokio::time::sleep(backoff.before(tried.len())).await;
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
                 }
             }
             // Whether another attempt may follow this one, should it fail in a

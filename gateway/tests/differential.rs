@@ -915,6 +915,18 @@ fn cases() -> Vec<Case> {
         )
         .upstream_status("502,200"),
         get("Retry (expanded): an unlisted 5xx", "/retryx/x").upstream_status("500"),
+        // The first pause (1s) ends inside the timeout (1.5s), the second would not,
+        // each by half a second: two attempts, the last answer stands.
+        get(
+            "Retry with a timeout: no retry whose pause would end past it",
+            "/retryt/x",
+        )
+        .upstream_status("500,500,500,200"),
+        get(
+            "Retry with jitter and a timeout (shortcut): retried as often",
+            "/retryj/x",
+        )
+        .upstream_status("500,500,200"),
         // ---- CircuitBreaker ----
         get("CircuitBreaker: a success", "/cb/x"),
         get(
