@@ -51,7 +51,9 @@ impl Redirect {
         let (Some(query), true) = (query, self.include_request_params) else {
             return self.url.clone();
         };
-        let url = self.url.to_str().unwrap_or_default();
+        let Ok(url) = std::str::from_utf8(self.url.as_bytes()) else {
+            return self.url.clone();
+        };
         let (url, fragment) = url
             .split_once('#')
             .map_or((url, None), |(u, f)| (u, Some(f)));
@@ -77,10 +79,14 @@ impl Redirect {
                 }
             }
         }
-        let mut location = format!(
-            "{base}?{}",
-            percent_encoding::utf8_percent_encode(&rebuilt, NOT_URI_QUERY)
-        );
+        let mut location = base.to_owned();
+        if !rebuilt.is_empty() {
+            location.push('?');
+            location.extend(percent_encoding::utf8_percent_encode(
+                &rebuilt,
+                NOT_URI_QUERY,
+            ));
+        }
         if let Some(fragment) = fragment {
             location.push('#');
             location.push_str(fragment);
@@ -211,7 +217,8 @@ impl Plan {
     }
 }
 
-/// The Path predicate's `{variables}` of one request: name and value as matched.
+/// The `{variables}` the Path and Host predicates captured from one request: name and
+/// value as matched.
 pub type Variables<'r> = [(&'r str, String)];
 
 fn names_variable(value: &[u8]) -> bool {
@@ -225,7 +232,7 @@ pub enum PathEdit {
     Strip(usize),
     /// A regex and its replacement (`RewritePath`).
     Rewrite(regex::Regex, String),
-    /// A template filled from the Path predicate's `{variables}` (`SetPath`).
+    /// A template filled from the Path and Host predicates' `{variables}` (`SetPath`).
     Set(String),
     /// Put before the path (`PrefixPath`).
     Prefix(String),
@@ -844,7 +851,7 @@ impl RetryPolicy {
             .as_ref()
             .map_or(Duration::ZERO, |b| b.jittered(retry, self.jitter, draw));
         match self.timeout {
-            Some(timeout) if elapsed + pause > timeout => None,
+            Some(timeout) if elapsed.saturating_add(pause) > timeout => None,
             _ => Some(pause),
         }
     }
@@ -906,17 +913,22 @@ impl Backoff {
         self.max.map_or(pause, |max| pause.min(max))
     }
 
-    /// [`Backoff::before`] moved by up to `factor` of itself either way (`draw` in
-    /// [0, 1) picks where), kept between the first pause and the longest.
+    /// [`Backoff::before`] moved by up to `factor` of itself either way, drawn evenly
+    /// from the part of that range between the first pause and the longest (`draw` in
+    /// [0, 1) picks where), as reactor-extra's random jitter draws: the first pause
+    /// only ever grows.
     pub fn jittered(&self, retry: usize, factor: f64, draw: f64) -> Duration {
         let pause = self.before(retry);
         if factor <= 0.0 {
             return pause;
         }
-        let spread = pause.as_secs_f64() * factor;
-        let moved = pause.as_secs_f64() - spread + 2.0 * spread * draw.clamp(0.0, 1.0);
-        let moved = Duration::from_secs_f64(moved.max(0.0)).max(self.first);
-        self.max.map_or(moved, |max| moved.min(max))
+        let (at, spread) = (pause.as_secs_f64(), pause.as_secs_f64() * factor);
+        let low = (self.first.as_secs_f64() - at).max(-spread);
+        let high = self
+            .max
+            .map_or(spread, |max| (max.as_secs_f64() - at).min(spread));
+        let moved = at + low + (high - low).max(0.0) * draw.clamp(0.0, 1.0);
+        Duration::try_from_secs_f64(moved.max(0.0)).unwrap_or(Duration::MAX)
     }
 }
 
@@ -935,6 +947,7 @@ mod tests {
         for (query, location) in [
             (None, "https://x.test/new?from=gw&b=0#top"),
             (Some(""), "https://x.test/new?from=gw&b=0#top"),
+            (Some("&=&"), "https://x.test/new?from=gw&b=0#top"),
             (
                 Some("b=1&a=2&b=3&flag&empty="),
                 "https://x.test/new?from=gw&b=0&b=1&b=3&a=2&flag&empty=#top",
@@ -958,6 +971,11 @@ mod tests {
         assert_eq!(
             redirect("https://x.test/new").location(Some("a=1")),
             "https://x.test/new?a=1"
+        );
+        assert_eq!(
+            redirect("https://x.test/new").location(Some("&=")),
+            "https://x.test/new",
+            "no parameter: no `?`"
         );
     }
 
@@ -1049,9 +1067,16 @@ mod tests {
             policy.pause(2, ms(0), 0.999_999).map(|d| d.as_millis()),
             Some(299)
         );
-        // Never below the first pause nor above the longest.
+        // Drawn only from what lies between the first pause and the longest: the
+        // first pause (100ms) moves up to 150ms, the third (300ms, the longest) down
+        // to 150ms.
         assert_eq!(policy.pause(1, ms(0), 0.0), Some(ms(100)));
-        assert_eq!(policy.pause(3, ms(0), 0.999_999), Some(ms(300)));
+        assert_eq!(policy.pause(1, ms(0), 0.5), Some(ms(125)));
+        assert_eq!(policy.pause(3, ms(0), 0.0), Some(ms(150)));
+        assert_eq!(
+            policy.pause(3, ms(0), 0.999_999).map(|d| d.as_millis()),
+            Some(299)
+        );
         // A pause that would end past the timeout is no retry.
         assert_eq!(policy.pause(2, ms(799), 0.5), Some(ms(200)));
         assert_eq!(policy.pause(2, ms(801), 0.5), None);

@@ -799,7 +799,19 @@ fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), St
         Value::String(shortcut) => {
             let (name, args) = shortcut.split_once('=').unwrap_or((shortcut, ""));
             // Spring tokenizes the arguments trimmed, dropping empty ones: `a, , b` is
-            // two arguments, `b` the second.
+            // two arguments, `b` the second. Said, since it moves what follows.
+            let tokens: Vec<&str> = args.split(',').map(str::trim).collect();
+            let moved = tokens
+                .iter()
+                .position(|t| t.is_empty())
+                .is_some_and(|gap| tokens[gap..].iter().any(|t| !t.is_empty()));
+            if !args.is_empty() && moved {
+                tracing::warn!(
+                    shortcut = %shortcut,
+                    "an empty argument is dropped, as Spring Cloud Gateway drops it: the \
+                     arguments after it move up one place"
+                );
+            }
             let args = args
                 .split(',')
                 .map(str::trim)
@@ -960,6 +972,22 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
                 return Err(err(
                     "Host needs a host pattern such as **.example.org".into()
                 ));
+            }
+            // A variable is a whole label, without a regex: Spring's `{name:regex}` and
+            // `{a}-api` would match other hosts here than there.
+            if let Some(label) = patterns.iter().flat_map(|p| p.split('.')).find(|label| {
+                (label.contains('{') || label.contains('}'))
+                    && !(label.starts_with('{')
+                        && label.ends_with('}')
+                        && label[1..label.len() - 1]
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            }) {
+                return Err(err(format!(
+                    "Host label {label}: a variable is a whole label named by letters, \
+                     digits and _, such as {{tenant}}; a regex or text beside it is not \
+                     supported"
+                )));
             }
             // As written: labels compare case-insensitively when matched.
             Ok(Predicate::Host(patterns))
@@ -1131,10 +1159,13 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             Ok(Filter::RequestHeader(HeaderEdit::Add(n, v)))
         }
         "AddResponseHeader" => {
-            let (n, v) = header_pair(&[
-                arg("name", 0).unwrap_or_default(),
-                arg("value", 1).unwrap_or_default(),
-            ])?;
+            let (Some(name), Some(value)) = (
+                arg("name", 0).filter(|n| !n.is_empty()),
+                arg("value", 1).filter(|v| !v.is_empty()),
+            ) else {
+                return Err(err("needs a header name and a value".into()));
+            };
+            let (n, v) = header_pair(&[name, value])?;
             Ok(Filter::Response(match flag("override", 2, true)? {
                 true => ResponseEdit::Add(n, v),
                 false => ResponseEdit::AddIfBlank(n, v),
@@ -2067,6 +2098,21 @@ eureka:
                 "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['RedirectTo=200, https://x']}]",
                 "a",
                 "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['AddResponseHeader=X-A']}]",
+                "a",
+                "filters[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Host={t:[a-z]+}.example.org']}]",
+                "a",
+                "predicates[0]",
+            ),
+            (
+                "routes: [{id: a, uri: 'lb://x', predicates: ['Host={t}-api.example.org']}]",
+                "a",
+                "predicates[0]",
             ),
             (
                 "routes: [{id: a, uri: 'lb://x', predicates: [Path=/a], filters: ['RedirectTo=302, https://x, sometimes']}]",

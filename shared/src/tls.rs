@@ -233,7 +233,19 @@ pub fn client_config(ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
 /// [`client_builder`], naming the file.
 pub fn trusted_roots(ca_files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut roots = native_roots();
-    roots.extend(configured_cas(ca_files)?.into_iter().map(|(_, c)| c));
+    for (file, certificate) in configured_cas(ca_files)? {
+        // Checked as `client_config` checks it: a client that takes a list may skip
+        // a certificate it cannot use without a word.
+        rustls::RootCertStore::empty()
+            .add(certificate.clone())
+            .map_err(|e| {
+                format!(
+                    "the CA file {} holds a bad certificate: {e}",
+                    file.display()
+                )
+            })?;
+        roots.push(certificate);
+    }
     Ok(roots)
 }
 
