@@ -84,13 +84,26 @@ impl RateLimiter {
         let replenish_rate = number("replenishRate", None)?;
         let burst_capacity = number("burstCapacity", Some(replenish_rate))?;
         let requested_tokens = number("requestedTokens", Some(1.0))?;
-        let key = match args
+        let resolver = args
             .get("keyResolver")
             .or_else(|| args.get("key-resolver"))
-            .map(String::as_str)
-        {
+            .map(|r| r.trim());
+        // A bean expression as Spring reads it, spaces inside the braces allowed.
+        let bean = resolver
+            .and_then(|r| r.strip_prefix("#{")?.strip_suffix('}'))
+            .map(str::trim);
+        let key = match resolver {
+            // Spring's own resolver, its default: the authenticated principal's name.
+            _ if bean == Some("@principalNameKeyResolver") => LimitKey::User,
             None | Some("user") => LimitKey::User,
             Some("ip") => LimitKey::Ip,
+            Some(bean) if bean.starts_with("#{") => {
+                return Err(format!(
+                    "key-resolver {bean} names a bean of your own code, which this gateway \
+                     cannot run; write keyResolver: user (the token's subject) or ip (the \
+                     client's address)"
+                ));
+            }
             Some(other) => return Err(format!("keyResolver must be user or ip, not {other}")),
         };
         if burst_capacity < requested_tokens {
@@ -163,6 +176,10 @@ impl RateLimiter {
             (
                 "x-ratelimit-replenish-rate",
                 self.replenish_rate.floor() as u64,
+            ),
+            (
+                "x-ratelimit-requested-tokens",
+                self.requested_tokens.floor() as u64,
             ),
         ];
         for (name, value) in pairs {
@@ -407,6 +424,36 @@ mod tests {
             RateLimiter::from_args(&args)
                 .unwrap_err()
                 .contains("replenishRate")
+        );
+    }
+
+    #[test]
+    fn springs_key_resolver_expressions_are_read_or_refused_by_name() {
+        let with = |resolver: &str| {
+            let args: BTreeMap<String, String> = [
+                (
+                    "redis-rate-limiter.replenishRate".to_owned(),
+                    "1".to_owned(),
+                ),
+                ("key-resolver".to_owned(), resolver.to_owned()),
+            ]
+            .into();
+            RateLimiter::from_args(&args)
+        };
+        for own in [
+            "#{@principalNameKeyResolver}",
+            "#{ @principalNameKeyResolver }",
+        ] {
+            assert_eq!(
+                with(own).unwrap().key,
+                LimitKey::User,
+                "Spring's own resolver is the token's subject"
+            );
+        }
+        let own = with("#{@userKeyResolver}").unwrap_err();
+        assert!(
+            own.contains("#{@userKeyResolver}") && own.contains("keyResolver: user"),
+            "{own}"
         );
     }
 }

@@ -136,6 +136,11 @@ const FIREWALL: &str = "Spring Security's StrictServerWebExchangeFirewall (WebFi
     refuses an encoded slash or percent, `;`, `//` and `..` with 400 before any route; ours routes the path as sent";
 const TRUSTED_CHAIN: &str = "Spring keeps only the X-Forwarded-For entries its trusted-proxies regex matches \
     (XForwardedHeadersFilter.write), dropping the client's; ours extends a trusted proxy's chain as it came";
+const RATELIMIT_HEADERS: &str = "ours also writes the IETF draft's RateLimit-Limit, -Remaining and -Reset \
+    beside Spring's X-RateLimit-* (docs/gateway.md, Limits); Spring writes only its own";
+const RATELIMIT_HEADERS_AND_WHOLE_SECONDS: &str = "ours also writes the IETF draft's RateLimit-* \
+    headers; and Spring's Redis script refills in whole seconds of Redis's clock, ours \
+    continuously: when a second turns between the two requests Spring's bucket holds one token more";
 const SECURE_HEADERS: &str = "ours writes `X-XSS-Protection: 0` (the current advice) and no Content-Security-Policy \
     (docs/gateway.md); Spring writes `1 ; mode=block` and a CSP for HTML pages (SecureHeadersProperties)";
 const IDENTITY: &str = "ours drops identity headers a client could forge (X-User-Id, X-User-Roles...; \
@@ -927,6 +932,20 @@ fn cases() -> Vec<Case> {
             "/retryj/x",
         )
         .upstream_status("500,500,200"),
+        // ---- RequestRateLimiter ----
+        // Spring's buckets are in Redis, ours in the gateway: each counts its own.
+        get("RequestRateLimiter: within the burst", "/limited/x").known(
+            &["response header ratelimit-"],
+            RATELIMIT_HEADERS,
+        ),
+        get("RequestRateLimiter: the rest of the burst", "/limited/x").known(
+            &[
+                "response header ratelimit-",
+                "response header x-ratelimit-remaining",
+            ],
+            RATELIMIT_HEADERS_AND_WHOLE_SECONDS,
+        ),
+        get("RequestRateLimiter: the burst spent", "/limited/x").answered(429),
         // ---- CircuitBreaker ----
         get("CircuitBreaker: a success", "/cb/x"),
         get(
@@ -1397,6 +1416,7 @@ impl SpringGateway {
         ours: &str,
         issuer: &str,
         audience: &str,
+        redis: &str,
         dir: &Path,
     ) -> Self {
         let port = free_port();
@@ -1421,6 +1441,10 @@ impl SpringGateway {
                 "--spring.security.oauth2.resourceserver.jwt.audiences={audience}"
             ))
             .arg(format!("--storefront.jwt.issuer={issuer}"))
+            // Where RequestRateLimiter's RedisRateLimiter keeps its buckets; the jar
+            // leaves Redis off unless told (its application.properties).
+            .arg("--spring.autoconfigure.exclude=")
+            .arg(format!("--spring.data.redis.url={redis}"))
             // The counterpart of our `trusted_proxies: [127.0.0.1/32]`. Without it
             // Spring strips every X-Forwarded-* header and writes none.
             .arg(r"--spring.cloud.gateway.server.webflux.trusted-proxies=127\.0\.0\.1")
@@ -1572,7 +1596,15 @@ async fn our_gateway_and_spring_cloud_gateway_handle_the_same_routes_alike() {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let (upstream, recorder) = recording_upstream().await;
+    let redis = std::env::var("STOREFRONT_REDIS_URL").expect(
+        "STOREFRONT_REDIS_URL names the test Redis, where Spring's RequestRateLimiter keeps its \
+         buckets; run the tests with `cargo xtask test`",
+    );
     let routes_text = ROUTES
+        .replace(
+            "{{RUN}}",
+            &format!("{}-{}", std::process::id(), shared::now_ms()),
+        )
         .replace("{{UPSTREAM}}", &upstream.to_string())
         .replace("{{CLOSED}}", &format!("127.0.0.1:{}", free_port()));
     let routes = dir.path().join("routes.yml");
@@ -1587,8 +1619,15 @@ async fn our_gateway_and_spring_cloud_gateway_handle_the_same_routes_alike() {
     let (our_gateway, _stop_ours) = support::start_gateway(settings).await;
     let bearer = support::alice_bearer(&our_gateway).await;
 
-    let mut spring =
-        SpringGateway::start(&jar, &routes, &our_gateway, &issuer, &audience, dir.path());
+    let mut spring = SpringGateway::start(
+        &jar,
+        &routes,
+        &our_gateway,
+        &issuer,
+        &audience,
+        &redis,
+        dir.path(),
+    );
     let probe = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
