@@ -616,3 +616,76 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instance on its secure port is dialled by its registered name, which its
+    /// certificate must name, at the address discovery checked and pinned: never at
+    /// what DNS says when connecting. Here DNS knows no such name (`.invalid` never
+    /// resolves), so only the pin leads there.
+    #[tokio::test]
+    async fn a_pinned_name_is_dialled_at_its_checked_address_and_verified_by_name() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        const NAME: &str = "secure.storefront.invalid";
+        let dir = tempfile::tempdir().expect("dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write");
+        let key = KeyPair::generate().expect("key");
+        let certificate = CertificateParams::new(vec![NAME.to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("signed");
+        let files = shared::tls::ServerTlsSettings {
+            certificate_file: dir.path().join("instance.crt"),
+            key_file: dir.path().join("instance.key"),
+        };
+        std::fs::write(&files.certificate_file, certificate.pem()).expect("write");
+        std::fs::write(&files.key_file, key.serialize_pem()).expect("write");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = CancellationToken::new();
+        let acceptor = shared::tls::server_acceptor(&files).expect("acceptor");
+        let serving = stop.clone();
+        tokio::spawn(async move {
+            let app = Router::new().fallback(|| async { "instance" });
+            shared::server::serve(listener, app, serving, &Default::default(), Some(acceptor)).await
+        });
+        let _stop = stop.drop_guard();
+
+        let pins = Pins::default();
+        let settings = UpstreamSettings {
+            ca_files: vec![ca_file.clone()],
+            ..UpstreamSettings::default()
+        };
+        let client = upstream_client(
+            &settings,
+            shared::tls::client_config(&[ca_file]).expect("tls"),
+            &pins,
+        );
+        let get = || {
+            axum::http::Request::get(format!("https://{NAME}:{port}/"))
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        let unpinned = tokio::time::timeout(Duration::from_secs(10), client.request(get())).await;
+        assert!(
+            !matches!(unpinned, Ok(Ok(_))),
+            "without its pin the name leads nowhere"
+        );
+
+        pins.pin(NAME, std::net::Ipv4Addr::LOCALHOST.into());
+        let response = tokio::time::timeout(Duration::from_secs(10), client.request(get()))
+            .await
+            .expect("in time")
+            .expect("reached through its pin, its certificate checked against its name");
+        assert_eq!(response.status(), axum::http::StatusCode::OK);
+    }
+}
