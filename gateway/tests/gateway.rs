@@ -39,6 +39,8 @@ struct Upstream {
     last_headers: Arc<Mutex<HashMap<String, String>>>,
     /// When not 0, every request is answered with this status.
     failing_with: Arc<AtomicU16>,
+    /// A request whose path names `held` waits for this before it is answered.
+    release: Arc<tokio::sync::Notify>,
 }
 
 async fn upstream(name: &str) -> Upstream {
@@ -55,6 +57,7 @@ async fn upstream_on(ip: &str, name: &str) -> Upstream {
         posts: Arc::new(AtomicUsize::new(0)),
         last_headers: Arc::new(Mutex::new(HashMap::new())),
         failing_with: Arc::new(AtomicU16::new(0)),
+        release: Arc::new(tokio::sync::Notify::new()),
     };
     async fn echo(
         State(up): State<Upstream>,
@@ -78,6 +81,9 @@ async fn upstream_on(ip: &str, name: &str) -> Upstream {
         }
         if request.uri().path().contains("slow") {
             tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        if request.uri().path().contains("held") {
+            up.release.notified().await;
         }
         if request.uri().path().contains("redirecting") {
             // A redirect naming the upstream's own address, as a service behind a
@@ -1702,6 +1708,73 @@ routes:
     )
     .await;
     (s, up, token)
+}
+
+/// An instance that goes DOWN while a request is at it finishes that request, whose
+/// answer reaches the client, and gets no new ones: a status change drains an
+/// instance, it does not cut what it is doing (as Eureka's clients and Spring's
+/// balancer behave).
+#[tokio::test]
+async fn an_instance_that_goes_down_mid_request_finishes_it_and_gets_no_more() {
+    let (s, first, token) = routed_to_one_instance("").await;
+    let before = first.hits.load(Ordering::SeqCst);
+    let held = {
+        let (client, url) = (s.client.clone(), format!("{}/held", s.gateway));
+        let token = token.clone();
+        tokio::spawn(async move { client.get(url).bearer_auth(token).send().await })
+    };
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "the held request reaches the first instance",
+        async || (first.hits.load(Ordering::SeqCst) > before).then_some(()),
+    )
+    .await;
+
+    let second = upstream("svc-2").await;
+    s.register("svc", &second).await;
+    let settings = registry_settings(s.registry);
+    let first_id = InstanceRegistration::for_bound("svc", first.addr, &settings).instance_id;
+    RegistryClient::new(&settings)
+        .expect("registry client")
+        .set_status("svc", &first_id, "DOWN")
+        .await
+        .expect("status");
+    let upstream_of = async |response: reqwest::Response| -> Option<String> {
+        let body: Value = response.json().await.ok()?;
+        body["upstream"].as_str().map(str::to_owned)
+    };
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "the gateway routes to the second instance",
+        async || {
+            let response = s.get("/anything", &token).await;
+            (upstream_of(response).await.as_deref() == Some("svc-2")).then_some(())
+        },
+    )
+    .await;
+    let at_first = first.hits.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let response = s.get("/anything", &token).await;
+        assert_eq!(upstream_of(response).await.as_deref(), Some("svc-2"));
+    }
+    assert_eq!(
+        first.hits.load(Ordering::SeqCst),
+        at_first,
+        "nothing new for a DOWN instance"
+    );
+    assert!(
+        !held.is_finished(),
+        "the held request is still at the first instance"
+    );
+
+    first.release.notify_one();
+    let answer = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("answered in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(upstream_of(answer).await.as_deref(), Some("svc-1"));
 }
 
 /// `CONNECT` asks a forward proxy for a tunnel, and the gateway is none: whatever its
