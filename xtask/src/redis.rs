@@ -6,7 +6,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::TcpStream,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,19 +19,46 @@ use crate::procs::{Interrupt, Supervised};
 #[derive(Debug)]
 pub struct Redis {
     port: u16,
-    child: Supervised,
+    dir: PathBuf,
+    pub child: Supervised,
 }
 
 impl Redis {
     /// Starts a server whose files (only its log: nothing is saved) go under `dir`,
     /// and waits until it answers `PING`.
     pub fn start(dir: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
-        let server = crate::tools::debian_tool("redis-server", "redis-server")?;
         fs::create_dir_all(dir)?;
-        let log = dir.join("redis.log");
-        let out = fs::File::create(&log)?;
         let port = crate::free_port()?;
-        let child = Supervised::spawn(
+        let child = Self::spawn(port, dir)?;
+        let mut redis = Self {
+            port,
+            dir: dir.to_path_buf(),
+            child,
+        };
+        redis.wait_ready(interrupt)?;
+        Ok(redis)
+    }
+
+    /// The server again, on its port (the gateway keeps its address), after it died.
+    /// Its buckets start full: nothing was saved.
+    pub fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
+        self.child.stop();
+        self.child = Self::spawn(self.port, &self.dir)?;
+        self.wait_ready(interrupt)
+    }
+
+    /// Its log, appended to across restarts.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    fn spawn(port: u16, dir: &Path) -> anyhow::Result<Supervised> {
+        let server = crate::tools::debian_tool("redis-server", "redis-server")?;
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("redis.log"))?;
+        Ok(Supervised::spawn(
             "redis-server",
             Command::new(server)
                 .args(["--bind", "127.0.0.1", "--port"])
@@ -42,26 +69,29 @@ impl Redis {
                 .stdin(Stdio::null())
                 .stdout(out.try_clone()?)
                 .stderr(out),
-        )?;
-        let mut redis = Self { port, child };
+        )?)
+    }
+
+    /// Waits until it answers `PING`, for at most 30 s.
+    fn wait_ready(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !redis.answers() {
+        while !self.answers() {
             interrupt.check()?;
-            if let Some(status) = redis.child.exited() {
+            if let Some(status) = self.child.exited() {
                 bail!(
                     "redis-server exited ({status}); {}",
-                    crate::log_tail(&log, 30)
+                    crate::log_tail(&self.log(), 30)
                 );
             }
             if Instant::now() > deadline {
                 bail!(
                     "redis-server did not answer within 30s; see {}",
-                    log.display()
+                    self.log().display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(redis)
+        Ok(())
     }
 
     /// `redis://127.0.0.1:<port>`.

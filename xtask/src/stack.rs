@@ -429,7 +429,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     let smtp_port = smtp.port;
 
     say("starting Redis (Debian), where the gateway keeps its rate limits");
-    let redis = crate::redis::Redis::start(&stack_dir.join("redis"), &interrupt)?;
+    let mut redis = crate::redis::Redis::start(&stack_dir.join("redis"), &interrupt)?;
     let redis_url = redis.url();
 
     say("waiting for Zipkin");
@@ -677,10 +677,13 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
 
     let outcome = supervise(
         &mut running,
-        &mut postgres,
-        &mut broker,
-        &mut smtp,
-        &mut zipkin,
+        Infrastructure {
+            postgres: &mut postgres,
+            broker: &mut broker,
+            smtp: &mut smtp,
+            zipkin: &mut zipkin,
+            redis: &mut redis,
+        },
         &logs,
         &interrupt,
     );
@@ -701,13 +704,17 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
 /// (the caller then stops everything) when a part keeps dying or failing to start.
 fn supervise(
     running: &mut [ServiceProcess],
-    postgres: &mut Postgres,
-    broker: &mut Broker,
-    smtp: &mut SmtpSink,
-    zipkin: &mut Zipkin,
+    parts: Infrastructure<'_>,
     logs: &Path,
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
+    let Infrastructure {
+        postgres,
+        broker,
+        smtp,
+        zipkin,
+        redis,
+    } = parts;
     let mut restarts: std::collections::BTreeMap<String, Restarts> = Default::default();
     loop {
         if interrupt.requested() {
@@ -753,6 +760,13 @@ fn supervise(
                 &logs.join("zipkin.log"),
             )?;
         }
+        if let Some(status) = redis.child.take_exit() {
+            restarts.entry("redis".into()).or_default().died(
+                &part_name("redis"),
+                &status.to_string(),
+                &redis.log(),
+            )?;
+        }
         for process in running.iter_mut() {
             if let Some(status) = process.child.take_exit() {
                 restarts
@@ -783,6 +797,8 @@ fn supervise(
                 smtp.restart(interrupt)
             } else if name == "zipkin" {
                 zipkin.restart(interrupt)
+            } else if name == "redis" {
+                redis.restart(interrupt)
             } else {
                 match running.iter_mut().find(|p| p.service.name == name) {
                     Some(process) => process.restart(interrupt),
@@ -808,12 +824,22 @@ fn supervise(
     }
 }
 
+/// What the services stand on, kept running by [`supervise`] beside them.
+struct Infrastructure<'a> {
+    postgres: &'a mut Postgres,
+    broker: &'a mut Broker,
+    smtp: &'a mut SmtpSink,
+    zipkin: &'a mut Zipkin,
+    redis: &'a mut crate::redis::Redis,
+}
+
 /// How the supervisor's messages name a part it keeps by `key`.
 fn part_name(key: &str) -> String {
     match key {
         "postgres" => "PostgreSQL".to_owned(),
         "smtp" => "the SMTP sink".to_owned(),
         "zipkin" => "Zipkin".to_owned(),
+        "redis" => "Redis".to_owned(),
         other => match other
             .strip_prefix("kafka-")
             .and_then(|i| i.parse::<usize>().ok())

@@ -255,13 +255,14 @@ fn child_named(xtask: u32, name: &str, marker: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {name} ({marker}) under xtask"))
 }
 
-/// A service, the Kafka node, Zipkin and PostgreSQL are each killed; the supervisor says so,
+/// A service, the Kafka node, Zipkin, Redis and PostgreSQL are each killed; the supervisor says so,
 /// restarts each, and the stack serves orders through the gateway again.
 fn parts_that_die_are_restarted(xtask: u32, output: &mpsc::Receiver<String>, gateway: &str) {
     for (name, marker, signal, said) in [
         ("order-service", "", Signal::SIGKILL, "order-service"),
         ("java", "kafka.Kafka", Signal::SIGKILL, "Kafka node 1"),
         ("java", "zipkin", Signal::SIGKILL, "Zipkin"),
+        ("redis-server", "", Signal::SIGKILL, "Redis"),
         // PostgreSQL's immediate shutdown.
         ("postgres", "", Signal::SIGQUIT, "PostgreSQL"),
     ] {
