@@ -661,31 +661,41 @@ mod tests {
         let _stop = stop.drop_guard();
 
         let pins = Pins::default();
-        let settings = UpstreamSettings {
-            ca_files: vec![ca_file.clone()],
-            ..UpstreamSettings::default()
-        };
         let client = upstream_client(
-            &settings,
+            &UpstreamSettings::default(),
             shared::tls::client_config(&[ca_file]).expect("tls"),
             &pins,
         );
-        let get = || {
-            axum::http::Request::get(format!("https://{NAME}:{port}/"))
+        let get = |name: &str| {
+            axum::http::Request::get(format!("https://{name}:{port}/"))
                 .body(axum::body::Body::empty())
                 .expect("request")
         };
-        let unpinned = tokio::time::timeout(Duration::from_secs(10), client.request(get())).await;
+        let unpinned =
+            tokio::time::timeout(Duration::from_secs(10), client.request(get(NAME))).await;
         assert!(
             !matches!(unpinned, Ok(Ok(_))),
             "without its pin the name leads nowhere"
         );
 
         pins.pin(NAME, std::net::Ipv4Addr::LOCALHOST.into());
-        let response = tokio::time::timeout(Duration::from_secs(10), client.request(get()))
+        let response = tokio::time::timeout(Duration::from_secs(10), client.request(get(NAME)))
             .await
             .expect("in time")
             .expect("reached through its pin, its certificate checked against its name");
         assert_eq!(response.status(), axum::http::StatusCode::OK);
+
+        // Another name pinned to the same address is refused: the certificate names
+        // only the instance's own.
+        const OTHER: &str = "other.storefront.invalid";
+        pins.pin(OTHER, std::net::Ipv4Addr::LOCALHOST.into());
+        let other = tokio::time::timeout(Duration::from_secs(10), client.request(get(OTHER)))
+            .await
+            .expect("in time");
+        let said = format!("{other:?}");
+        assert!(
+            other.is_err() && said.contains("NotValidForName"),
+            "a certificate for another name is refused: {said}"
+        );
     }
 }

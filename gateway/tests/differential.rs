@@ -15,7 +15,9 @@
 //! that some case exercises on purpose are named by that case with their reason, and
 //! reported rather than failed.
 //!
-//! Run by `cargo xtask test`, which builds the Spring jar (`STOREFRONT_SPRING_GATEWAY`).
+//! Run by `cargo xtask test`, which builds the Spring jar (`STOREFRONT_SPRING_GATEWAY`)
+//! and runs the Redis Spring's `RequestRateLimiter` keeps its buckets in
+//! (`STOREFRONT_REDIS_URL`).
 
 mod support;
 
@@ -42,7 +44,8 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-/// The routes both gateways load; `{{UPSTREAM}}` and `{{CLOSED}}` are filled in.
+/// The routes both gateways load; `{{UPSTREAM}}`, `{{CLOSED}}` and `{{RUN}}` are
+/// filled in.
 const ROUTES: &str = include_str!("differential/routes.yml");
 
 /// How long Spring Cloud Gateway may take to start: a cold JVM on a busy two-core

@@ -1689,6 +1689,14 @@ async fn a_breakers_fallback_answers_for_a_failed_or_refused_upstream_as_spring_
 /// A gateway routing every path (then `more_routes`) to `svc`, with one instance, once
 /// it does; and alice's token.
 async fn routed_to_one_instance(more_routes: &str) -> (Stack, Upstream, String) {
+    routed_to_one_instance_within(more_routes, 10_000).await
+}
+
+/// [`routed_to_one_instance`] with a response timeout of `timeout_ms`.
+async fn routed_to_one_instance_within(
+    more_routes: &str,
+    timeout_ms: u64,
+) -> (Stack, Upstream, String) {
     let routes = format!(
         r#"
 routes:
@@ -1697,7 +1705,7 @@ routes:
     predicates: ["Path=/**"]
 {more_routes}"#
     );
-    let s = stack(&routes, 10_000).await;
+    let s = stack(&routes, timeout_ms).await;
     let up = upstream("svc-1").await;
     s.register("svc", &up).await;
     let token = s.token("alice", "alice-pw").await;
@@ -1716,7 +1724,8 @@ routes:
 /// balancer behave).
 #[tokio::test]
 async fn an_instance_that_goes_down_mid_request_finishes_it_and_gets_no_more() {
-    let (s, first, token) = routed_to_one_instance("").await;
+    // Time enough for the held request however slowly the rest goes.
+    let (s, first, token) = routed_to_one_instance_within("", 120_000).await;
     let before = first.hits.load(Ordering::SeqCst);
     let held = {
         let (client, url) = (s.client.clone(), format!("{}/held", s.gateway));
@@ -1730,8 +1739,8 @@ async fn an_instance_that_goes_down_mid_request_finishes_it_and_gets_no_more() {
     )
     .await;
 
-    let second = upstream("svc-2").await;
-    s.register("svc", &second).await;
+    // DOWN before the second instance exists: the list that first shows the second
+    // shows the first DOWN too, so no request can still go there after.
     let settings = registry_settings(s.registry);
     let first_id = InstanceRegistration::for_bound("svc", first.addr, &settings).instance_id;
     RegistryClient::new(&settings)
@@ -1739,6 +1748,8 @@ async fn an_instance_that_goes_down_mid_request_finishes_it_and_gets_no_more() {
         .set_status("svc", &first_id, "DOWN")
         .await
         .expect("status");
+    let second = upstream("svc-2").await;
+    s.register("svc", &second).await;
     let upstream_of = async |response: reqwest::Response| -> Option<String> {
         let body: Value = response.json().await.ok()?;
         body["upstream"].as_str().map(str::to_owned)

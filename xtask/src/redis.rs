@@ -20,7 +20,7 @@ use crate::procs::{Interrupt, Supervised};
 pub struct Redis {
     port: u16,
     dir: PathBuf,
-    pub child: Supervised,
+    child: Supervised,
 }
 
 impl Redis {
@@ -29,6 +29,8 @@ impl Redis {
     pub fn start(dir: &Path, interrupt: &Interrupt) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         let port = crate::free_port()?;
+        // A new log for a new stack; a restart appends to it.
+        fs::File::create(dir.join("redis.log"))?;
         let child = Self::spawn(port, dir)?;
         let mut redis = Self {
             port,
@@ -44,7 +46,17 @@ impl Redis {
     pub fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
         self.child = Self::spawn(self.port, &self.dir)?;
-        self.wait_ready(interrupt)
+        let ready = self.wait_ready(interrupt);
+        if ready.is_err() {
+            // The failed start is the supervisor's to count once: not again as a death.
+            let _ = self.child.take_exit();
+        }
+        ready
+    }
+
+    /// How it ended, once, if it has exited.
+    pub fn take_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take_exit()
     }
 
     /// Its log, appended to across restarts.

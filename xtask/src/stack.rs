@@ -760,7 +760,7 @@ fn supervise(
                 &logs.join("zipkin.log"),
             )?;
         }
-        if let Some(status) = redis.child.take_exit() {
+        if let Some(status) = redis.take_exit() {
             restarts.entry("redis".into()).or_default().died(
                 &part_name("redis"),
                 &status.to_string(),
