@@ -731,7 +731,7 @@ impl RetryPolicy {
             "jitter.randomFactor",
             "timeout",
         ];
-        let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
+        let shortcut = crate::routes::shortcut_form(args);
         if !shortcut && let Some(unknown) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!(
                 "Retry has no argument {unknown}; use {}",

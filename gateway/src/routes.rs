@@ -130,15 +130,10 @@ pub enum StripVersion {
 impl RewriteLocation {
     fn from_args(args: &BTreeMap<String, String>, vals: &[String]) -> Result<Self, String> {
         // Spring's shortcut order: stripVersion, locationHeaderName, hostValue, protocols.
-        let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
         let arg = |name: &str, index: usize| {
-            if shortcut {
-                vals.get(index)
-            } else {
-                args.get(name)
-            }
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
+            named_or_at(args, vals, name, index)
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
         };
         let strip = match arg("stripVersion", 0) {
             None | Some("AS_IN_REQUEST") => StripVersion::AsInRequest,
@@ -252,7 +247,7 @@ impl RouteDescription {
 fn describe(value: &Value) -> String {
     match name_and_args(value) {
         Ok((name, args)) if args.is_empty() => name,
-        Ok((name, args)) if args.keys().all(|k| k.starts_with("_genkey_")) => {
+        Ok((name, args)) if shortcut_form(&args) => {
             format!("{name}={}", values(&args).join(", "))
         }
         Ok((name, args)) => {
@@ -792,6 +787,26 @@ fn parse_uri(uri: &str) -> Result<Upstream, String> {
     }
 }
 
+/// Whether `args` came from the shortcut spelling (`Name=a, b`): only positional keys.
+pub(crate) fn shortcut_form(args: &BTreeMap<String, String>) -> bool {
+    args.keys().all(|k| k.starts_with("_genkey_"))
+}
+
+/// An argument by its name in the expanded form, by its place in the shortcut form
+/// (Spring's `shortcutFieldOrder`).
+fn named_or_at<'a>(
+    args: &'a BTreeMap<String, String>,
+    vals: &'a [String],
+    name: &str,
+    place: usize,
+) -> Option<&'a String> {
+    if shortcut_form(args) {
+        vals.get(place)
+    } else {
+        args.get(name)
+    }
+}
+
 /// A predicate or filter as `(name, args)`, from either of Spring's spellings. Shortcut
 /// arguments are split on commas into `_genkey_0`, `_genkey_1`... as Spring does.
 fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), String> {
@@ -805,16 +820,15 @@ fn name_and_args(value: &Value) -> Result<(String, BTreeMap<String, String>), St
                 .iter()
                 .position(|t| t.is_empty())
                 .is_some_and(|gap| tokens[gap..].iter().any(|t| !t.is_empty()));
-            if !args.is_empty() && moved {
+            if moved {
                 tracing::warn!(
                     shortcut = %shortcut,
                     "an empty argument is dropped, as Spring Cloud Gateway drops it: the \
                      arguments after it move up one place"
                 );
             }
-            let args = args
-                .split(',')
-                .map(str::trim)
+            let args = tokens
+                .into_iter()
                 .filter(|a| !a.is_empty())
                 .enumerate()
                 .map(|(i, a)| (format!("_genkey_{i}"), a.to_owned()))
@@ -911,7 +925,7 @@ fn parse_predicate(route: &str, index: usize, value: &Value) -> Result<Predicate
     // A list argument as Spring binds it: shortcut values, or the named list (`patterns:
     // [/a, /b]`, `patterns.0: /a`, `patterns: /a,/b`), beside the named flags given.
     let list = |list_name: &str, flags: &[&str]| -> Result<Vec<String>, RouteError> {
-        if args.keys().all(|k| k.starts_with("_genkey_")) {
+        if shortcut_form(&args) {
             let mut items = vals.clone();
             // Spring's `Path=/a,/b,false`: a trailing flag, not a pattern.
             if !flags.is_empty() && items.last().is_some_and(|v| v == "true" || v == "false") {
@@ -1103,13 +1117,7 @@ fn parse_filter(route: &str, index: usize, value: &Value) -> Result<Filter, Rout
             .cloned()
             .ok_or_else(|| err(format!("{name} needs {what}")))
     };
-    // An argument by its name in the expanded form, by its place in the shortcut form
-    // (Spring's `shortcutFieldOrder`).
-    let shortcut = args.keys().all(|k| k.starts_with("_genkey_"));
-    let arg = |key: &str, place: usize| match shortcut {
-        true => vals.get(place).cloned(),
-        false => args.get(key).cloned(),
-    };
+    let arg = |key: &str, place: usize| named_or_at(&args, &vals, key, place).cloned();
     // A boolean as Spring converts one; none (or empty) is `default`.
     let flag =
         |key: &str, place: usize, default: bool| match arg(key, place).as_deref().map(str::trim) {
