@@ -469,12 +469,9 @@ impl<'a> Exchange<'a> {
     fn asked(&self, parts: &axum::http::request::Parts) -> Asked<'_> {
         let reads = self.plan.reads_asked;
         Asked {
-            host: parts
-                .headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-                .filter(|_| reads)
+            host: reads
+                .then(|| crate::routes::request_host(&parts.headers, &parts.uri))
+                .filter(|host| !host.is_empty())
                 .map(str::to_owned),
             path: if reads {
                 parts.uri.path().to_owned()
@@ -871,7 +868,8 @@ impl<'a> Exchange<'a> {
         let policy = &self.plan.retry;
         let budget = self.gateway.balancer.budget(service);
         budget.deposit(now_ms());
-        let began = Instant::now();
+        // Read only for a policy with a timeout: no clock read on every request.
+        let began = policy.timeout.is_some().then(Instant::now);
         let mut tried: Vec<String> = Vec::new();
         // The outcome of the last failed attempt, given when nothing is left to try:
         // an answer goes out as any answer does (its edits, its rate-limit headers,
@@ -894,7 +892,8 @@ impl<'a> Exchange<'a> {
                 // A retry, now that there is an instance to send it to: unless its
                 // pause would end past the policy's timeout, it draws on the service's
                 // budget, and waits that pause first.
-                let Some(pause) = policy.pause(tried.len(), began.elapsed(), rand::random()) else {
+                let elapsed = began.map_or(Duration::ZERO, |b| b.elapsed());
+                let Some(pause) = policy.pause(tried.len(), elapsed, rand::random()) else {
                     trace.reason.get_or_insert("retry timeout");
                     return outcome;
                 };
