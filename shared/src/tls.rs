@@ -212,14 +212,8 @@ pub fn client_builder(ca_files: &[PathBuf]) -> Result<reqwest::ClientBuilder, St
 pub fn client_config(ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(native_roots());
-    for (file, certificate) in configured_cas(ca_files)? {
-        roots.add(certificate).map_err(|e| {
-            format!(
-                "the CA file {} holds a bad certificate: {e}",
-                file.display()
-            )
-        })?;
-    }
+    // Each already checked, so none is skipped.
+    roots.add_parsable_certificates(configured_cas(ca_files)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -233,19 +227,7 @@ pub fn client_config(ca_files: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
 /// [`client_builder`], naming the file.
 pub fn trusted_roots(ca_files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut roots = native_roots();
-    for (file, certificate) in configured_cas(ca_files)? {
-        // Checked as `client_config` checks it: a client that takes a list may skip
-        // a certificate it cannot use without a word.
-        rustls::RootCertStore::empty()
-            .add(certificate.clone())
-            .map_err(|e| {
-                format!(
-                    "the CA file {} holds a bad certificate: {e}",
-                    file.display()
-                )
-            })?;
-        roots.push(certificate);
-    }
+    roots.extend(configured_cas(ca_files)?);
     Ok(roots)
 }
 
@@ -255,9 +237,10 @@ fn native_roots() -> Vec<CertificateDer<'static>> {
     rustls_native_certs::load_native_certs().certs
 }
 
-/// Every certificate in `ca_files`, with the file it came from. A file that cannot be
-/// read, is not PEM, or holds no certificate is an error naming it.
-fn configured_cas(ca_files: &[PathBuf]) -> Result<Vec<(&Path, CertificateDer<'static>)>, String> {
+/// Every certificate in `ca_files`, each checked as a root: a file that cannot be
+/// read, is not PEM, holds no certificate or a bad one is an error naming it. (A
+/// client that takes a list may skip a bad certificate without a word.)
+fn configured_cas(ca_files: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut all = Vec::new();
     for file in ca_files {
         let certificates = CertificateDer::pem_file_iter(file)
@@ -269,7 +252,17 @@ fn configured_cas(ca_files: &[PathBuf]) -> Result<Vec<(&Path, CertificateDer<'st
                 file.display()
             ));
         }
-        all.extend(certificates.into_iter().map(|c| (file.as_path(), c)));
+        for certificate in certificates {
+            rustls::RootCertStore::empty()
+                .add(certificate.clone())
+                .map_err(|e| {
+                    format!(
+                        "the CA file {} holds a bad certificate: {e}",
+                        file.display()
+                    )
+                })?;
+            all.push(certificate);
+        }
     }
     Ok(all)
 }
