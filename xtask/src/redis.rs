@@ -20,6 +20,8 @@ use crate::procs::{Interrupt, Supervised};
 pub struct Redis {
     port: u16,
     dir: PathBuf,
+    /// Its log, appended to across restarts.
+    log: PathBuf,
     child: Supervised,
 }
 
@@ -30,11 +32,13 @@ impl Redis {
         fs::create_dir_all(dir)?;
         let port = crate::free_port()?;
         // A new log for a new stack; a restart appends to it.
-        fs::File::create(dir.join("redis.log"))?;
-        let child = Self::spawn(port, dir)?;
+        let log = dir.join("redis.log");
+        fs::File::create(&log)?;
+        let child = Self::spawn(port, dir, &log)?;
         let mut redis = Self {
             port,
             dir: dir.to_path_buf(),
+            log,
             child,
         };
         redis.wait_ready(interrupt)?;
@@ -45,7 +49,7 @@ impl Redis {
     /// Its buckets start full: nothing was saved.
     pub fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
-        self.child = Self::spawn(self.port, &self.dir)?;
+        self.child = Self::spawn(self.port, &self.dir, &self.log)?;
         let ready = self.wait_ready(interrupt);
         if ready.is_err() {
             // The failed start is the supervisor's to count once: not again as a death.
@@ -60,16 +64,13 @@ impl Redis {
     }
 
     /// Its log, appended to across restarts.
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("redis.log")
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
-    fn spawn(port: u16, dir: &Path) -> anyhow::Result<Supervised> {
+    fn spawn(port: u16, dir: &Path, log: &Path) -> anyhow::Result<Supervised> {
         let server = crate::tools::debian_tool("redis-server", "redis-server")?;
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("redis.log"))?;
+        let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
         Ok(Supervised::spawn(
             "redis-server",
             Command::new(server)
@@ -92,13 +93,13 @@ impl Redis {
             if let Some(status) = self.child.exited() {
                 bail!(
                     "redis-server exited ({status}); {}",
-                    crate::log_tail(&self.log(), 30)
+                    crate::log_tail(&self.log, 30)
                 );
             }
             if Instant::now() > deadline {
                 bail!(
                     "redis-server did not answer within 30s; see {}",
-                    self.log().display()
+                    self.log.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -764,7 +764,7 @@ fn supervise(
             restarts.entry("redis".into()).or_default().died(
                 &part_name("redis"),
                 &status.to_string(),
-                &redis.log(),
+                redis.log(),
             )?;
         }
         for process in running.iter_mut() {
