@@ -50,12 +50,7 @@ impl Redis {
     pub fn restart(&mut self, interrupt: &Interrupt) -> anyhow::Result<()> {
         self.child.stop();
         self.child = Self::spawn(self.port, &self.dir, &self.log)?;
-        let ready = self.wait_ready(interrupt);
-        if ready.is_err() {
-            // The failed start is the supervisor's to count once: not again as a death.
-            let _ = self.child.take_exit();
-        }
-        ready
+        self.wait_ready(interrupt)
     }
 
     /// How it ended, once, if it has exited.

@@ -727,7 +727,7 @@ fn supervise(
             && let Some(status) = cluster.exited()
         {
             let log = cluster.root().join("postgres.log");
-            restarts.entry("postgres".into()).or_default().died(
+            restarts.entry("postgres".into()).or_default().exited(
                 "PostgreSQL",
                 &status.to_string(),
                 &log,
@@ -739,29 +739,32 @@ fn supervise(
                     .log(index)
                     .map(Path::to_path_buf)
                     .unwrap_or_default();
-                restarts.entry(format!("kafka-{index}")).or_default().died(
-                    &format!("Kafka node {}", index + 1),
-                    &status.to_string(),
-                    &log,
-                )?;
+                restarts
+                    .entry(format!("kafka-{index}"))
+                    .or_default()
+                    .exited(
+                        &format!("Kafka node {}", index + 1),
+                        &status.to_string(),
+                        &log,
+                    )?;
             }
         }
         if let Some(status) = smtp.child.take_exit() {
-            restarts.entry("smtp".into()).or_default().died(
+            restarts.entry("smtp".into()).or_default().exited(
                 &part_name("smtp"),
                 &status.to_string(),
                 &logs.join("smtp.log"),
             )?;
         }
         if let Some(status) = zipkin.child.take_exit() {
-            restarts.entry("zipkin".into()).or_default().died(
+            restarts.entry("zipkin".into()).or_default().exited(
                 &part_name("zipkin"),
                 &status.to_string(),
                 &logs.join("zipkin.log"),
             )?;
         }
         if let Some(status) = redis.take_exit() {
-            restarts.entry("redis".into()).or_default().died(
+            restarts.entry("redis".into()).or_default().exited(
                 &part_name("redis"),
                 &status.to_string(),
                 redis.log(),
@@ -772,7 +775,7 @@ fn supervise(
                 restarts
                     .entry(process.service.name.into())
                     .or_default()
-                    .died(process.service.name, &status.to_string(), &process.log)?;
+                    .exited(process.service.name, &status.to_string(), &process.log)?;
             }
         }
 
@@ -901,6 +904,16 @@ impl Restarts {
         ));
         self.due = Some(Instant::now() + delay);
         Ok(())
+    }
+
+    /// Records that the part's process exited. While a start is already due, the exit
+    /// is the failed start's own process, counted once when that start failed: not a
+    /// second death, which would shorten the streak the stack allows.
+    fn exited(&mut self, name: &str, how: &str, log: &Path) -> anyhow::Result<()> {
+        if self.due.is_some() {
+            return Ok(());
+        }
+        self.died(name, how, log)
     }
 
     fn is_due(&self) -> bool {
@@ -1335,6 +1348,25 @@ mod tests {
             .died("part", "exit 1", Path::new("x"))
             .expect("a new streak");
         assert_eq!(restarts.streak, 1);
+    }
+
+    #[test]
+    fn a_failed_start_counts_once_though_its_process_exits_too() {
+        let mut restarts = Restarts::default();
+        let log = Path::new("part.log");
+        restarts.exited("part", "signal 9", log).expect("restart");
+        // The restart fails: its process exited before it was ready.
+        restarts
+            .died("part", "failed to start: exited", log)
+            .expect("restart again");
+        let due = restarts.due;
+        // The supervisor's next pass sees that process's exit.
+        restarts.exited("part", "exit 1", log).expect("restart");
+        assert_eq!(restarts.streak, 2, "the failed start counted once");
+        assert_eq!(restarts.due, due, "the backoff is not moved");
+        restarts.restarted();
+        restarts.exited("part", "signal 9", log).expect("restart");
+        assert_eq!(restarts.streak, 3, "a death after a start counts again");
     }
 
     #[test]
