@@ -945,7 +945,10 @@ impl<'a> Exchange<'a> {
                         // The upstream took the WebSocket: from here on the two
                         // connections are joined byte for byte, outside any timeout.
                         Some(client) => {
-                            return Ok(Answer::Upgraded(join_upgrade(response, client, service)));
+                            let idle = self.gateway.upstream.websocket_idle_timeout();
+                            return Ok(Answer::Upgraded(join_upgrade(
+                                response, client, service, idle,
+                            )));
                         }
                         None => return Ok(Answer::Response(response)),
                     }
@@ -1277,12 +1280,14 @@ fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Answers the client `101` with the upstream's handshake headers, and joins the two
-/// upgraded connections until either side closes. The client's connection keeps its
+/// upgraded connections until either side closes, or until no byte has crossed in
+/// either direction for `idle` (`None`: never). The client's connection keeps its
 /// place under the server's connection cap until then.
 fn join_upgrade(
     mut upstream: hyper::Response<hyper::body::Incoming>,
     client: ClientUpgrade,
     service: &str,
+    idle: Option<Duration>,
 ) -> Response {
     let upstream_side = hyper::upgrade::on(&mut upstream);
     let service = service.to_owned();
@@ -1300,11 +1305,33 @@ fn join_upgrade(
                 return;
             }
         };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        let heard = Heard::default();
+        let mut client = Heeded {
+            io: hyper_util::rt::TokioIo::new(client),
+            heard: &heard,
+        };
+        let mut upstream = Heeded {
+            io: hyper_util::rt::TokioIo::new(upstream),
+            heard: &heard,
+        };
         metrics::gauge!("gateway_websockets_open", "service" => service.clone()).increment(1.0);
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(%service, %error, "a WebSocket connection ended");
+        let joined = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        let ended = match idle {
+            Some(idle) => heard.until_idle(idle, joined).await,
+            None => Some(joined.await),
+        };
+        match ended {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%service, %error, "a WebSocket connection ended");
+            }
+            // Dropping both sides closes them: the client sees its connection end, as
+            // behind a load balancer's idle timeout.
+            None => tracing::info!(
+                %service,
+                idle_ms = idle.map_or(0, |d| d.as_millis()),
+                "a WebSocket connection was idle too long and was closed"
+            ),
         }
         metrics::gauge!("gateway_websockets_open", "service" => service).decrement(1.0);
     });
@@ -1312,6 +1339,101 @@ fn join_upgrade(
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = upstream.headers().clone();
     response
+}
+
+/// When a joined WebSocket last carried a byte, in either direction: milliseconds
+/// since `since`. Both sides are polled by one task; an atomic keeps the joined
+/// future `Send`.
+struct Heard {
+    since: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self {
+            since: Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heard {
+    fn heard(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// `joined`'s outcome, or `None` once nothing was heard for `idle`. One timer,
+    /// moved only when it fires: traffic costs a clock read per read, not a timer reset.
+    async fn until_idle<F: std::future::Future>(
+        &self,
+        idle: Duration,
+        joined: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(joined);
+        loop {
+            let deadline = self.last() + idle;
+            tokio::select! {
+                ended = &mut joined => return Some(ended),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if self.last() + idle <= Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One side of a joined WebSocket, noting in `heard` every read that brought bytes.
+struct Heeded<'a, T> {
+    io: T,
+    heard: &'a Heard,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heeded<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.heard();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heeded<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The upstream's response as the client gets it: hop-by-hop and the upstream's CORS
@@ -1503,6 +1625,10 @@ pub struct UpstreamSettings {
     /// Pooled connections idle longer are closed; below typical server keep-alive
     /// (Node's 5 s) so the gateway never reuses a connection the server is closing.
     pub pool_idle_timeout_ms: u64,
+    /// A joined WebSocket that carries no byte in either direction for this long is
+    /// closed, as behind a load balancer's idle timeout, so that silent sockets cannot
+    /// hold the connection cap's places for ever. Pings count as traffic. 0: never.
+    pub websocket_idle_timeout_ms: u64,
     /// Networks (CIDR, or single addresses) that discovered instances must lie in to
     /// receive traffic; others are refused and shown in the routes report. Host names
     /// are resolved when discovery sees them. Routes with a fixed `uri` are the
@@ -1519,6 +1645,7 @@ impl Default for UpstreamSettings {
             connect_timeout_ms: 1000,
             response_timeout_ms: 10_000,
             pool_idle_timeout_ms: 4000,
+            websocket_idle_timeout_ms: 300_000,
             instance_networks: shared::networks::PRIVATE_NETWORKS
                 .map(str::to_owned)
                 .to_vec(),
@@ -1530,6 +1657,12 @@ impl Default for UpstreamSettings {
 impl UpstreamSettings {
     pub fn response_timeout(&self) -> Duration {
         Duration::from_millis(self.response_timeout_ms)
+    }
+
+    /// How long a joined WebSocket may carry nothing, if it is ever closed for that.
+    pub fn websocket_idle_timeout(&self) -> Option<Duration> {
+        (self.websocket_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.websocket_idle_timeout_ms))
     }
 }
 

@@ -250,3 +250,66 @@ async fn an_open_websocket_counts_toward_the_connection_cap() {
     )
     .await;
 }
+
+/// A joined WebSocket that carries nothing for `upstream.websocket_idle_timeout_ms` is
+/// closed, and gives its place under the cap back; one that keeps talking stays open
+/// well past that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(1000);
+    let upstream = echo_upstream("chat-1", Seen::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (registry, _stop_registry) = registry_with_chat(upstream).await;
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, ROUTES.replace("FIXED", "127.0.0.1:9")).expect("routes");
+    let mut gateway_settings = support::gateway_settings(registry, &routes_file);
+    gateway_settings.upstream.websocket_idle_timeout_ms = IDLE.as_millis() as u64;
+    let (base, _stop) = support::start_gateway(gateway_settings).await;
+    let bearer = support::alice_bearer(&base).await;
+    let gateway = base.replacen("http://", "ws://", 1);
+    let (mut socket, _) = eventually(
+        Duration::from_secs(10),
+        "the gateway upgrades /chat to the chat instance",
+        async || {
+            let mut request = format!("{gateway}/chat/lobby")
+                .into_client_request()
+                .expect("a request");
+            request
+                .headers_mut()
+                .insert("authorization", bearer.parse().expect("header"));
+            tokio_tungstenite::connect_async(request).await.ok()
+        },
+    )
+    .await;
+
+    // Talking every tenth of the idle time, for three times the idle time: it stays.
+    let talked_until = std::time::Instant::now() + IDLE * 3;
+    let mut exchanged = 0;
+    while std::time::Instant::now() < talked_until {
+        socket.send(Message::text("ping")).await.expect("send");
+        let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a reply in time")
+            .expect("the socket stays open while it talks")
+            .expect("a frame");
+        assert_eq!(reply, Message::text("chat-1: ping"));
+        exchanged += 1;
+        tokio::time::sleep(IDLE / 10).await;
+    }
+    assert!(exchanged >= 10, "{exchanged} exchanges");
+
+    // Silent, it is closed: the client's read ends without a frame.
+    let silent = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        .await
+        .expect("the gateway closes a silent WebSocket");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_)))),
+        "no frame came, the connection ended: {ended:?}"
+    );
+    assert!(
+        silent.elapsed() >= IDLE / 2,
+        "closed for silence, not at once: {:?}",
+        silent.elapsed()
+    );
+}
