@@ -170,20 +170,22 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 40001 serialization failure; 40P01 deadlock;
-            // 53: insufficient resources; 55P03 lock not available; 57: operator
-            // intervention (shutdown, cancel); 58: system error.
-            code.starts_with("08")
-                || code == "40001"
-                || code == "40P01"
-                || code.starts_with("53")
-                || code == "55P03"
-                || code.starts_with("57")
-                || code.starts_with("58")
-        }),
+        sqlx::Error::Database(db) => db.code().is_none_or(|code| transient_sqlstate(&code)),
         _ => false,
     }
+}
+
+/// Whether a database error with SQLSTATE `code` may go away by itself. Only two
+/// classes say that the event's data was refused, which no retry changes: 22 (data
+/// exception: a value out of range, text that is not a number...) and 23 (integrity
+/// constraint violation). Every other class is the database's state: the connection
+/// (08), a conflict with another transaction (40001, 40P01), a standby still read-only
+/// after a failover (25006), a table or privilege missing after a migration went
+/// wrong (42P01, 42501), resources (53), shutdown (57), an internal error (XX000). An
+/// operator fixes those, and the round is retried until then, rather than every event
+/// meanwhile dead-lettered and waiting for someone to replay it.
+fn transient_sqlstate(code: &str) -> bool {
+    !(code.starts_with("22") || code.starts_with("23"))
 }
 
 /// What a service does with its events.
@@ -930,5 +932,20 @@ mod tests {
             Failure::from(sqlx::Error::ColumnNotFound("x".into())),
             Failure::Permanent(_)
         ));
+    }
+
+    #[test]
+    fn only_refused_data_is_permanent_among_database_errors() {
+        // Refused data: dead-lettered.
+        for code in ["22003", "22P02", "23505", "23514", "23503"] {
+            assert!(!transient_sqlstate(code), "{code} is the event's data");
+        }
+        // The database's state: the round is retried until it is fixed.
+        for code in [
+            "08006", "40001", "40P01", "25006", "42P01", "42501", "53300", "55P03", "57P01",
+            "58030", "XX000",
+        ] {
+            assert!(transient_sqlstate(code), "{code} is the database's state");
+        }
     }
 }
