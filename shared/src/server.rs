@@ -62,6 +62,14 @@ pub struct ConnectionLimits {
     pub header_read_timeout_ms: u64,
     /// The longest wait for the next piece of a request body.
     pub body_read_timeout_ms: u64,
+    /// The slowest a request body may come, in bytes per second, once the server has
+    /// waited on it for longer than `body_read_timeout_ms` in all (0: no minimum). A
+    /// body trickled a byte at a time, each just inside the read timeout, would
+    /// otherwise keep its connection busy, and never shed, for as long as its declared
+    /// length lasts. Only time spent waiting on the client counts, not time the
+    /// handler (or the upstream the gateway streams it to) takes to read it. 240, as
+    /// ASP.NET Core's Kestrel requires.
+    pub body_min_bytes_per_second: u64,
     /// Open connections at most.
     pub max_connections: usize,
 }
@@ -73,6 +81,7 @@ impl Default for ConnectionLimits {
             // Node's 5 s), so a pooled connection is closed by its client first.
             header_read_timeout_ms: 20_000,
             body_read_timeout_ms: 20_000,
+            body_min_bytes_per_second: 240,
             max_connections: 4096,
         }
     }
@@ -162,7 +171,10 @@ pub async fn serve<S: Answer>(
     let table = Arc::new(Table::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms.max(1));
-    let body_timeout = Duration::from_millis(limits.body_read_timeout_ms.max(1));
+    let body_timeout = BodyTimeouts {
+        stall: Duration::from_millis(limits.body_read_timeout_ms.max(1)),
+        min_rate: limits.body_min_bytes_per_second,
+    };
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -566,21 +578,50 @@ impl HttpBody for Finishing {
     }
 }
 
-/// A request body whose next piece must come within `timeout` of being asked for.
+/// How long a request body may keep the server waiting.
+#[derive(Debug, Clone, Copy)]
+struct BodyTimeouts {
+    /// For its next piece.
+    stall: Duration,
+    /// On average, in bytes per second, once the waits add up to more than `stall`.
+    min_rate: u64,
+}
+
+/// A request body whose next piece must come within `stall` of being asked for, and
+/// that must keep up `min_rate` over the time spent waiting on it.
 struct ReadTimeout {
     body: Incoming,
-    timeout: Duration,
+    timeouts: BodyTimeouts,
     /// Armed while a piece is awaited.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since when the current piece has been awaited, if the client was slower than
+    /// the reader (a body already buffered costs no clock read).
+    waiting_since: Option<std::time::Instant>,
+    /// Time spent waiting on the client so far, and the bytes that came.
+    waited: Duration,
+    received: u64,
 }
 
 impl ReadTimeout {
-    fn new(body: Incoming, timeout: Duration) -> Self {
+    fn new(body: Incoming, timeouts: BodyTimeouts) -> Self {
         Self {
             body,
-            timeout,
+            timeouts,
             deadline: None,
+            waiting_since: None,
+            waited: Duration::ZERO,
+            received: 0,
         }
+    }
+
+    /// Whether the body, having come this far, is slower than the minimum rate.
+    fn too_slow(&self) -> bool {
+        let BodyTimeouts { stall, min_rate } = self.timeouts;
+        if min_rate == 0 || self.waited <= stall {
+            return false;
+        }
+        let owed = u128::from(min_rate) * self.waited.as_millis() / 1000;
+        u128::from(self.received) < owed
     }
 }
 
@@ -588,6 +629,17 @@ impl ReadTimeout {
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stalled for longer than {0:?}")]
 struct BodyStalled(Duration);
+
+/// What a request body slower than the minimum rate ends with.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the request body came slower than {min_rate} bytes per second ({received} bytes in {waited:?} of waiting)"
+)]
+struct BodyTooSlow {
+    min_rate: u64,
+    received: u64,
+    waited: Duration,
+}
 
 impl HttpBody for ReadTimeout {
     type Data = Bytes;
@@ -600,10 +652,28 @@ impl HttpBody for ReadTimeout {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.deadline = None;
+                if let Some(since) = self.waiting_since.take() {
+                    self.waited += since.elapsed();
+                }
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+                    && let Some(data) = data
+                {
+                    self.received += data.len() as u64;
+                }
+                if frame.is_some() && self.too_slow() {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooSlow {
+                        min_rate: self.timeouts.min_rate,
+                        received: self.received,
+                        waited: self.waited,
+                    }))));
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let timeout = self.timeout;
+                let timeout = self.timeouts.stall;
+                if self.waiting_since.is_none() {
+                    self.waiting_since = Some(std::time::Instant::now());
+                }
                 let deadline = self
                     .deadline
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));

@@ -1,5 +1,6 @@
 //! Hostile connections against the server loop every process uses: headers trickled
-//! or never finished, keep-alive connections left idle, bodies that stall, and more
+//! or never finished, keep-alive connections left idle, bodies that stall or trickle
+//! below the minimum rate (and slow ones above it that are read whole), and more
 //! slow clients than the connection cap, while health keeps answering; connections
 //! taken over by an upgrade still count toward the cap; idle connections' peers are
 //! probed, so a vanished one does not hold its place forever.
@@ -77,6 +78,7 @@ fn limits(header_ms: u64, body_ms: u64, max: usize) -> ConnectionLimits {
         header_read_timeout_ms: header_ms,
         body_read_timeout_ms: body_ms,
         max_connections: max,
+        ..ConnectionLimits::default()
     }
 }
 
@@ -133,6 +135,71 @@ async fn a_stalled_body_ends_the_request() {
     let said = until_closed(&mut stream, Duration::from_secs(5)).await;
     // Whatever the handler makes of it, it is not left waiting for the other 90 bytes.
     assert!(!said.contains("200 OK"), "{said}");
+}
+
+/// Sends `pieces` pieces of `size` bytes of a body, one every `every`, after headers
+/// declaring them all; stops when the server stops reading.
+fn trickle(
+    mut stream: tokio::net::tcp::OwnedWriteHalf,
+    size: usize,
+    pieces: usize,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            size * pieces
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for _ in 0..pieces {
+            tokio::time::sleep(every).await;
+            if stream.write_all(&vec![b'x'; size]).await.is_err() {
+                return;
+            }
+        }
+        // Kept open: a client that closes its side is one that went away.
+        std::future::pending::<()>().await;
+        drop(stream);
+    });
+}
+
+#[tokio::test]
+async fn a_body_trickled_inside_the_read_timeout_is_cut_off_below_the_minimum_rate() {
+    // Each byte comes well inside the 1 s read timeout, 10 bytes a second: a thousand
+    // of them would keep the connection busy for 100 s.
+    let server = server(limits(10_000, 1_000, 100)).await;
+    let (mut read, write) = TcpStream::connect(server.addr)
+        .await
+        .expect("connect")
+        .into_split();
+    trickle(write, 1, 1000, Duration::from_millis(100));
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut seen)).await;
+    assert!(ended.is_ok(), "the trickled body kept its connection");
+    let said = String::from_utf8_lossy(&seen);
+    assert!(said.starts_with("HTTP/1.1 400"), "{said}");
+    assert!(said.contains("slower than 240 bytes per second"), "{said}");
+}
+
+#[tokio::test]
+async fn a_slow_body_above_the_minimum_rate_is_read_whole() {
+    // 100 bytes every 100 ms (1,000 bytes a second) for 2 s: slow, but not hostile.
+    let server = server(limits(10_000, 1_000, 100)).await;
+    let (mut read, write) = TcpStream::connect(server.addr)
+        .await
+        .expect("connect")
+        .into_split();
+    trickle(write, 100, 20, Duration::from_millis(100));
+    let mut head = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), read.read(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let said = String::from_utf8_lossy(&head[..n]);
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+    assert!(said.ends_with("2000"), "the whole body: {said}");
 }
 
 #[tokio::test]
