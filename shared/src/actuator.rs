@@ -272,20 +272,41 @@ struct SetLevel {
     configured_level: Option<String>,
 }
 
+/// The most a level change may send: `{"configuredLevel": "DEBUG"}` is 28 bytes.
+const MAX_SET_LEVEL_BYTES: usize = 1024;
+
 /// `POST /actuator/loggers/{name}` (operators): 204 once the level applies.
 async fn set_logger(
     State(actuator): State<Arc<Actuator>>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    headers: header::HeaderMap,
-    body: axum::body::Bytes,
+    request: axum::extract::Request,
 ) -> Response {
     let Some(gate) = actuator.operators.clone() else {
         return crate::Problem::forbidden("No operator credential is configured for this process.")
             .into_response();
     };
-    if let Err(problem) = gate(headers).await {
+    // The credential first, the body after: whoever has none gets nothing read.
+    let (parts, body) = request.into_parts();
+    if let Err(problem) = gate(parts.headers).await {
         return problem.into_response();
     }
+    let body = match axum::body::to_bytes(body, MAX_SET_LEVEL_BYTES).await {
+        Ok(body) => body,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return match too_large {
+                true => crate::Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "Send at most {MAX_SET_LEVEL_BYTES} bytes: {{\"configuredLevel\": \"DEBUG\"}}."
+                    ),
+                ),
+                false => crate::Problem::bad_request(format!("The body could not be read: {e}.")),
+            }
+            .into_response();
+        }
+    };
     let Some(levels) = crate::telemetry::levels() else {
         return unmanaged();
     };

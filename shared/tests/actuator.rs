@@ -256,3 +256,51 @@ async fn requests_pools_and_the_process_are_measured_under_micrometer_names() {
     }
     assert!(series("scrape_hook_ran 1"), "{text}");
 }
+
+/// A level change reads its body only for an operator, and only a small one: whoever
+/// has no credential is answered at once, whatever body it is still sending.
+#[tokio::test]
+async fn a_level_change_reads_no_body_before_the_credential_and_only_a_small_one() {
+    let app = Actuator::new("svc", "1.0.0")
+        .operators(gate())
+        .router::<()>();
+    // A body that never ends.
+    use futures::StreamExt;
+    let endless = futures::stream::once(async {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"configuredLevel\""))
+    })
+    .chain(futures::stream::pending());
+    let request = Request::builder()
+        .method("POST")
+        .uri("/actuator/loggers/checkout")
+        .header("content-type", "application/json")
+        .header("content-length", "1000000")
+        .body(Body::from_stream(endless))
+        .expect("request");
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.clone().oneshot(request),
+    )
+    .await
+    .expect("answered without waiting for the body")
+    .expect("answer");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // An operator's oversized body is refused, saying what to send.
+    let padding = "x".repeat(2000);
+    let (status, problem) = call(
+        &app,
+        "POST",
+        "/actuator/loggers/checkout",
+        Some("Bearer operator"),
+        Some(json!({"configuredLevel": "DEBUG", "padding": padding})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("configuredLevel")),
+        "{problem}"
+    );
+}
