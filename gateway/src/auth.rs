@@ -178,10 +178,41 @@ impl IdentityProvider {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    #[schema(example = "alice")]
+    #[schema(example = "alice", max_length = 256)]
     username: String,
-    #[schema(example = "alice")]
+    #[schema(example = "alice", max_length = 1024)]
     password: String,
+}
+
+/// The longest user name and password a login may send. A failed login's name is
+/// kept for throttling; unbounded, a few thousand failures with megabyte names
+/// would hold gigabytes.
+const MAX_USERNAME_BYTES: usize = 256;
+const MAX_PASSWORD_BYTES: usize = 1024;
+/// The most `POST /auth/token` reads: both fields at their longest, quoted and escaped.
+pub const MAX_TOKEN_REQUEST_BYTES: usize = 8 * 1024;
+
+impl TokenRequest {
+    /// 422 naming each field that is too long.
+    fn check(&self) -> Result<(), Problem> {
+        let mut errors = Vec::new();
+        if self.username.len() > MAX_USERNAME_BYTES {
+            errors.push(shared::FieldError::new(
+                "username",
+                format!("at most {MAX_USERNAME_BYTES} bytes"),
+            ));
+        }
+        if self.password.len() > MAX_PASSWORD_BYTES {
+            errors.push(shared::FieldError::new(
+                "password",
+                format!("at most {MAX_PASSWORD_BYTES} bytes"),
+            ));
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(Problem::validation(errors)),
+        }
+    }
 }
 
 /// A token issued by `POST /auth/token`, as OAuth 2.0's token endpoint answers.
@@ -228,6 +259,9 @@ pub async fn token(
             "This gateway issues no tokens; use your identity provider's.",
         )
         .into_response();
+    }
+    if let Err(problem) = request.check() {
+        return problem.into_response();
     }
     let address = crate::proxy::client_address(client.ip(), &headers, &idp.trusted_proxies);
     let admission = match idp.guard.admit(address, &request.username) {

@@ -527,7 +527,12 @@ impl shared::server::Answer for Front {
 /// The gateway's own endpoints, then everything else through the proxy.
 fn router(gateway: Arc<Gateway>, idp: Arc<IdentityProvider>) -> Router {
     let identity = Router::new()
-        .route("/auth/token", post(auth::token))
+        .route(
+            "/auth/token",
+            post(auth::token).layer(axum::extract::DefaultBodyLimit::max(
+                auth::MAX_TOKEN_REQUEST_BYTES,
+            )),
+        )
         .route("/.well-known/jwks.json", get(auth::jwks))
         .with_state(idp);
     let admin = Router::new()

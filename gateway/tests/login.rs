@@ -215,3 +215,48 @@ async fn prometheus_scrapes_with_its_static_credential_and_nothing_else_opens() 
         );
     }
 }
+
+/// A failed login's name is kept for throttling, so names (and passwords) are bounded,
+/// and so is the body: over-long fields get 422 naming them, an oversized body 413,
+/// neither counted as a failure, and the real user still logs in.
+#[tokio::test]
+async fn over_long_names_and_bodies_are_refused_before_any_check() {
+    let gateway = gateway(LoginSettings {
+        max_failures_per_user: 1,
+        max_failures_per_address: 1,
+        ..LoginSettings::default()
+    })
+    .await;
+    let long_name = "a".repeat(257);
+    let refused = gateway.login(&long_name, "guess").await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = refused.json().await.expect("problem");
+    assert_eq!(problem["errors"][0]["field"], "username", "{problem}");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("256")),
+        "{problem}"
+    );
+    let refused = gateway.login("alice", &"p".repeat(1025)).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let oversized = gateway
+        .client
+        .post(format!("{}/auth/token", gateway.base))
+        .json(&json!({"username": "alice", "password": "x".repeat(10_000)}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        oversized.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    // None of them counted as a failed login from this address (one is the limit).
+    assert_eq!(
+        gateway.login("alice", "alice-pw").await.status(),
+        StatusCode::OK
+    );
+}
