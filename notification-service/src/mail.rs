@@ -1,13 +1,19 @@
 //! Mail: who gets it, what it says, and the mailer that sends queued notifications
 //! over SMTP with retry and backoff.
 //!
-//! The mailer takes due `PENDING` rows with `FOR UPDATE SKIP LOCKED` (several
-//! instances never send the same row at once), sends them `concurrency` at a time over
-//! pooled connections, and records the outcome:
+//! The mailer claims due `PENDING` rows `concurrency` at a time: one short statement
+//! (`FOR UPDATE SKIP LOCKED`, so several instances never take the same row) moves
+//! each claimed row's due time a lease ahead, and commits. It then sends them over
+//! pooled connections, holding no transaction, and records each outcome on its own as
+//! soon as it is known:
 //! `SENT`; or another attempt later, the wait doubling from `initial_backoff_ms` to
-//! `max_backoff_ms`; or `FAILED` once `max_attempts` are spent or the relay refuses
-//! the message permanently (a 5xx). A crash between the relay's acceptance and the
-//! status update sends that mail again: mail is at least once.
+//! `max_backoff_ms`; or `FAILED` once the relay has refused the message `max_attempts`
+//! times for now (4xx) or once for good (5xx). A relay that cannot be reached (refused
+//! connection, no answer in time) refuses nothing: its mail stays `PENDING`, tried
+//! again with the same backoff, until it returns. A crash between the relay's
+//! acceptance and the outcome's record sends that one mail again, once its lease has
+//! passed: mail is at least once, and a failure never resends mail whose outcome was
+//! already recorded.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -53,6 +59,8 @@ pub struct MailSettings {
     pub address_pattern: String,
     /// User id → address.
     pub directory: BTreeMap<String, String>,
+    /// Temporary refusals (4xx) by the relay after which a message is `FAILED`. Tries
+    /// that never reached the relay do not count.
     pub max_attempts: i32,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
@@ -240,6 +248,9 @@ struct Settled {
     status: &'static str,
     error: Option<String>,
     retry_in: Duration,
+    /// Tries so far, and how many of them the relay refused for now.
+    attempts: i32,
+    refusals: i32,
     /// The relay was unreachable or busy: the round stops.
     transient: bool,
 }
@@ -247,10 +258,26 @@ struct Settled {
 /// What one send did.
 enum Sent {
     Yes,
-    /// Retry later.
-    Transient(String),
+    /// The relay refused for now (4xx): retry later, counted against `max_attempts`.
+    Refused(String),
+    /// The relay could not be reached or did not answer in time: retry later,
+    /// uncounted.
+    Unreachable(String),
     /// The relay refused for good.
     Permanent(String),
+}
+
+/// A claimed notification, as the send needs it.
+struct Claimed {
+    id: Uuid,
+    recipient: String,
+    subject: String,
+    body: String,
+    /// Tries before this one.
+    attempts: i32,
+    refusals: i32,
+    traceparent: Option<String>,
+    request_id: Option<String>,
 }
 
 impl Mailer {
@@ -284,93 +311,139 @@ impl Mailer {
             Ok(m) => m,
             Err(e) => return Sent::Permanent(format!("cannot build the message: {e}")),
         };
-        match self.transport.send(message).await {
-            Ok(_) => Sent::Yes,
-            Err(e) if e.is_permanent() => Sent::Permanent(e.to_string()),
-            Err(e) => Sent::Transient(e.to_string()),
+        match tokio::time::timeout(self.send_limit(), self.transport.send(message)).await {
+            Ok(Ok(_)) => Sent::Yes,
+            Ok(Err(e)) if e.is_permanent() => Sent::Permanent(e.to_string()),
+            // The relay answered 4xx, or the client itself refused the message.
+            Ok(Err(e)) if e.status().is_some() || e.is_client() => Sent::Refused(e.to_string()),
+            Ok(Err(e)) => Sent::Unreachable(e.to_string()),
+            Err(_) => Sent::Unreachable(format!(
+                "the relay took longer than {:?} over the message",
+                self.send_limit()
+            )),
         }
     }
 
-    /// One round; returns how many rows it handled (a round stops after the first
-    /// group of `concurrency` sends with a transient failure).
-    pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    /// The longest one message may take, every SMTP command of it included (`timeout_ms`
+    /// bounds each command alone).
+    fn send_limit(&self) -> Duration {
+        Duration::from_millis(self.settings.timeout_ms.saturating_mul(6))
+    }
+
+    /// How long a claimed row is not taken again: past any send's limit, so no other
+    /// instance sends a message still in flight; a crashed instance's rows are taken
+    /// again after it.
+    fn lease(&self) -> Duration {
+        self.send_limit() * 2
+    }
+
+    /// Claims up to `n` due rows: their due time moves a lease ahead, committed at once.
+    async fn claim(&self, n: usize) -> Result<Vec<Claimed>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, recipient, subject, body, attempts, traceparent, request_id \
-             FROM notifications \
-             WHERE status = 'PENDING' AND next_attempt_at <= now() \
-             ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "UPDATE notifications SET next_attempt_at = now() + $2 * interval '1 millisecond' \
+             WHERE id IN (SELECT id FROM notifications \
+                 WHERE status = 'PENDING' AND next_attempt_at <= now() \
+                 ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, recipient, subject, body, attempts, refusals, traceparent, request_id",
         )
-        .bind(self.settings.batch_size)
-        .fetch_all(&mut *tx)
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+        .bind(self.lease().as_millis() as f64)
+        .fetch_all(&self.pool)
         .await?;
-        // Each message waits on the relay's round trips (and, over loopback, on the
-        // delayed acknowledgement of its last segment), so messages go out
-        // `concurrency` at a time; the outcomes are recorded in the round's transaction.
+        rows.iter()
+            .map(|row| {
+                Ok(Claimed {
+                    id: row.try_get("id")?,
+                    recipient: row.try_get("recipient")?,
+                    subject: row.try_get("subject")?,
+                    body: row.try_get("body")?,
+                    attempts: row.try_get("attempts")?,
+                    refusals: row.try_get("refusals")?,
+                    traceparent: row.try_get("traceparent")?,
+                    request_id: row.try_get("request_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// One round, up to `batch_size` rows; returns how many it handled. Rows are
+    /// claimed and sent `concurrency` at a time (each message waits on the relay's
+    /// round trips, and over loopback on the delayed acknowledgement of its last
+    /// segment); the round stops after a group with a transient failure.
+    pub async fn send_due(&self) -> Result<usize, sqlx::Error> {
+        let batch = usize::try_from(self.settings.batch_size.max(1)).unwrap_or(usize::MAX);
+        let group = self.settings.concurrency.max(1);
         let mut handled = 0;
-        for chunk in rows.chunks(self.settings.concurrency.max(1)) {
-            let mut sends = Vec::with_capacity(chunk.len());
-            for row in chunk {
-                let id: Uuid = row.try_get("id")?;
-                let attempts: i32 = row.try_get::<i32, _>("attempts")? + 1;
-                let recipient: String = row.try_get("recipient")?;
-                let subject: String = row.try_get("subject")?;
-                let body: String = row.try_get("body")?;
-                let traceparent: Option<String> = row.try_get("traceparent")?;
-                let request_id: Option<String> = row.try_get("request_id")?;
-                // A client span per attempt, in the trace of the order it is about, with
-                // the id of the request that placed it: its lines name both.
+        while handled < batch {
+            let claimed = self.claim(group.min(batch - handled)).await?;
+            if claimed.is_empty() {
+                break;
+            }
+            let n = claimed.len();
+            let sends = claimed.into_iter().map(|row| {
+                let attempts = row.attempts + 1;
+                // A client span per attempt, in the trace of the order it is about,
+                // with the id of the request that placed it: its lines name both.
                 let span = tracing::info_span!(
                     "mail",
                     otel.name = "smtp send",
                     otel.kind = "client",
                     otel.status_code = tracing::field::Empty,
-                    notification = %id,
+                    notification = %row.id,
                     attempt = attempts,
                     trace_id = tracing::field::Empty,
-                    request_id = request_id.as_deref().unwrap_or_default(),
+                    request_id = row.request_id.as_deref().unwrap_or_default(),
                 );
-                shared::telemetry::continue_trace(&span, traceparent.as_deref());
-                sends.push(
-                    async move {
-                        let outcome = self.send(&recipient, &subject, &body, id).await;
-                        if !matches!(outcome, Sent::Yes) {
-                            tracing::Span::current().record("otel.status_code", "error");
-                        }
-                        (id, attempts, self.settle(id, attempts, outcome))
+                shared::telemetry::continue_trace(&span, row.traceparent.as_deref());
+                async move {
+                    let outcome = self
+                        .send(&row.recipient, &row.subject, &row.body, row.id)
+                        .await;
+                    if !matches!(outcome, Sent::Yes) {
+                        tracing::Span::current().record("otel.status_code", "error");
                     }
-                    .instrument(span),
-                );
-            }
+                    (row.id, self.settle(row.id, attempts, row.refusals, outcome))
+                }
+                .instrument(span)
+            });
             let outcomes = futures::future::join_all(sends).await;
+            // Each outcome is written on its own: one that cannot be written leaves
+            // only its own mail to be sent again.
+            let mut relay_trouble = false;
+            let mut unrecorded = None;
+            for (id, settled) in outcomes {
+                relay_trouble |= settled.transient;
+                if let Err(e) = self.record(id, settled).await {
+                    unrecorded.get_or_insert(e);
+                }
+            }
+            if let Some(e) = unrecorded {
+                return Err(e);
+            }
+            handled += n;
             // The relay is unreachable or busy: the rest of the round would only fail
             // the same way, so it waits for the next round untouched.
-            let mut relay_trouble = false;
-            for (id, attempts, settled) in outcomes {
-                handled += 1;
-                relay_trouble |= settled.transient;
-                self.record(&mut tx, id, attempts, settled).await?;
-            }
-            if relay_trouble {
+            if relay_trouble || n < group {
                 break;
             }
         }
-        tx.commit().await?;
         Ok(handled)
     }
 
     /// What one send's outcome makes of its notification: `SENT`, `FAILED`, or
     /// `PENDING` again after a backoff. Called in the send's span, so the line that
     /// says a mail was not sent names its trace and request.
-    fn settle(&self, id: Uuid, attempts: i32, outcome: Sent) -> Settled {
-        let transient = matches!(outcome, Sent::Transient(_));
-        let (status, error, retry_in) = match outcome {
-            Sent::Yes => ("SENT", None, Duration::ZERO),
-            Sent::Permanent(e) => ("FAILED", Some(e), Duration::ZERO),
-            Sent::Transient(e) if attempts >= self.settings.max_attempts => {
-                ("FAILED", Some(e), Duration::ZERO)
+    fn settle(&self, id: Uuid, attempts: i32, refusals: i32, outcome: Sent) -> Settled {
+        let transient = matches!(outcome, Sent::Refused(_) | Sent::Unreachable(_));
+        let retry = self.settings.backoff(attempts);
+        let (status, error, retry_in, refusals) = match outcome {
+            Sent::Yes => ("SENT", None, Duration::ZERO, refusals),
+            Sent::Permanent(e) => ("FAILED", Some(e), Duration::ZERO, refusals),
+            Sent::Refused(e) if refusals + 1 >= self.settings.max_attempts => {
+                ("FAILED", Some(e), Duration::ZERO, refusals + 1)
             }
-            Sent::Transient(e) => ("PENDING", Some(e), self.settings.backoff(attempts)),
+            Sent::Refused(e) => ("PENDING", Some(e), retry, refusals + 1),
+            Sent::Unreachable(e) => ("PENDING", Some(e), retry, refusals),
         };
         if let Some(e) = &error {
             tracing::warn!(notification = %id, attempts, status, error = %e, "mail not sent");
@@ -379,37 +452,37 @@ impl Mailer {
             status,
             error,
             retry_in,
+            attempts,
+            refusals,
             transient,
         }
     }
 
-    /// Writes one send's settled outcome.
-    async fn record(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        id: Uuid,
-        attempts: i32,
-        settled: Settled,
-    ) -> Result<(), sqlx::Error> {
+    /// Writes one send's settled outcome, unless the row is no longer pending (another
+    /// instance took it after its lease and settled it first).
+    async fn record(&self, id: Uuid, settled: Settled) -> Result<(), sqlx::Error> {
         let Settled {
             status,
             error,
             retry_in,
+            attempts,
+            refusals,
             ..
         } = settled;
         metrics::counter!("notifications_sent_total", "status" => status).increment(1);
         sqlx::query(
-            "UPDATE notifications SET status = $2, attempts = $3, last_error = $4, \
-               next_attempt_at = now() + $5 * interval '1 millisecond', updated_at = now(), \
-               sent_at = CASE WHEN $2 = 'SENT' THEN now() END \
-             WHERE id = $1",
+            "UPDATE notifications SET status = $2, attempts = $3, refusals = $4, \
+               last_error = $5, next_attempt_at = now() + $6 * interval '1 millisecond', \
+               updated_at = now(), sent_at = CASE WHEN $2 = 'SENT' THEN now() END \
+             WHERE id = $1 AND status = 'PENDING'",
         )
         .bind(id)
         .bind(status)
         .bind(attempts)
+        .bind(refusals)
         .bind(error)
         .bind(retry_in.as_millis() as f64)
-        .execute(tx)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }

@@ -42,6 +42,11 @@ struct Harness {
 impl Harness {
     /// The service, mailing to 127.0.0.1:`smtp_port` with quick retries.
     async fn start(smtp_port: u16) -> Harness {
+        Self::start_with(smtp_port, |_| {}).await
+    }
+
+    /// The same, with `mail` settings of the test's own.
+    async fn start_with(smtp_port: u16, configure: impl FnOnce(&mut MailSettings)) -> Harness {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -76,6 +81,7 @@ impl Harness {
         };
         mail.directory
             .insert("alice".into(), "Alice <alice@example.org>".into());
+        configure(&mut mail);
         let settings = Settings {
             http: HttpSettings::local(0),
             database: DatabaseSettings {
@@ -488,4 +494,218 @@ async fn mail_to_a_slow_relay_goes_out_several_messages_at_a_time() {
     // One at a time, eight messages held 300 ms each would take 2.4 s; the relay saw
     // several at once instead.
     assert!(most >= 4, "at most {most} message(s) in flight at once");
+}
+
+/// A relay that is down refuses nothing: however many tries pass while it is away
+/// (well past `max_attempts`), its mail stays `PENDING` and goes out when it returns.
+#[tokio::test]
+async fn a_relay_outage_longer_than_the_attempts_fails_no_mail() {
+    let maildir = tempfile::tempdir().expect("temp dir");
+    let port = shared::testing::free_port();
+    let h = Harness::start_with(port, |mail| mail.max_attempts = 2).await;
+    let events: Vec<Value> = (0..3).map(|i| result("alice", true, 100 + i)).collect();
+    h.publish_all(&events).await;
+    // Each notification tried twice as often as `max_attempts` allows refusals.
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE attempts >= 4",
+        3,
+    )
+    .await;
+    assert_eq!(
+        h.count("SELECT count(*) FROM notifications.notifications WHERE status <> 'PENDING'")
+            .await,
+        0,
+        "a relay that was never reached failed mail"
+    );
+    assert_eq!(
+        h.count("SELECT coalesce(sum(refusals), 0)::int8 FROM notifications.notifications")
+            .await,
+        0
+    );
+
+    let sink = SmtpSink::start(port, maildir.path()).await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
+        3,
+    )
+    .await;
+    assert_eq!(wait_for_mail(&sink, 3).await.len(), 3);
+}
+
+/// An SMTP relay that answers every recipient `451` (try again later).
+async fn refusing_relay() -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 busy-relay ESMTP\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.split_whitespace().next().unwrap_or("");
+                    let reply: &[u8] = match verb.to_ascii_uppercase().as_str() {
+                        "EHLO" | "HELO" => b"250 busy-relay\r\n",
+                        "RCPT" => b"451 4.3.2 try again later\r\n",
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// What `max_attempts` limits: a relay that keeps refusing a message for now (4xx)
+/// has it `FAILED` after that many refusals.
+#[tokio::test]
+async fn a_message_the_relay_keeps_refusing_fails_after_max_attempts() {
+    let port = refusing_relay().await;
+    let h = Harness::start_with(port, |mail| mail.max_attempts = 2).await;
+    h.publish(&result("alice", true, 100)).await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications \
+         WHERE status = 'FAILED' AND refusals = 2 AND attempts = 2 AND last_error LIKE '%451%'",
+        1,
+    )
+    .await;
+}
+
+/// An SMTP relay that accepts the first message at once and holds every later one
+/// until `release` is notified; `held` counts the messages it holds.
+struct HoldingRelay {
+    port: u16,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl HoldingRelay {
+    async fn start() -> HoldingRelay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let held = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (holding, released) = (held.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (holding, released, accepted) =
+                    (holding.clone(), released.clone(), accepted.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 holding-relay ESMTP\r\n").await;
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply: &[u8] = if in_data {
+                            if line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            if accepted.fetch_add(1, Ordering::SeqCst) > 0 {
+                                holding.fetch_add(1, Ordering::SeqCst);
+                                released.notified().await;
+                            }
+                            b"250 accepted\r\n"
+                        } else {
+                            let verb = line.split_whitespace().next().unwrap_or("");
+                            match verb.to_ascii_uppercase().as_str() {
+                                "EHLO" | "HELO" => b"250 holding-relay\r\n",
+                                "DATA" => {
+                                    in_data = true;
+                                    b"354 go ahead\r\n"
+                                }
+                                "QUIT" => {
+                                    let _ = write.write_all(b"221 bye\r\n").await;
+                                    return;
+                                }
+                                _ => b"250 ok\r\n",
+                            }
+                        };
+                        if write.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HoldingRelay {
+            port,
+            held,
+            release,
+        }
+    }
+}
+
+/// A mail's outcome is recorded as soon as the relay has it, not when the rest of its
+/// round is done: while a later message of the same round hangs at the relay, the
+/// earlier one is already `SENT`, so nothing that fails later (the process killed, the
+/// database gone, a transaction timed out) can send it again.
+#[tokio::test]
+async fn each_outcome_is_recorded_while_the_rest_of_its_round_is_in_flight() {
+    let relay = HoldingRelay::start().await;
+    // The test runs the mailer itself, once both notifications are queued, so both
+    // are due in the same round.
+    let h = Harness::start_with(relay.port, |mail| mail.enabled = false).await;
+    h.publish_all(&[result("alice", true, 100), result("alice", true, 200)])
+        .await;
+    h.until("SELECT count(*) FROM notifications.notifications", 2)
+        .await;
+    let pool = shared::db::connect_lazy(
+        &DatabaseSettings {
+            url: h.database.clone(),
+            max_connections: 2,
+            migrate: false,
+        },
+        "notifications",
+    )
+    .expect("pool");
+    let mailer = notification_service::mail::Mailer::new(
+        pool,
+        MailSettings {
+            smtp_port: relay.port,
+            concurrency: 1,
+            ..MailSettings::default()
+        },
+    )
+    .expect("mailer");
+    let round = tokio::spawn(async move { mailer.send_due().await });
+    shared::testing::eventually(
+        Duration::from_secs(30),
+        "the relay holds the round's second message",
+        async || (relay.held.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        h.count("SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'")
+            .await,
+        1,
+        "the first message's outcome waits for the round"
+    );
+    relay.release.notify_one();
+    let handled = tokio::time::timeout(Duration::from_secs(30), round)
+        .await
+        .expect("the round ends")
+        .expect("joined")
+        .expect("the round");
+    assert_eq!(handled, 2);
+    assert_eq!(
+        h.count("SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'")
+            .await,
+        2
+    );
 }
