@@ -323,6 +323,13 @@ pub enum AuthError {
     Audience,
     #[error("the token lacks a required claim")]
     MissingClaim,
+    #[error("the token's subject (`sub`) must be 1 to 255 bytes without control characters")]
+    Subject,
+}
+
+/// A subject the services can own things by: 1 to 255 bytes, no control characters.
+fn valid_subject(sub: &str) -> bool {
+    (1..=255).contains(&sub.len()) && !sub.chars().any(char::is_control)
 }
 
 impl IntoResponse for AuthError {
@@ -591,7 +598,7 @@ impl JwtVerifier {
         validation.set_issuer(&[&issuer.settings.issuer]);
         validation.set_audience(&issuer.settings.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map(|data| {
                 let mut claims = data.claims;
                 if !issuer.settings.keep_roles {
@@ -615,7 +622,15 @@ impl JwtVerifier {
                 ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim,
                 ErrorKind::InvalidSignature => AuthError::Signature,
                 _ => AuthError::Malformed,
-            })
+            })?;
+        // The subject becomes the owner of what the caller creates (an order's
+        // `userId`, a deposit's author), stored as text and sent on in events: an empty
+        // one, one the database refuses (a NUL) or one that would fill a row is refused
+        // here, once, rather than failing later in a service or a consumer.
+        if !valid_subject(&claims.sub) {
+            return Err(AuthError::Subject);
+        }
+        Ok(claims)
     }
 
     /// Verifies the bearer token a request carries; `Missing` when it carries none.

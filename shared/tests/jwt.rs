@@ -220,6 +220,30 @@ async fn every_kind_of_bad_token_is_refused_with_its_reason() {
         verifier.verify("not.a.jwt").await,
         Err(AuthError::Malformed)
     );
+
+    // A subject no service can own anything by, however well signed.
+    for sub in [
+        String::new(),
+        "al\u{0}ice".into(),
+        "a\nb".into(),
+        "a".repeat(256),
+    ] {
+        let mut odd = claims(ISSUER, AUDIENCE);
+        odd.sub = sub.clone();
+        let token = key.sign_claims(&odd).expect("sign");
+        assert_eq!(
+            verifier.verify(&token).await,
+            Err(AuthError::Subject),
+            "sub {sub:?}"
+        );
+    }
+    let mut longest = claims(ISSUER, AUDIENCE);
+    longest.sub = "é".repeat(127);
+    let token = key.sign_claims(&longest).expect("sign");
+    assert!(
+        verifier.verify(&token).await.is_ok(),
+        "254 bytes is a subject"
+    );
 }
 
 #[tokio::test]
