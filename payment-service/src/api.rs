@@ -261,33 +261,12 @@ async fn deposit(
     let balance: i64 = row.try_get("balance").map_err(internal)?;
     let currency: String = row.try_get("currency").map_err(internal)?;
 
-    if let Some(key) = &key {
-        let previous = sqlx::query(
-            "SELECT user_id, amount, currency FROM deposits WHERE made_by = $1 AND idempotency_key = $2",
-        )
-        .bind(&caller.sub)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(internal)?;
-        if let Some(previous) = previous {
-            let same = previous.try_get::<String, _>("user_id").map_err(internal)? == user
-                && previous.try_get::<i64, _>("amount").map_err(internal)? == body.amount
-                && previous
-                    .try_get::<String, _>("currency")
-                    .map_err(internal)?
-                    == body.currency;
-            if !same {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "This Idempotency-Key was already used with a different deposit; use a new key.",
-                )
-                .with_type("/problems/idempotency-key-reused"));
-            }
-            // Already counted: answer with the account as it is.
-            tx.commit().await.map_err(internal)?;
-            return account(api, user).await;
-        }
+    if let Some(key) = &key
+        && let Some(()) = used_key(&mut tx, &caller.sub, key, user, &body).await?
+    {
+        // Already counted: answer with the account as it is.
+        tx.commit().await.map_err(internal)?;
+        return account(api, user).await;
     }
 
     if currency != body.currency {
@@ -311,9 +290,13 @@ async fn deposit(
         )
         .with_type("/problems/balance-limit"));
     }
-    sqlx::query(
+    // A concurrent deposit with the same key (for another account: this one's is
+    // locked) may have committed since the look above: the insert then waits for it
+    // and does nothing, and the key's deposit answers as above.
+    let inserted = sqlx::query(
         "INSERT INTO deposits (id, user_id, amount, currency, made_by, idempotency_key) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (made_by, idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(Uuid::now_v7())
     .bind(user)
@@ -321,9 +304,24 @@ async fn deposit(
     .bind(&body.currency)
     .bind(&caller.sub)
     .bind(&key)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(internal)?;
+    if inserted.is_none() {
+        let used = match &key {
+            Some(key) => used_key(&mut tx, &caller.sub, key, user, &body).await?,
+            None => None,
+        };
+        return match used {
+            Some(()) => {
+                tx.commit().await.map_err(internal)?;
+                account(api, user).await
+            }
+            None => Err(internal(sqlx::Error::Protocol(
+                "a deposit's key conflicted with no deposit".into(),
+            ))),
+        };
+    }
     let row = sqlx::query(
         "UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE user_id = $1 \
          RETURNING user_id, balance, currency",
@@ -336,6 +334,43 @@ async fn deposit(
     tx.commit().await.map_err(internal)?;
     metrics::counter!("deposits_total").increment(1);
     Ok(Json(account_json(&row).map_err(internal)?))
+}
+
+/// What `key` already did for `made_by`: `Some` when it made this very deposit (the
+/// retry is answered with the account), a 422 when it made another, `None` when it
+/// is unused.
+async fn used_key(
+    tx: &mut sqlx::PgConnection,
+    made_by: &str,
+    key: &str,
+    user: &str,
+    body: &DepositRequest,
+) -> Result<Option<()>, Problem> {
+    let previous = sqlx::query(
+        "SELECT user_id, amount, currency FROM deposits WHERE made_by = $1 AND idempotency_key = $2",
+    )
+    .bind(made_by)
+    .bind(key)
+    .fetch_optional(tx)
+    .await
+    .map_err(internal)?;
+    let Some(previous) = previous else {
+        return Ok(None);
+    };
+    let same = previous.try_get::<String, _>("user_id").map_err(internal)? == user
+        && previous.try_get::<i64, _>("amount").map_err(internal)? == body.amount
+        && previous
+            .try_get::<String, _>("currency")
+            .map_err(internal)?
+            == body.currency;
+    if !same {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "This Idempotency-Key was already used with a different deposit; use a new key.",
+        )
+        .with_type("/problems/idempotency-key-reused"));
+    }
+    Ok(Some(()))
 }
 
 #[derive(Debug, Deserialize)]

@@ -639,3 +639,82 @@ async fn applied_event_ids_are_forgotten_after_the_retention() {
             .expect("select");
     assert!(left.contains(&recent) && !left.contains(&old), "{left:?}");
 }
+
+/// Two deposits with one `Idempotency-Key` for different accounts, at the same time:
+/// the second waits for the first and is told the key is taken (422), never a 500.
+/// The first is played by a transaction of the test's own, holding its deposit
+/// uncommitted while the second arrives, so the race is the same on every run.
+#[tokio::test]
+async fn a_key_used_by_a_concurrent_deposit_elsewhere_is_refused_not_failed() {
+    let saga = Saga::start().await;
+    saga.deposit("bob", 100, "EUR").await;
+    let mut first = sqlx::PgConnection::connect(&saga.database)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut first)
+        .await
+        .expect("begin");
+    sqlx::query(
+        "INSERT INTO payments.deposits (id, user_id, amount, currency, made_by, idempotency_key) \
+         VALUES (gen_random_uuid(), 'bob', 500, 'EUR', 'admin', 'key-1')",
+    )
+    .execute(&mut first)
+    .await
+    .expect("the first deposit, uncommitted");
+
+    let second = {
+        let (client, url, token) = (
+            saga.client.clone(),
+            format!("{}/payments/accounts/alice/deposits", saga.payments_base()),
+            saga.admin_token(),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("idempotency-key", "key-1")
+                .json(&json!({"amount": 700, "currency": "EUR"}))
+                .send()
+                .await
+                .expect("an answer")
+        })
+    };
+    // The second deposit is inside its transaction, waiting on the first's key.
+    shared::testing::eventually(
+        Duration::from_secs(30),
+        "the second deposit waits on the first's key",
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO deposits%'",
+            )
+            .fetch_one(&mut sqlx::PgConnection::connect(&saga.database).await.ok()?)
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    sqlx::query("COMMIT")
+        .execute(&mut first)
+        .await
+        .expect("commit");
+
+    let answer = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("answered")
+        .expect("joined");
+    assert_eq!(answer.status(), 422);
+    let problem: Value = answer.json().await.expect("problem");
+    assert_eq!(
+        problem["type"], "/problems/idempotency-key-reused",
+        "{problem}"
+    );
+    let alices: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments.deposits WHERE user_id = 'alice'")
+            .fetch_one(&mut first)
+            .await
+            .expect("count");
+    assert_eq!(alices, 0, "nothing deposited for alice");
+}
