@@ -5,11 +5,11 @@
 //! as the table's index passes N, Consul style) and a server-sent-event stream
 //! (`/api/v1/watch`) that pushes every change the moment the table publishes it.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
+    extract::{ConnectInfo, Path, Query, State},
     http::{HeaderValue, StatusCode, header},
     response::{
         IntoResponse, Response,
@@ -334,9 +334,11 @@ async fn get_instance(
 
 async fn list_services(
     State(table): State<Arc<LeaseTable>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Query(params): Query<Vec<(String, String)>>,
-) -> Result<Response, Problem> {
-    let wait = Blocking::parse(&params)?;
+) -> Result<Response, Response> {
+    let wait = Blocking::parse(&params).map_err(IntoResponse::into_response)?;
+    let _place = wait.admit(&table, client)?;
     let snapshot = wait.until_changed(&table).await;
     let now = now_ms();
     let services: Vec<Value> = snapshot
@@ -361,18 +363,19 @@ async fn list_services(
 
 async fn list_instances(
     State(table): State<Arc<LeaseTable>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Path(service): Path<String>,
     Query(params): Query<Vec<(String, String)>>,
-) -> Result<Response, Problem> {
-    let service = service_name(&service)?;
-    let wait = Blocking::parse(&params)?;
+) -> Result<Response, Response> {
+    let service = service_name(&service).map_err(IntoResponse::into_response)?;
+    let wait = Blocking::parse(&params).map_err(IntoResponse::into_response)?;
     let mut statuses = Vec::new();
     let mut metadata = Vec::new();
     for (key, value) in &params {
         if key == "status" {
             for raw in value.split(',') {
                 statuses.push(raw.parse::<Status>().map_err(|message| {
-                    Problem::validation(vec![FieldError::new("status", message)])
+                    Problem::validation(vec![FieldError::new("status", message)]).into_response()
                 })?);
             }
         } else if let Some(meta_key) = key.strip_prefix("meta.") {
@@ -381,9 +384,11 @@ async fn list_instances(
             return Err(Problem::bad_request(format!(
                 "Unknown query parameter `{key}`: use status, meta.<key>, index, wait, node or \
                  digest."
-            )));
+            ))
+            .into_response());
         }
     }
+    let _place = wait.admit(&table, client)?;
     let selected = |snapshot: &Snapshot, now: u64| -> Vec<Arc<Instance>> {
         snapshot
             .instances(&service, now)
@@ -497,6 +502,21 @@ impl Blocking {
         Ok(blocking)
     }
 
+    /// Room to wait in, for a query that may wait (one with an `index`).
+    fn admit(
+        &self,
+        table: &LeaseTable,
+        client: SocketAddr,
+    ) -> Result<Option<crate::watchers::Place>, Response> {
+        match self.index {
+            Some(_) => table
+                .admit_watcher(client.ip())
+                .map(Some)
+                .map_err(IntoResponse::into_response),
+            None => Ok(None),
+        }
+    }
+
     /// Whether the index is another node's.
     fn foreign(&self, table: &LeaseTable) -> bool {
         self.node.as_deref().is_some_and(|n| n != table.node())
@@ -556,9 +576,18 @@ struct WatchParams {
 /// changes it missed.
 async fn watch(
     State(table): State<Arc<LeaseTable>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Query(params): Query<WatchParams>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
-    let filter = params.service.as_deref().map(service_name).transpose()?;
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let filter = params
+        .service
+        .as_deref()
+        .map(service_name)
+        .transpose()
+        .map_err(IntoResponse::into_response)?;
+    let place = table
+        .admit_watcher(client.ip())
+        .map_err(IntoResponse::into_response)?;
     // Subscribe before reading the snapshot, so no change falls between the two.
     let changes = BroadcastStream::new(table.subscribe());
     let first = snapshot_event(&table, filter.as_ref());
@@ -568,7 +597,7 @@ async fn watch(
     let table_for_resync = table.clone();
     let stream =
         futures::stream::once(async move { Ok(first.0) }).chain(changes.filter_map(move |item| {
-            let _keep = &guard;
+            let _keep = (&guard, &place);
             let event = match item {
                 Ok(change) => {
                     let wanted = filter

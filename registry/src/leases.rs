@@ -53,6 +53,12 @@ pub struct LeaseSettings {
     /// Instances one service may have at once; a registration beyond is refused, so
     /// one misbehaving or hostile client cannot grow the table without bound.
     pub max_instances_per_service: usize,
+    /// Watch streams and blocking queries open at once (each holds its connection
+    /// busy); past it, 503. Keep it well under `http.limits.max_connections`, so that
+    /// heartbeats and registrations always find room.
+    pub max_watchers: usize,
+    /// The same from one client address (an IPv6 client by its /64).
+    pub max_watchers_per_client: usize,
 }
 
 impl Default for LeaseSettings {
@@ -65,6 +71,8 @@ impl Default for LeaseSettings {
             delta_retention_seconds: 180,
             self_preservation: SelfPreservationSettings::default(),
             max_instances_per_service: 1000,
+            max_watchers: 1024,
+            max_watchers_per_client: 64,
         }
     }
 }
@@ -467,6 +475,8 @@ pub struct LeaseTable {
     closing: tokio_util::sync::CancellationToken,
     /// This node's name among its peers, new at every start.
     node: String,
+    /// Room for watch streams and blocking queries.
+    watchers: Arc<crate::watchers::Watchers>,
     dirty: DirtyClock,
     /// Where the writes clients make here go, to reach every peer.
     fanout: Option<Arc<Fanout>>,
@@ -487,6 +497,8 @@ impl LeaseTable {
         let (events, _) = broadcast::channel(4096);
         let ready = std::sync::atomic::AtomicBool::new(fanout.is_none());
         let node_bits = rand_bits();
+        let watchers =
+            crate::watchers::Watchers::new(settings.max_watchers, settings.max_watchers_per_client);
         Self {
             settings,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -496,6 +508,7 @@ impl LeaseTable {
             renewals: RenewalWindow::new(),
             closing: tokio_util::sync::CancellationToken::new(),
             node: format!("{:08x}{:08x}", std::process::id(), node_bits & 0xffff_ffff),
+            watchers,
             dirty: DirtyClock::new(node_bits),
             fanout,
             ready,
@@ -560,6 +573,14 @@ impl LeaseTable {
     /// is told it lagged and should re-read the snapshot.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.events.subscribe()
+    }
+
+    /// Room for one more watch stream or blocking query from `client`.
+    pub fn admit_watcher(
+        &self,
+        client: std::net::IpAddr,
+    ) -> Result<crate::watchers::Place, crate::watchers::Full> {
+        self.watchers.admit(client)
     }
 
     pub fn watchers(&self) -> usize {

@@ -16,6 +16,7 @@ pub mod eureka;
 pub mod leases;
 pub mod model;
 pub mod peers;
+pub mod watchers;
 
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 

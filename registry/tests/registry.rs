@@ -701,6 +701,86 @@ async fn a_service_cannot_grow_past_its_instance_cap() {
     assert_eq!(other.status(), StatusCode::CREATED);
 }
 
+/// Watches and blocking queries hold their connections busy, and reads need no token:
+/// one client may hold only `max_watchers_per_client` of them, past which it gets
+/// 503 with `Retry-After`, while its plain reads and others' writes go on.
+#[tokio::test]
+async fn one_client_cannot_hold_more_than_its_share_of_watches() {
+    let mut settings = Settings {
+        auth: AuthSettings {
+            token: Some(TOKEN.into()),
+            protect_reads: false,
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    settings.leases.max_watchers_per_client = 2;
+    let registry = spawn_with(settings).await;
+    let mut first = registry.watch("").await;
+    assert_eq!(first.next(Duration::from_secs(5)).await.0, "snapshot");
+    let mut second = registry.watch("?service=orders").await;
+    assert_eq!(second.next(Duration::from_secs(5)).await.0, "snapshot");
+
+    let third = registry
+        .client
+        .get(registry.url("/api/v1/watch"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(third.headers()["retry-after"], "5");
+    assert_eq!(third.headers()["content-type"], "application/problem+json");
+    let problem: Value = third.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("max_watchers_per_client")),
+        "{problem}"
+    );
+    let index = registry.get("/api/v1/services").await["index"]
+        .as_u64()
+        .expect("index");
+    let blocking = registry
+        .client
+        .get(registry.url(&format!("/api/v1/services?index={index}&wait=30s")))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(blocking.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    // Reads that do not wait, and writes, are not held back.
+    let created = registry
+        .register(
+            "orders",
+            json!({"instanceId": "o-1", "host": "127.0.0.1", "port": 8081}),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(
+        registry.get("/api/v1/services").await["services"][0]["name"],
+        "orders"
+    );
+    // The open watches still hear of it.
+    assert_eq!(second.next(Duration::from_secs(5)).await.0, "change");
+
+    // A closed watch gives its room back.
+    drop(first);
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "a watch is admitted once one has closed",
+        async || {
+            let response = registry
+                .client
+                .get(registry.url("/api/v1/watch"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_problem_naming_the_field() {
     let registry = spawn().await;

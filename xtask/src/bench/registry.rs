@@ -38,6 +38,11 @@ pub fn run(interrupt: &Interrupt) -> anyhow::Result<Report> {
             .env("REGISTRY_HTTP__PORT", port.to_string())
             .env("REGISTRY_TOKEN", &token)
             .env("REGISTRY_LOG__LEVEL", "warn")
+            // The watchers stand for that many clients, but all come from this one.
+            .env(
+                "REGISTRY_LEASES__MAX_WATCHERS_PER_CLIENT",
+                (WATCHERS + 1).to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log),
@@ -204,6 +209,10 @@ pub fn run_peers(interrupt: &Interrupt) -> anyhow::Result<Report> {
                 .env("REGISTRY_TOKEN", &token)
                 .env("REGISTRY_PEERS__URLS", &all)
                 .env("REGISTRY_LOG__LEVEL", "warn")
+                .env(
+                    "REGISTRY_LEASES__MAX_WATCHERS_PER_CLIENT",
+                    (WATCHERS + 1).to_string(),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log),
