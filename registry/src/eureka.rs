@@ -662,6 +662,10 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, Problem> {
 /// drop and conversion overflow the stack and kill the process.
 pub const MAX_XML_DEPTH: usize = 32;
 
+/// How many attributes one element may have. Eureka's carry two at most
+/// (`@class`, `@enabled`).
+pub const MAX_XML_ATTRIBUTES: usize = 16;
+
 /// Parses XML into Eureka's JSON form: attributes become `@name`, an element's text
 /// beside attributes becomes `$`, repeated elements become arrays. Elements nest at
 /// most [`MAX_XML_DEPTH`] deep; character references (`&#65;`, `&#x41;`) and the five
@@ -750,14 +754,25 @@ fn element(
 ) -> Result<(String, Map<String, Value>), String> {
     let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
     let mut fields = Map::new();
-    for attribute in start.attributes() {
+    // quick-xml's own duplicate check compares each attribute with every one before
+    // it: a 2 MB tag of 200,000 attributes would cost seconds of a worker. The count
+    // is bounded instead, and duplicates are found by the map.
+    for attribute in start.attributes().with_checks(false) {
+        if fields.len() == MAX_XML_ATTRIBUTES {
+            return Err(format!(
+                "<{name}> has more than {MAX_XML_ATTRIBUTES} attributes"
+            ));
+        }
         let attribute = attribute.map_err(|e| e.to_string())?;
-        let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
+        let key = format!("@{}", String::from_utf8_lossy(attribute.key.as_ref()));
+        if fields.contains_key(&key) {
+            return Err(format!("<{name}> repeats the attribute {}", &key[1..]));
+        }
         let value = attribute
             .unescape_value()
             .map_err(|e| e.to_string())?
             .into_owned();
-        fields.insert(format!("@{key}"), Value::String(value));
+        fields.insert(key, Value::String(value));
     }
     Ok((name, fields))
 }
@@ -843,6 +858,23 @@ mod tests {
         assert_eq!(tree["instance"]["port"]["@enabled"], "true");
         assert_eq!(tree["instance"]["dataCenterInfo"]["@class"], "x.Y");
         assert_eq!(tree["instance"]["metadata"]["zone"], "a&b");
+    }
+
+    #[test]
+    fn an_element_with_a_flood_of_attributes_is_refused_at_once() {
+        // 200,000 distinct attributes: quadratic to check for duplicates one by one.
+        let mut tag = String::from("<instance");
+        for i in 0..200_000 {
+            tag.push_str(&format!(" a{i}=\"\""));
+        }
+        tag.push_str("/>");
+        let error = xml_to_tree(tag.as_bytes()).expect_err("refused");
+        assert!(error.contains("more than 16 attributes"), "{error}");
+        let error = xml_to_tree(b"<port enabled=\"true\" enabled=\"false\">80</port>")
+            .expect_err("a repeated attribute");
+        assert!(error.contains("repeats the attribute enabled"), "{error}");
+        let ok = xml_to_tree(b"<port enabled=\"true\">80</port>").expect("parses");
+        assert_eq!(ok["port"]["@enabled"], "true");
     }
 
     #[test]

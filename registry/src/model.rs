@@ -166,6 +166,24 @@ impl Registration {
                 "must be an http:// or https:// URL",
             ));
         }
+        // What Eureka clients send beside the shared fields is stored and served back
+        // (and replicated to every peer): bounded like the rest.
+        let eureka = &self.eureka;
+        for (field, value, max) in [
+            ("ipAddr", &eureka.ip_addr, 255),
+            ("vipAddress", &eureka.vip_address, 1024),
+            ("secureVipAddress", &eureka.secure_vip_address, 1024),
+            ("homePageUrl", &eureka.home_page_url, 2048),
+            ("statusPageUrl", &eureka.status_page_url, 2048),
+            ("dataCenterInfo.name", &eureka.data_center_name, 255),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > max) {
+                errors.push(FieldError::new(
+                    field,
+                    format!("must be at most {max} characters"),
+                ));
+            }
+        }
         if self.metadata.len() > 64 {
             errors.push(FieldError::new("metadata", "must have at most 64 entries"));
         }

@@ -874,6 +874,20 @@ async fn bad_input_gets_a_problem_naming_the_field() {
             "instance",
         ),
         ("/eureka/apps/ORDERS", "text/plain", "hostName=h", 415, ""),
+        (
+            "/eureka/apps/ORDERS",
+            "application/json",
+            // Stored, served back and replicated: bounded like the shared fields.
+            Box::leak(
+                format!(
+                    r#"{{"instance": {{"hostName": "h", "port": 80, "homePageUrl": "http://h/{}"}}}}"#,
+                    "x".repeat(3000)
+                )
+                .into_boxed_str(),
+            ),
+            422,
+            "instance.homePageUrl",
+        ),
     ];
     for (path, content_type, body, status, field) in cases {
         let response = post(body, content_type, path).await.expect("send");
