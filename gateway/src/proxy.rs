@@ -635,7 +635,7 @@ impl<'a> Exchange<'a> {
         let cap = limit.unwrap_or(MAX_REPLAY_BYTES).max(declared.unwrap_or(0)) as usize;
         let bytes = axum::body::to_bytes(body, cap)
             .await
-            .map_err(|_| too_large(cap as u64))?;
+            .map_err(|e| unreadable_body(&e, limit.unwrap_or(cap as u64)))?;
         Ok(RequestBody::Buffered(bytes))
     }
 
@@ -1236,6 +1236,26 @@ impl AttemptFailure {
             AttemptFailure::Timeout => "upstream timeout",
         }
     }
+}
+
+/// Why a body could not be read, as the client is told: past the limit (413), too
+/// slow (408), or broken off (400).
+fn unreadable_body(error: &axum::Error, max: u64) -> Rejection {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return too_large(max);
+        }
+        if e.is::<shared::server::BodyStalled>() || e.is::<shared::server::BodyTooSlow>() {
+            return Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("The request body came too slowly: {e}; send it at once."),
+            )
+            .into_response();
+        }
+        cause = e.source();
+    }
+    Problem::bad_request(format!("The request body could not be read: {error}.")).into_response()
 }
 
 fn too_large(max: u64) -> Rejection {

@@ -651,6 +651,61 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
     );
 }
 
+/// A body that stalls before its declared length is a body that came too slowly
+/// (408), not one over the route's limit (413), which would send the client off
+/// shrinking an upload that was small.
+#[tokio::test]
+async fn a_stalled_upload_is_told_it_came_too_slowly_not_that_it_is_too_large() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = stack_with(ROUTES, 2000, |settings| {
+        settings.http.limits.body_read_timeout_ms = 300;
+    })
+    .await;
+    let orders = upstream("orders-a").await;
+    s.register("order-service", &orders).await;
+    let token = s.token("alice", "alice-pw").await;
+    let address = s.gateway.trim_start_matches("http://").to_owned();
+    shared::testing::eventually(
+        Duration::from_secs(10),
+        "the gateway routes uploads",
+        async || {
+            let response = s
+                .client
+                .post(format!("{}/uploads/file", s.gateway))
+                .bearer_auth(&token)
+                .header("host", "eu.shop.test")
+                .body("x")
+                .send()
+                .await
+                .ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!(
+                "POST /uploads/file HTTP/1.1\r\nHost: eu.shop.test\r\n\
+                 Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer once the body stalls")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("too slowly"), "{answer}");
+}
+
 #[tokio::test]
 async fn load_spreads_over_instances_and_a_removed_instance_gets_nothing_more() {
     let s = stack(ROUTES, 2000).await;

@@ -625,17 +625,18 @@ impl ReadTimeout {
     }
 }
 
-/// What a stalled request body ends with.
+/// What a stalled request body ends with (the source of the error a handler's read
+/// of it gets).
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stalled for longer than {0:?}")]
-struct BodyStalled(Duration);
+pub struct BodyStalled(Duration);
 
-/// What a request body slower than the minimum rate ends with.
+/// What a request body slower than the minimum rate ends with (as [`BodyStalled`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the request body came slower than {min_rate} bytes per second ({received} bytes in {waited:?} of waiting)"
 )]
-struct BodyTooSlow {
+pub struct BodyTooSlow {
     min_rate: u64,
     received: u64,
     waited: Duration,
