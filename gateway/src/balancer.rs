@@ -231,6 +231,37 @@ impl RetryBudget {
 }
 
 impl Balancer {
+    /// Forgets the health of discovered instances that are no longer `listed`, so that
+    /// registrations coming and going (a service credential can make any number) do
+    /// not grow the map for ever. A fixed upstream's (`scheme://authority`, bounded by
+    /// the routes) is kept, and so is one with a request in flight.
+    pub fn forget_departed(&self, listed: &std::collections::HashSet<&str>) {
+        let departed = |current: &HashMap<String, Arc<InstanceHealth>>| {
+            current.iter().any(|(address, health)| {
+                !address.contains("://")
+                    && !listed.contains(address.as_str())
+                    && health.outstanding.load(Ordering::Acquire) == 0
+            })
+        };
+        if !departed(&self.health.load()) {
+            return;
+        }
+        self.health.rcu(|current| {
+            let mut next = (**current).clone();
+            next.retain(|address, health| {
+                address.contains("://")
+                    || listed.contains(address.as_str())
+                    || health.outstanding.load(Ordering::Acquire) > 0
+            });
+            next
+        });
+    }
+
+    /// How many addresses have a health record.
+    pub fn known(&self) -> usize {
+        self.health.load().len()
+    }
+
     pub fn health(&self, address: &str) -> Arc<InstanceHealth> {
         if let Some(known) = self.health.load().get(address) {
             return known.clone();
@@ -371,6 +402,27 @@ mod tests {
         assert!(reach("not an authority").is_none());
         let balancer = Balancer::default();
         assert!(balancer.health("10.0.0.7:8081").reach.is_some());
+    }
+
+    #[test]
+    fn departed_instances_are_forgotten_fixed_and_busy_ones_kept() {
+        let balancer = Balancer::default();
+        balancer.health("10.0.0.1:8080");
+        let busy = balancer.health("10.0.0.2:8080");
+        busy.outstanding.store(1, Ordering::Release);
+        balancer.health("10.0.0.3:8080");
+        balancer.health("http://backend:9000");
+        let listed = std::collections::HashSet::from(["10.0.0.3:8080"]);
+        balancer.forget_departed(&listed);
+        let known = balancer.health.load();
+        assert!(!known.contains_key("10.0.0.1:8080"), "gone from discovery");
+        assert!(known.contains_key("10.0.0.2:8080"), "a request in flight");
+        assert!(known.contains_key("10.0.0.3:8080"), "still listed");
+        assert!(
+            known.contains_key("http://backend:9000"),
+            "a fixed upstream"
+        );
+        assert_eq!(balancer.known(), 3);
     }
 
     fn instance(port: u16, status: &str) -> ServiceInstance {

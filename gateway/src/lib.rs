@@ -311,6 +311,7 @@ impl Application {
         if let Some(path) = settings.routes_file.clone() {
             tokio::spawn(watch_routes(gateway.clone(), path, background.clone()));
         }
+        tokio::spawn(forget_departed(gateway.clone(), background.clone()));
         let listeners = server::bind(&settings.http.host, settings.http.port, workers)?;
         Ok(Self {
             listeners,
@@ -420,6 +421,48 @@ impl Pins {
             .unwrap_or_else(|p| p.into_inner())
             .get(host)
             .copied()
+    }
+
+    /// Unpins every name no discovered instance has any more.
+    pub fn forget_departed(&self, listed: &std::collections::HashSet<&str>) {
+        let departed = self
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .any(|host| !listed.contains(host.as_str()));
+        if departed {
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|host, _| listed.contains(host.as_str()));
+        }
+    }
+}
+
+/// Keeps the balancer's health records and the pinned names to the instances
+/// discovery lists: every change of a followed service prunes those that left.
+async fn forget_departed(gateway: Arc<Gateway>, stop: CancellationToken) {
+    let Some(discovery) = gateway.discovery.as_ref() else {
+        return;
+    };
+    let mut changes = discovery.changes();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        let lists = discovery.known();
+        let addresses: std::collections::HashSet<&str> = lists
+            .iter()
+            .flat_map(|list| list.iter().map(|i| i.address.as_str()))
+            .collect();
+        let hosts: std::collections::HashSet<&str> = lists
+            .iter()
+            .flat_map(|list| list.iter().map(|i| i.host.as_str()))
+            .collect();
+        gateway.balancer.forget_departed(&addresses);
+        gateway.pins.forget_departed(&hosts);
     }
 }
 
@@ -625,6 +668,16 @@ async fn refresh(State(gateway): State<Arc<Gateway>>) -> Result<Json<Value>, Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_no_instance_has_any_more_are_unpinned() {
+        let pins = Pins::default();
+        pins.pin("a.internal", std::net::Ipv4Addr::LOCALHOST.into());
+        pins.pin("b.internal", std::net::Ipv4Addr::LOCALHOST.into());
+        pins.forget_departed(&std::collections::HashSet::from(["b.internal"]));
+        assert_eq!(pins.get("a.internal"), None);
+        assert!(pins.get("b.internal").is_some());
+    }
 
     /// An instance on its secure port is dialled by its registered name, which its
     /// certificate must name, at the address discovery checked and pinned: never at

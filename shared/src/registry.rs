@@ -664,6 +664,11 @@ impl Discovery {
             .unwrap_or_default()
     }
 
+    /// The last known instances of every followed service.
+    pub fn known(&self) -> Vec<Arc<Vec<ServiceInstance>>> {
+        self.cache.load().values().cloned().collect()
+    }
+
     /// The instances of `service` that are not served because they lie outside the
     /// configured networks, with the reason.
     pub fn refused(&self, service: &str) -> Arc<Vec<Refused>> {
