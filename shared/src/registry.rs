@@ -89,6 +89,13 @@ pub enum RegistryError {
     Unknown,
     #[error("the registry refused the request: {status} {detail}")]
     Refused { status: u16, detail: String },
+    /// Every registry answered, none could serve it now (5xx: starting, or out of
+    /// room for watches and blocking queries); ask again after `retry_after`.
+    #[error("every registry is busy ({detail})")]
+    Busy {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// An instance as discovery returns it.
@@ -221,6 +228,10 @@ impl RegistryClient {
         }
         let start = self.preferred.load(Ordering::Relaxed) % count;
         let mut last_error = String::new();
+        // Whether every registry answered (with a 5xx), and how long the last asked
+        // to be left alone.
+        let mut all_answered = true;
+        let mut retry_after = None;
         for offset in 0..count {
             let index = (start + offset) % count;
             let url = format!("{}{path}", self.urls[index]);
@@ -236,11 +247,28 @@ impl RegistryClient {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(response);
                 }
-                Ok(response) => last_error = format!("{}: {}", self.urls[index], response.status()),
-                Err(e) => last_error = format!("{}: {}", self.urls[index], connection_error(&e)),
+                Ok(response) => {
+                    last_error = format!("{}: {}", self.urls[index], response.status());
+                    retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|s| Duration::from_secs(s.min(60)));
+                }
+                Err(e) => {
+                    all_answered = false;
+                    last_error = format!("{}: {}", self.urls[index], connection_error(&e));
+                }
             }
         }
-        Err(RegistryError::Unreachable(last_error))
+        match all_answered {
+            true => Err(RegistryError::Busy {
+                detail: last_error,
+                retry_after,
+            }),
+            false => Err(RegistryError::Unreachable(last_error)),
+        }
     }
 
     pub async fn register(
@@ -641,11 +669,21 @@ impl Discovery {
                         // with several peers the next one knows every change.
                         tracing::warn!(%service, error = %e, "discovery poll failed; keeping the last known instances");
                         follower.failures.send_modify(|n| *n += 1);
-                        if index.take().is_some() {
+                        // A registry that answered it is busy (out of room for
+                        // blocking queries, say) is not asked again at once: that
+                        // would poll it in a loop. It is left alone as long as it asks.
+                        let busy = match &e {
+                            RegistryError::Busy { retry_after, .. } => {
+                                Some(retry_after.unwrap_or(backoff))
+                            }
+                            _ => None,
+                        };
+                        if index.take().is_some() && busy.is_none() {
                             continue;
                         }
+                        let pause = busy.map_or(backoff, |asked| asked.max(backoff));
                         tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
+                            () = tokio::time::sleep(pause) => {}
                             () = shutdown.cancelled() => return,
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -13,7 +13,15 @@ const TOKEN: &str = "client-test-token";
 
 /// A registry on `port` (0: any); returns its address and the token that stops it.
 async fn registry(port: u16) -> (SocketAddr, CancellationToken) {
-    let settings = registry::Settings {
+    registry_with(port, |_| {}).await
+}
+
+/// The same, with settings of the test's own.
+async fn registry_with(
+    port: u16,
+    edit: impl FnOnce(&mut registry::Settings),
+) -> (SocketAddr, CancellationToken) {
+    let mut settings = registry::Settings {
         http: HttpSettings::local(port),
         auth: registry::auth::AuthSettings {
             token: Some(TOKEN.into()),
@@ -22,6 +30,7 @@ async fn registry(port: u16) -> (SocketAddr, CancellationToken) {
         },
         ..registry::Settings::default()
     };
+    edit(&mut settings);
     let app = registry::Application::build(settings)
         .await
         .expect("registry");
@@ -230,5 +239,54 @@ async fn discovery_follows_changes_and_keeps_the_last_known_instances_when_the_r
         1,
         "last known instances kept"
     );
+    shutdown.cancel();
+}
+
+/// A registry out of room for blocking queries answers 503 with `Retry-After`;
+/// discovery then waits as asked between polls instead of asking again at once in a
+/// loop, and still learns of changes.
+#[tokio::test]
+async fn discovery_waits_as_asked_when_the_registry_has_no_room_to_block() {
+    let (addr, _stop) = registry_with(0, |s| s.leases.max_watchers = 1).await;
+    // The registry's one place, taken.
+    let _watch = reqwest::get(format!("http://{addr}/api/v1/watch"))
+        .await
+        .expect("watch");
+    let s = settings(format!("http://{addr}"));
+    let client = RegistryClient::new(&s).expect("registry client");
+    let shutdown = CancellationToken::new();
+    let discovery = Discovery::start(client.clone(), &["orders"], shutdown.clone());
+    let mut failures = discovery.failures();
+    tokio::time::timeout(Duration::from_secs(10), failures.wait_for(|n| *n > 0))
+        .await
+        .expect("a blocking query refused")
+        .expect("discovery running");
+    let refused_so_far = *failures.borrow();
+    // Absence of a loop can only be seen over time: two seconds, in which asking again
+    // at once would be refused thousands of times, and waiting as asked (5 s) not once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = *failures.borrow() - refused_so_far;
+    assert!(refused <= 1, "{refused} more refusals in two seconds");
+
+    let mut long_lease = s.clone();
+    long_lease.lease_seconds = 60;
+    let registration = InstanceRegistration::for_bound(
+        "orders",
+        "127.0.0.1:45682".parse().expect("addr"),
+        &long_lease,
+    );
+    client.register(&registration, 60).await.expect("register");
+    let mut changes = discovery.changes();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !discovery
+            .instances("orders")
+            .iter()
+            .any(|i| i.port == 45682)
+        {
+            let _ = changes.changed().await;
+        }
+    })
+    .await
+    .expect("discovered by polling, Retry-After apart");
     shutdown.cancel();
 }
