@@ -278,6 +278,9 @@ struct Claimed {
     refusals: i32,
     traceparent: Option<String>,
     request_id: Option<String>,
+    /// The lease this claim set: the outcome is written only while it is still this
+    /// one's (another instance may have taken the row after it passed).
+    claimed_until: chrono::DateTime<chrono::Utc>,
 }
 
 impl Mailer {
@@ -314,6 +317,11 @@ impl Mailer {
         match tokio::time::timeout(self.send_limit(), self.transport.send(message)).await {
             Ok(Ok(_)) => Sent::Yes,
             Ok(Err(e)) if e.is_permanent() => Sent::Permanent(e.to_string()),
+            // 421: the relay is closing the channel (too many connections, shutting
+            // down): its state, not this message's.
+            Ok(Err(e)) if e.status().is_some_and(|c| u16::from(c) == 421) => {
+                Sent::Unreachable(e.to_string())
+            }
             // The relay answered 4xx, or the client itself refused the message.
             Ok(Err(e)) if e.status().is_some() || e.is_client() => Sent::Refused(e.to_string()),
             Ok(Err(e)) => Sent::Unreachable(e.to_string()),
@@ -344,7 +352,8 @@ impl Mailer {
              WHERE id IN (SELECT id FROM notifications \
                  WHERE status = 'PENDING' AND next_attempt_at <= now() \
                  ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, recipient, subject, body, attempts, refusals, traceparent, request_id",
+             RETURNING id, recipient, subject, body, attempts, refusals, traceparent, \
+                 request_id, next_attempt_at",
         )
         .bind(i64::try_from(n).unwrap_or(i64::MAX))
         .bind(self.lease().as_millis() as f64)
@@ -361,6 +370,7 @@ impl Mailer {
                     refusals: row.try_get("refusals")?,
                     traceparent: row.try_get("traceparent")?,
                     request_id: row.try_get("request_id")?,
+                    claimed_until: row.try_get("next_attempt_at")?,
                 })
             })
             .collect()
@@ -402,18 +412,24 @@ impl Mailer {
                     if !matches!(outcome, Sent::Yes) {
                         tracing::Span::current().record("otel.status_code", "error");
                     }
-                    (row.id, self.settle(row.id, attempts, row.refusals, outcome))
+                    let settled = self.settle(row.id, attempts, row.refusals, outcome);
+                    let transient = settled.transient;
+                    // Written the moment the relay answered, whatever the rest of
+                    // the group is doing: one that cannot be written leaves only its
+                    // own mail to be sent again.
+                    (
+                        transient,
+                        self.record(row.id, row.claimed_until, settled).await,
+                    )
                 }
                 .instrument(span)
             });
             let outcomes = futures::future::join_all(sends).await;
-            // Each outcome is written on its own: one that cannot be written leaves
-            // only its own mail to be sent again.
             let mut relay_trouble = false;
             let mut unrecorded = None;
-            for (id, settled) in outcomes {
-                relay_trouble |= settled.transient;
-                if let Err(e) = self.record(id, settled).await {
+            for (transient, recorded) in outcomes {
+                relay_trouble |= transient;
+                if let Err(e) = recorded {
                     unrecorded.get_or_insert(e);
                 }
             }
@@ -458,9 +474,15 @@ impl Mailer {
         }
     }
 
-    /// Writes one send's settled outcome, unless the row is no longer pending (another
-    /// instance took it after its lease and settled it first).
-    async fn record(&self, id: Uuid, settled: Settled) -> Result<(), sqlx::Error> {
+    /// Writes one send's settled outcome, unless the row is no longer this claim's:
+    /// another instance took it after the lease passed (its own outcome, or lease,
+    /// stands).
+    async fn record(
+        &self,
+        id: Uuid,
+        claimed_until: chrono::DateTime<chrono::Utc>,
+        settled: Settled,
+    ) -> Result<(), sqlx::Error> {
         let Settled {
             status,
             error,
@@ -474,7 +496,7 @@ impl Mailer {
             "UPDATE notifications SET status = $2, attempts = $3, refusals = $4, \
                last_error = $5, next_attempt_at = now() + $6 * interval '1 millisecond', \
                updated_at = now(), sent_at = CASE WHEN $2 = 'SENT' THEN now() END \
-             WHERE id = $1 AND status = 'PENDING'",
+             WHERE id = $1 AND status = 'PENDING' AND next_attempt_at = $7",
         )
         .bind(id)
         .bind(status)
@@ -482,6 +504,7 @@ impl Mailer {
         .bind(refusals)
         .bind(error)
         .bind(retry_in.as_millis() as f64)
+        .bind(claimed_until)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -581,8 +581,8 @@ async fn a_message_the_relay_keeps_refusing_fails_after_max_attempts() {
     .await;
 }
 
-/// An SMTP relay that accepts the first message at once and holds every later one
-/// until `release` is notified; `held` counts the messages it holds.
+/// An SMTP relay that accepts the first message to end at once and holds every later
+/// one until `release` is notified; `held` counts the messages it holds.
 struct HoldingRelay {
     port: u16,
     held: Arc<std::sync::atomic::AtomicUsize>,
@@ -678,7 +678,9 @@ async fn each_outcome_is_recorded_while_the_rest_of_its_round_is_in_flight() {
         pool,
         MailSettings {
             smtp_port: relay.port,
-            concurrency: 1,
+            // Both in one group, sent at once: the one the relay took is recorded
+            // while the other is still in flight.
+            concurrency: 2,
             ..MailSettings::default()
         },
     )
