@@ -175,17 +175,23 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Whether a database error with SQLSTATE `code` may go away by itself. Only two
-/// classes say that the event's data was refused, which no retry changes: 22 (data
-/// exception: a value out of range, text that is not a number...) and 23 (integrity
-/// constraint violation). Every other class is the database's state: the connection
+/// Whether a database error with SQLSTATE `code` may go away by itself. Some classes
+/// say that the event's data was refused, which no retry changes: 22 (data
+/// exception: a value out of range, text that is not a number...), 23 (integrity
+/// constraint violation), 21 (cardinality violation), 54 (a program limit: a value
+/// too large for its index) and P0 (raised by a trigger). Every other class is the
+/// database's state: the connection
 /// (08), a conflict with another transaction (40001, 40P01), a standby still read-only
 /// after a failover (25006), a table or privilege missing after a migration went
 /// wrong (42P01, 42501), resources (53), shutdown (57), an internal error (XX000). An
 /// operator fixes those, and the round is retried until then, rather than every event
 /// meanwhile dead-lettered and waiting for someone to replay it.
 fn transient_sqlstate(code: &str) -> bool {
-    !(code.starts_with("22") || code.starts_with("23"))
+    !(code.starts_with("22")
+        || code.starts_with("23")
+        || code.starts_with("21")
+        || code.starts_with("54")
+        || code.starts_with("P0"))
 }
 
 /// What a service does with its events.
@@ -937,7 +943,9 @@ mod tests {
     #[test]
     fn only_refused_data_is_permanent_among_database_errors() {
         // Refused data: dead-lettered.
-        for code in ["22003", "22P02", "23505", "23514", "23503"] {
+        for code in [
+            "22003", "22P02", "23505", "23514", "23503", "21000", "54000", "P0001",
+        ] {
             assert!(!transient_sqlstate(code), "{code} is the event's data");
         }
         // The database's state: the round is retried until it is fixed.

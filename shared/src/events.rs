@@ -150,6 +150,11 @@ fn check_common(user: &str, amount: i64, currency: &str, amount_field: &str) -> 
     if user.is_empty() {
         return Err("userId is empty".into());
     }
+    // A token's subject: what the services store it in (an indexed text column)
+    // takes no more, and a NUL not at all.
+    if !crate::auth::valid_subject(user) {
+        return Err("userId must be at most 255 characters, without control characters".into());
+    }
     if amount <= 0 {
         return Err(format!("{amount_field} must be positive, is {amount}"));
     }
@@ -171,6 +176,16 @@ mod tests {
             "userId": "alice", "items": [{"sku": "A", "quantity": 1, "unitPrice": 5}],
             "total": 5, "currency": "EUR"
         })
+    }
+
+    #[test]
+    fn a_user_id_no_token_could_carry_is_refused() {
+        for user in ["a".repeat(256), "al\u{0}ice".to_owned()] {
+            let mut event = order();
+            event["userId"] = json!(user);
+            let error = OrderCreated::parse(event.to_string().as_bytes()).expect_err("refused");
+            assert!(error.contains("userId"), "{error}");
+        }
     }
 
     #[test]
