@@ -967,6 +967,12 @@ impl<'a> Exchange<'a> {
                     }
                     return Ok(Answer::Response(response));
                 }
+                // Nothing the instance did: it is not charged, and nothing is retried
+                // (the body is gone).
+                Err(AttemptFailure::SlowClientBody) => {
+                    trace.reason = Some(AttemptFailure::SlowClientBody.reason());
+                    return Err(Failed(slow_body_problem()));
+                }
                 Err(failure) => {
                     health.failed(now_ms());
                     let retryable = match failure {
@@ -979,7 +985,7 @@ impl<'a> Exchange<'a> {
                         AttemptFailure::Timeout => {
                             outgoing.idempotent && policy.exceptions.contains(&FailureKind::Timeout)
                         }
-                        AttemptFailure::Status(_) => false,
+                        AttemptFailure::Status(_) | AttemptFailure::SlowClientBody => false,
                     };
                     (failure, retryable)
                 }
@@ -1019,6 +1025,7 @@ impl<'a> Exchange<'a> {
                     )
                     .into_response(),
                 )),
+                AttemptFailure::SlowClientBody => Err(Failed(slow_body_problem())),
             };
             if !(retryable && may_follow) {
                 return outcome;
@@ -1103,6 +1110,8 @@ impl<'a> Exchange<'a> {
                 if e.is_connect() {
                     tracing::warn!(%service, instance = target.shown(), error = %e, "upstream unreachable");
                     Err(AttemptFailure::Unreachable)
+                } else if slow_body(&e) {
+                    Err(AttemptFailure::SlowClientBody)
                 } else {
                     tracing::warn!(%service, instance = target.shown(), error = %e, "upstream broke the exchange");
                     Err(AttemptFailure::Broken)
@@ -1225,6 +1234,9 @@ enum AttemptFailure {
     Unreachable,
     Broken,
     Timeout,
+    /// The client's body, streamed to the upstream, stalled or came too slowly: the
+    /// client's doing, not the instance's.
+    SlowClientBody,
 }
 
 impl AttemptFailure {
@@ -1234,8 +1246,31 @@ impl AttemptFailure {
             AttemptFailure::Unreachable => "upstream unreachable",
             AttemptFailure::Broken => "upstream broke the exchange",
             AttemptFailure::Timeout => "upstream timeout",
+            AttemptFailure::SlowClientBody => "request body too slow",
         }
     }
+}
+
+/// The answer to a client whose streamed body stalled or trickled.
+fn slow_body_problem() -> Response {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "The request body came too slowly; send it at once.",
+    )
+    .into_response()
+}
+
+/// Whether an attempt failed because the client's body, streamed to the upstream,
+/// stalled or came below the minimum rate.
+fn slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<shared::server::BodyStalled>() || e.is::<shared::server::BodyTooSlow>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Why a body could not be read, as the client is told: past the limit (413), too

@@ -62,9 +62,17 @@ async fn upstream_on(ip: &str, name: &str) -> Upstream {
     async fn echo(
         State(up): State<Upstream>,
         headers: HeaderMap,
-        request: Request,
+        mut request: Request,
     ) -> axum::response::Response {
         up.hits.fetch_add(1, Ordering::SeqCst);
+        if request.uri().path().contains("read-body") {
+            // As a service that takes an upload does: the whole body first.
+            let (parts, body) = request.into_parts();
+            if axum::body::to_bytes(body, usize::MAX).await.is_err() {
+                return axum::http::StatusCode::BAD_REQUEST.into_response();
+            }
+            request = Request::from_parts(parts, axum::body::Body::empty());
+        }
         let seen: HashMap<String, String> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
@@ -652,8 +660,9 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
 }
 
 /// A body that stalls before its declared length is a body that came too slowly
-/// (408), not one over the route's limit (413), which would send the client off
-/// shrinking an upload that was small.
+/// (408): not one over the route's limit (413), which would send the client off
+/// shrinking an upload that was small, and, streamed to an instance, not the
+/// instance's failure (502), which would count against it.
 #[tokio::test]
 async fn a_stalled_upload_is_told_it_came_too_slowly_not_that_it_is_too_large() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -704,6 +713,29 @@ async fn a_stalled_upload_is_told_it_came_too_slowly_not_that_it_is_too_large() 
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(answer.contains("too slowly"), "{answer}");
+
+    // A large body, streamed to the instance as it comes, that stalls: the same 408,
+    // not the 502 of an instance that broke the exchange (which counts against it).
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!(
+                "POST /orders/read-body HTTP/1.1\r\nHost: gateway\r\n\
+                 Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer once the body stalls")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
 #[tokio::test]
