@@ -178,34 +178,35 @@ impl IdentityProvider {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    #[schema(example = "alice", max_length = 256)]
+    #[schema(example = "alice", max_length = 255)]
     username: String,
     #[schema(example = "alice", max_length = 1024)]
     password: String,
 }
 
-/// The longest user name and password a login may send. A failed login's name is
-/// kept for throttling; unbounded, a few thousand failures with megabyte names
-/// would hold gigabytes.
-const MAX_USERNAME_BYTES: usize = 256;
-const MAX_PASSWORD_BYTES: usize = 1024;
-/// The most `POST /auth/token` reads: both fields at their longest, quoted and escaped.
-pub const MAX_TOKEN_REQUEST_BYTES: usize = 8 * 1024;
+/// The longest user name and password a login may send, in characters (as the
+/// OpenAPI document's `maxLength` counts). A failed login's name is kept for
+/// throttling; unbounded, a few thousand failures with megabyte names would hold
+/// gigabytes. A name is at most what a token's subject may be.
+const MAX_USERNAME_CHARS: usize = 255;
+const MAX_PASSWORD_CHARS: usize = 1024;
+/// The most `POST /auth/token` reads: room for both fields at their longest.
+pub const MAX_TOKEN_REQUEST_BYTES: usize = 16 * 1024;
 
 impl TokenRequest {
     /// 422 naming each field that is too long.
     fn check(&self) -> Result<(), Problem> {
         let mut errors = Vec::new();
-        if self.username.len() > MAX_USERNAME_BYTES {
+        if self.username.chars().count() > MAX_USERNAME_CHARS {
             errors.push(shared::FieldError::new(
                 "username",
-                format!("at most {MAX_USERNAME_BYTES} bytes"),
+                format!("at most {MAX_USERNAME_CHARS} characters"),
             ));
         }
-        if self.password.len() > MAX_PASSWORD_BYTES {
+        if self.password.chars().count() > MAX_PASSWORD_CHARS {
             errors.push(shared::FieldError::new(
                 "password",
-                format!("at most {MAX_PASSWORD_BYTES} bytes"),
+                format!("at most {MAX_PASSWORD_CHARS} characters"),
             ));
         }
         match errors.is_empty() {

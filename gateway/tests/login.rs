@@ -227,7 +227,7 @@ async fn over_long_names_and_bodies_are_refused_before_any_check() {
         ..LoginSettings::default()
     })
     .await;
-    let long_name = "a".repeat(257);
+    let long_name = "a".repeat(256);
     let refused = gateway.login(&long_name, "guess").await;
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = refused.json().await.expect("problem");
@@ -235,7 +235,7 @@ async fn over_long_names_and_bodies_are_refused_before_any_check() {
     assert!(
         problem["errors"][0]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("256")),
+            .is_some_and(|m| m.contains("255")),
         "{problem}"
     );
     let refused = gateway.login("alice", &"p".repeat(1025)).await;
@@ -244,7 +244,7 @@ async fn over_long_names_and_bodies_are_refused_before_any_check() {
     let oversized = gateway
         .client
         .post(format!("{}/auth/token", gateway.base))
-        .json(&json!({"username": "alice", "password": "x".repeat(10_000)}))
+        .json(&json!({"username": "alice", "password": "x".repeat(20_000)}))
         .send()
         .await
         .expect("an answer");

@@ -323,13 +323,15 @@ pub enum AuthError {
     Audience,
     #[error("the token lacks a required claim")]
     MissingClaim,
-    #[error("the token's subject (`sub`) must be 1 to 255 bytes without control characters")]
+    #[error("the token's subject (`sub`) must be 1 to 255 characters without control characters")]
     Subject,
 }
 
-/// A subject the services can own things by: 1 to 255 bytes, no control characters.
-fn valid_subject(sub: &str) -> bool {
-    (1..=255).contains(&sub.len()) && !sub.chars().any(char::is_control)
+/// A subject the services can own things by: 1 to 255 characters, none of them a
+/// control character. Events' `userId` follows the same rule (it is a token's
+/// subject).
+pub fn valid_subject(sub: &str) -> bool {
+    !sub.is_empty() && sub.chars().count() <= 255 && !sub.chars().any(char::is_control)
 }
 
 impl IntoResponse for AuthError {
