@@ -441,28 +441,29 @@ impl Pins {
 }
 
 /// Keeps the balancer's health records and the pinned names to the instances
-/// discovery lists: every change of a followed service prunes those that left.
+/// discovery lists: every change of a followed service prunes those that left
+/// before it.
 async fn forget_departed(gateway: Arc<Gateway>, stop: CancellationToken) {
     let Some(discovery) = gateway.discovery.as_ref() else {
         return;
     };
     let mut changes = discovery.changes();
+    // A request may pick an instance from the list just before a change and pin or
+    // mark it just after: only what two lists in a row no longer hold is forgotten.
+    let mut before = discovery.known();
     loop {
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             () = stop.cancelled() => return,
         }
-        let lists = discovery.known();
-        let addresses: std::collections::HashSet<&str> = lists
-            .iter()
-            .flat_map(|list| list.iter().map(|i| i.address.as_str()))
-            .collect();
-        let hosts: std::collections::HashSet<&str> = lists
-            .iter()
-            .flat_map(|list| list.iter().map(|i| i.host.as_str()))
-            .collect();
+        let now = discovery.known();
+        let both = || now.iter().chain(before.iter()).flat_map(|list| list.iter());
+        let addresses: std::collections::HashSet<&str> =
+            both().map(|i| i.address.as_str()).collect();
+        let hosts: std::collections::HashSet<&str> = both().map(|i| i.host.as_str()).collect();
         gateway.balancer.forget_departed(&addresses);
         gateway.pins.forget_departed(&hosts);
+        before = now;
     }
 }
 
