@@ -659,13 +659,37 @@ async fn predicates_and_filters_shape_what_the_service_sees() {
     );
 }
 
+/// Posts ten bytes of a body declared `length` long to `path` on `address`, then
+/// nothing; what the gateway answers, within ten seconds.
+async fn stall_upload(address: &str, path: &str, host: &str, token: &str, length: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Length: {length}\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer once the body stalls")
+        .expect("read");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 /// A body that stalls before its declared length is a body that came too slowly
 /// (408): not one over the route's limit (413), which would send the client off
 /// shrinking an upload that was small, and, streamed to an instance, not the
 /// instance's failure (502), which would count against it.
 #[tokio::test]
 async fn a_stalled_upload_is_told_it_came_too_slowly_not_that_it_is_too_large() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = stack_with(ROUTES, 2000, |settings| {
         settings.http.limits.body_read_timeout_ms = 300;
     })
@@ -691,50 +715,15 @@ async fn a_stalled_upload_is_told_it_came_too_slowly_not_that_it_is_too_large() 
         },
     )
     .await;
-    let mut stream = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
-    stream
-        .write_all(
-            format!(
-                "POST /uploads/file HTTP/1.1\r\nHost: eu.shop.test\r\n\
-                 Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n0123456789"
-            )
-            .as_bytes(),
-        )
-        .await
-        .expect("send");
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
-        .await
-        .expect("an answer once the body stalls")
-        .expect("read");
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    // Ten bytes of a hundred, then nothing.
+    let answer = stall_upload(&address, "/uploads/file", "eu.shop.test", &token, 100).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(answer.contains("too slowly"), "{answer}");
 
     // A large body, streamed to the instance as it comes, that stalls: the same 408,
     // not the 502 of an instance that broke the exchange (which counts against it).
-    let mut stream = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
-    stream
-        .write_all(
-            format!(
-                "POST /orders/read-body HTTP/1.1\r\nHost: gateway\r\n\
-                 Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n0123456789"
-            )
-            .as_bytes(),
-        )
-        .await
-        .expect("send");
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
-        .await
-        .expect("an answer once the body stalls")
-        .expect("read");
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = stall_upload(&address, "/orders/read-body", "gateway", &token, 1_000_000).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 

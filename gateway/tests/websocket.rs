@@ -87,6 +87,30 @@ async fn registry_with_chat(
     (registry, stop)
 }
 
+/// A WebSocket to `/chat/lobby` through the gateway at `base`, once the gateway
+/// knows the chat instance.
+async fn lobby(
+    base: &str,
+    bearer: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let gateway = base.replacen("http://", "ws://", 1);
+    let (socket, _) = eventually(
+        Duration::from_secs(10),
+        "the gateway upgrades /chat to the chat instance",
+        async || {
+            let mut request = format!("{gateway}/chat/lobby")
+                .into_client_request()
+                .expect("a request");
+            request
+                .headers_mut()
+                .insert("authorization", bearer.parse().expect("header"));
+            tokio_tungstenite::connect_async(request).await.ok()
+        },
+    )
+    .await;
+    socket
+}
+
 const ROUTES: &str = r#"
 routes:
   - id: chat
@@ -214,21 +238,7 @@ async fn an_open_websocket_counts_toward_the_connection_cap() {
         .await
     };
 
-    let gateway = base.replacen("http://", "ws://", 1);
-    let (mut socket, _) = eventually(
-        Duration::from_secs(10),
-        "the gateway upgrades /chat to the chat instance",
-        async || {
-            let mut request = format!("{gateway}/chat/lobby")
-                .into_client_request()
-                .expect("a request");
-            request
-                .headers_mut()
-                .insert("authorization", bearer.parse().expect("header"));
-            tokio_tungstenite::connect_async(request).await.ok()
-        },
-    )
-    .await;
+    let mut socket = lobby(&base, &bearer).await;
     socket.send(Message::text("hello")).await.expect("send");
     let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
         .await
@@ -265,21 +275,7 @@ async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
     gateway_settings.upstream.websocket_idle_timeout_ms = IDLE.as_millis() as u64;
     let (base, _stop) = support::start_gateway(gateway_settings).await;
     let bearer = support::alice_bearer(&base).await;
-    let gateway = base.replacen("http://", "ws://", 1);
-    let (mut socket, _) = eventually(
-        Duration::from_secs(10),
-        "the gateway upgrades /chat to the chat instance",
-        async || {
-            let mut request = format!("{gateway}/chat/lobby")
-                .into_client_request()
-                .expect("a request");
-            request
-                .headers_mut()
-                .insert("authorization", bearer.parse().expect("header"));
-            tokio_tungstenite::connect_async(request).await.ok()
-        },
-    )
-    .await;
+    let mut socket = lobby(&base, &bearer).await;
 
     // Talking every tenth of the idle time, for three times the idle time: it stays.
     let talked_until = std::time::Instant::now() + IDLE * 3;

@@ -414,6 +414,61 @@ async fn the_openapi_document_is_served_and_docs_api_holds_the_same() {
     );
 }
 
+/// What a test relay does with each message once its data has come, before it
+/// answers `250`.
+type OnMessage = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// An SMTP relay on a port of its own that speaks just enough of the protocol for
+/// lettre: every command gets `250`, `RCPT` gets `rcpt_reply`, and each message's
+/// data is answered `250` once `on_message` is done with it.
+async fn scripted_relay(rcpt_reply: &'static [u8], on_message: OnMessage) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let on_message = on_message.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 test-relay ESMTP\r\n").await;
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply: &[u8] = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        on_message().await;
+                        b"250 accepted\r\n"
+                    } else {
+                        let verb = line.split_whitespace().next().unwrap_or("");
+                        match verb.to_ascii_uppercase().as_str() {
+                            "EHLO" | "HELO" => b"250 test-relay\r\n",
+                            "RCPT" => rcpt_reply,
+                            "DATA" => {
+                                in_data = true;
+                                b"354 go ahead\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 ok\r\n",
+                        }
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 /// An SMTP relay that holds every message for `hold` before accepting it, and
 /// remembers how many messages it held at once at most.
 struct SlowRelay {
@@ -424,55 +479,22 @@ struct SlowRelay {
 impl SlowRelay {
     async fn start(hold: Duration) -> SlowRelay {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
         let holding = Arc::new(AtomicUsize::new(0));
         let most_at_once = Arc::new(AtomicUsize::new(0));
         let most = most_at_once.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+        let port = scripted_relay(
+            b"250 ok\r\n",
+            Arc::new(move || {
                 let (holding, most) = (holding.clone(), most.clone());
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    let _ = write.write_all(b"220 slow-relay ESMTP\r\n").await;
-                    let mut in_data = false;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply: &[u8] = if in_data {
-                            if line != "." {
-                                continue;
-                            }
-                            in_data = false;
-                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
-                            most.fetch_max(now, Ordering::SeqCst);
-                            tokio::time::sleep(hold).await;
-                            holding.fetch_sub(1, Ordering::SeqCst);
-                            b"250 accepted\r\n"
-                        } else {
-                            let verb = line.split_whitespace().next().unwrap_or("");
-                            match verb.to_ascii_uppercase().as_str() {
-                                "EHLO" | "HELO" => b"250 slow-relay\r\n",
-                                "DATA" => {
-                                    in_data = true;
-                                    b"354 go ahead\r\n"
-                                }
-                                "QUIT" => {
-                                    let _ = write.write_all(b"221 bye\r\n").await;
-                                    return;
-                                }
-                                _ => b"250 ok\r\n",
-                            }
-                        };
-                        if write.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+                Box::pin(async move {
+                    let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                })
+            }),
+        )
+        .await;
         SlowRelay { port, most_at_once }
     }
 }
@@ -534,36 +556,11 @@ async fn a_relay_outage_longer_than_the_attempts_fails_no_mail() {
 
 /// An SMTP relay that answers every recipient `451` (try again later).
 async fn refusing_relay() -> u16 {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let _ = write.write_all(b"220 busy-relay ESMTP\r\n").await;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let verb = line.split_whitespace().next().unwrap_or("");
-                    let reply: &[u8] = match verb.to_ascii_uppercase().as_str() {
-                        "EHLO" | "HELO" => b"250 busy-relay\r\n",
-                        "RCPT" => b"451 4.3.2 try again later\r\n",
-                        "QUIT" => {
-                            let _ = write.write_all(b"221 bye\r\n").await;
-                            return;
-                        }
-                        _ => b"250 ok\r\n",
-                    };
-                    if write.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
+    scripted_relay(
+        b"451 4.3.2 try again later\r\n",
+        Arc::new(|| Box::pin(async {})),
+    )
+    .await
 }
 
 /// What `max_attempts` limits: a relay that keeps refusing a message for now (4xx)
@@ -592,57 +589,24 @@ struct HoldingRelay {
 impl HoldingRelay {
     async fn start() -> HoldingRelay {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
         let held = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(tokio::sync::Notify::new());
         let accepted = Arc::new(AtomicUsize::new(0));
         let (holding, released) = (held.clone(), release.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+        let port = scripted_relay(
+            b"250 ok\r\n",
+            Arc::new(move || {
                 let (holding, released, accepted) =
                     (holding.clone(), released.clone(), accepted.clone());
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    let _ = write.write_all(b"220 holding-relay ESMTP\r\n").await;
-                    let mut in_data = false;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply: &[u8] = if in_data {
-                            if line != "." {
-                                continue;
-                            }
-                            in_data = false;
-                            if accepted.fetch_add(1, Ordering::SeqCst) > 0 {
-                                holding.fetch_add(1, Ordering::SeqCst);
-                                released.notified().await;
-                            }
-                            b"250 accepted\r\n"
-                        } else {
-                            let verb = line.split_whitespace().next().unwrap_or("");
-                            match verb.to_ascii_uppercase().as_str() {
-                                "EHLO" | "HELO" => b"250 holding-relay\r\n",
-                                "DATA" => {
-                                    in_data = true;
-                                    b"354 go ahead\r\n"
-                                }
-                                "QUIT" => {
-                                    let _ = write.write_all(b"221 bye\r\n").await;
-                                    return;
-                                }
-                                _ => b"250 ok\r\n",
-                            }
-                        };
-                        if write.write_all(reply).await.is_err() {
-                            return;
-                        }
+                Box::pin(async move {
+                    if accepted.fetch_add(1, Ordering::SeqCst) > 0 {
+                        holding.fetch_add(1, Ordering::SeqCst);
+                        released.notified().await;
                     }
-                });
-            }
-        });
+                })
+            }),
+        )
+        .await;
         HoldingRelay {
             port,
             held,
