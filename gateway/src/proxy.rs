@@ -46,6 +46,7 @@ use shared::{
     Problem,
     auth::{AuthError, Claims},
     now_ms,
+    server::BodyFailure,
 };
 
 use crate::{
@@ -969,9 +970,9 @@ impl<'a> Exchange<'a> {
                 }
                 // Nothing the instance did: it is not charged, and nothing is retried
                 // (the body is gone).
-                Err(AttemptFailure::SlowClientBody) => {
-                    trace.reason = Some(AttemptFailure::SlowClientBody.reason());
-                    return Err(Failed(slow_body_problem()));
+                Err(AttemptFailure::SlowClientBody(why)) => {
+                    trace.reason = Some(SLOW_CLIENT_BODY);
+                    return Err(Failed(slow_body_problem(&why)));
                 }
                 Err(failure) => {
                     health.failed(now_ms());
@@ -985,7 +986,7 @@ impl<'a> Exchange<'a> {
                         AttemptFailure::Timeout => {
                             outgoing.idempotent && policy.exceptions.contains(&FailureKind::Timeout)
                         }
-                        AttemptFailure::Status(_) | AttemptFailure::SlowClientBody => false,
+                        AttemptFailure::Status(_) | AttemptFailure::SlowClientBody(_) => false,
                     };
                     (failure, retryable)
                 }
@@ -1025,7 +1026,7 @@ impl<'a> Exchange<'a> {
                     )
                     .into_response(),
                 )),
-                AttemptFailure::SlowClientBody => Err(Failed(slow_body_problem())),
+                AttemptFailure::SlowClientBody(why) => Err(Failed(slow_body_problem(&why))),
             };
             if !(retryable && may_follow) {
                 return outcome;
@@ -1110,8 +1111,8 @@ impl<'a> Exchange<'a> {
                 if e.is_connect() {
                     tracing::warn!(%service, instance = target.shown(), error = %e, "upstream unreachable");
                     Err(AttemptFailure::Unreachable)
-                } else if slow_body(&e) {
-                    Err(AttemptFailure::SlowClientBody)
+                } else if let BodyFailure::TooSlow(why) = BodyFailure::of(&e) {
+                    Err(AttemptFailure::SlowClientBody(why))
                 } else {
                     tracing::warn!(%service, instance = target.shown(), error = %e, "upstream broke the exchange");
                     Err(AttemptFailure::Broken)
@@ -1234,10 +1235,13 @@ enum AttemptFailure {
     Unreachable,
     Broken,
     Timeout,
-    /// The client's body, streamed to the upstream, stalled or came too slowly: the
-    /// client's doing, not the instance's.
-    SlowClientBody,
+    /// The client's body, streamed to the upstream, stalled or came too slowly (which
+    /// of the two): the client's doing, not the instance's.
+    SlowClientBody(String),
 }
+
+/// The access log's reason for [`AttemptFailure::SlowClientBody`].
+const SLOW_CLIENT_BODY: &str = "request body too slow";
 
 impl AttemptFailure {
     fn reason(&self) -> &'static str {
@@ -1246,51 +1250,32 @@ impl AttemptFailure {
             AttemptFailure::Unreachable => "upstream unreachable",
             AttemptFailure::Broken => "upstream broke the exchange",
             AttemptFailure::Timeout => "upstream timeout",
-            AttemptFailure::SlowClientBody => "request body too slow",
+            AttemptFailure::SlowClientBody(_) => SLOW_CLIENT_BODY,
         }
     }
 }
 
 /// The answer to a client whose streamed body stalled or trickled.
-fn slow_body_problem() -> Response {
+/// The answer to a client whose body stalled or trickled (`why` says which).
+fn slow_body_problem(why: &str) -> Response {
     Problem::new(
         StatusCode::REQUEST_TIMEOUT,
-        "The request body came too slowly; send it at once.",
+        format!("The request body came too slowly: {why}; send it at once."),
     )
     .into_response()
-}
-
-/// Whether an attempt failed because the client's body, streamed to the upstream,
-/// stalled or came below the minimum rate.
-fn slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<shared::server::BodyStalled>() || e.is::<shared::server::BodyTooSlow>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// Why a body could not be read, as the client is told: past the limit (413), too
 /// slow (408), or broken off (400).
 fn unreadable_body(error: &axum::Error, max: u64) -> Rejection {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = cause {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return too_large(max);
+    match BodyFailure::of(error) {
+        BodyFailure::TooLarge => too_large(max),
+        BodyFailure::TooSlow(why) => slow_body_problem(&why),
+        BodyFailure::Other => {
+            Problem::bad_request(format!("The request body could not be read: {error}."))
+                .into_response()
         }
-        if e.is::<shared::server::BodyStalled>() || e.is::<shared::server::BodyTooSlow>() {
-            return Problem::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("The request body came too slowly: {e}; send it at once."),
-            )
-            .into_response();
-        }
-        cause = e.source();
     }
-    Problem::bad_request(format!("The request body could not be read: {error}.")).into_response()
 }
 
 fn too_large(max: u64) -> Rejection {

@@ -293,8 +293,8 @@ async fn set_logger(
     let body = match axum::body::to_bytes(body, MAX_SET_LEVEL_BYTES).await {
         Ok(body) => body,
         Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let too_large =
+                crate::server::BodyFailure::of(&e) == crate::server::BodyFailure::TooLarge;
             return match too_large {
                 true => crate::Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -626,20 +626,48 @@ impl ReadTimeout {
 }
 
 /// What a stalled request body ends with (the source of the error a handler's read
-/// of it gets).
+/// of it gets; see [`BodyFailure`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stalled for longer than {0:?}")]
-pub struct BodyStalled(Duration);
+struct BodyStalled(Duration);
 
 /// What a request body slower than the minimum rate ends with (as [`BodyStalled`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the request body came slower than {min_rate} bytes per second ({received} bytes in {waited:?} of waiting)"
 )]
-pub struct BodyTooSlow {
+struct BodyTooSlow {
     min_rate: u64,
     received: u64,
     waited: Duration,
+}
+
+/// Why reading a request body failed, as its error's chain of sources tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// Past the reader's length limit (`http_body_util::Limited`, as axum's
+    /// `to_bytes` applies it).
+    TooLarge,
+    /// Stalled past the read timeout, or below the minimum rate; says which.
+    TooSlow(String),
+    /// Broken off, or anything else.
+    Other,
+}
+
+impl BodyFailure {
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return Self::TooLarge;
+            }
+            if e.is::<BodyStalled>() || e.is::<BodyTooSlow>() {
+                return Self::TooSlow(e.to_string());
+            }
+            cause = e.source();
+        }
+        Self::Other
+    }
 }
 
 impl HttpBody for ReadTimeout {
