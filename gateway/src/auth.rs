@@ -9,7 +9,7 @@ use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use axum::{
     Json,
     extract::{ConnectInfo, State},
-    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
@@ -328,13 +328,9 @@ pub async fn token(
     .into_response()
 }
 
-/// `problem` with `Retry-After: seconds`.
+/// `problem` with `Retry-After: seconds`, never less than one.
 fn retry_later(problem: Problem, seconds: u64) -> Response {
-    let mut response = problem.into_response();
-    if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
-        response.headers_mut().insert(RETRY_AFTER, value);
-    }
-    response
+    problem.retry_after(seconds.max(1))
 }
 
 /// `GET /.well-known/jwks.json`.

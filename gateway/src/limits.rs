@@ -196,11 +196,8 @@ impl RateLimiter {
                 self.replenish_rate, self.burst_capacity, decision.retry_after
             ),
         )
-        .into_response();
+        .retry_after(decision.retry_after);
         self.headers(decision, response.headers_mut());
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(decision.retry_after));
         response
     }
 }

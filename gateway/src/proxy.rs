@@ -725,17 +725,14 @@ impl<'a> Exchange<'a> {
             Err(open_for) => {
                 trace.reason = Some("circuit open");
                 let seconds = open_for.as_secs().max(1);
-                let mut response = Problem::new(
+                let response = Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
                         "Requests to this route are paused for {seconds}s after repeated upstream failures (circuit breaker {}).",
                         breaker.name
                     ),
                 )
-                .into_response();
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                .retry_after(seconds);
                 Err(Failed(response))
             }
         }

@@ -866,16 +866,12 @@ async fn export(State(state): State<ReplicationState>) -> Response {
 }
 
 fn syncing() -> Response {
-    let mut response = Problem::new(
+    Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "This registry node is starting and copying the table from its peers; ask another \
          peer, or again in a moment.",
     )
-    .into_response();
-    response
-        .headers_mut()
-        .insert("retry-after", HeaderValue::from_static("1"));
-    response
+    .retry_after(1)
 }
 
 /// Answers 503 to reads and client writes until the table is ready.

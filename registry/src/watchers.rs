@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::{http::HeaderValue, response::IntoResponse};
+use axum::response::IntoResponse;
 use shared::Problem;
 
 /// The open watch streams and blocking queries, counted.
@@ -42,12 +42,7 @@ pub struct Full(Problem);
 
 impl IntoResponse for Full {
     fn into_response(self) -> axum::response::Response {
-        let mut response = self.0.into_response();
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            HeaderValue::from_static("5"),
-        );
-        response
+        self.0.retry_after(5)
     }
 }
 

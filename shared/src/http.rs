@@ -215,14 +215,11 @@ async fn time_limit(
                     "The request took longer than {millis} ms and was abandoned; whether it took effect is unknown. Check before sending it again, or send writes with an Idempotency-Key so a retry is safe."
                 )
             };
-            let mut response =
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail).into_response();
-            if retry_is_safe {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail);
+            match retry_is_safe {
+                true => problem.retry_after(1),
+                false => problem.into_response(),
             }
-            response
         }
     }
 }

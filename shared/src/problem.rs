@@ -131,6 +131,16 @@ impl Problem {
         self
     }
 
+    /// The problem as a response with `Retry-After: seconds` (a 429 or 503 whose
+    /// client should come back later, and when).
+    pub fn retry_after(self, seconds: u64) -> Response {
+        let mut response = self.into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        response
+    }
+
     pub fn status_code(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
