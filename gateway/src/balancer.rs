@@ -236,23 +236,18 @@ impl Balancer {
     /// not grow the map for ever. A fixed upstream's (`scheme://authority`, bounded by
     /// the routes) is kept, and so is one with a request in flight.
     pub fn forget_departed(&self, listed: &std::collections::HashSet<&str>) {
-        let departed = |current: &HashMap<String, Arc<InstanceHealth>>| {
-            current.iter().any(|(address, health)| {
-                !address.contains("://")
-                    && !listed.contains(address.as_str())
-                    && health.outstanding.load(Ordering::Acquire) == 0
-            })
+        let kept = |address: &String, health: &Arc<InstanceHealth>| {
+            address.contains("://")
+                || listed.contains(address.as_str())
+                || health.outstanding.load(Ordering::Acquire) > 0
         };
-        if !departed(&self.health.load()) {
+        // The map is copied only when something is to go.
+        if self.health.load().iter().all(|(a, h)| kept(a, h)) {
             return;
         }
         self.health.rcu(|current| {
             let mut next = (**current).clone();
-            next.retain(|address, health| {
-                address.contains("://")
-                    || listed.contains(address.as_str())
-                    || health.outstanding.load(Ordering::Acquire) > 0
-            });
+            next.retain(|address, health| kept(address, health));
             next
         });
     }

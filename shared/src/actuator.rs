@@ -293,16 +293,14 @@ async fn set_logger(
     let body = match axum::body::to_bytes(body, MAX_SET_LEVEL_BYTES).await {
         Ok(body) => body,
         Err(e) => {
-            let too_large =
-                crate::server::BodyFailure::of(&e) == crate::server::BodyFailure::TooLarge;
-            return match too_large {
-                true => crate::Problem::new(
+            return match crate::server::BodyFailure::of(&e) {
+                crate::server::BodyFailure::TooLarge => crate::Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
                         "Send at most {MAX_SET_LEVEL_BYTES} bytes: {{\"configuredLevel\": \"DEBUG\"}}."
                     ),
                 ),
-                false => crate::Problem::bad_request(format!("The body could not be read: {e}.")),
+                _ => crate::Problem::bad_request(format!("The body could not be read: {e}.")),
             }
             .into_response();
         }
