@@ -111,6 +111,21 @@ async fn lobby(
     socket
 }
 
+/// Sends `text` and waits (at most 10 s) for the frame that answers it.
+async fn say(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    text: &str,
+) -> Message {
+    socket.send(Message::text(text)).await.expect("send");
+    tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("a reply in time")
+        .expect("the socket stays open")
+        .expect("a frame")
+}
+
 const ROUTES: &str = r#"
 routes:
   - id: chat
@@ -162,13 +177,10 @@ async fn websocket_upgrades_pass_through_to_the_instance() {
     .await;
     assert_eq!(response.status(), 101);
     for text in ["hello", "again"] {
-        socket.send(Message::text(text)).await.expect("send");
-        let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a reply in time")
-            .expect("the socket stays open")
-            .expect("a frame");
-        assert_eq!(reply, Message::text(format!("chat-1: {text}")));
+        assert_eq!(
+            say(&mut socket, text).await,
+            Message::text(format!("chat-1: {text}"))
+        );
     }
     socket.close(None).await.expect("close");
     {
@@ -239,13 +251,10 @@ async fn an_open_websocket_counts_toward_the_connection_cap() {
     };
 
     let mut socket = lobby(&base, &bearer).await;
-    socket.send(Message::text("hello")).await.expect("send");
-    let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
-        .await
-        .expect("a reply in time")
-        .expect("the socket stays open")
-        .expect("a frame");
-    assert_eq!(reply, Message::text("chat-1: hello"));
+    assert_eq!(
+        say(&mut socket, "hello").await,
+        Message::text("chat-1: hello")
+    );
 
     // The open WebSocket holds the only place, busy: a newcomer is turned away.
     assert_eq!(health().await, "", "a connection past the cap was served");
@@ -282,13 +291,10 @@ async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
     let mut exchanged = 0;
     let mut last_reply = std::time::Instant::now();
     while std::time::Instant::now() < talked_until {
-        socket.send(Message::text("ping")).await.expect("send");
-        let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a reply in time")
-            .expect("the socket stays open while it talks")
-            .expect("a frame");
-        assert_eq!(reply, Message::text("chat-1: ping"));
+        assert_eq!(
+            say(&mut socket, "ping").await,
+            Message::text("chat-1: ping")
+        );
         last_reply = std::time::Instant::now();
         exchanged += 1;
         tokio::time::sleep(IDLE / 10).await;

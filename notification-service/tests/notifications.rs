@@ -230,6 +230,18 @@ async fn wait_for_mail(sink: &SmtpSink, n: usize) -> Vec<String> {
     }
 }
 
+/// Starts the relay on `port`, where it was down, and waits until the `n` queued
+/// notifications are `SENT` and their mail has arrived.
+async fn relay_returns(h: &Harness, port: u16, maildir: &std::path::Path, n: usize) {
+    let sink = SmtpSink::start(port, maildir).await;
+    h.until(
+        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
+        n as i64,
+    )
+    .await;
+    assert_eq!(wait_for_mail(&sink, n).await.len(), n);
+}
+
 #[tokio::test]
 async fn each_outcome_is_mailed_once_however_often_it_arrives() {
     let maildir = tempfile::tempdir().expect("temp dir");
@@ -315,13 +327,7 @@ async fn an_smtp_outage_delays_mail_but_never_the_partition() {
         0
     );
 
-    let sink = SmtpSink::start(port, maildir.path()).await;
-    h.until(
-        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
-        3,
-    )
-    .await;
-    assert_eq!(wait_for_mail(&sink, 3).await.len(), 3);
+    relay_returns(&h, port, maildir.path(), 3).await;
 }
 
 /// The mailer's lines name the request that placed the order (its `x-request-id`,
@@ -545,13 +551,7 @@ async fn a_relay_outage_longer_than_the_attempts_fails_no_mail() {
         0
     );
 
-    let sink = SmtpSink::start(port, maildir.path()).await;
-    h.until(
-        "SELECT count(*) FROM notifications.notifications WHERE status = 'SENT'",
-        3,
-    )
-    .await;
-    assert_eq!(wait_for_mail(&sink, 3).await.len(), 3);
+    relay_returns(&h, port, maildir.path(), 3).await;
 }
 
 /// An SMTP relay that answers every recipient `451` (try again later).
